@@ -1,0 +1,214 @@
+"""`omni checkpoint tiny`: a real Hugging Face Qwen3-Omni checkpoint with random weights and tiny dimensions.
+
+Every special token id, codec id and speaker id is the released model's; only widths and depths shrink
+(DESIGN.md section 4), so the same code paths run as on the real 30B checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+
+from services.checkpoint.tokenizer import build_qwen_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Token ids shared by the Thinker and the Talker configs (the released model's).
+_MM_TOKEN_IDS = dict(
+    audio_token_id=151675,
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    audio_start_token_id=151669,
+    position_id_per_seconds=13,
+    seconds_per_chunk=2,
+)
+
+TINY_CONFIG: dict = dict(
+    architectures=["Qwen3OmniMoeForConditionalGeneration"],
+    model_type="qwen3_omni_moe",
+    enable_audio_output=True,
+    im_start_token_id=151644,
+    im_end_token_id=151645,
+    system_token_id=8948,
+    user_token_id=872,
+    assistant_token_id=77091,
+    tts_pad_token_id=151671,
+    tts_bos_token_id=151672,
+    tts_eos_token_id=151673,
+    thinker_config=dict(
+        **_MM_TOKEN_IDS,
+        audio_end_token_id=151670,
+        vision_end_token_id=151653,
+        user_token_id=872,
+        tie_word_embeddings=False,
+        audio_config=dict(
+            num_mel_bins=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128, d_model=64,
+            output_dim=64, downsample_hidden_size=32, n_window=50, n_window_infer=800, conv_chunksize=500,
+            max_source_positions=1500, activation_function="gelu", scale_embedding=False,
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=4, in_channels=3, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=2304,
+            deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh",
+        ),
+        text_config=dict(
+            vocab_size=152064, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=0, norm_topk_prob=True, max_position_embeddings=65536,
+            rms_norm_eps=1e-6, use_qk_norm=True, tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000, mrope_section=[2, 3, 3],
+                                 interleaved=True, mrope_interleaved=True),
+        ),
+    ),
+    talker_config=dict(
+        **_MM_TOKEN_IDS,
+        audio_end_token_id=151670,
+        accept_hidden_layer=1,
+        thinker_hidden_size=64,
+        num_code_groups=16,
+        spatial_merge_size=2,
+        codec_bos_id=2149,
+        codec_eos_token_id=2150,
+        codec_nothink_id=2155,
+        codec_pad_id=2148,
+        codec_think_bos_id=2156,
+        codec_think_eos_id=2157,
+        speaker_id={"chelsie": 2301, "ethan": 2302, "aiden": 2303},
+        tie_word_embeddings=False,
+        text_config=dict(
+            vocab_size=3072, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=64, norm_topk_prob=True, max_position_embeddings=65536,
+            rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000, mrope_section=[2, 3, 3],
+                                 interleaved=True),
+        ),
+        code_predictor_config=dict(
+            vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_code_groups=16, max_position_embeddings=32768,
+            rms_norm_eps=1e-6, layer_types=["full_attention"], tie_word_embeddings=False,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000),
+        ),
+    ),
+    code2wav_config=dict(
+        codebook_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, num_quantizers=16, decoder_dim=64, sliding_window=72,
+        upsample_rates=[8, 5, 4, 3], upsampling_ratios=[2, 2], max_position_embeddings=8000,
+        rope_parameters=dict(rope_type="default", rope_theta=10000),
+    ),
+)
+
+# Speech-output system prompt of the released model (DESIGN.md section 4).
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving auditory "
+    "and visual inputs, as well as generating text and speech."
+)
+
+# Qwen ChatML with Qwen3-Omni's multimodal placeholders and Qwen's tool-call convention.
+CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- if messages[0]['content'] is string %}{{- messages[0]['content'] }}"
+    "{%- else %}{%- for part in messages[0]['content'] %}{%- if part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- endif %}{%- endfor %}{%- endif %}{{- '\\n\\n' }}"
+    "{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') %}"
+    "{%- if message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}{%- if part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}"
+    "{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'audio' or 'audio' in part or 'audio_url' in part %}"
+    "{{- '<|audio_start|><|audio_pad|><|audio_end|>' }}"
+    "{%- elif part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' or 'video' in part %}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] is defined %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+    "{{- fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson }}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def tiny_config():
+    from transformers import Qwen3OmniMoeConfig
+
+    return Qwen3OmniMoeConfig(**copy.deepcopy(TINY_CONFIG))
+
+
+def build_processor():
+    """The Qwen3-Omni processor: real Qwen tokenizer, 128-bin Whisper features, Qwen2-VL image/video patches."""
+    from transformers import Qwen3OmniMoeProcessor, WhisperFeatureExtractor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    vision = dict(patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_processor = Qwen2VLImageProcessor(
+        **vision, size={"shortest_edge": 4 * 32 * 32, "longest_edge": 1280 * 32 * 32}
+    )
+    video_processor = Qwen2VLVideoProcessor(
+        **vision, size={"shortest_edge": 4 * 32 * 32, "longest_edge": 768 * 32 * 32}
+    )
+    feature_extractor = WhisperFeatureExtractor(
+        feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=300, n_fft=400,
+        padding_side="right", return_attention_mask=True,
+    )
+    return Qwen3OmniMoeProcessor(
+        image_processor=image_processor,
+        video_processor=video_processor,
+        feature_extractor=feature_extractor,
+        tokenizer=build_qwen_tokenizer(),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, max_shard_size: str | int | None = None) -> Path:
+    """Write config, weights (sharded when `max_shard_size` is given), tokenizer and processor to `out_dir`."""
+    from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeForConditionalGeneration(tiny_config()).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("tiny Qwen3-Omni: %.1f M parameters, seed %d", n_params / 1e6, seed)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(out, **kwargs)
+    GenerationConfig(eos_token_id=151645, pad_token_id=151643).save_pretrained(out)
+    build_processor().save_pretrained(out)
+    return out

@@ -1,0 +1,17 @@
+"""Domain errors. Servicers map them to gRPC status codes; the CLI prints them as one line."""
+
+
+class OmniError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class CheckpointError(OmniError):
+    """The checkpoint directory is missing files or holds another model."""
+
+
+class InvalidInput(OmniError):
+    """A request's input is malformed: bad audio, corrupt image, unknown speaker, codes out of range."""
+
+
+class ResourceExhausted(OmniError):
+    """A request asks for more than a configured limit (input size, sequence length)."""
