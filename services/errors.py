@@ -15,3 +15,7 @@ class InvalidInput(OmniError):
 
 class ResourceExhausted(OmniError):
     """A request asks for more than a configured limit (input size, sequence length)."""
+
+
+class DeadlineExceeded(OmniError):
+    """A stage waited longer than its deadline for its input."""

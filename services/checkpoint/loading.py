@@ -121,13 +121,16 @@ def load_pretrained_part(cls, config, state_dict: dict[str, torch.Tensor], devic
     _register_talker_expert_fusion()
 
     verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # no progress bars or "unrecognized rope key" noise per stage
+    # No per-stage progress bars or "unrecognized rope key" noise: the caller logs one line per stage.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     try:
         module, info = cls.from_pretrained(
             None, config=config, state_dict=state_dict, dtype=dtype, device_map=device, output_loading_info=True
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
     missing = [k for k in info["missing_keys"] if not k.endswith("inv_freq")]
     if missing:
         raise CheckpointError(f"{cls.__name__}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")

@@ -197,18 +197,39 @@ def build_processor():
     )
 
 
-def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, max_shard_size: str | int | None = None) -> Path:
-    """Write config, weights (sharded when `max_shard_size` is given), tokenizer and processor to `out_dir`."""
+def _init_talker_experts(model) -> None:
+    """transformers 5.23 allocates the Talker's fused expert weights with torch.empty and its _init_weights never
+    fills them: they would hold whatever memory was there (not reproducible, possibly inf/NaN). Draw them from the
+    seeded generator like the Thinker's experts."""
+    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeTalkerTextExperts
+
+    std = model.config.talker_config.text_config.initializer_range
+    with torch.no_grad():
+        for module in model.talker.modules():
+            if isinstance(module, Qwen3OmniMoeTalkerTextExperts):
+                module.gate_up_proj.normal_(0.0, std)
+                module.down_proj.normal_(0.0, std)
+
+
+def write_random_checkpoint(out_dir: str | Path, config, seed: int = 0,
+                            max_shard_size: str | int | None = None) -> Path:
+    """Write `config` with seeded random weights, the tokenizer and the processor to `out_dir`."""
     from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = Qwen3OmniMoeForConditionalGeneration(tiny_config()).eval()
+    model = Qwen3OmniMoeForConditionalGeneration(config).eval()
+    _init_talker_experts(model)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("tiny Qwen3-Omni: %.1f M parameters, seed %d", n_params / 1e6, seed)
+    log.info("random Qwen3-Omni: %.1f M parameters, seed %d -> %s", n_params / 1e6, seed, out)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, **kwargs)
-    GenerationConfig(eos_token_id=151645, pad_token_id=151643).save_pretrained(out)
+    GenerationConfig(eos_token_id=config.im_end_token_id, pad_token_id=151643).save_pretrained(out)
     build_processor().save_pretrained(out)
     return out
+
+
+def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, max_shard_size: str | int | None = None) -> Path:
+    """The tiny checkpoint: config, weights (sharded when `max_shard_size` is given), tokenizer, processor."""
+    return write_random_checkpoint(out_dir, tiny_config(), seed=seed, max_shard_size=max_shard_size)

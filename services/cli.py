@@ -1,0 +1,91 @@
+"""The `omni` command. Each subcommand's work lives in its own module; this file only parses and dispatches.
+
+Errors the user can fix (bad checkpoint, bad input, unknown speaker) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from services.errors import OmniError
+
+
+def _checkpoint_tiny(args: argparse.Namespace) -> None:
+    from services.checkpoint.tiny import write_tiny_checkpoint
+
+    out = write_tiny_checkpoint(args.dir, seed=args.seed, max_shard_size=args.max_shard_size)
+    print(f"wrote tiny Qwen3-Omni checkpoint to {out}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from services.generate import run_generate
+
+    run_generate(args)
+
+
+def _bench_code2wav(args: argparse.Namespace) -> None:
+    from services.bench import code2wav
+
+    code2wav.main(args.rest)
+
+
+def _bench_latency(args: argparse.Namespace) -> None:
+    from services.bench import latency
+
+    latency.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni", description="Qwen3-Omni serving: checkpoints, generation, benchmarks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ckpt = sub.add_parser("checkpoint", help="checkpoint tools")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint_command", required=True)
+    tiny = ckpt_sub.add_parser("tiny", help="write a tiny random-weight Qwen3-Omni checkpoint (HF format)")
+    tiny.add_argument("dir", help="output directory")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed; the same seed gives byte-identical weights")
+    tiny.add_argument("--max-shard-size", default=None, help="shard the weights, e.g. 20MB (writes an index)")
+    tiny.set_defaults(func=_checkpoint_tiny)
+
+    from services.generate import add_generate_arguments
+
+    gen = sub.add_parser("generate", help="run one turn in this process: streamed text, a WAV, optional JSON")
+    add_generate_arguments(gen)
+    gen.set_defaults(func=_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks that print tables")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for name, func, help_text in (
+        ("code2wav", _bench_code2wav, "streaming Code2Wav vs full forward vs re-decoding left context"),
+        ("latency", _bench_latency, "reference generate vs the streaming conductor: TTFT, first audio, RTF"),
+    ):
+        p = bench_sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except OmniError as e:
+        print(f"omni: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("omni: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""All stage engines of one checkpoint in one process: what the in-process conductor and `omni generate` use."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.checkpoint.loading import Checkpoint
+from services.config import EngineConfig
+from services.engines.audio_encoder import AudioEncoderEngine
+from services.engines.code2wav import Code2WavEngine
+from services.engines.mtp import MTPEngine
+from services.engines.talker import TalkerEngine
+from services.engines.thinker import ThinkerEngine
+from services.engines.vision_encoder import VisionEncoderEngine
+from services.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engines:
+    processor: object  # transformers Qwen3OmniMoeProcessor
+    audio: AudioEncoderEngine
+    vision: VisionEncoderEngine
+    thinker: ThinkerEngine
+    talker: TalkerEngine | None
+    mtp: MTPEngine | None
+    code2wav: Code2WavEngine | None
+    thinker_stop_ids: frozenset[int]
+
+    @classmethod
+    def load(cls, model_dir: str | Path, config: EngineConfig = EngineConfig(), audio_output: bool = True) -> "Engines":
+        from transformers import AutoProcessor
+
+        ckpt = Checkpoint.open(model_dir)
+        t = time.perf_counter()
+        try:
+            processor = AutoProcessor.from_pretrained(ckpt.path)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{ckpt.path}: cannot load the processor/tokenizer: {e}") from e
+        engines = cls(
+            processor=processor,
+            audio=AudioEncoderEngine.from_checkpoint(ckpt, config),
+            vision=VisionEncoderEngine.from_checkpoint(ckpt, config),
+            thinker=ThinkerEngine.from_checkpoint(ckpt, config),
+            talker=TalkerEngine.from_checkpoint(ckpt, config) if audio_output else None,
+            mtp=MTPEngine.from_checkpoint(ckpt, config) if audio_output else None,
+            code2wav=Code2WavEngine.from_checkpoint(ckpt, config) if audio_output else None,
+            # The reference stops the Thinker on <|im_end|> only (generate's thinker_eos_token_id).
+            thinker_stop_ids=frozenset({ckpt.config.im_end_token_id}),
+        )
+        log.info("loaded %s in %.1f s (%s)", ckpt.path, time.perf_counter() - t, engines.describe())
+        return engines
+
+    def describe(self) -> str:
+        parts = [(n, getattr(self, n)) for n in ("audio", "vision", "thinker", "talker", "mtp", "code2wav")]
+        return ", ".join(f"{n} {e.parameter_bytes / 2**20:.1f} MiB" for n, e in parts if e is not None)

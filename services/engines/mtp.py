@@ -1,0 +1,87 @@
+"""MTP (the Talker's code predictor): one frame's residual codebooks 1..15 from the Talker's hidden and codebook 0.
+
+Per frame it runs the reference module `Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration` the way
+`Qwen3OmniMoeTalkerForConditionalGeneration.prepare_inputs_for_generation` does through `generate`: prefill
+`[talker_hidden, embed(c0)]`, then 14 steps, step i embedding code i with `codec_embedding[i-1]` and predicting code
+i+1 with `lm_head[i]`. The sum of the 16 codebook embeddings is the Talker's next input (before adding text).
+No state survives a frame, so a batch holds independent requests, one row each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration as CodePredictor,
+)
+
+from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
+from services.config import EngineConfig
+from services.engines.sampling import SamplingParams, draw, warpers
+from services.errors import InvalidInput
+
+# What the reference's code predictor uses when the Talker samples (prepare_inputs_for_generation); greedy otherwise.
+MTP_SAMPLING = SamplingParams(greedy=False, top_k=50, top_p=0.8)
+
+
+@dataclass
+class MTPResult:
+    codes: Tensor  # [B, 16] long: c0 followed by the 15 residual codes
+    embed_sum: Tensor  # [B, H] sum of the 16 codebook embeddings = the Talker's next input before adding text
+
+
+class MTPEngine:
+    def __init__(self, predictor: CodePredictor, c0_embedding: nn.Embedding, device: torch.device):
+        self.predictor = predictor
+        self.c0_embedding = c0_embedding  # the Talker's codec_embedding: codebook 0 is the Talker's own vocabulary
+        self.device = device
+        self.num_code_groups = predictor.config.num_code_groups
+        self.vocab_size = c0_embedding.num_embeddings
+        self.parameter_bytes = parameter_bytes(predictor, c0_embedding)
+        self._warpers = warpers(MTP_SAMPLING)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig()) -> "MTPEngine":
+        if not isinstance(ckpt, Checkpoint):
+            ckpt = Checkpoint.open(ckpt)
+        talker_config = ckpt.config.talker_config
+        predictor = load_pretrained_part(
+            CodePredictor, talker_config.code_predictor_config, ckpt.read("talker.code_predictor."),
+            config.device, config.torch_dtype,
+        )
+        weight = ckpt.read_one("talker.model.codec_embedding.weight")
+        c0_embedding = nn.Embedding.from_pretrained(weight.to(config.device, config.torch_dtype), freeze=True)
+        return cls(predictor, c0_embedding, torch.device(config.device))
+
+    @torch.inference_mode()
+    def predict(
+        self, hidden: Tensor, c0: Tensor, greedy: bool = True, generator: torch.Generator | None = None
+    ) -> MTPResult:
+        """hidden: [B, H] Talker last-layer hidden of each request's frame, c0: [B] its codebook-0 ids.
+        Greedy when the Talker is greedy (as the reference); else MTP_SAMPLING, drawing with `generator`."""
+        if hidden.ndim != 2 or c0.shape != hidden.shape[:1]:
+            raise InvalidInput(f"MTP wants hidden [B, H] and c0 [B], got {tuple(hidden.shape)} and {tuple(c0.shape)}")
+        c0 = c0.to(self.device, torch.long)
+        if bool(((c0 < 0) | (c0 >= self.vocab_size)).any()):
+            raise InvalidInput(f"codebook-0 ids must be in [0, {self.vocab_size}), got {c0.tolist()}")
+        model = self.predictor.model
+        hidden = hidden.to(self.device, self.c0_embedding.weight.dtype)
+        embeds = [self.c0_embedding(c0)]
+        codes = [c0]
+        cache = DynamicCache(config=self.predictor.config)
+        step_input = torch.stack((hidden, embeds[0]), dim=1)  # [B, 2, H]
+        for i in range(self.num_code_groups - 1):
+            if i > 0:
+                embeds.append(model.codec_embedding[i - 1](codes[-1]))
+                step_input = embeds[-1][:, None]
+            last = model(inputs_embeds=step_input, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            scores = self.predictor.lm_head[i](last).float()
+            if not greedy:
+                scores = self._warpers(None, scores)
+            codes.append(draw(scores, greedy, generator))
+        embeds.append(model.codec_embedding[-1](codes[-1]))
+        return MTPResult(codes=torch.stack(codes, dim=1), embed_sum=torch.stack(embeds, dim=1).sum(dim=1))

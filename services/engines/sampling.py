@@ -1,0 +1,96 @@
+"""Token selection shared by the autoregressive engines, built from transformers' own logits processors.
+
+The processors and their order are those of `GenerationMixin._get_logits_processor` (repetition penalty, suppressed
+tokens, then, only when sampling, temperature, top-k, top-p) and the draw is `_sample`'s (float32 scores, argmax or
+softmax + multinomial), so a greedy engine picks exactly the ids `generate` picks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from services.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise InvalidInput(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidInput(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise InvalidInput(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def warpers(params: SamplingParams) -> LogitsProcessorList:
+    """Temperature, top-k, top-p: what `generate` adds only when `do_sample` (empty when greedy)."""
+    out = LogitsProcessorList()
+    if params.greedy:
+        return out
+    if params.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k != 0:
+        out.append(TopKLogitsWarper(top_k=params.top_k))
+    if params.top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p=params.top_p))
+    return out
+
+
+def draw(scores: Tensor, greedy: bool, generator: torch.Generator | None = None) -> Tensor:
+    """scores: [B, V] processed float32 scores -> [B] ids."""
+    if greedy:
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+class Sampler:
+    """Per-request token selection: the token history (for the repetition penalty) and the request's RNG."""
+
+    def __init__(self, params: SamplingParams, suppress_tokens: Sequence[int] = (), device: str | torch.device = "cpu"):
+        self.params = params
+        self.device = torch.device(device)
+        self.history: list[int] = []
+        self.processors = LogitsProcessorList()
+        if params.repetition_penalty != 1.0:
+            self.processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+        if suppress_tokens:
+            self.processors.append(SuppressTokensLogitsProcessor(suppress_tokens, device=self.device))
+        self.processors.extend(warpers(params))
+        self.generator = torch.Generator(self.device)
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+
+    def process(self, logits: Tensor) -> Tensor:
+        """logits: [V] -> [1, V] float32 scores after every processor, given the history so far."""
+        history = torch.tensor([self.history], dtype=torch.long, device=self.device)
+        return self.processors(history, logits.reshape(1, -1).to(device=self.device, dtype=torch.float32))
+
+    def __call__(self, logits: Tensor) -> int:
+        token = int(draw(self.process(logits), self.params.greedy, self.generator)[0])
+        self.history.append(token)
+        return token

@@ -1,0 +1,283 @@
+"""Talker: one codebook-0 token (c0) per 80 ms frame, from the conversation's user parts and the released text.
+
+It composes the reference's own modules (`Qwen3OmniMoeTalkerModel`, `codec_head`, `text_projection`,
+`hidden_projection`, the Thinker's token embedding) and does step by step what
+`Qwen3OmniMoeForConditionalGeneration.generate` and `Qwen3OmniMoeTalkerForConditionalGeneration` do in one call.
+
+Prefill input (`generate`, `_get_talker_user_parts`, `_get_talker_assistant_parts`):
+- every position whose turn is a user turn (from its `<|im_start|>` through the `\\n` after its `<|im_end|>`, all
+  turns): `text_projection(embed(id))`, or `hidden_projection(accept-layer hidden)` at audio/image/video placeholders;
+- the assistant prefix, text + codec embeddings summed position by position:
+  text  `<|im_start|> assistant \\n tts_pad tts_pad tts_pad tts_pad tts_bos first_token`
+  codec `0           0         0  nothink think_bos think_eos speaker codec_pad codec_bos`.
+TM-RoPE positions come from the reference's `get_rope_index` (`positions.TMRoPE`) over the user ids followed by 9
+`tts_pad` ids, with the audio encoder's `n_window` (the reference Talker reads it from its own config, which lacks
+it: DESIGN.md section 4). The KV cache is preallocated per session for the prefill plus `max_new_tokens` c0s.
+
+Each `step` input is `sum of the previous frame's 16 codebook embeddings (MTP) + text`, the text being the next
+released token, then `tts_eos` once, then `tts_pad` (`trailing_text_hidden` / `tts_pad_embed`).
+
+Frames, for a conductor that must reproduce the reference's `talker_codes` exactly:
+- frame k = (c0 of step k, 15 residual codes from `MTPEngine.predict(hidden of step k, c0)`); the reference computes
+  those residuals at the start of step k+1, so a c0 becomes a frame only if the Talker runs another step after it;
+- the reference generates at most `talker_max_new_tokens` c0s (prefill + steps; `prefill`'s `max_new_tokens`) and
+  stops after a c0 equal to `codec_eos_id`; neither that EOS nor the c0 produced at the cap gets residual codes. So
+  `frames = index of the first EOS c0`, at most `max_new_tokens - 1`; the cap's last step may be skipped;
+- text: prefill takes the Thinker's first token t0; step k (k >= 1) takes t_k, then `TEXT_END`. The reference speaks
+  t1 .. t_{n-2} of n generated tokens: the Thinker never embeds its last token. When that token is the Thinker's EOS
+  this is simply "the text before EOS"; when the Thinker stopped at its token cap, the reference drops the last
+  text token, so a conductor matching it ends the text one token early in that case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import Tensor, nn
+from transformers import StaticCache
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    Qwen3OmniMoeTalkerModel,
+    Qwen3OmniMoeTalkerResizeMLP,
+)
+
+from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
+from services.config import EngineConfig
+from services.engines.positions import TMRoPE, step_positions
+from services.engines.sampling import Sampler, SamplingParams
+from services.errors import InvalidInput, ResourceExhausted
+
+TEXT_END = -1  # pass as the released text token to say "the Thinker's text has ended"
+_ASSISTANT_PREFIX = 3  # '<|im_start|>', 'assistant', '\n'
+_ASSISTANT_LEN = 9  # prefix + 4 x tts_pad + tts_bos + first token (text side)
+DEFAULT_MAX_NEW_TOKENS = 4096  # c0s per request, prefill's included: the reference's talker_max_new_tokens
+
+
+def default_talker_sampling(greedy: bool = False, seed: int | None = None) -> SamplingParams:
+    """The reference's Talker defaults (`generate`); the repetition penalty applies when greedy too."""
+    return SamplingParams(greedy=greedy, temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05, seed=seed)
+
+
+@dataclass
+class TalkerPrompt:
+    input_ids: Tensor  # [L] the whole Thinker prompt (all turns: system, user..., '<|im_start|>assistant\n')
+    mm_hidden: Tensor | None  # [N_mm, D_thinker] accept-layer hidden at audio/image/video placeholders, prompt order
+    speaker: str = "ethan"  # case-insensitive name from talker_config.speaker_id
+    audio_feature_lengths: Tensor | None = None  # for TM-RoPE of audio positions
+    image_grid_thw: Tensor | None = None
+    video_grid_thw: Tensor | None = None
+    video_second_per_grid: Tensor | None = None
+    use_audio_in_video: bool = False
+
+
+@dataclass
+class TalkerFrame:
+    c0: int  # codebook-0 id of this frame; == codec_eos_id means the speech has ended
+    hidden: Tensor  # [H] last-layer hidden of this step (MTP's input)
+
+
+@dataclass
+class TalkerSession:
+    cache: StaticCache | None  # preallocated to `capacity`; None once closed
+    rope_delta: int  # decode positions on the 3 TM-RoPE axes are cache length + rope_delta
+    sampler: Sampler  # holds the c0 history the repetition penalty looks at
+    length: int  # positions filled in the KV cache
+    capacity: int
+    steps: int = 0  # c0 tokens generated so far
+    text_ended: bool = False  # tts_eos has been fed; every later step takes tts_pad
+
+    def close(self) -> None:
+        self.cache = None
+
+
+class TalkerEngine:
+    def __init__(self, omni_config, model: Qwen3OmniMoeTalkerModel, codec_head: nn.Linear,
+                 text_projection: nn.Module, hidden_projection: nn.Module, text_embedding: nn.Embedding,
+                 device: torch.device):
+        self.model, self.codec_head, self.text_embedding = model, codec_head, text_embedding
+        self.text_projection, self.hidden_projection = text_projection, hidden_projection
+        self.device = device
+        self.dtype = codec_head.weight.dtype
+        self.parameter_bytes = parameter_bytes(model, codec_head, text_projection, hidden_projection, text_embedding)
+
+        c = omni_config
+        talker = c.talker_config
+        self.im_start_id, self.user_id, self.assistant_id = c.im_start_token_id, c.user_token_id, c.assistant_token_id
+        self.tts_pad_id = c.tts_pad_token_id
+        self.mm_token_ids = torch.tensor(
+            [c.thinker_config.audio_token_id, c.thinker_config.image_token_id, c.thinker_config.video_token_id],
+            device=device,
+        )
+        self.speakers: dict[str, int] = {k.lower(): v for k, v in talker.speaker_id.items()}
+        self.codec_eos_id: int = talker.codec_eos_token_id
+        vocab = talker.text_config.vocab_size
+        # generate() suppresses the top 1024 codec ids (control tokens) except EOS, greedy or not.
+        self.suppress_tokens = [i for i in range(vocab - 1024, vocab) if i != self.codec_eos_id]
+        self.max_positions = talker.text_config.max_position_embeddings
+        # The Talker's own token ids and merge size (as the reference Talker), the audio encoder's n_window.
+        rope_ids = ("image_token_id", "video_token_id", "audio_token_id", "vision_start_token_id",
+                    "audio_start_token_id", "position_id_per_seconds")
+        rope_config = SimpleNamespace(**{n: getattr(talker, n) for n in rope_ids},
+                                      audio_config=c.thinker_config.audio_config)
+        self.rope = TMRoPE(rope_config, talker.spatial_merge_size)
+        with torch.inference_mode():
+            self._tts_bos, self._tts_eos, self._tts_pad = self._embed_text(
+                [c.tts_bos_token_id, c.tts_eos_token_id, c.tts_pad_token_id]
+            )
+            self._codec_prefix_ids = [talker.codec_nothink_id, talker.codec_think_bos_id, talker.codec_think_eos_id]
+            self._codec_tail = self.model.codec_embedding(
+                torch.tensor([talker.codec_pad_id, talker.codec_bos_id], device=device)
+            )
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig()) -> "TalkerEngine":
+        if not isinstance(ckpt, Checkpoint):
+            ckpt = Checkpoint.open(ckpt)
+        talker = ckpt.config.talker_config
+        device, dtype = config.device, config.torch_dtype
+        model = load_pretrained_part(
+            Qwen3OmniMoeTalkerModel, talker.text_config, ckpt.read("talker.model."), device, dtype
+        )
+        codec_head = _load_plain(
+            lambda: nn.Linear(talker.text_config.hidden_size, talker.text_config.vocab_size, bias=False),
+            ckpt.read("talker.codec_head."), device, dtype,
+        )
+        text_projection = _load_plain(
+            lambda: Qwen3OmniMoeTalkerResizeMLP(talker), ckpt.read("talker.text_projection."), device, dtype
+        )
+        hidden_projection = _load_plain(
+            lambda: Qwen3OmniMoeTalkerResizeMLP(talker), ckpt.read("talker.hidden_projection."), device, dtype
+        )
+        weight = ckpt.read_one("thinker.model.embed_tokens.weight")
+        text_embedding = nn.Embedding.from_pretrained(weight.to(device, dtype), freeze=True)
+        return cls(ckpt.config, model, codec_head, text_projection, hidden_projection, text_embedding,
+                   torch.device(device))
+
+    def speaker_id(self, name: str) -> int:
+        sid = self.speakers.get(name.lower())
+        if sid is None:
+            raise InvalidInput(f"unknown speaker {name!r}; valid speakers: {', '.join(sorted(self.speakers))}")
+        return sid
+
+    @torch.inference_mode()
+    def prefill(
+        self, prompt: TalkerPrompt, first_token_id: int, sampling: SamplingParams,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> tuple[TalkerSession, TalkerFrame]:
+        """first_token_id: the Thinker's first generated token (the Talker needs '<|im_start|>assistant\\n' + it).
+        The session holds room for `max_new_tokens` c0s, this one included."""
+        if max_new_tokens < 1:
+            raise InvalidInput(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        speaker = self.speaker_id(prompt.speaker)
+        ids = prompt.input_ids.reshape(-1).to(self.device, torch.long)
+        if len(ids) < _ASSISTANT_PREFIX or ids[-3] != self.im_start_id or ids[-2] != self.assistant_id:
+            raise InvalidInput("the Talker prompt must end with '<|im_start|>assistant\\n'")
+        self._check_text_token(first_token_id)
+        user = self._user_mask(ids)
+        user_embeds = self._user_embeds(ids, user, prompt.mm_hidden)
+
+        prefix = self._embed_text(torch.cat((ids[-_ASSISTANT_PREFIX:], ids.new_tensor([first_token_id]))))
+        pad = self._tts_pad.expand(4, -1)
+        text = torch.cat((prefix[:3], pad, self._tts_bos[None], prefix[3:]))
+        codec = torch.cat((
+            torch.zeros(_ASSISTANT_PREFIX, text.shape[-1], device=self.device, dtype=self.dtype),
+            self.model.codec_embedding(torch.tensor(self._codec_prefix_ids + [speaker], device=self.device)),
+            self._codec_tail,
+        ))
+        embeds = torch.cat((user_embeds, text + codec))  # [S, H]
+
+        capacity = len(embeds) + max_new_tokens - 1
+        if capacity > self.max_positions:
+            raise ResourceExhausted(
+                f"Talker prompt of {len(embeds)} positions + {max_new_tokens} c0s exceeds {self.max_positions}"
+            )
+        talker_ids = torch.cat((ids[user], ids.new_full((_ASSISTANT_LEN,), self.tts_pad_id)))
+        positions = self.rope.prompt_positions(
+            talker_ids,
+            image_grid_thw=_cpu(prompt.image_grid_thw),
+            video_grid_thw=_cpu(prompt.video_grid_thw),
+            audio_feature_lengths=_cpu(prompt.audio_feature_lengths),
+            video_second_per_grid=_cpu(prompt.video_second_per_grid),
+            use_audio_in_video=prompt.use_audio_in_video,
+        )
+        session = TalkerSession(
+            cache=StaticCache(config=self.model.config, max_cache_len=capacity),
+            rope_delta=positions.rope_delta,
+            sampler=Sampler(sampling, self.suppress_tokens, self.device),
+            length=0,
+            capacity=capacity,
+        )
+        return session, self._forward(session, embeds, positions.position_ids)
+
+    @torch.inference_mode()
+    def step(self, session: TalkerSession, codec_embed_sum: Tensor, text_token: int) -> TalkerFrame:
+        """codec_embed_sum: [H] from MTP for the previous frame; text_token: the next released token or TEXT_END."""
+        if session.cache is None:
+            raise InvalidInput("the Talker session is closed")
+        if session.length >= session.capacity:
+            raise ResourceExhausted(f"the Talker session is full: {session.steps} c0s, its max_new_tokens")
+        if text_token == TEXT_END:
+            text = self._tts_pad if session.text_ended else self._tts_eos
+            session.text_ended = True
+        elif session.text_ended:
+            raise InvalidInput("text token after TEXT_END")
+        else:
+            self._check_text_token(text_token)
+            text = self._embed_text([text_token])[0]
+        embeds = codec_embed_sum.to(self.device, self.dtype).reshape(1, -1) + text
+        return self._forward(session, embeds, step_positions(session.length, 1, session.rope_delta))
+
+    def _forward(self, session: TalkerSession, embeds: Tensor, position_ids: Tensor) -> TalkerFrame:
+        """embeds: [S, H]; position_ids: [4, 1, S] (cache position, then temporal/height/width TM-RoPE)."""
+        out = self.model(inputs_embeds=embeds[None], position_ids=position_ids.to(self.device),
+                         past_key_values=session.cache, use_cache=True)
+        session.length += embeds.shape[0]
+        hidden = out.last_hidden_state[0, -1]
+        c0 = session.sampler(self.codec_head(hidden))
+        session.steps += 1
+        return TalkerFrame(c0=c0, hidden=hidden)
+
+    def _embed_text(self, ids) -> Tensor:
+        ids = torch.as_tensor(ids, device=self.device)
+        return self.text_projection(self.text_embedding(ids))
+
+    def _check_text_token(self, token: int) -> None:
+        vocab = self.text_embedding.num_embeddings
+        if not 0 <= token < vocab:
+            raise InvalidInput(f"text token {token} is outside the vocabulary [0, {vocab})")
+
+    def _user_mask(self, ids: Tensor) -> Tensor:
+        """[L] bool: positions whose latest '<|im_start|>' opens a user turn (the reference's role lookup)."""
+        positions = torch.arange(len(ids), device=ids.device)
+        starts = torch.where(ids == self.im_start_id, positions, -1)
+        turn_start = torch.cummax(starts, dim=0).values.clamp_min(0)
+        return ids[(turn_start + 1).clamp_max(len(ids) - 1)] == self.user_id
+
+    def _user_embeds(self, ids: Tensor, user: Tensor, mm_hidden: Tensor | None) -> Tensor:
+        mm = torch.isin(ids, self.mm_token_ids)
+        n_mm = int(mm.sum())
+        want = (n_mm, self.hidden_projection.linear_fc1.in_features)
+        if n_mm and (mm_hidden is None or tuple(mm_hidden.shape) != want):
+            got = None if mm_hidden is None else tuple(mm_hidden.shape)
+            raise InvalidInput(f"the prompt has {n_mm} multimodal placeholders: mm_hidden must be {want}, got {got}")
+        out = torch.empty(int(user.sum()), self._tts_pad.shape[-1], device=self.device, dtype=self.dtype)
+        user_mm = mm[user]
+        out[~user_mm] = self._embed_text(ids[user & ~mm])
+        if user_mm.any():
+            hidden = mm_hidden.to(self.device, self.dtype)[user[mm]]
+            out[user_mm] = self.hidden_projection(hidden)
+        return out
+
+
+def _cpu(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.cpu()
+
+
+def _load_plain(build, state_dict: dict[str, Tensor], device: str, dtype: torch.dtype) -> nn.Module:
+    """A plain nn.Module (not a PreTrainedModel) built on `meta` and given the checkpoint's tensors."""
+    with torch.device("meta"):
+        module = build()
+    module.load_state_dict(state_dict, assign=True, strict=True)
+    return module.to(device, dtype).eval()

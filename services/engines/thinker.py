@@ -1,0 +1,269 @@
+"""Thinker engine: prefill a multimodal prompt, then decode one token at a time. It never samples.
+
+The math is transformers' `Qwen3OmniMoeThinkerTextModel` (from `thinker.model.*`) and the `thinker.lm_head` Linear;
+this module re-does only what `Qwen3OmniMoeThinkerModel.forward` and `generate` do around them, step by step:
+scatter encoder embeddings at the placeholder tokens, join the deepstack features of images and videos, build
+TM-RoPE positions (see `positions.py`), keep a preallocated KV cache per request, and return the hidden states of
+layer `talker_config.accept_hidden_layer` at the multimodal positions, which the Talker consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from transformers import StaticCache
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    Qwen3OmniMoeThinkerTextModel,
+    _get_feat_extract_output_lengths,
+)
+
+from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
+from services.config import EngineConfig
+from services.engines.positions import TMRoPE, step_positions
+from services.engines.vision_encoder import VisionEmbeddings
+from services.errors import InvalidInput, ResourceExhausted
+
+MODEL_PREFIX = "thinker.model."
+LM_HEAD_PREFIX = "thinker.lm_head."
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+
+@dataclass
+class ThinkerPrompt:
+    input_ids: Tensor  # [L] LongTensor, the processor's expanded prompt
+    audio_embeds: Tensor | None = None  # [N_audio, D] from AudioEncoderEngine.encode
+    audio_feature_lengths: Tensor | None = None  # [num_audios] mel frames per audio, for TM-RoPE
+    image: VisionEmbeddings | None = None
+    image_grid_thw: Tensor | None = None
+    video: VisionEmbeddings | None = None
+    video_grid_thw: Tensor | None = None
+    video_second_per_grid: Tensor | None = None
+    use_audio_in_video: bool = False
+
+
+@dataclass
+class ThinkerPrefill:
+    logits: Tensor  # [V] float32, next-token logits after the prompt
+    mm_hidden: Tensor  # [N_mm, D] layer-`accept_hidden_layer` states at audio/image/video placeholders, prompt order
+
+
+@dataclass
+class ThinkerSession:
+    """One request's state: its KV cache, filled up to `length` of `capacity` tokens."""
+
+    cache: StaticCache | None  # preallocated to `capacity` tokens; None once closed
+    rope_delta: int  # rotary position = text position + rope_delta for every token after the prompt
+    length: int
+    capacity: int
+
+    def close(self) -> None:
+        self.cache = None
+
+
+class ThinkerEngine:
+    def __init__(
+        self, model: torch.nn.Module, lm_head: torch.nn.Linear, ckpt_config, config: EngineConfig, max_seq_len: int
+    ):
+        self.model = model
+        self.lm_head = lm_head
+        self.config = config
+        self.max_seq_len = max_seq_len
+        tc = ckpt_config.thinker_config
+        self.thinker_config = tc
+        self.vocab_size: int = tc.text_config.vocab_size
+        self.hidden_size: int = tc.text_config.hidden_size
+        self.num_deepstack: int = len(tc.vision_config.deepstack_visual_indexes)
+        self.spatial_merge_size: int = tc.vision_config.spatial_merge_size
+        self.accept_hidden_layer: int = ckpt_config.talker_config.accept_hidden_layer
+        self.rope = TMRoPE(tc, self.spatial_merge_size)
+        self.parameter_bytes = parameter_bytes(model, lm_head)
+
+    @classmethod
+    def from_checkpoint(
+        cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig(), max_seq_len: int | None = None
+    ) -> "ThinkerEngine":
+        """`max_seq_len`: longest prompt + generation a session may hold (default: the model's position limit)."""
+        ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint.open(ckpt)
+        text_config = ckpt.config.thinker_config.text_config
+        model = load_pretrained_part(
+            Qwen3OmniMoeThinkerTextModel, text_config, ckpt.read(MODEL_PREFIX), config.device, config.torch_dtype
+        )
+        lm_head = torch.nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        lm_head.load_state_dict(ckpt.read(LM_HEAD_PREFIX))
+        lm_head = lm_head.to(config.device, config.torch_dtype).eval()
+        return cls(model, lm_head, ckpt.config, config, max_seq_len or text_config.max_position_embeddings)
+
+    @torch.inference_mode()
+    def prefill(
+        self, prompt: ThinkerPrompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    ) -> tuple[ThinkerSession, ThinkerPrefill]:
+        """Run the whole prompt; the session's cache holds room for `max_new_tokens` decode steps after it."""
+        if max_new_tokens < 0:
+            raise InvalidInput(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        masks = self._validate(prompt)
+        ids = prompt.input_ids.to(self.config.device)
+        length = ids.shape[0]
+        capacity = length + max_new_tokens
+        if capacity > self.max_seq_len:
+            raise ResourceExhausted(
+                f"prompt of {length} tokens + {max_new_tokens} new tokens exceeds the Thinker's limit of "
+                f"{self.max_seq_len} tokens"
+            )
+        positions = self.rope.prompt_positions(
+            prompt.input_ids,
+            image_grid_thw=_cpu(prompt.image_grid_thw),
+            video_grid_thw=_cpu(prompt.video_grid_thw),
+            audio_feature_lengths=_cpu(prompt.audio_feature_lengths),
+            video_second_per_grid=_cpu(prompt.video_second_per_grid),
+            use_audio_in_video=prompt.use_audio_in_video,
+        )
+        embeds = self.model.embed_tokens(ids)  # [L, D]
+        for modality, features in _mm_embeds(prompt).items():
+            if features is not None:
+                embeds[masks[modality]] = features.to(embeds.device, embeds.dtype)
+        visual_mask, deepstack = self._deepstack(prompt, masks, embeds)
+
+        cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+        out = self.model(
+            inputs_embeds=embeds[None],
+            position_ids=positions.position_ids.to(self.config.device),
+            past_key_values=cache,
+            use_cache=True,
+            visual_pos_masks=visual_mask,
+            deepstack_visual_embeds=deepstack,
+            output_hidden_states=[self.accept_hidden_layer],  # keep only the layer the Talker needs
+        )
+        mm_mask = masks["audio"] | masks["image"] | masks["video"]
+        session = ThinkerSession(cache=cache, rope_delta=positions.rope_delta, length=length, capacity=capacity)
+        prefill = ThinkerPrefill(
+            logits=self._logits(out.last_hidden_state),
+            mm_hidden=out.hidden_states[self.accept_hidden_layer][0][mm_mask],
+        )
+        return session, prefill
+
+    @torch.inference_mode()
+    def decode(self, session: ThinkerSession, token_id: int) -> Tensor:
+        """Append `token_id` to the session; return the [V] float32 logits of the token after it."""
+        if session.cache is None:
+            raise InvalidInput("the Thinker session is closed")
+        if not 0 <= token_id < self.vocab_size:
+            raise InvalidInput(f"token id {token_id} is outside the Thinker vocabulary [0, {self.vocab_size})")
+        if session.length >= session.capacity:
+            raise ResourceExhausted(
+                f"the Thinker session is full ({session.capacity} tokens); prefill with a larger max_new_tokens"
+            )
+        ids = torch.tensor([[token_id]], device=self.config.device)
+        out = self.model(
+            inputs_embeds=self.model.embed_tokens(ids),
+            position_ids=step_positions(session.length, 1, session.rope_delta).to(self.config.device),
+            past_key_values=session.cache,
+            use_cache=True,
+        )
+        session.length += 1
+        return self._logits(out.last_hidden_state)
+
+    def _logits(self, last_hidden_state: Tensor) -> Tensor:
+        return self.lm_head(last_hidden_state[0, -1]).float()
+
+    def _deepstack(
+        self, prompt: ThinkerPrompt, masks: dict[str, Tensor], embeds: Tensor
+    ) -> tuple[Tensor | None, list[Tensor] | None]:
+        """Visual positions [1, L] and, per deepstack layer, the features of all of them in prompt order."""
+        visual = [(masks[m], e) for m, e in (("image", prompt.image), ("video", prompt.video)) if e is not None]
+        if not visual:
+            return None, None
+        visual_mask = torch.stack([mask for mask, _ in visual]).any(0)
+        deepstack = []
+        for layer in range(self.num_deepstack):
+            joint = embeds.new_zeros(embeds.shape)
+            for mask, emb in visual:
+                joint[mask] = emb.deepstack[layer].to(embeds.device, embeds.dtype)
+            deepstack.append(joint[visual_mask])
+        return visual_mask[None], deepstack
+
+    def _validate(self, prompt: ThinkerPrompt) -> dict[str, Tensor]:
+        """Check the prompt against its embeddings; return each modality's placeholder mask [L]."""
+        ids = prompt.input_ids
+        if ids.ndim != 1 or ids.numel() == 0 or ids.is_floating_point():
+            raise InvalidInput(f"input_ids must be a non-empty 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
+        bad = (ids < 0) | (ids >= self.vocab_size)
+        if bad.any():
+            raise InvalidInput(
+                f"token id {int(ids[bad][0])} is outside the Thinker vocabulary [0, {self.vocab_size})"
+            )
+        tc = self.thinker_config
+        ids = ids.to(self.config.device)
+        masks = {
+            "audio": ids == tc.audio_token_id,
+            "image": ids == tc.image_token_id,
+            "video": ids == tc.video_token_id,
+        }
+        features = _mm_embeds(prompt)
+        for modality, mask in masks.items():
+            given = features[modality]
+            n_tokens, n_given = int(mask.sum()), 0 if given is None else given.shape[0]
+            if n_tokens != n_given:
+                raise InvalidInput(
+                    f"{modality}: the prompt has {n_tokens} placeholder tokens but {n_given} embeddings were given"
+                )
+            if given is not None and (given.ndim != 2 or given.shape[1] != self.hidden_size):
+                raise InvalidInput(f"{modality} embeddings must be [N, {self.hidden_size}], got {tuple(given.shape)}")
+
+        if prompt.audio_embeds is not None:
+            self._validate_audio(prompt, ids)
+        for modality, emb, grid in (
+            ("image", prompt.image, prompt.image_grid_thw),
+            ("video", prompt.video, prompt.video_grid_thw),
+        ):
+            if emb is not None:
+                self._validate_vision(modality, emb, grid, int(masks[modality].sum()))
+        if prompt.video is not None:
+            seconds = prompt.video_second_per_grid
+            if seconds is None or seconds.numel() != prompt.video_grid_thw.shape[0]:
+                raise InvalidInput("video_second_per_grid must give one value per video")
+        return masks
+
+    def _validate_audio(self, prompt: ThinkerPrompt, ids: Tensor) -> None:
+        lengths = prompt.audio_feature_lengths
+        if lengths is None:
+            raise InvalidInput("audio_feature_lengths is required with audio (TM-RoPE positions depend on it)")
+        n_audios = int((ids == self.thinker_config.audio_start_token_id).sum())
+        if lengths.ndim != 1 or lengths.numel() != n_audios:
+            raise InvalidInput(
+                f"audio: the prompt has {n_audios} audios but {lengths.numel()} feature lengths were given"
+            )
+        expected = int(_get_feat_extract_output_lengths(lengths, self.thinker_config.audio_config.n_window).sum())
+        if expected != prompt.audio_embeds.shape[0]:
+            raise InvalidInput(
+                f"audio: feature lengths {lengths.tolist()} make {expected} embeddings, "
+                f"but {prompt.audio_embeds.shape[0]} were given"
+            )
+
+    def _validate_vision(self, modality: str, emb: VisionEmbeddings, grid: Tensor | None, n_tokens: int) -> None:
+        if grid is None or grid.ndim != 2 or grid.shape[1] != 3:
+            raise InvalidInput(f"{modality}: {modality}_grid_thw [num_{modality}s, 3] is required with its embeddings")
+        grid_tokens = int(grid.prod(-1).sum()) // self.spatial_merge_size**2
+        if grid_tokens != n_tokens:
+            raise InvalidInput(
+                f"{modality}: {modality}_grid_thw describes {grid_tokens} tokens, the prompt has {n_tokens}"
+            )
+        if len(emb.deepstack) != self.num_deepstack or any(d.shape != emb.embeds.shape for d in emb.deepstack):
+            raise InvalidInput(
+                f"{modality}: expected {self.num_deepstack} deepstack tensors shaped like the embeddings "
+                f"{tuple(emb.embeds.shape)}"
+            )
+
+
+def _mm_embeds(prompt: ThinkerPrompt) -> dict[str, Tensor | None]:
+    return {
+        "audio": prompt.audio_embeds,
+        "image": None if prompt.image is None else prompt.image.embeds,
+        "video": None if prompt.video is None else prompt.video.embeds,
+    }
+
+
+def _cpu(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.cpu()

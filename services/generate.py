@@ -1,0 +1,160 @@
+"""`omni generate`: one turn through the in-process streaming conductor; prints text as it streams, writes a WAV."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from services.engines.sampling import SamplingParams
+from services.errors import InvalidInput
+from services.events import AudioChunk, TextDelta, TurnSummary
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (e.g. one written by `omni checkpoint tiny`)")
+    p.add_argument("--text", help="the user's text for this turn")
+    p.add_argument("--audio", action="append", default=[], metavar="WAV", help="audio input (any rate; repeatable)")
+    p.add_argument("--image", action="append", default=[], metavar="IMG", help="image input (repeatable)")
+    p.add_argument("--video", action="append", default=[], metavar="DIR",
+                   help="video input: a directory of frame images whose names sort in time order (repeatable)")
+    p.add_argument("--video-fps", type=float, default=2.0, help="frame rate of --video frames (timestamps = i/fps)")
+    p.add_argument("--conversation", metavar="FILE",
+                   help="earlier turns as chat-message JSON (a list of {role, content}); if it ends with a user "
+                        "message and no other input is given, that message is the turn")
+    p.add_argument("--system", help="the Thinker's system prompt")
+    p.add_argument("--speaker", default="ethan", help="voice, one of the checkpoint's talker_config.speaker_id names")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="cap on the Thinker's answer length")
+    p.add_argument("--max-audio-frames", type=int, default=4096, help="cap on the Talker's frames (12.5 per second)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding in the Thinker, Talker and MTP")
+    p.add_argument("--temperature", type=float, default=0.7, help="Thinker sampling temperature")
+    p.add_argument("--top-p", type=float, default=0.8, help="Thinker nucleus sampling")
+    p.add_argument("--top-k", type=int, default=20, help="Thinker top-k sampling (0: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--no-audio", action="store_true", help="text only: skip the Talker, MTP and Code2Wav")
+    p.add_argument("--output", metavar="WAV", help="where to write the spoken answer (PCM16, 24 kHz)")
+    p.add_argument("--json", metavar="FILE", help="write text, token ids, codes, timings as JSON")
+    p.add_argument("--device", default="cpu", help="torch device for every stage")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
+def _load_conversation(path: str) -> list[dict]:
+    from services.preprocess import validate_conversation
+
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InvalidInput(f"conversation file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"conversation file {path} is not valid JSON: {e}") from None
+    if isinstance(raw, dict) and "messages" in raw:
+        raw = raw["messages"]
+    return validate_conversation(raw)
+
+
+def _split_last_user_turn(history: list[dict]) -> tuple[list[dict], dict]:
+    """A conversation ending with a user message: that message becomes this turn's input."""
+    last = history[-1]
+    parts = [{"type": "text", "text": last["content"]}] if isinstance(last["content"], str) else last["content"]
+    turn = {"text": None, "audios": [], "images": []}
+    texts = [p["text"] for p in parts if p.get("type") == "text"]
+    turn["text"] = "".join(texts) or None
+    turn["audios"] = [p.get("audio") or p.get("path") for p in parts if p.get("type") == "audio"]
+    turn["images"] = [p.get("image") or p.get("path") for p in parts if p.get("type") == "image"]
+    return history[:-1], turn
+
+
+def _video_from_dir(path: str, fps: float):
+    from services.preprocess import load_video
+
+    frames = sorted(p for p in Path(path).iterdir() if p.is_file()) if Path(path).is_dir() else []
+    if not frames:
+        raise InvalidInput(f"--video {path}: not a directory of frame images")
+    return load_video([str(f) for f in frames], [i / fps for i in range(len(frames))])
+
+
+def build_request(args: argparse.Namespace):
+    from services.conductor import TurnRequest
+
+    if not args.no_audio and not args.output:
+        raise InvalidInput("--output WAV is required unless --no-audio is given")
+    history: list[dict] = _load_conversation(args.conversation) if args.conversation else []
+    text, audios, images = args.text, list(args.audio), list(args.image)
+    videos = [_video_from_dir(v, args.video_fps) for v in args.video]
+    if history and history[-1]["role"] == "user" and not (text or audios or images or videos):
+        history, turn = _split_last_user_turn(history)
+        text, audios, images = turn["text"], turn["audios"], turn["images"]
+    greedy = args.greedy
+    thinker_sampling = SamplingParams(greedy=True) if greedy else SamplingParams(
+        greedy=False, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return TurnRequest(
+        text=text, audios=audios, images=images, videos=videos, history=history, system=args.system,
+        speaker=args.speaker, audio_output=not args.no_audio, max_new_tokens=args.max_new_tokens,
+        max_audio_frames=args.max_audio_frames, thinker_sampling=thinker_sampling,
+    )
+
+
+async def _stream(conductor, request, out=sys.stdout) -> tuple[TurnSummary, np.ndarray]:
+    chunks: list[np.ndarray] = []
+    summary = None
+    async for event in conductor.run(request):
+        if isinstance(event, TextDelta):
+            out.write(event.text)
+            out.flush()
+        elif isinstance(event, AudioChunk):
+            chunks.append(event.samples)
+        elif isinstance(event, TurnSummary):
+            summary = event
+    out.write("\n")
+    return summary, (np.concatenate(chunks) if chunks else np.zeros(0, np.float32))
+
+
+def result_json(summary: TurnSummary) -> dict:
+    return {
+        "text": summary.text,
+        "thinker_token_ids": summary.thinker_token_ids,
+        "codes": summary.codes,
+        "sample_rate": summary.sample_rate,
+        "num_samples": summary.num_samples,
+        "speaker": summary.speaker,
+        "finish_reason": summary.finish_reason,
+        "timings": summary.timings,
+    }
+
+
+def write_outputs(summary: TurnSummary, samples: np.ndarray, wav: str | None, json_path: str | None) -> None:
+    import soundfile as sf
+
+    from services.events import float_to_pcm16
+
+    if wav:
+        Path(wav).parent.mkdir(parents=True, exist_ok=True)
+        sf.write(wav, float_to_pcm16(samples), summary.sample_rate, subtype="PCM_16")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result_json(summary)))
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from services.conductor import Conductor
+    from services.config import EngineConfig
+    from services.engines.bundle import Engines
+
+    request = build_request(args)
+    engines = Engines.load(args.model, EngineConfig(device=args.device, dtype=args.dtype),
+                           audio_output=request.audio_output)
+    summary, samples = asyncio.run(_stream(Conductor(engines), request))
+    write_outputs(summary, samples, args.output if request.audio_output else None, args.json)
+    t = summary.timings
+    print(
+        f"[{len(summary.thinker_token_ids)} tokens, {len(summary.codes)} frames, {summary.num_samples} samples "
+        f"({t.get('audio_s', 0):.2f} s); first text {t.get('time_to_first_text_s', 0) * 1000:.0f} ms, "
+        f"first audio {t.get('time_to_first_audio_s', 0) * 1000:.0f} ms, total {t.get('total_s', 0):.2f} s]",
+        file=sys.stderr,
+    )
+    if request.audio_output:
+        print(f"wrote {args.output}", file=sys.stderr)

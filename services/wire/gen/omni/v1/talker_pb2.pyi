@@ -1,0 +1,44 @@
+from services.wire.gen.omni.v1 import common_pb2 as _common_pb2
+from services.wire.gen.omni.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SpeakRequest(_message.Message):
+    __slots__ = ("start", "prompt", "text", "text_end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_END_FIELD_NUMBER: _ClassVar[int]
+    start: SpeakStart
+    prompt: _tensor_pb2.TensorPiece
+    text: _common_pb2.Tokens
+    text_end: TextEnd
+    def __init__(self, start: _Optional[_Union[SpeakStart, _Mapping]] = ..., prompt: _Optional[_Union[_tensor_pb2.TensorPiece, _Mapping]] = ..., text: _Optional[_Union[_common_pb2.Tokens, _Mapping]] = ..., text_end: _Optional[_Union[TextEnd, _Mapping]] = ...) -> None: ...
+
+class SpeakStart(_message.Message):
+    __slots__ = ("request_id", "speaker", "sampling", "max_frames", "use_audio_in_video")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEAKER_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    USE_AUDIO_IN_VIDEO_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    speaker: str
+    sampling: _common_pb2.SamplingParams
+    max_frames: int
+    use_audio_in_video: bool
+    def __init__(self, request_id: _Optional[str] = ..., speaker: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_frames: _Optional[int] = ..., use_audio_in_video: _Optional[bool] = ...) -> None: ...
+
+class TextEnd(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SpeakResponse(_message.Message):
+    __slots__ = ("frame",)
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    frame: _common_pb2.CodecFrame
+    def __init__(self, frame: _Optional[_Union[_common_pb2.CodecFrame, _Mapping]] = ...) -> None: ...

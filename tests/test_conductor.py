@@ -1,0 +1,196 @@
+"""End-to-end parity of the streaming conductor with the reference `generate` (greedy): the same Thinker token
+ids, the same codec codes, and a waveform equal to the full Code2Wav forward of those codes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from services.conductor import Conductor, TurnRequest
+from services.engines.bundle import Engines
+from services.engines.sampling import SamplingParams
+from services.errors import InvalidInput
+from services.events import AudioChunk, TextDelta, TurnSummary
+from services.preprocess import build_turn
+
+GREEDY = SamplingParams(greedy=True)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpt):
+    return Engines.load(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def conductor(engines):
+    return Conductor(engines, stage_timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    t = np.arange(int(1.3 * 16000)) / 16000
+    sf.write(d / "chirp.wav", (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32), 16000)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(d / "noise.png")
+    return {"audio": str(d / "chirp.wav"), "image": str(d / "noise.png")}
+
+
+def collect(conductor: Conductor, req: TurnRequest):
+    async def go():
+        events = [e async for e in conductor.run(req)]
+        return events
+
+    events = asyncio.run(go())
+    assert isinstance(events[-1], TurnSummary)
+    return events
+
+
+def reference_run(reference, processor, req: TurnRequest):
+    """The reference's greedy output on the same processor outputs: (generated ids, codes [T, 16] or None)."""
+    inputs = build_turn(processor, history=list(req.history), system=req.system, text=req.text,
+                        audios=req.audios, images=req.images).processor_outputs
+    captured = {}
+    original = reference.code2wav.chunked_decode
+
+    def capture(codes, *a, **k):
+        captured["codes"] = codes
+        return original(codes, *a, **k)
+
+    reference.code2wav.chunked_decode = capture
+    try:
+        out = reference.generate(
+            **inputs, speaker=req.speaker, return_audio=req.audio_output,
+            thinker_max_new_tokens=req.max_new_tokens, talker_max_new_tokens=req.max_audio_frames,
+            thinker_do_sample=False, talker_do_sample=False,
+        )
+    finally:
+        reference.code2wav.chunked_decode = original
+    sequences = out[0] if req.audio_output else (out.sequences if hasattr(out, "sequences") else out)
+    generated = sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    codes = captured["codes"][0].T if "codes" in captured else None
+    return generated, codes
+
+
+def assert_parity(reference, processor, events, req):
+    summary = events[-1]
+    ids, codes = reference_run(reference, processor, req)
+    assert summary.thinker_token_ids == ids
+    # The client's text is the detokenized released tokens.
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert text == summary.text == processor.tokenizer.decode(ids, skip_special_tokens=True)
+    if not req.audio_output:
+        assert not any(isinstance(e, AudioChunk) for e in events) and summary.codes == []
+        return summary
+    assert torch.equal(torch.tensor(summary.codes), codes)
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    ours = np.concatenate([c.samples for c in chunks])
+    with torch.inference_mode():
+        full = reference.code2wav(codes.T[None]).reshape(-1).numpy()
+    assert ours.shape == full.shape and summary.num_samples == full.size
+    np.testing.assert_allclose(ours, full, atol=1e-4)
+    return summary
+
+
+def test_text_only_input(reference, processor, conductor):
+    req = TurnRequest(text="Hello world, this is Qwen.", max_new_tokens=12, max_audio_frames=40,
+                      thinker_sampling=GREEDY)
+    events = collect(conductor, req)
+    summary = assert_parity(reference, processor, events, req)
+    for key in ("time_to_first_text_s", "time_to_first_audio_s", "total_s", "rtf", "thinker_ttft_s",
+                "talker_ttft_s", "mtp_ttft_s", "code2wav_ttft_s", "preprocess_s"):
+        assert summary.timings[key] > 0, key
+
+
+def test_audio_input(reference, processor, conductor, media):
+    req = TurnRequest(text="What do you hear?", audios=[media["audio"]], max_new_tokens=10, max_audio_frames=30,
+                      thinker_sampling=GREEDY)
+    assert_parity(reference, processor, collect(conductor, req), req)
+
+
+def test_image_input(reference, processor, conductor, media):
+    req = TurnRequest(text="Describe it.", images=[media["image"]], max_new_tokens=10, max_audio_frames=30,
+                      thinker_sampling=GREEDY)
+    assert_parity(reference, processor, collect(conductor, req), req)
+
+
+def test_audio_and_image_input(reference, processor, conductor, media):
+    req = TurnRequest(text="Both?", audios=[media["audio"]], images=[media["image"]], max_new_tokens=10,
+                      max_audio_frames=30, thinker_sampling=GREEDY)
+    assert_parity(reference, processor, collect(conductor, req), req)
+
+
+def test_three_turn_conversation_with_system_prompt(reference, processor, conductor, media):
+    history = [
+        {"role": "user", "content": [{"type": "audio", "audio": media["audio"]},
+                                     {"type": "text", "text": "Listen to this."}]},
+        {"role": "assistant", "content": "I hear a rising tone."},
+        {"role": "user", "content": "Is it loud?"},
+        {"role": "assistant", "content": "Not very."},
+    ]
+    req = TurnRequest(text="Thanks, describe it once more.", history=history, system="You are terse.",
+                      max_new_tokens=10, max_audio_frames=30, thinker_sampling=GREEDY)
+    assert_parity(reference, processor, collect(conductor, req), req)
+
+
+@pytest.mark.parametrize("speaker", ["chelsie", "ethan", "aiden"])
+def test_every_speaker(reference, processor, conductor, speaker):
+    req = TurnRequest(text="Say something.", speaker=speaker, max_new_tokens=6, max_audio_frames=20,
+                      thinker_sampling=GREEDY)
+    assert_parity(reference, processor, collect(conductor, req), req)
+
+
+def test_long_answer_beyond_300_frames(reference, processor, conductor):
+    req = TurnRequest(text="Tell me a long story.", max_new_tokens=40, max_audio_frames=330,
+                      thinker_sampling=GREEDY)
+    summary = assert_parity(reference, processor, collect(conductor, req), req)
+    assert len(summary.codes) > 300
+
+
+def test_text_only_output(reference, processor, conductor):
+    req = TurnRequest(text="Just text, please.", audio_output=False, max_new_tokens=12, thinker_sampling=GREEDY)
+    assert_parity(reference, processor, collect(conductor, req), req)
+
+
+def test_audio_starts_before_the_thinker_finishes(conductor):
+    """Streaming: the first audio packet leaves before the last text delta."""
+    req = TurnRequest(text="Stream it.", max_new_tokens=40, max_audio_frames=60, thinker_sampling=GREEDY)
+    events = collect(conductor, req)
+    kinds = [type(e) for e in events]
+    first_audio = kinds.index(AudioChunk)
+    last_text = len(kinds) - 1 - kinds[::-1].index(TextDelta)
+    assert first_audio < last_text
+
+
+@pytest.mark.parametrize("req, message", [
+    (TurnRequest(text="hi", speaker="nobody"), "unknown speaker"),
+    (TurnRequest(text="hi", max_new_tokens=0), "max_new_tokens"),
+    (TurnRequest(), "empty turn"),
+])
+def test_bad_requests_are_clear_errors(conductor, req, message):
+    with pytest.raises(InvalidInput, match=message):
+        collect(conductor, req)
+
+
+def test_cancel_frees_state_and_next_turn_is_unaffected(reference, processor, conductor):
+    async def cancel_after_first_audio():
+        agen = conductor.run(TurnRequest(text="Long one.", max_new_tokens=40, max_audio_frames=200,
+                                         thinker_sampling=GREEDY))
+        async for event in agen:
+            if isinstance(event, AudioChunk):
+                break
+        await agen.aclose()
+        await asyncio.sleep(0)
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    leftover = asyncio.run(cancel_after_first_audio())
+    assert leftover == []
+    req = TurnRequest(text="Hello world, this is Qwen.", max_new_tokens=8, max_audio_frames=20,
+                      thinker_sampling=GREEDY)
+    assert_parity(reference, processor, collect(conductor, req), req)

@@ -1,0 +1,252 @@
+"""Talker + MTP engines against the reference: driven frame by frame (greedy), they give generate()'s talker_codes."""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import GenerationConfig
+
+from services.checkpoint.loading import Checkpoint
+from services.engines.mtp import MTPEngine
+from services.engines.sampling import Sampler, SamplingParams
+from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt, default_talker_sampling
+from services.errors import InvalidInput, ResourceExhausted
+
+pytestmark = pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`:UserWarning")  # the reference's
+
+THINKER_TOKENS = 12  # text ends (then tts_eos, tts_pad) well before the Talker's cap
+TALKER_TOKENS = 40  # c0 cap: 39 frames
+
+_rng = np.random.default_rng(0)
+AUDIO = (0.1 * _rng.standard_normal(16000)).astype(np.float32)  # 1 s: 13 audio tokens
+IMAGE = Image.fromarray(_rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))  # grid 1x4x4: 4 image tokens
+
+
+def _user(*parts, text="What do you hear and see?"):
+    return {"role": "user", "content": [{"type": p} for p in parts] + [{"type": "text", "text": text}]}
+
+
+SYSTEM = {"role": "system", "content": "You are Qwen."}
+CASES = {  # name: (speaker, messages, audios, images)
+    "text": ("ethan", [SYSTEM, _user()], [], []),
+    "audio": ("Chelsie", [SYSTEM, _user("audio")], [AUDIO], []),
+    "image": ("aiden", [SYSTEM, _user("image")], [], [IMAGE]),
+    "audio_image": ("ethan", [SYSTEM, _user("audio", "image")], [AUDIO], [IMAGE]),
+    "two_turns": ("chelsie", [SYSTEM, _user("audio"), {"role": "assistant", "content": "A noise."},
+                              _user("image", text="And now?")], [AUDIO], [IMAGE]),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny tensors: intra-op threads only add synchronisation (and spin on a shared 2-core box).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_ckpt):
+    return Checkpoint.open(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def talker(ckpt):
+    return TalkerEngine.from_checkpoint(ckpt)
+
+
+@pytest.fixture(scope="module")
+def mtp(ckpt):
+    return MTPEngine.from_checkpoint(ckpt)
+
+
+@contextmanager
+def _capture(reference):
+    """Record the Thinker's generate() result and the codes handed to Code2Wav (whose decode is skipped)."""
+    seen = {}
+    thinker_generate = reference.thinker.generate
+
+    def thinker(*args, **kwargs):
+        seen["thinker"] = thinker_generate(*args, **kwargs)
+        return seen["thinker"]
+
+    def decode(codes, **kwargs):
+        seen["codes"] = codes[0].T  # [frames, 16]
+        return torch.zeros(1, 1, 1)
+
+    reference.thinker.generate, reference.code2wav.chunked_decode = thinker, decode
+    try:
+        yield seen
+    finally:
+        del reference.thinker.generate, reference.code2wav.chunked_decode
+
+
+def _inputs(processor, messages, audios, images):
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=text, audio=audios or None, images=images or None, return_tensors="pt")
+
+
+def _reference(reference, inputs, speaker, **kwargs):
+    with _capture(reference) as seen:
+        reference.generate(**inputs, speaker=speaker, thinker_max_new_tokens=THINKER_TOKENS, thinker_do_sample=False,
+                           talker_do_sample=False, **{"talker_max_new_tokens": TALKER_TOKENS, **kwargs})
+    return seen["thinker"], seen["codes"]
+
+
+def _drive(talker, mtp, reference, inputs, thinker, speaker, stop_id=None, max_tokens=TALKER_TOKENS):
+    """The conductor's loop: one released text token per frame, TEXT_END after the text, until EOS or the cap."""
+    config = reference.config
+    ids = inputs["input_ids"][0]
+    generated = thinker.sequences[0, len(ids):]
+    mm = torch.isin(ids, torch.tensor([config.thinker_config.audio_token_id, config.thinker_config.image_token_id,
+                                       config.thinker_config.video_token_id]))
+    accept = thinker.hidden_states[0][config.talker_config.accept_hidden_layer][0]  # [L, D] prefill hidden
+    mask = inputs.get("feature_attention_mask")
+    prompt = TalkerPrompt(
+        input_ids=ids, mm_hidden=accept[mm] if mm.any() else None, speaker=speaker,
+        audio_feature_lengths=None if mask is None else mask.sum(1), image_grid_thw=inputs.get("image_grid_thw"),
+    )
+    # The reference speaks t1 .. t_{n-2} (talker.py, "Frames"): the text before EOS, or all but the capped token.
+    text = generated[1:-1].tolist()
+    stop_id = talker.codec_eos_id if stop_id is None else stop_id
+    session, frame = talker.prefill(prompt, int(generated[0]), default_talker_sampling(greedy=True), max_tokens)
+    codes = []
+    for k in range(1, max_tokens):
+        if frame.c0 == stop_id:
+            break
+        res = mtp.predict(frame.hidden[None], torch.tensor([frame.c0]))
+        codes.append(res.codes[0])
+        frame = talker.step(session, res.embed_sum[0], text[k - 1] if k <= len(text) else TEXT_END)
+    session.close()
+    return torch.stack(codes), text
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_codes_match_reference(case, reference, processor, talker, mtp, ckpt):
+    speaker, messages, audios, images = CASES[case]
+    inputs = _inputs(processor, messages, audios, images)
+    thinker, expected = _reference(reference, inputs, speaker)
+    ours, text = _drive(talker, mtp, reference, inputs, thinker, speaker)
+    assert expected.shape == (TALKER_TOKENS - 1, 16)  # the capped c0 gets no residual codes
+    assert len(text) + 2 < len(expected)  # speech went on past tts_eos into tts_pad
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    # Our Talker needs no reference patch: its config still lacks audio_config (read from the Thinker's instead).
+    assert not hasattr(ckpt.config.talker_config, "audio_config")
+
+
+def test_eos_ended_thinker_and_talker(reference, processor, talker, mtp):
+    """Thinker stops at its EOS, Talker at codec EOS: the EOS c0 gets no frame. Stand-in EOS ids are tokens the
+    random model does produce (greedy prefixes do not depend on the EOS id)."""
+    speaker, messages, audios, images = CASES["audio"]
+    inputs = _inputs(processor, messages, audios, images)
+    thinker, _ = _reference(reference, inputs, speaker)
+    generated = thinker.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    thinker_eos = next(t for i, t in enumerate(generated) if i >= 6 and t not in generated[:i])
+    thinker, codes = _reference(reference, inputs, speaker, thinker_eos_token_id=thinker_eos)
+    assert thinker.sequences[0, -1] == thinker_eos and thinker.sequences.shape[1] < inputs["input_ids"].shape[1] + 12
+    c0 = codes[:, 0].tolist()
+    talker_eos = next(t for i, t in enumerate(c0) if i >= 15 and t not in c0[:i])
+    thinker, expected = _reference(reference, inputs, speaker, thinker_eos_token_id=thinker_eos,
+                                   talker_eos_token_id=talker_eos, talker_max_new_tokens=80)
+    assert len(expected) == c0.index(talker_eos)
+    ours, _ = _drive(talker, mtp, reference, inputs, thinker, speaker, stop_id=talker_eos, max_tokens=80)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def test_mtp_batch_equals_one_by_one(mtp, talker):
+    hidden = torch.randn(3, talker.codec_head.in_features, generator=torch.Generator().manual_seed(0))
+    c0 = torch.tensor([5, 2047, 2150])
+    batch = mtp.predict(hidden, c0)
+    for i in range(3):
+        one = mtp.predict(hidden[i:i + 1], c0[i:i + 1])
+        torch.testing.assert_close(batch.codes[i:i + 1], one.codes, rtol=0, atol=0)
+        torch.testing.assert_close(batch.embed_sum[i:i + 1], one.embed_sum, rtol=1e-5, atol=1e-5)
+    assert batch.codes.shape == (3, 16) and (batch.codes[:, 0] == c0).all()
+    sampled = [mtp.predict(hidden, c0, greedy=False, generator=torch.Generator().manual_seed(7)).codes for _ in "ab"]
+    torch.testing.assert_close(sampled[0], sampled[1], rtol=0, atol=0)  # the generator alone decides the draw
+    assert (sampled[0][:, 1:] < mtp.predictor.config.vocab_size).all()
+
+
+def test_invalid_input(talker, mtp):
+    ids = torch.tensor([151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198])  # user: "Hello", then assistant
+    greedy = default_talker_sampling(greedy=True)
+    with pytest.raises(InvalidInput, match="aiden, chelsie, ethan"):
+        talker.prefill(TalkerPrompt(input_ids=ids, mm_hidden=None, speaker="nobody"), 9707, greedy)
+    with pytest.raises(InvalidInput, match="assistant"):
+        talker.prefill(TalkerPrompt(input_ids=ids[:-3], mm_hidden=None), 9707, greedy)
+    with_audio = torch.cat((ids[:3], torch.tensor([151669, 151675, 151675, 151670]), ids[3:]))
+    with pytest.raises(InvalidInput, match="2 multimodal placeholders"):
+        talker.prefill(TalkerPrompt(input_ids=with_audio, mm_hidden=torch.zeros(3, 64)), 9707, greedy)
+
+    session, frame = talker.prefill(TalkerPrompt(input_ids=ids, mm_hidden=None), 9707, greedy, max_new_tokens=3)
+    embed_sum = mtp.predict(frame.hidden[None], torch.tensor([frame.c0])).embed_sum[0]
+    talker.step(session, embed_sum, TEXT_END)
+    with pytest.raises(InvalidInput, match="after TEXT_END"):
+        talker.step(session, embed_sum, 9707)
+    talker.step(session, embed_sum, TEXT_END)
+    with pytest.raises(ResourceExhausted, match="full"):
+        talker.step(session, embed_sum, TEXT_END)
+    session.close()
+    with pytest.raises(InvalidInput, match="closed"):
+        talker.step(session, embed_sum, TEXT_END)
+
+
+def test_engines_read_only_their_tensors(tiny_ckpt):
+    ckpt = Checkpoint.open(tiny_ckpt)
+    talker = TalkerEngine.from_checkpoint(ckpt)
+    own = [n for n in ckpt.names("talker.") if not n.startswith("talker.code_predictor.")]
+    assert sorted(ckpt.read_log) == sorted(own + ["thinker.model.embed_tokens.weight"])
+    ckpt = Checkpoint.open(tiny_ckpt)
+    mtp = MTPEngine.from_checkpoint(ckpt)
+    own = ckpt.names("talker.code_predictor.") + ["talker.model.codec_embedding.weight"]
+    assert sorted(ckpt.read_log) == sorted(own)
+    assert talker.parameter_bytes > 0 and mtp.parameter_bytes > 0
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_sampler_matches_generate_processors(reference, talker, greedy):
+    """Same scores and, with the same seed, the same draws as generate()'s own processors for the Talker."""
+    params = default_talker_sampling(greedy=greedy, seed=3)
+    generation_config = GenerationConfig(
+        do_sample=not greedy, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+        repetition_penalty=params.repetition_penalty, suppress_tokens=talker.suppress_tokens,
+    )
+    processors = reference.talker._get_logits_processor(
+        generation_config, input_ids_seq_length=0, model_kwargs={"attention_mask": torch.ones(1, 5)}
+    )
+    sampler = Sampler(params, talker.suppress_tokens)
+    generator = torch.Generator().manual_seed(3)
+    logits_rng = torch.Generator().manual_seed(0)
+    history = torch.zeros(1, 0, dtype=torch.long)
+    for _ in range(30):
+        # Peaked logits over few ids so that repeats (and so the penalty) happen.
+        logits = torch.randn(3072, generator=logits_rng) + 8 * (torch.arange(3072) % 97 == 0)
+        scores = processors(history, logits[None].clone())
+        torch.testing.assert_close(sampler.process(logits), scores, rtol=0, atol=0)
+        expected = scores.argmax(-1) if greedy else torch.multinomial(scores.softmax(-1), 1, generator=generator)[0]
+        assert sampler(logits) == int(expected)
+        history = torch.cat((history, expected.view(1, 1)), dim=1)
+    assert len(set(history[0].tolist())) < 30  # the penalty was exercised
+    assert all(t not in talker.suppress_tokens for t in sampler.history)
+
+
+def test_default_talker_sampling_is_generates(reference):
+    defaults = {k: v.default for k, v in inspect.signature(type(reference).generate).parameters.items()}
+    params = default_talker_sampling()
+    assert (params.temperature, params.top_k, params.top_p, params.repetition_penalty, not params.greedy) == (
+        defaults["talker_temperature"], defaults["talker_top_k"], defaults["talker_top_p"],
+        defaults["talker_repetition_penalty"], defaults["talker_do_sample"],
+    )
+
+
+def test_sampling_params_validation():
+    with pytest.raises(InvalidInput, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(InvalidInput, match="temperature"):
+        SamplingParams(temperature=0)
