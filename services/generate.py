@@ -143,11 +143,12 @@ def run_generate(args: argparse.Namespace) -> None:
     from services.conductor import Conductor
     from services.config import EngineConfig
     from services.engines.bundle import Engines
+    from services.stages import Stages
 
     request = build_request(args)
     engines = Engines.load(args.model, EngineConfig(device=args.device, dtype=args.dtype),
                            audio_output=request.audio_output)
-    summary, samples = asyncio.run(_stream(Conductor(engines), request))
+    summary, samples = asyncio.run(_stream(Conductor(Stages.local(engines)), request))
     write_outputs(summary, samples, args.output if request.audio_output else None, args.json)
     t = summary.timings
     print(

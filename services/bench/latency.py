@@ -79,11 +79,12 @@ def bench_checkpoint(name: str, model_dir: Path, args, tmp: Path) -> list[dict]:
     from services.engines.bundle import Engines
     from services.engines.sampling import SamplingParams
     from services.preprocess import build_turn
+    from services.stages import Stages
 
     reference = Qwen3OmniMoeForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     reference.talker.config.audio_config = reference.config.thinker_config.audio_config  # DESIGN.md s4 bug
     engines = Engines.load(model_dir, EngineConfig())
-    conductor = Conductor(engines)
+    conductor = Conductor(Stages.local(engines))
     audio = _media(tmp)
     rows = []
     for prompt_name, spec in PROMPTS:

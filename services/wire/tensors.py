@@ -37,7 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
-PIECE_BYTES = 1 << 20  # data per TensorPiece: big enough that per-message cost is noise, small enough to interleave
+PIECE_BYTES = 1 << 20  # data per TensorPiece: per-message cost is noise at this size, and buffers stay small
 DEFAULT_MAX_BYTES = 4 << 30  # what one PieceAssembler accepts in total unless told otherwise
 
 
@@ -64,7 +64,9 @@ def from_proto(msg: Tensor, copy: bool = False) -> torch.Tensor:
         raise InvalidInput(f"tensor {msg.dtype}{list(shape)} needs {nbytes} bytes, got {len(data)}")
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
-    flat = torch.frombuffer(bytearray(data) if copy else data, dtype=torch.uint8)
+    if copy or nbytes == 1:  # CPython shares 1-byte bytes objects process-wide: never alias those
+        data = bytearray(data)
+    flat = torch.frombuffer(data, dtype=torch.uint8)
     return _finish(flat, dtype, shape, f"tensor {msg.dtype}{list(shape)}")
 
 
@@ -162,7 +164,7 @@ def _as_torch(t: torch.Tensor | np.ndarray) -> torch.Tensor:
     """A contiguous CPU tensor of a wire dtype."""
     if isinstance(t, np.ndarray):
         try:
-            t = torch.from_numpy(np.ascontiguousarray(t))
+            t = torch.from_numpy(np.asarray(t, order="C"))
         except (TypeError, ValueError):  # numpy dtypes torch lacks, non-native byte order
             raise InvalidInput(f"dtype {t.dtype} cannot cross the wire; use one of {', '.join(DTYPES)}") from None
     elif not isinstance(t, torch.Tensor):
@@ -174,6 +176,8 @@ def _as_torch(t: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 def _bytes_view(t: torch.Tensor) -> np.ndarray:
     """The raw bytes of a contiguous CPU tensor, as a flat uint8 array sharing its memory (bfloat16 included)."""
+    if t.numel() == 0:  # an empty tensor may carry any strides (numpy's are 0), which view() refuses
+        return np.empty(0, dtype=np.uint8)
     return t.reshape(-1).view(torch.uint8).numpy()
 
 

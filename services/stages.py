@@ -1,0 +1,193 @@
+"""Stage interfaces at stream granularity, and their in-process implementations over the engines.
+
+The conductor talks to stages only through these calls, so the same conducting code runs in one process (the
+`Local*` classes here, engine steps in worker threads) and across machines (gRPC clients with the same methods).
+Each call is one request's stream: the Thinker streams tokens, the Talker turns a stream of released text tokens
+into a stream of 16-code frames (calling MTP itself every frame), Code2Wav turns frames into PCM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from services.engines.audio_encoder import AudioEncoderEngine
+from services.engines.code2wav import Code2WavEngine
+from services.engines.mtp import MTPEngine, MTPResult
+from services.engines.sampling import Sampler, SamplingParams
+from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt
+from services.engines.thinker import ThinkerEngine, ThinkerPrompt
+from services.engines.vision_encoder import VisionEmbeddings, VisionEncoderEngine
+
+
+@dataclass(frozen=True)
+class ThinkerToken:
+    token_id: int
+    mm_hidden: Tensor | None = None  # with the first token only: the Talker's multimodal input
+
+
+class AudioEncoderStage(Protocol):
+    async def encode(self, input_features: Tensor, feature_attention_mask: Tensor) -> Tensor: ...
+
+
+class VisionEncoderStage(Protocol):
+    async def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> VisionEmbeddings: ...
+
+
+class ThinkerStage(Protocol):
+    def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
+                 stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
+        """Sampled tokens until a stop id (yielded) or max_new_tokens."""
+
+
+class MTPStage(Protocol):
+    async def predict(self, hidden: Tensor, c0: Tensor, greedy: bool, seed: int | None) -> MTPResult: ...
+
+
+class TalkerStage(Protocol):
+    def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
+              text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
+        """Frames of 16 codes; `text` yields released token ids, the first one starts the Talker, its end is the
+        end of text. Frame accounting follows the reference: `max_frames` is its talker_max_new_tokens."""
+
+
+class Code2WavStage(Protocol):
+    def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
+        """PCM samples (float32, 24 kHz) as soon as causality allows, then the tail after the last frame."""
+
+
+def mtp_seed(seed: int | None, frame: int) -> int | None:
+    """MTP keeps no state across frames, so a sampled request's draws are seeded per frame: the same request seed
+    gives the same codes whichever MTP replica serves each frame."""
+    return None if seed is None else (seed * 1_000_003 + frame) % 2**63
+
+
+class LocalAudioEncoder:
+    def __init__(self, engine: AudioEncoderEngine):
+        self.engine = engine
+
+    async def encode(self, input_features: Tensor, feature_attention_mask: Tensor) -> Tensor:
+        return await asyncio.to_thread(self.engine.encode, input_features, feature_attention_mask)
+
+
+class LocalVisionEncoder:
+    def __init__(self, engine: VisionEncoderEngine):
+        self.engine = engine
+
+    async def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> VisionEmbeddings:
+        return await asyncio.to_thread(self.engine.encode, pixel_values, grid_thw)
+
+
+class LocalThinker:
+    def __init__(self, engine: ThinkerEngine):
+        self.engine = engine
+
+    async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
+                       stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
+        session, prefill = await asyncio.to_thread(self.engine.prefill, prompt, max_new_tokens)
+        try:
+            sampler = Sampler(sampling)
+            logits, mm_hidden = prefill.logits, prefill.mm_hidden
+            for step in range(max_new_tokens):
+                token = sampler(logits)
+                yield ThinkerToken(token, mm_hidden)
+                mm_hidden = None
+                if token in stop_ids or step + 1 == max_new_tokens:
+                    return
+                logits = await asyncio.to_thread(self.engine.decode, session, token)
+        finally:
+            session.close()
+
+
+class LocalMTP:
+    def __init__(self, engine: MTPEngine):
+        self.engine = engine
+
+    async def predict(self, hidden: Tensor, c0: Tensor, greedy: bool, seed: int | None) -> MTPResult:
+        generator = None if greedy or seed is None else torch.Generator().manual_seed(seed)
+        return await asyncio.to_thread(self.engine.predict, hidden, c0, greedy, generator)
+
+
+class LocalTalker:
+    def __init__(self, engine: TalkerEngine, mtp: MTPStage):
+        self.engine = engine
+        self.mtp = mtp  # the Talker calls MTP itself every frame (in process or over gRPC)
+
+    async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
+                    text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
+        text = aiter(text)
+        first = await anext(text, None)
+        if first is None:  # nothing was released: nothing to say
+            return
+        engine = self.engine
+        session, frame = await asyncio.to_thread(engine.prefill, prompt, first, sampling, max_frames)
+        try:
+            text_ended = False
+            # A frame's residual codes come from the step after its c0, so the last c0 (EOS, or the one that hits
+            # the cap) never becomes a frame: the reference's talker_codes.
+            generated = 1
+            while frame.c0 != engine.codec_eos_id and generated < max_frames:
+                result = await self.mtp.predict(frame.hidden[None], torch.tensor([frame.c0]), sampling.greedy,
+                                                mtp_seed(sampling.seed, generated))
+                yield result.codes[0]
+                token = TEXT_END
+                if not text_ended:
+                    token = await anext(text, None)
+                    if token is None:
+                        text_ended, token = True, TEXT_END
+                frame = await asyncio.to_thread(engine.step, session, result.embed_sum[0], token)
+                generated += 1
+        finally:
+            session.close()
+
+
+class LocalCode2Wav:
+    def __init__(self, engine: Code2WavEngine):
+        self.engine = engine
+
+    async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
+        stream = self.engine.stream()
+        async for codes in frames:
+            samples = await asyncio.to_thread(stream.push, codes.reshape(1, -1))
+            if samples.numel():
+                yield samples
+        tail = await asyncio.to_thread(stream.finish)
+        if tail.numel():
+            yield tail
+
+
+@dataclass
+class Stages:
+    """Everything a conductor needs: the processor (preprocessing runs where the conductor runs), the stages, and
+    the checkpoint facts that shape a turn."""
+
+    processor: object  # transformers Qwen3OmniMoeProcessor
+    audio: AudioEncoderStage
+    vision: VisionEncoderStage
+    thinker: ThinkerStage
+    talker: TalkerStage | None  # None: text-only deployment
+    code2wav: Code2WavStage | None
+    speakers: dict[str, int]
+    stop_ids: frozenset[int]
+    sample_rate: int = 24000
+
+    @classmethod
+    def local(cls, engines) -> "Stages":
+        """In-process stages over `services.engines.bundle.Engines`."""
+        audio_out = engines.talker is not None
+        return cls(
+            processor=engines.processor,
+            audio=LocalAudioEncoder(engines.audio),
+            vision=LocalVisionEncoder(engines.vision),
+            thinker=LocalThinker(engines.thinker),
+            talker=LocalTalker(engines.talker, LocalMTP(engines.mtp)) if audio_out else None,
+            code2wav=LocalCode2Wav(engines.code2wav) if audio_out else None,
+            speakers=engines.talker.speakers if audio_out else {},
+            stop_ids=engines.thinker_stop_ids,
+            sample_rate=engines.code2wav.sample_rate if audio_out else 24000,
+        )
