@@ -31,6 +31,7 @@ from services.engines.thinker import ThinkerPrompt
 from services.errors import DeadlineExceeded, InvalidInput
 from services.events import AudioChunk, Event, TextDelta, TurnSummary
 from services.hooks import IdentityHook, TextHook
+from services.metrics import record_turn
 from services.preprocess import build_turn
 from services.stages import Stages
 from services.text import Detokenizer
@@ -292,6 +293,7 @@ class Conductor:
         timings["audio_s"] = round(audio_s, 6)
         if audio_s > 0:
             timings["rtf"] = round(turn.marks["total"] / audio_s, 6)
+        record_turn(timings)
         return TurnSummary(
             text=turn.text, thinker_token_ids=list(turn.token_ids), codes=turn.codes,
             sample_rate=self.stages.sample_rate, num_samples=turn.num_samples,

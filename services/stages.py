@@ -9,6 +9,7 @@ into a stream of 16-code frames (calling MTP itself every frame), Code2Wav turns
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +24,7 @@ from services.engines.sampling import Sampler, SamplingParams
 from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt
 from services.engines.thinker import ThinkerEngine, ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings, VisionEncoderEngine
+from services.metrics import STAGE_BATCH, STAGE_QUEUE, StageTimer, stage_executor
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,30 @@ def mtp_seed(seed: int | None, frame: int) -> int | None:
     return None if seed is None else (seed * 1_000_003 + frame) % 2**63
 
 
+async def run_engine(stage: str, fn, *args):
+    """Run one engine call on the stage's worker thread, recording how long it queued for it."""
+    submitted = time.perf_counter()
+
+    def call():
+        STAGE_QUEUE.observe(time.perf_counter() - submitted, stage=stage)
+        return fn(*args)
+
+    return await asyncio.get_running_loop().run_in_executor(stage_executor(stage), call)
+
+
 class LocalAudioEncoder:
     def __init__(self, engine: AudioEncoderEngine):
         self.engine = engine
 
     async def encode(self, input_features: Tensor, feature_attention_mask: Tensor) -> Tensor:
-        return await asyncio.to_thread(self.engine.encode, input_features, feature_attention_mask)
+        timer = StageTimer("audio_encoder")
+        try:
+            out = await run_engine("audio_encoder", self.engine.encode, input_features, feature_attention_mask)
+        except Exception as e:
+            timer.error(e)
+            raise
+        timer.output()
+        return out
 
 
 class LocalVisionEncoder:
@@ -80,7 +100,14 @@ class LocalVisionEncoder:
         self.engine = engine
 
     async def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> VisionEmbeddings:
-        return await asyncio.to_thread(self.engine.encode, pixel_values, grid_thw)
+        timer = StageTimer("vision_encoder")
+        try:
+            out = await run_engine("vision_encoder", self.engine.encode, pixel_values, grid_thw)
+        except Exception as e:
+            timer.error(e)
+            raise
+        timer.output()
+        return out
 
 
 class LocalThinker:
@@ -89,19 +116,26 @@ class LocalThinker:
 
     async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
                        stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
-        session, prefill = await asyncio.to_thread(self.engine.prefill, prompt, max_new_tokens)
+        timer = StageTimer("thinker")
+        session = None
         try:
+            session, prefill = await run_engine("thinker", self.engine.prefill, prompt, max_new_tokens)
             sampler = Sampler(sampling)
             logits, mm_hidden = prefill.logits, prefill.mm_hidden
             for step in range(max_new_tokens):
                 token = sampler(logits)
+                timer.output()
                 yield ThinkerToken(token, mm_hidden)
                 mm_hidden = None
                 if token in stop_ids or step + 1 == max_new_tokens:
                     return
-                logits = await asyncio.to_thread(self.engine.decode, session, token)
+                logits = await run_engine("thinker", self.engine.decode, session, token)
+        except Exception as e:
+            timer.error(e)
+            raise
         finally:
-            session.close()
+            if session is not None:
+                session.close()
 
 
 class LocalMTP:
@@ -110,7 +144,15 @@ class LocalMTP:
 
     async def predict(self, hidden: Tensor, c0: Tensor, greedy: bool, seed: int | None) -> MTPResult:
         generator = None if greedy or seed is None else torch.Generator().manual_seed(seed)
-        return await asyncio.to_thread(self.engine.predict, hidden, c0, greedy, generator)
+        timer = StageTimer("mtp")  # no per-request stream: every call is its own first output
+        try:
+            result = await run_engine("mtp", self.engine.predict, hidden, c0, greedy, generator)
+        except Exception as e:
+            timer.error(e)
+            raise
+        timer.output()
+        STAGE_BATCH.observe(len(c0), stage="mtp")
+        return result
 
 
 class LocalTalker:
@@ -125,8 +167,10 @@ class LocalTalker:
         if first is None:  # nothing was released: nothing to say
             return
         engine = self.engine
-        session, frame = await asyncio.to_thread(engine.prefill, prompt, first, sampling, max_frames)
+        timer = StageTimer("talker")
+        session = None
         try:
+            session, frame = await run_engine("talker", engine.prefill, prompt, first, sampling, max_frames)
             text_ended = False
             # A frame's residual codes come from the step after its c0, so the last c0 (EOS, or the one that hits
             # the cap) never becomes a frame: the reference's talker_codes.
@@ -134,16 +178,21 @@ class LocalTalker:
             while frame.c0 != engine.codec_eos_id and generated < max_frames:
                 result = await self.mtp.predict(frame.hidden[None], torch.tensor([frame.c0]), sampling.greedy,
                                                 mtp_seed(sampling.seed, generated))
+                timer.output()
                 yield result.codes[0]
                 token = TEXT_END
                 if not text_ended:
                     token = await anext(text, None)
                     if token is None:
                         text_ended, token = True, TEXT_END
-                frame = await asyncio.to_thread(engine.step, session, result.embed_sum[0], token)
+                frame = await run_engine("talker", engine.step, session, result.embed_sum[0], token)
                 generated += 1
+        except Exception as e:
+            timer.error(e)
+            raise
         finally:
-            session.close()
+            if session is not None:
+                session.close()
 
 
 class LocalCode2Wav:
@@ -152,11 +201,17 @@ class LocalCode2Wav:
 
     async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
         stream = self.engine.stream()
-        async for codes in frames:
-            samples = await asyncio.to_thread(stream.push, codes.reshape(1, -1))
-            if samples.numel():
-                yield samples
-        tail = await asyncio.to_thread(stream.finish)
+        timer = StageTimer("code2wav")
+        try:
+            async for codes in frames:
+                samples = await run_engine("code2wav", stream.push, codes.reshape(1, -1))
+                if samples.numel():
+                    timer.output()
+                    yield samples
+            tail = await run_engine("code2wav", stream.finish)
+        except Exception as e:
+            timer.error(e)
+            raise
         if tail.numel():
             yield tail
 

@@ -187,11 +187,34 @@ def test_cancel_frees_state_and_next_turn_is_unaffected(reference, processor, co
             if isinstance(event, AudioChunk):
                 break
         await agen.aclose()
-        await asyncio.sleep(0)
-        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.sleep(0.1)  # let asyncio finalize the stages' async generators
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
 
     leftover = asyncio.run(cancel_after_first_audio())
     assert leftover == []
     req = TurnRequest(text="Hello world, this is Qwen.", max_new_tokens=8, max_audio_frames=20,
                       thinker_sampling=GREEDY)
     assert_parity(reference, processor, collect(conductor, req), req)
+
+
+def test_stage_and_turn_metrics_are_recorded(conductor, media):
+    from prometheus_client import REGISTRY
+
+    def count(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    stages = ["audio_encoder", "vision_encoder", "thinker", "talker", "mtp", "code2wav"]
+    before = {s: count("omni_stage_ttft_seconds_count", stage=s) for s in stages}
+    first_audio = count("omni_time_to_first_audio_seconds_count")
+    req = TurnRequest(text="Both?", audios=[media["audio"]], images=[media["image"]], max_new_tokens=6,
+                      max_audio_frames=10, thinker_sampling=GREEDY)
+    collect(conductor, req)
+    for s in stages:
+        assert count("omni_stage_ttft_seconds_count", stage=s) > before[s], s
+    assert count("omni_stage_item_seconds_count", stage="thinker") > 0
+    assert count("omni_stage_queue_seconds_count", stage="talker") > 0
+    assert count("omni_time_to_first_audio_seconds_count") == first_audio + 1
+    errors = count("omni_stage_errors_total", stage="talker", code="InvalidInput")
+    with pytest.raises(InvalidInput):
+        collect(conductor, TurnRequest(text="x" * 10, images=[b"not an image"], thinker_sampling=GREEDY))
+    assert count("omni_stage_errors_total", stage="talker", code="InvalidInput") == errors  # rejected before

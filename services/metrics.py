@@ -1,0 +1,149 @@
+"""Prometheus metrics of every stage and of the gateway.
+
+Inside Ray (a Serve replica) the metrics go through `ray.serve.metrics`, which adds the deployment, replica and
+application labels and exports them on Ray's Prometheus endpoint (`omni serve --metrics-port`); one HTTP port per
+process would not scale with replicas. Outside Ray (tests, `omni generate`) the same names go to
+prometheus_client's default registry, so they can be read in-process.
+
+Names follow Prometheus conventions (DESIGN.md section 6): `omni_` prefix, base units, `_seconds`, `_total`.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+
+# vLLM-style time-to-first-token buckets, 1 ms .. minutes.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0]
+# Per-item latency: dense around the 80 ms audio frame budget.
+ITEM_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12,
+                0.16, 0.25, 0.5, 1.0, 2.5]
+RTF_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0]
+
+
+class _Histogram:
+    def __init__(self, name: str, doc: str, buckets: list[float], labels: tuple[str, ...]):
+        self.name, self.doc, self.buckets, self.labels = name, doc, buckets, labels
+        self._ray = None
+        self._prom = None
+
+    def observe(self, value: float, **tags: str) -> None:
+        _backend(self).observe(value, **tags)
+
+
+class _Counter:
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...]):
+        self.name, self.doc, self.labels = name, doc, labels
+        self._ray = None
+        self._prom = None
+
+    def inc(self, value: float = 1.0, **tags: str) -> None:
+        _backend(self).inc(value, **tags)
+
+
+class _RayMetric:
+    def __init__(self, metric, kind: str):
+        self.metric, self.kind = metric, kind
+
+    def observe(self, value: float, **tags: str) -> None:
+        self.metric.observe(value, tags=tags)
+
+    def inc(self, value: float = 1.0, **tags: str) -> None:
+        self.metric.inc(value, tags=tags)
+
+
+class _PromMetric:
+    def __init__(self, metric):
+        self.metric = metric
+
+    def observe(self, value: float, **tags: str) -> None:
+        (self.metric.labels(**tags) if tags else self.metric).observe(value)
+
+    def inc(self, value: float = 1.0, **tags: str) -> None:
+        (self.metric.labels(**tags) if tags else self.metric).inc(value)
+
+
+_lock = threading.Lock()
+
+
+def _backend(m: _Histogram | _Counter):
+    """Create the real metric on first use, in the process that records it (a replica, or a plain process)."""
+    import ray
+
+    with _lock:
+        if ray.is_initialized():
+            if m._ray is None:
+                from ray.serve import metrics as serve_metrics
+
+                if isinstance(m, _Histogram):
+                    m._ray = _RayMetric(serve_metrics.Histogram(m.name, m.doc, boundaries=m.buckets,
+                                                                tag_keys=m.labels), "histogram")
+                else:
+                    m._ray = _RayMetric(serve_metrics.Counter(m.name, m.doc, tag_keys=m.labels), "counter")
+            return m._ray
+        if m._prom is None:
+            import prometheus_client as prom
+
+            if isinstance(m, _Histogram):
+                m._prom = _PromMetric(prom.Histogram(m.name, m.doc, m.labels, buckets=m.buckets))
+            else:
+                # prometheus_client appends _total itself.
+                m._prom = _PromMetric(prom.Counter(m.name.removesuffix("_total"), m.doc, m.labels))
+        return m._prom
+
+
+STAGE_TTFT = _Histogram("omni_stage_ttft_seconds", "Time from a stage's request to its first output",
+                        TTFT_BUCKETS, ("stage",))
+STAGE_ITEM = _Histogram("omni_stage_item_seconds", "Time a stage spends on one output item (token, frame, chunk)",
+                        ITEM_BUCKETS, ("stage",))
+STAGE_QUEUE = _Histogram("omni_stage_queue_seconds", "Time a stage's work waited for its engine",
+                         ITEM_BUCKETS, ("stage",))
+STAGE_BATCH = _Histogram("omni_stage_batch_size", "Items per engine call", [1, 2, 4, 8, 16, 32, 64], ("stage",))
+STAGE_ERRORS = _Counter("omni_stage_errors_total", "Requests a stage ended with an error", ("stage", "code"))
+TIME_TO_FIRST_TEXT = _Histogram("omni_time_to_first_text_seconds", "Turn start to the first text delta",
+                                TTFT_BUCKETS, ())
+TIME_TO_FIRST_AUDIO = _Histogram("omni_time_to_first_audio_seconds", "Turn start to the first audio packet",
+                                 TTFT_BUCKETS, ())
+REAL_TIME_FACTOR = _Histogram("omni_rtf", "Turn wall time / seconds of audio produced", RTF_BUCKETS, ())
+
+
+class StageTimer:
+    """Per-request timing of one stage: time to first output, then the time of each further item."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.start = self.last = time.perf_counter()
+        self.first = True
+
+    def output(self, n: int = 1) -> None:
+        now = time.perf_counter()
+        if self.first:
+            STAGE_TTFT.observe(now - self.start, stage=self.stage)
+            self.first = False
+        else:
+            STAGE_ITEM.observe((now - self.last) / max(n, 1), stage=self.stage)
+        self.last = now
+
+    def error(self, exc: BaseException) -> None:
+        STAGE_ERRORS.inc(stage=self.stage, code=type(exc).__name__)
+
+
+def record_turn(timings: dict[str, float]) -> None:
+    """The gateway's per-turn metrics from a TurnSummary's timings."""
+    if "time_to_first_text_s" in timings:
+        TIME_TO_FIRST_TEXT.observe(timings["time_to_first_text_s"])
+    if "time_to_first_audio_s" in timings:
+        TIME_TO_FIRST_AUDIO.observe(timings["time_to_first_audio_s"])
+    if "rtf" in timings:
+        REAL_TIME_FACTOR.observe(timings["rtf"])
+
+
+@functools.cache
+def stage_executor(stage: str):
+    """One worker thread per stage engine in a process: engine steps of concurrent requests run one at a time (as
+    on one GPU stream), and the wait for that thread is the stage's queue time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"omni-{stage}")
