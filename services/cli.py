@@ -38,6 +38,9 @@ def _bench_latency(args: argparse.Namespace) -> None:
     latency.main(args.rest)
 
 
+_PASSTHROUGH = {"bench"}  # subcommands whose options belong to the module they run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni", description="Qwen3-Omni serving: checkpoints, generation, benchmarks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -64,13 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
         ("latency", _bench_latency, "reference generate vs the streaming conductor: TTFT, first audio, RTF"),
     ):
         p = bench_sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in _PASSTHROUGH:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

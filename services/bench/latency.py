@@ -87,6 +87,14 @@ def bench_checkpoint(name: str, model_dir: Path, args, tmp: Path) -> list[dict]:
     conductor = Conductor(Stages.local(engines))
     audio = _media(tmp)
     rows = []
+    # Warm both paths up once (first-call allocations, lazy imports) so neither pays it in the table.
+    warm = TurnRequest(text="warm up", max_new_tokens=3, max_audio_frames=3,
+                       thinker_sampling=SamplingParams(greedy=True))
+    with torch.inference_mode():
+        reference.generate(**build_turn(engines.processor, text=warm.text).processor_outputs,
+                           thinker_max_new_tokens=3, talker_max_new_tokens=3,
+                           thinker_do_sample=False, talker_do_sample=False)
+    asyncio.run(_conduct(conductor, warm))
     for prompt_name, spec in PROMPTS:
         req = TurnRequest(text=spec["text"], audios=[audio] if spec.get("audio") else [],
                           max_new_tokens=args.tokens, max_audio_frames=args.frames,
@@ -134,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--talker-experts", type=int, default=16, help="wide checkpoint: Talker experts (real: 128)")
     p.add_argument("--skip-wide", action="store_true", help="only the tiny checkpoint")
     args = p.parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"reference generate vs streaming conductor, greedy, {args.tokens} Thinker tokens, "
           f"<= {args.frames} frames, {torch.get_num_threads()} CPU threads")
