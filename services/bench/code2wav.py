@@ -13,6 +13,7 @@ N is `--frames` for the tiny model and `--real-frames` for the real one; late fr
 frames at a time. The defaults take about 5 minutes on 2 busy CPU cores, nearly all of it the real model.
 
     python -m services.bench.code2wav [--frames 1000] [--real-frames 150] [--device cpu] [--dtype float32]
+                                      [--threads 1] [--real-config PATH]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from services.config import EngineConfig
-from services.engines.code2wav import Code2WavEngine
+from services.engines.code2wav import Code2WavEngine, Code2WavStream
 
 DEFAULT_REAL_CONFIG = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / \
     "qwen3-omni-30b-a3b-instruct.config.json"
@@ -46,12 +47,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="Qwen3-Omni config.json whose code2wav_config gives the real dimensions")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 keeps timings stable on a small shared machine, where two OpenMP "
+                             "threads per process make small ops 10x slower whenever other processes are busy")
     args = parser.parse_args(argv)
     if args.frames < 20 or args.real_frames < 20:
         parser.error("--frames and --real-frames must be at least 20")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     config = EngineConfig(device=args.device, dtype=args.dtype)
 
     from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeCode2WavConfig
@@ -124,7 +126,9 @@ def measure(engine: Code2WavEngine, frames: int, late_frame: int) -> dict[str, s
     }
 
 
-def _pushes(engine: Code2WavEngine, stream, codes: torch.Tensor, step: int = 1) -> tuple[list[float], list[torch.Tensor]]:
+def _pushes(
+    engine: Code2WavEngine, stream: Code2WavStream, codes: torch.Tensor, step: int = 1
+) -> tuple[list[float], list[torch.Tensor]]:
     """Push `codes` `step` frames at a time: the seconds each push took, and what each returned."""
     times, wavs = [], []
     for i in range(0, codes.shape[0], step):
