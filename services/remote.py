@@ -1,0 +1,338 @@
+"""gRPC clients of the stages: each implements its `services.stages` Protocol over a `grpc.aio.Channel`, so a
+`Conductor` given `remote_stages(...)` conducts a turn across processes exactly as it does in one.
+
+Every call is one bidirectional stream (`protos/omni/v1`): a task writes the requests while the caller reads the
+responses, big tensors cross as `TensorPiece`s, a failed call raises the domain error its status stands for
+(`services.servicers.status`), and closing a stage's iterator early cancels the call, which frees the request's
+state on the server. MTP is the exception to one-stream-per-call: see `RemoteMTP`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import aclosing
+
+import grpc
+import torch
+from torch import Tensor
+
+from services.engines.mtp import MTPResult
+from services.engines.sampling import SamplingParams
+from services.engines.talker import TalkerPrompt
+from services.engines.thinker import ThinkerPrompt
+from services.engines.vision_encoder import VisionEmbeddings
+from services.errors import InvalidInput
+from services.servicers import request_id, required, sampling_to_proto
+from services.servicers.status import StageError, error_of
+from services.servicers.talker import prompt_tensors as talker_prompt_tensors
+from services.servicers.thinker import prompt_tensors as thinker_prompt_tensors
+from services.stages import Stages, ThinkerToken
+from services.wire.gen.omni.v1 import (
+    audio_encoder_pb2_grpc,
+    code2wav_pb2_grpc,
+    mtp_pb2_grpc,
+    talker_pb2_grpc,
+    thinker_pb2_grpc,
+    vision_encoder_pb2_grpc,
+)
+from services.wire.gen.omni.v1.audio_encoder_pb2 import EncodeAudioRequest, EncodeAudioStart
+from services.wire.gen.omni.v1.code2wav_pb2 import DecodeFrames, DecodeRequest, DecodeStart
+from services.wire.gen.omni.v1.common_pb2 import CodecFrame, Tokens
+from services.wire.gen.omni.v1.mtp_pb2 import PredictRequest, PredictResponse
+from services.wire.gen.omni.v1.talker_pb2 import SpeakRequest, SpeakStart, TextEnd
+from services.wire.gen.omni.v1.thinker_pb2 import PromptEnd, ThinkRequest, ThinkStart
+from services.wire.gen.omni.v1.vision_encoder_pb2 import EncodeVisionRequest, EncodeVisionStart
+from services.wire.server import GRPC_OPTIONS
+from services.wire.tensors import PieceAssembler, from_proto, to_pieces, to_proto
+
+STAGE_KEYS = ("audio", "vision", "thinker", "talker", "code2wav")  # `remote_stages` addresses, as Stages names them
+
+
+class RemoteAudioEncoder:
+    def __init__(self, channel: grpc.aio.Channel):
+        self.channel = channel
+        self._stub = audio_encoder_pb2_grpc.AudioEncoderStub(channel)
+
+    async def encode(self, input_features: Tensor, feature_attention_mask: Tensor) -> Tensor:
+        async def requests():
+            yield EncodeAudioRequest(start=EncodeAudioStart(request_id=rid))
+            for name, t in (("input_features", input_features), ("feature_attention_mask", feature_attention_mask)):
+                for piece in to_pieces(name, t):
+                    yield EncodeAudioRequest(piece=piece)
+
+        rid = request_id()
+        tensors = await _tensors(_exchange(self._stub.EncodeAudio, requests(), "audio encoder"), "piece")
+        return required(tensors, "audio_embeds")[0]
+
+
+class RemoteVisionEncoder:
+    def __init__(self, channel: grpc.aio.Channel):
+        self.channel = channel
+        self._stub = vision_encoder_pb2_grpc.VisionEncoderStub(channel)
+
+    async def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> VisionEmbeddings:
+        async def requests():
+            yield EncodeVisionRequest(start=EncodeVisionStart(request_id=rid))
+            for name, t in (("pixel_values", pixel_values), ("grid_thw", grid_thw)):
+                for piece in to_pieces(name, t):
+                    yield EncodeVisionRequest(piece=piece)
+
+        rid = request_id()
+        tensors = await _tensors(_exchange(self._stub.EncodeVision, requests(), "vision encoder"), "piece")
+        embeds, deepstack = required(tensors, "embeds", "deepstack")
+        return VisionEmbeddings(embeds=embeds, deepstack=list(deepstack))
+
+
+class RemoteThinker:
+    """`stop_ids` of `generate` are the server's: the Thinker stage stops at its checkpoint's stop tokens."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        self.channel = channel
+        self._stub = thinker_pb2_grpc.ThinkerStub(channel)
+
+    async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
+                       stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
+        async def requests():
+            # mm_hidden is always asked for: ThinkerStage yields it with the first token, as LocalThinker does.
+            yield ThinkRequest(start=ThinkStart(
+                request_id=rid, sampling=sampling_to_proto(sampling), max_new_tokens=max_new_tokens,
+                use_audio_in_video=prompt.use_audio_in_video, return_mm_hidden=True))
+            for name, t in thinker_prompt_tensors(prompt).items():
+                for piece in to_pieces(name, t):
+                    yield ThinkRequest(prompt=piece)
+            yield ThinkRequest(prompt_end=PromptEnd())  # then half-close: no resume
+
+        rid = request_id()
+        assembler, mm_hidden = PieceAssembler(), None
+        async with aclosing(_exchange(self._stub.Think, requests(), "thinker")) as responses:
+            async for resp in responses:
+                kind = resp.WhichOneof("kind")
+                if kind == "mm_hidden":
+                    if done := assembler.add(resp.mm_hidden):
+                        mm_hidden = done.tensor
+                elif kind == "tokens":
+                    for token in resp.tokens.token_ids:
+                        yield ThinkerToken(token, mm_hidden)
+                        mm_hidden = None
+                # "end": the server closes the stream after it, since we half-closed
+
+
+class RemoteMTP:
+    """MTP over ONE bidirectional stream per instance (per Talker replica), shared by all its concurrent requests:
+    a frame costs one message each way on an open stream, not a new call. Each frame is keyed by a sequence number
+    of this instance (sent as `frame`, with the turn's request id for logs) and its answer resolves that frame's
+    future, whatever order answers come in. A broken stream fails the frames in flight and the next frame opens a
+    new one. Create and use it in one event loop."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        self.channel = channel
+        self._stub = mtp_pb2_grpc.MTPStub(channel)
+        self._keys = itertools.count()
+        self._stream: _MTPStream | None = None
+
+    async def predict(self, hidden: Tensor, c0: Tensor, greedy: bool, seed: int | None) -> MTPResult:
+        """hidden: [B, H], c0: [B]; one message per row."""
+        if hidden.ndim != 2 or tuple(c0.shape) != tuple(hidden.shape[:1]):
+            raise InvalidInput(f"MTP wants hidden [B, H] and c0 [B], got {tuple(hidden.shape)} and {tuple(c0.shape)}")
+        if self._stream is None or self._stream.error is not None:
+            self._stream = _MTPStream(self._stub.Predict())
+        stream, rid = self._stream, request_id()
+        keys = [next(self._keys) for _ in range(hidden.shape[0])]
+        try:
+            futures = []
+            for key, h, c in zip(keys, hidden, c0.tolist()):
+                msg = PredictRequest(request_id=rid, frame=key, hidden=to_proto(h), c0=c, greedy=greedy)
+                if seed is not None:
+                    msg.seed = seed
+                futures.append(stream.send(msg))
+            answers = await asyncio.gather(*futures)
+        finally:  # a cancelled caller's answers are dropped when they come
+            for key in keys:
+                stream.pending.pop(key, None)
+        return MTPResult(codes=torch.tensor([list(a.codes.codes) for a in answers], dtype=torch.long),
+                         embed_sum=torch.stack([from_proto(a.embed_sum) for a in answers]))
+
+    async def close(self) -> None:
+        """End the stream (frames in flight fail with CANCELLED); a later `predict` opens a new one."""
+        if self._stream is not None:
+            await self._stream.close()
+
+
+class _MTPStream:
+    """One open Predict call: a writer task sends the queued frames, a reader task resolves their futures. Callers
+    never write themselves: grpc cancels a call when a task is cancelled inside its write, and one cancelled
+    request must not end the stream for every other."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall):
+        self.call = call
+        self.pending: dict[int, asyncio.Future[PredictResponse]] = {}
+        self.error: Exception | None = None  # set once the stream has ended
+        self._outbox: asyncio.Queue[PredictRequest] = asyncio.Queue()  # bounded by the Talker's open requests
+        self._writer = asyncio.create_task(self._write())
+        self._reader = asyncio.create_task(self._read())
+
+    def send(self, msg: PredictRequest) -> asyncio.Future[PredictResponse]:
+        if self.error is not None:
+            raise self.error
+        future = self.pending[msg.frame] = asyncio.get_running_loop().create_future()
+        self._outbox.put_nowait(msg)
+        return future
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                await self.call.write(await self._outbox.get())
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the call has ended: the reader reports why
+
+    async def _read(self) -> None:
+        try:
+            while (resp := await self.call.read()) is not grpc.aio.EOF:
+                future = self.pending.get(resp.frame)
+                if future is not None and not future.done():
+                    future.set_result(resp)
+            self.error = StageError(grpc.StatusCode.UNAVAILABLE, "mtp stage: the server closed the stream")
+        except grpc.aio.AioRpcError as e:
+            self.error = error_of(e, "mtp")
+        except asyncio.CancelledError:  # close()
+            self.error = StageError(grpc.StatusCode.CANCELLED, "mtp stage: the stream was closed")
+        self._writer.cancel()
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(self.error)
+
+    async def close(self) -> None:
+        self.call.cancel()
+        self._reader.cancel()
+        await asyncio.wait([self._reader, self._writer])
+
+
+class RemoteTalker:
+    """The Talker stage; its replicas call MTP themselves."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        self.channel = channel
+        self._stub = talker_pb2_grpc.TalkerStub(channel)
+
+    async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
+                    text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
+        async def requests():
+            yield SpeakRequest(start=SpeakStart(
+                request_id=rid, speaker=prompt.speaker, sampling=sampling_to_proto(sampling), max_frames=max_frames,
+                use_audio_in_video=prompt.use_audio_in_video))
+            for name, t in talker_prompt_tensors(prompt).items():
+                for piece in to_pieces(name, t):
+                    yield SpeakRequest(prompt=piece)
+            async for token in text:  # as the conductor releases them; the server waits when it is ahead
+                yield SpeakRequest(text=Tokens(token_ids=[token]))
+            yield SpeakRequest(text_end=TextEnd())
+
+        rid = request_id()
+        async with aclosing(_exchange(self._stub.Speak, requests(), "talker")) as responses:
+            async for resp in responses:
+                yield torch.tensor(resp.frame.codes, dtype=torch.long)
+
+
+class RemoteCode2Wav:
+    def __init__(self, channel: grpc.aio.Channel):
+        self.channel = channel
+        self._stub = code2wav_pb2_grpc.Code2WavStub(channel)
+
+    async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
+        async def requests():
+            yield DecodeRequest(start=DecodeStart(request_id=rid))
+            async for codes in frames:  # [16] or [n, 16]
+                rows = codes.reshape(-1, codes.shape[-1]).tolist()
+                yield DecodeRequest(frames=DecodeFrames(frames=[CodecFrame(codes=row) for row in rows]))
+
+        rid = request_id()
+        async with aclosing(_exchange(self._stub.Decode, requests(), "code2wav")) as responses:
+            async for resp in responses:
+                yield from_proto(resp.samples, copy=True)  # handed to application code: give it writable memory
+
+
+def remote_stages(addresses: Mapping[str, str], processor, speakers: dict[str, int], stop_ids: frozenset[int],
+                  sample_rate: int = 24000, channel_options: list[tuple[str, int]] = GRPC_OPTIONS) -> Stages:
+    """Stages over gRPC. `addresses` maps "audio", "vision", "thinker", and for spoken answers "talker" and
+    "code2wav", to "host:port" (stages at one address share a channel). The checkpoint facts (processor, speakers,
+    stop ids, sample rate) come from the caller, who reads them from the same checkpoint as the stages."""
+    unknown = set(addresses) - set(STAGE_KEYS)
+    missing = {"audio", "vision", "thinker"} - set(addresses)
+    if unknown or missing or ("talker" in addresses) != ("code2wav" in addresses):
+        raise ValueError(f"remote_stages needs audio, vision and thinker, and talker with code2wav, of "
+                         f"{', '.join(STAGE_KEYS)}; got {sorted(addresses)}")
+    channels: dict[str, grpc.aio.Channel] = {}
+
+    def client(key: str, cls: Callable[[grpc.aio.Channel], object]):
+        address = addresses.get(key)
+        if address is None:
+            return None
+        if address not in channels:
+            channels[address] = grpc.aio.insecure_channel(address, options=channel_options)
+        return cls(channels[address])
+
+    talker = client("talker", RemoteTalker)
+    return Stages(
+        processor=processor,
+        audio=client("audio", RemoteAudioEncoder),
+        vision=client("vision", RemoteVisionEncoder),
+        thinker=client("thinker", RemoteThinker),
+        talker=talker,
+        code2wav=client("code2wav", RemoteCode2Wav),
+        speakers=speakers if talker is not None else {},
+        stop_ids=stop_ids,
+        sample_rate=sample_rate,
+    )
+
+
+async def close_stages(stages: Stages) -> None:
+    """Close the channels of `remote_stages`."""
+    members = (stages.audio, stages.vision, stages.thinker, stages.talker, stages.code2wav)
+    for channel in {id(m.channel): m.channel for m in members if hasattr(m, "channel")}.values():
+        await channel.close()
+
+
+async def _exchange(method: Callable[[], grpc.aio.StreamStreamCall], requests: AsyncIterator,
+                    stage: str) -> AsyncIterator:
+    """One bidirectional call: a task writes `requests` (then half-closes) while this yields the responses.
+    Leaving early cancels the call; a failed call raises its domain error, or what the requests raised."""
+    call = method()
+    writer = asyncio.create_task(_write(call, requests))
+    writer.add_done_callback(lambda t: t.cancelled() or t.exception())  # read below, or not needed
+    try:
+        while (resp := await call.read()) is not grpc.aio.EOF:
+            yield resp
+    except (grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+        if writer.done() and not writer.cancelled() and writer.exception() is not None:
+            raise writer.exception() from None  # our requests failed first, which cancelled the call
+        if isinstance(e, grpc.aio.AioRpcError):
+            raise error_of(e, stage) from None
+        raise
+    finally:
+        call.cancel()  # no-op once the call has ended
+        writer.cancel()
+
+
+async def _write(call: grpc.aio.StreamStreamCall, requests: AsyncIterator) -> None:
+    try:
+        async for msg in requests:
+            await call.write(msg)
+        await call.done_writing()
+    except Exception:
+        if call.done():  # the server has ended the call (with frames to spare, or an error the reader reports)
+            return
+        call.cancel()
+        raise
+
+
+async def _tensors(responses: AsyncIterator, piece_field: str) -> dict[str, Tensor]:
+    """Assemble every `piece_field` piece of a response stream into named tensors."""
+    assembler, tensors = PieceAssembler(), {}
+    async with aclosing(responses):
+        async for resp in responses:
+            if done := assembler.add(getattr(resp, piece_field)):
+                tensors[done.name] = done.tensor
+    assembler.finish()
+    return tensors

@@ -1,0 +1,96 @@
+"""gRPC servicers of the stages: each translates its service's messages into calls of a `services.stages` object
+and domain errors into status codes, nothing else. The stage object may be in-process (`Local*`) or itself a gRPC
+client (`services.remote`), so the same servicer runs anywhere: a test, a Ray Serve replica, a bare process.
+
+This package also holds what servicers and stage clients share: the request id, sampling params on the wire, the
+reading of a request stream's `start` and tensor pieces, and `serve_stage`, which runs one servicer on its own port.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Collection
+from contextvars import ContextVar
+from dataclasses import fields
+
+import grpc
+from torch import Tensor
+
+from services.engines.sampling import SamplingParams
+from services.errors import InvalidInput
+from services.wire.gen.omni.v1 import common_pb2
+from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES, add_standard_services
+from services.wire.tensors import PieceAssembler
+
+# The turn being served. Servicers set it from their `start` message; stage clients send it on every call they
+# make from that context (a Talker replica's MTP frames included); a gateway sets it once per turn.
+REQUEST_ID: ContextVar[str] = ContextVar("omni_request_id", default="")
+
+
+def request_id() -> str:
+    """The current turn's id, or a fresh one when nothing set it."""
+    return REQUEST_ID.get() or uuid.uuid4().hex
+
+
+async def serve_stage(servicer, port: int = 0, host: str = "[::]",
+                      options: list[tuple[str, int]] = GRPC_OPTIONS) -> tuple[grpc.aio.Server, int]:
+    """Start a gRPC server for one stage servicer (with health and reflection); return it and its bound port.
+    `port=0` picks a free port. Stop it with `await server.stop(grace)`."""
+    server = grpc.aio.server(options=options)
+    servicer.add_to_server(servicer, server)
+    await add_standard_services(server, [SERVICE_NAMES[servicer.service]])
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, bound
+
+
+def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(greedy=params.greedy, temperature=params.temperature, top_k=params.top_k,
+                                    top_p=params.top_p, repetition_penalty=params.repetition_penalty)
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def sampling_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Unset fields take SamplingParams' defaults; invalid values raise InvalidInput."""
+    return SamplingParams(**{f.name: getattr(msg, f.name) for f in fields(SamplingParams) if msg.HasField(f.name)})
+
+
+async def read_start(requests: AsyncIterator, service: str):
+    """The stream's first message, which must be `start`."""
+    msg = await anext(requests, None)
+    kind = None if msg is None else msg.WhichOneof("kind")
+    if kind != "start":
+        raise InvalidInput(f"{service}: the first message must be start, got {kind or 'the end of the stream'}")
+    return msg.start
+
+
+async def read_tensors(requests: AsyncIterator, piece_field: str, allowed: Collection[str],
+                       until: Collection[str] = ()) -> tuple[dict[str, Tensor], object | None]:
+    """Assemble the `piece_field` pieces of a request stream into named tensors, up to the first message of a kind
+    in `until` (returned with them) or the caller's half-close (None)."""
+    assembler = PieceAssembler()
+    tensors: dict[str, Tensor] = {}
+    async for msg in requests:
+        kind = msg.WhichOneof("kind")
+        if kind in until:
+            assembler.finish()
+            return tensors, msg
+        if kind != piece_field:
+            raise InvalidInput(f"unexpected {kind or 'empty'} message among the {piece_field} tensors")
+        if done := assembler.add(getattr(msg, piece_field)):
+            if done.name not in allowed:
+                raise InvalidInput(f"unknown tensor {done.name!r}; expected {', '.join(sorted(allowed))}")
+            if done.name in tensors:
+                raise InvalidInput(f"tensor {done.name!r} was sent twice")
+            tensors[done.name] = done.tensor
+    assembler.finish()
+    return tensors, None
+
+
+def required(tensors: dict[str, Tensor], *names: str) -> list[Tensor]:
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise InvalidInput(f"missing tensor{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    return [tensors[n] for n in names]

@@ -1,0 +1,71 @@
+"""Domain errors <-> gRPC status codes, both ways: servicers turn errors into statuses, stage clients turn statuses
+back into the same errors, so a conductor behind gRPC sees what it would see in process and can map them again.
+
+    InvalidInput <-> INVALID_ARGUMENT      ResourceExhausted <-> RESOURCE_EXHAUSTED
+    DeadlineExceeded <-> DEADLINE_EXCEEDED  CheckpointError <-> FAILED_PRECONDITION
+    anything else -> INTERNAL (traceback logged); other statuses come back as StageError with their code
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+
+from services.errors import CheckpointError, DeadlineExceeded, InvalidInput, OmniError, ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+_CODES: dict[type[OmniError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    CheckpointError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+_ERRORS = {code: cls for cls, code in _CODES.items()}
+_MAX_DETAILS = 500  # keep an unexpected exception's message short; the traceback goes to the log
+
+
+class StageError(OmniError):
+    """A stage call ended with a status that has no domain error (UNAVAILABLE, INTERNAL, CANCELLED...)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and details a servicer answers for `error`."""
+    if isinstance(error, StageError):  # a stage behind this one failed: pass its code on (UNAVAILABLE stays so)
+        return error.code, str(error)
+    for cls, code in _CODES.items():
+        if isinstance(error, cls):
+            return code, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"[:_MAX_DETAILS]
+
+
+def error_of(error: grpc.aio.AioRpcError, stage: str) -> OmniError:
+    """The domain error for a failed call to `stage`."""
+    code, details = error.code(), error.details() or ""
+    cls = _ERRORS.get(code)
+    if cls is not None:
+        return cls(details)
+    return StageError(code, f"{stage} stage: {code.name}: {details}")
+
+
+@asynccontextmanager
+async def translate_errors(context: grpc.aio.ServicerContext, stage: str) -> AsyncIterator[None]:
+    """Around a servicer method: end the call with the status of any error raised inside. Cancellation passes
+    through untouched (the caller is gone), so does an abort already in progress."""
+    try:
+        yield
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception as e:
+        code, details = status_of(e)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s stage: unexpected error", stage)
+        await context.abort(code, details)

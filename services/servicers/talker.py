@@ -1,0 +1,70 @@
+"""Talker.Speak: a prompt in pieces, then released text tokens -> `TalkerStage.speak` -> one frame per message.
+
+The stage calls MTP itself every frame: in a deployment its `mtp` is a `services.remote.RemoteMTP` holding one
+stream to the MTP stage for all of this replica's requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import grpc
+from torch import Tensor
+
+from services.engines.talker import DEFAULT_MAX_NEW_TOKENS, TalkerPrompt, default_talker_sampling
+from services.errors import InvalidInput
+from services.servicers import REQUEST_ID, read_start, read_tensors, required, sampling_from_proto
+from services.servicers.status import translate_errors
+from services.stages import TalkerStage
+from services.wire.gen.omni.v1 import talker_pb2_grpc
+from services.wire.gen.omni.v1.common_pb2 import CodecFrame
+from services.wire.gen.omni.v1.talker_pb2 import SpeakRequest, SpeakResponse
+
+PROMPT_TENSORS = ("input_ids", "mm_hidden", "audio_feature_lengths", "image_grid_thw", "video_grid_thw",
+                  "video_second_per_grid")
+
+
+def prompt_tensors(prompt: TalkerPrompt) -> dict[str, Tensor]:
+    """The wire tensors of a `TalkerPrompt` (speaker and use_audio_in_video travel in `SpeakStart`)."""
+    out = {name: getattr(prompt, name) for name in PROMPT_TENSORS}
+    return {name: t for name, t in out.items() if t is not None}
+
+
+class TalkerServicer(talker_pb2_grpc.TalkerServicer):
+    service = "Talker"
+    add_to_server = staticmethod(talker_pb2_grpc.add_TalkerServicer_to_server)
+
+    def __init__(self, stage: TalkerStage):
+        self.stage = stage
+
+    async def Speak(self, requests: AsyncIterator[SpeakRequest],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[SpeakResponse]:
+        async with translate_errors(context, "talker"):
+            start = await read_start(requests, "Speak")
+            REQUEST_ID.set(start.request_id)  # also names this request's MTP frames
+            tensors, first = await read_tensors(requests, "prompt", PROMPT_TENSORS, until=("text", "text_end"))
+            if first is None:
+                raise InvalidInput("Speak: the stream ended before text_end")
+            (input_ids,) = required(tensors, "input_ids")
+            prompt = TalkerPrompt(input_ids=input_ids, speaker=start.speaker,
+                                  use_audio_in_video=start.use_audio_in_video,
+                                  **{name: tensors.get(name) for name in PROMPT_TENSORS[1:]})
+            sampling = sampling_from_proto(start.sampling) if start.HasField("sampling") else default_talker_sampling()
+            frames = self.stage.speak(prompt, sampling, start.max_frames or DEFAULT_MAX_NEW_TOKENS,
+                                      _text(first, requests))
+            async with aclosing(frames):
+                async for codes in frames:
+                    yield SpeakResponse(frame=CodecFrame(codes=codes.tolist()))
+
+
+async def _text(msg: SpeakRequest, requests: AsyncIterator[SpeakRequest]) -> AsyncIterator[int]:
+    """Released tokens from `msg` on, pulled from the stream as the Talker asks; ends at text_end."""
+    while (kind := msg.WhichOneof("kind")) != "text_end":
+        if kind != "text":
+            raise InvalidInput(f"Speak: expected text or text_end, got {kind or 'an empty message'}")
+        for token in msg.text.token_ids:
+            yield token
+        msg = await anext(requests, None)
+        if msg is None:
+            raise InvalidInput("Speak: the stream ended before text_end")

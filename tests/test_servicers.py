@@ -1,0 +1,343 @@
+"""Every stage behind its gRPC servicer on a loopback port, in the deployment topology (the Talker's MTP is a
+RemoteMTP to the MTP server): a conductor over gRPC clients gives exactly what it gives in process, errors cross
+the wire as status codes, a cancelled client frees the server's state, and big tensors cross in pieces."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, replace
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+import soundfile as sf
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from services.conductor import Conductor, TurnRequest
+from services.engines.bundle import Engines
+from services.engines.sampling import SamplingParams
+from services.engines.talker import TalkerPrompt
+from services.engines.thinker import ThinkerPrompt
+from services.errors import InvalidInput
+from services.events import AudioChunk, TextDelta, TurnSummary
+from services.remote import RemoteAudioEncoder, RemoteCode2Wav, RemoteMTP, RemoteTalker, close_stages, remote_stages
+from services.servicers import serve_stage
+from services.servicers.status import StageError
+from services.servicers.audio_encoder import AudioEncoderServicer
+from services.servicers.code2wav import Code2WavServicer
+from services.servicers.mtp import MTPServicer
+from services.servicers.talker import TalkerServicer
+from services.servicers.thinker import ThinkerServicer
+from services.servicers.vision_encoder import VisionEncoderServicer
+from services.stages import LocalTalker, Stages
+from services.wire.gen.omni.v1 import talker_pb2_grpc, thinker_pb2_grpc
+from services.wire.gen.omni.v1.common_pb2 import Tokens
+from services.wire.gen.omni.v1.talker_pb2 import SpeakRequest, SpeakStart, TextEnd
+from services.wire.gen.omni.v1.thinker_pb2 import PromptEnd, ThinkRequest, ThinkResume, ThinkStart
+from services.wire.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES, SERVICE_NAMES
+from services.wire.tensors import to_pieces
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"),
+              pytest.mark.filterwarnings("ignore:The given buffer is not writable")]
+GREEDY = SamplingParams(greedy=True)
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Cluster:
+    engines: Engines
+    local: Stages  # the in-process reference
+    remote: Stages  # gRPC clients of the servers below
+    addresses: dict[str, str]  # service short name -> host:port
+    talker_mtp: RemoteMTP  # the Talker server's MTP client
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpt):
+    return Engines.load(tiny_ckpt)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def cluster(engines):
+    local = Stages.local(engines)
+    servers = []
+
+    async def serve(servicer) -> str:
+        server, port = await serve_stage(servicer, host=HOST)
+        servers.append(server)
+        return f"{HOST}:{port}"
+
+    mtp_address = await serve(MTPServicer(local.talker.mtp))
+    talker_mtp = RemoteMTP(grpc.aio.insecure_channel(mtp_address, options=GRPC_OPTIONS))
+    addresses = {
+        "MTP": mtp_address,
+        "AudioEncoder": await serve(AudioEncoderServicer(local.audio)),
+        "VisionEncoder": await serve(VisionEncoderServicer(local.vision)),
+        "Thinker": await serve(ThinkerServicer(local.thinker, local.stop_ids)),
+        "Talker": await serve(TalkerServicer(LocalTalker(engines.talker, talker_mtp))),
+        "Code2Wav": await serve(Code2WavServicer(local.code2wav, local.sample_rate)),
+    }
+    remote = remote_stages(
+        {"audio": addresses["AudioEncoder"], "vision": addresses["VisionEncoder"], "thinker": addresses["Thinker"],
+         "talker": addresses["Talker"], "code2wav": addresses["Code2Wav"]},
+        local.processor, local.speakers, local.stop_ids, local.sample_rate)
+    yield Cluster(engines, local, remote, addresses, talker_mtp)
+    await close_stages(remote)
+    await talker_mtp.close()
+    await talker_mtp.channel.close()
+    for server in servers:
+        await server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    t = np.arange(int(1.3 * 16000)) / 16000
+    sf.write(d / "chirp.wav", (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32), 16000)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(d / "noise.png")
+    return {"audio": str(d / "chirp.wav"), "image": str(d / "noise.png")}
+
+
+async def run(stages: Stages, req: TurnRequest) -> list:
+    return [e async for e in Conductor(stages, stage_timeout_s=60).run(req)]
+
+
+def assert_same_events(ours: list, expected: list) -> None:
+    """The same text deltas, the same audio chunks (bit-equal samples) and the same summary (bar timings). How
+    text and audio interleave depends on timing, so each kind is compared in its own order."""
+    for kind in (TextDelta, AudioChunk):
+        a, b = [e for e in ours if isinstance(e, kind)], [e for e in expected if isinstance(e, kind)]
+        assert len(a) == len(b), kind
+        for x, y in zip(a, b):
+            if kind is AudioChunk:
+                assert (x.seq, x.sample_rate) == (y.seq, y.sample_rate)
+                np.testing.assert_array_equal(x.samples, y.samples)
+            else:
+                assert x == y
+    assert isinstance(ours[-1], TurnSummary) and isinstance(expected[-1], TurnSummary)
+    assert replace(ours[-1], timings={}) == replace(expected[-1], timings={})
+    assert len(ours) == len(expected)
+
+
+def request(kind: str, media: dict) -> TurnRequest:
+    inputs = {"text": {}, "audio": {"audios": [media["audio"]]}, "image": {"images": [media["image"]]}}[kind]
+    return TurnRequest(text="Describe what you get.", max_new_tokens=10, max_audio_frames=30,
+                       thinker_sampling=GREEDY, **inputs)
+
+
+async def test_health_serving_on_every_stage(cluster):
+    for name, address in cluster.addresses.items():
+        async with grpc.aio.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", SERVICE_NAMES[name]):
+                resp = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING, (name, service)
+
+
+@pytest.mark.parametrize("kind", ["text", "audio", "image"])
+async def test_conductor_over_grpc_equals_in_process(cluster, media, kind):
+    req = request(kind, media)
+    expected = await run(cluster.local, req)
+    ours = await run(cluster.remote, req)
+    assert_same_events(ours, expected)
+    summary = ours[-1]
+    assert summary.codes and summary.num_samples > 0 and summary.thinker_token_ids
+
+
+async def test_concurrent_turns_share_one_mtp_stream(cluster, media, monkeypatch):
+    reqs = [request(kind, media) for kind in ("text", "audio", "image")]
+    # A Talker that stops (max_audio_frames) while text is still coming: its client stops sending mid-stream.
+    reqs[0] = replace(reqs[0], speaker="chelsie", max_audio_frames=3)
+    expected = [await run(cluster.local, r) for r in reqs]
+    stub, opened = cluster.talker_mtp._stub, []
+    monkeypatch.setattr(stub, "Predict", lambda _open=stub.Predict: opened.append(_open()) or opened[-1])
+    await cluster.talker_mtp.close()  # start from no stream
+    results = await asyncio.gather(*(run(cluster.remote, r) for r in reqs))
+    for ours, exp in zip(results, expected):
+        assert_same_events(ours, exp)
+    assert len(opened) == 1 and not opened[0].done()  # the Talker replica's one MTP stream, still open
+
+
+async def test_unknown_speaker_is_invalid_argument(cluster):
+    ids = cluster.local.processor.tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                                            return_tensors="pt").input_ids[0]
+
+    async def requests():
+        yield SpeakRequest(start=SpeakStart(request_id="r1", speaker="nobody", max_frames=5))
+        for piece in to_pieces("input_ids", ids):
+            yield SpeakRequest(prompt=piece)
+        yield SpeakRequest(text=Tokens(token_ids=[9707]))
+        yield SpeakRequest(text_end=TextEnd())
+
+    async with grpc.aio.insecure_channel(cluster.addresses["Talker"]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in talker_pb2_grpc.TalkerStub(channel).Speak(requests()):
+                pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown speaker 'nobody'" in err.value.details()
+
+    # The same through the stage client: the domain error comes back.
+    talker = cluster.remote.talker
+    assert isinstance(talker, RemoteTalker)
+
+    async def text():
+        yield 9707
+
+    prompt = TalkerPrompt(input_ids=ids, mm_hidden=None, speaker="nobody")
+    with pytest.raises(InvalidInput, match="unknown speaker 'nobody'"):
+        async for _ in talker.speak(prompt, GREEDY, 5, text()):
+            pass
+
+
+async def test_out_of_range_codes_are_invalid_argument(cluster):
+    code2wav = cluster.remote.code2wav
+    assert isinstance(code2wav, RemoteCode2Wav)
+
+    async def frames():
+        yield torch.zeros(16, dtype=torch.long)
+        yield torch.full((16,), 5000, dtype=torch.long)
+
+    with pytest.raises(InvalidInput, match="outside the codebook"):
+        async for _ in code2wav.decode(frames()):
+            pass
+
+
+async def test_a_failing_input_stream_raises_its_own_error(cluster):
+    async def frames():
+        yield torch.zeros(16, dtype=torch.long)
+        raise ValueError("the Talker broke")
+
+    with pytest.raises(ValueError, match="the Talker broke"):  # not the CANCELLED it caused on the call
+        async for _ in cluster.remote.code2wav.decode(frames()):
+            pass
+
+
+async def test_protocol_violations_are_invalid_argument(cluster):
+    async with grpc.aio.insecure_channel(cluster.addresses["Thinker"]) as channel:
+        stub = thinker_pb2_grpc.ThinkerStub(channel)
+        for messages, message in [
+            ([ThinkRequest(prompt_end=PromptEnd())], "first message must be start"),
+            ([ThinkRequest(start=ThinkStart())], "ended before prompt_end"),
+            ([ThinkRequest(start=ThinkStart()), ThinkRequest(prompt_end=PromptEnd())], "missing tensor input_ids"),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stub.Think(iter(messages)):
+                    pass
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+async def test_remote_mtp_multiplexes_and_recovers(cluster):
+    mtp = RemoteMTP(grpc.aio.insecure_channel(cluster.addresses["MTP"], options=GRPC_OPTIONS))
+    local = cluster.local.talker.mtp
+    hidden = torch.randn(6, cluster.engines.talker.model.config.hidden_size)
+    c0 = torch.arange(6) * 7
+    try:
+        # Concurrent callers on one stream, two of them cancelled in flight: the others get their own answers.
+        calls = [asyncio.create_task(mtp.predict(hidden[i:i + 1], c0[i:i + 1], True, None)) for i in range(6)]
+        await asyncio.sleep(0)
+        calls[1].cancel()
+        calls[4].cancel()
+        await asyncio.wait(calls)
+        stream = mtp._stream
+        for i in (0, 2, 3, 5):
+            expected = await local.predict(hidden[i:i + 1], c0[i:i + 1], True, None)
+            assert torch.equal(calls[i].result().codes, expected.codes)
+            assert torch.equal(calls[i].result().embed_sum, expected.embed_sum)
+        assert stream.error is None and not stream.pending
+
+        # A bad frame ends the stream with its status; the next frame opens a new one.
+        with pytest.raises(InvalidInput, match="codebook-0 ids"):
+            await mtp.predict(hidden[:1], torch.tensor([10**6]), True, None)
+        with pytest.raises(StageError, match="internal error") as err:  # a bug, not bad input: INTERNAL
+            await mtp.predict(torch.randn(1, hidden.shape[1] + 1), torch.tensor([3]), True, None)
+        assert err.value.code == grpc.StatusCode.INTERNAL
+        ours = await mtp.predict(hidden[:2], c0[:2], True, None)  # two rows: two frames
+        expected = await local.predict(hidden[:2], c0[:2], True, None)
+        assert torch.equal(ours.codes, expected.codes) and torch.equal(ours.embed_sum, expected.embed_sum)
+    finally:
+        await mtp.close()
+        await mtp.channel.close()
+
+
+async def test_cancelled_turn_frees_server_state_and_next_turn_is_right(cluster, media, monkeypatch):
+    sessions = {}
+    for stage in ("thinker", "talker"):
+        engine = getattr(cluster.engines, stage)
+
+        def prefill(*args, _stage=stage, _prefill=engine.prefill, **kwargs):
+            session, first = _prefill(*args, **kwargs)
+            sessions[_stage] = session
+            return session, first
+
+        monkeypatch.setattr(engine, "prefill", prefill)
+
+    req = replace(request("text", media), max_new_tokens=40, max_audio_frames=400)
+    chunks = 0
+    async with aclosing(Conductor(cluster.remote, stage_timeout_s=60).run(req)) as events:
+        async for event in events:
+            chunks += isinstance(event, AudioChunk)
+            if chunks == 2:
+                break
+    assert chunks == 2 and sessions["talker"].cache is not None  # cancelled while the Talker was speaking
+    mtp_stream = cluster.talker_mtp._stream
+    deadline = time.monotonic() + 10
+    while any(s.cache is not None for s in sessions.values()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert all(s.cache is None for s in sessions.values()), "a server kept a cancelled request's session"
+
+    req = request("audio", media)
+    assert_same_events(await run(cluster.remote, req), await run(cluster.local, req))
+    assert cluster.talker_mtp._stream is mtp_stream and mtp_stream.error is None  # other requests' stream lives on
+
+
+async def test_big_tensor_crosses_in_pieces(cluster):
+    frames = 24_000  # [1, 128, 24000] float32: 12.3 MB, over the 8 MiB message limit
+    features = torch.randn(1, 128, frames)
+    assert features.numel() * 4 > MAX_MESSAGE_BYTES
+    mask = torch.ones(1, frames, dtype=torch.long)
+    audio = cluster.remote.audio
+    assert isinstance(audio, RemoteAudioEncoder)
+    ours = await audio.encode(features, mask)
+    assert torch.equal(ours, await cluster.local.audio.encode(features, mask))
+
+
+async def test_thinker_resume_continues_the_request(cluster):
+    ids = cluster.local.processor.tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                                            return_tensors="pt").input_ids[0]
+    resume_ids = cluster.local.processor.tokenizer("\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\n",
+                                                   return_tensors="pt").input_ids[0].tolist()
+    async with grpc.aio.insecure_channel(cluster.addresses["Thinker"], options=GRPC_OPTIONS) as channel:
+        call = thinker_pb2_grpc.ThinkerStub(channel).Think()
+        await call.write(ThinkRequest(start=ThinkStart(request_id="r", max_new_tokens=4)))
+        for piece in to_pieces("input_ids", ids):
+            await call.write(ThinkRequest(prompt=piece))
+        await call.write(ThinkRequest(prompt_end=PromptEnd()))
+        first, first_end = await _generation(call)
+        await call.write(ThinkRequest(resume=ThinkResume(token_ids=resume_ids, max_new_tokens=3)))
+        second, second_end = await _generation(call)
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF and await call.code() == grpc.StatusCode.OK
+    assert len(first) == first_end.generated_tokens and first_end.prompt_tokens == len(ids)
+    assert len(second) == second_end.generated_tokens == 3
+    assert second_end.prompt_tokens == len(ids) + len(first) + len(resume_ids)
+
+    # The continuation is the Thinker on the whole conversation so far.
+    prompt = ThinkerPrompt(input_ids=torch.tensor([*ids.tolist(), *first, *resume_ids]))
+    expected = [t.token_id async for t in cluster.local.thinker.generate(prompt, GREEDY, 3, cluster.local.stop_ids)]
+    assert second == expected
+
+
+async def _generation(call) -> tuple[list[int], object]:
+    tokens = []
+    while True:
+        resp = await call.read()
+        kind = resp.WhichOneof("kind")
+        if kind == "end":
+            return tokens, resp.end
+        if kind == "tokens":
+            tokens.extend(resp.tokens.token_ids)
