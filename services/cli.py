@@ -26,6 +26,12 @@ def _generate(args: argparse.Namespace) -> None:
     run_generate(args)
 
 
+def _chat(args: argparse.Namespace) -> None:
+    from services.chat_cmd import run_chat
+
+    run_chat(args)
+
+
 def _bench_code2wav(args: argparse.Namespace) -> None:
     from services.bench import code2wav
 
@@ -59,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="run one turn in this process: streamed text, a WAV, optional JSON")
     add_generate_arguments(gen)
     gen.set_defaults(func=_generate)
+
+    from services.chat_cmd import add_chat_arguments
+
+    chat = sub.add_parser("chat", help="one turn against a running deployment (omni serve) over gRPC")
+    add_chat_arguments(chat)
+    chat.set_defaults(func=_chat)
 
     bench = sub.add_parser("bench", help="benchmarks that print tables")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

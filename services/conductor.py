@@ -30,11 +30,10 @@ from services.engines.talker import TalkerPrompt, default_talker_sampling
 from services.engines.thinker import ThinkerPrompt
 from services.errors import DeadlineExceeded, InvalidInput
 from services.events import AudioChunk, Event, TextDelta, TurnSummary
-from services.hooks import IdentityHook, TextHook
+from services.hooks import FilterChain, HookContext, HookSession, Released
 from services.metrics import record_turn
-from services.preprocess import build_turn
+from services.preprocess import TurnInputs, build_turn
 from services.stages import Stages
-from services.text import Detokenizer
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,9 @@ class TurnRequest:
     max_audio_frames: int = 4096  # the Talker's cap, as the reference's talker_max_new_tokens
     thinker_sampling: SamplingParams = field(default_factory=SamplingParams)
     talker_sampling: SamplingParams | None = None  # None: the reference's Talker defaults
+    request_id: str = ""  # for logs, traces and the hooks' context
+    session_id: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)  # the client's, passed to the text filters
 
 
 @dataclass
@@ -67,7 +69,7 @@ class _Turn:
     token_ids: list[int] = field(default_factory=list)
     codes: list[list[int]] = field(default_factory=list)
     num_samples: int = 0
-    finish_reason: str = "length"
+    finish_reason: str = "length"  # "stop", "length", "blocked" or "cancelled"
     text: str = ""
     marks: dict[str, float] = field(default_factory=dict)
 
@@ -78,12 +80,12 @@ class _Turn:
 
 
 class Conductor:
-    def __init__(self, stages: Stages, *, queue_size: int = 16, stage_timeout_s: float = 300.0,
-                 hook_factory: type[TextHook] = IdentityHook):
+    def __init__(self, stages: Stages, *, hooks: FilterChain | None = None, queue_size: int = 16,
+                 stage_timeout_s: float = 300.0):
         self.stages = stages
+        self.hooks = hooks or FilterChain([])  # the empty chain releases every token as it is
         self.queue_size = queue_size
         self.stage_timeout_s = stage_timeout_s
-        self.hook_factory = hook_factory
 
     async def run(self, req: TurnRequest) -> AsyncIterator[Event]:
         """Stream a turn's events; the last one is the TurnSummary. Closing the iterator cancels the turn."""
@@ -117,11 +119,12 @@ class Conductor:
 
     async def _conduct(self, req: TurnRequest, turn: _Turn, out: asyncio.Queue) -> None:
         try:
-            prompt, po = await self._prepare(req, turn)
+            prompt, inputs = await self._prepare(req, turn)
+            po = inputs.processor_outputs
             released: asyncio.Queue = asyncio.Queue(req.max_new_tokens + 1)  # bounded by the answer length
             frames: asyncio.Queue = asyncio.Queue(self.queue_size)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._think(req, turn, prompt, released, out))
+                tg.create_task(self._think(req, turn, prompt, inputs, released, out))
                 if req.audio_output:
                     tg.create_task(self._talk(req, turn, prompt, po, released, frames))
                     tg.create_task(self._vocode(turn, frames, out))
@@ -135,7 +138,7 @@ class Conductor:
                 e = e.exceptions[0]
             await out.put(e)
 
-    async def _prepare(self, req: TurnRequest, turn: _Turn) -> tuple[ThinkerPrompt, dict]:
+    async def _prepare(self, req: TurnRequest, turn: _Turn) -> tuple[ThinkerPrompt, TurnInputs]:
         st = self.stages
         inputs = await asyncio.to_thread(
             build_turn, st.processor, history=list(req.history), system=req.system, text=req.text,
@@ -167,46 +170,55 @@ class Conductor:
             if "pixel_values_videos" in po:
                 tg.create_task(encode_vision("video", "pixel_values_videos", "video_grid_thw"))
         turn.mark("encoders")
-        return prompt, po
+        return prompt, inputs
 
-    async def _think(self, req: TurnRequest, turn: _Turn, prompt: ThinkerPrompt,
+    async def _think(self, req: TurnRequest, turn: _Turn, prompt: ThinkerPrompt, inputs: TurnInputs,
                      released: asyncio.Queue, out: asyncio.Queue) -> None:
         stop_ids = self.stages.stop_ids
-        hook = self.hook_factory()
-        detok = Detokenizer(self.stages.processor.tokenizer)
+        ctx = HookContext(request_id=req.request_id, session_id=req.session_id, conversation=inputs.messages,
+                          metadata=req.metadata)
+        hook = self.hooks.session(ctx, self.stages.processor.tokenizer)
         talker_queue = released if req.audio_output else None
         t_start = time.perf_counter()
-        tokens = self.stages.thinker.generate(prompt, req.thinker_sampling, req.max_new_tokens, stop_ids)
-        async for item in self._deadline(tokens, "thinker"):
-            if item.mm_hidden is not None:
-                prompt.mm_hidden = item.mm_hidden  # the Talker's multimodal input, with the first token
-            turn.token_ids.append(item.token_id)
-            turn.mark("thinker_ttft", t_start)
-            turn.mark("time_to_first_text")
-            if item.token_id in stop_ids:
-                turn.finish_reason = "stop"
-            last = item.token_id in stop_ids or len(turn.token_ids) == req.max_new_tokens
-            await self._release(hook.feed(item.token_id), detok, out, talker_queue,
-                                withhold=item.token_id if last else None)
-        await self._release(hook.finish(), detok, out, talker_queue)
-        turn.text = detok.text
+        try:
+            tokens = self.stages.thinker.generate(prompt, req.thinker_sampling, req.max_new_tokens, stop_ids)
+            async for item in self._deadline(tokens, "thinker"):
+                if item.mm_hidden is not None:
+                    prompt.mm_hidden = item.mm_hidden  # the Talker's multimodal input, with the first token
+                turn.token_ids.append(item.token_id)
+                turn.mark("thinker_ttft", t_start)
+                if item.token_id in stop_ids:  # never text, never spoken
+                    turn.finish_reason = "stop"
+                    break
+                at_cap = len(turn.token_ids) == req.max_new_tokens
+                r = await hook.feed(item.token_id)
+                await self._release(r, turn, out, talker_queue, withhold=item.token_id if at_cap else None)
+                if r.stop:  # a filter blocked the rest: the fallback is already released
+                    turn.finish_reason = "blocked"
+                    break
+            await self._release(await hook.finish(), turn, out, talker_queue)
+        finally:
+            await hook.aclose()
         if talker_queue is not None:
             await talker_queue.put(_END)
 
-    async def _release(self, ids: list[int], detok: Detokenizer, out: asyncio.Queue,
-                       talker_queue: asyncio.Queue | None, withhold: int | None = None) -> None:
-        """Released tokens go to the client as text and to the Talker as speech.
+    async def _release(self, r: Released, turn: _Turn, out: asyncio.Queue, talker_queue: asyncio.Queue | None,
+                       withhold: int | None = None) -> None:
+        """Released tokens go to the Talker as speech and, as the same text, to the client.
 
         The reference Talker speaks a token only once the Thinker has fed it back (its embedding comes from the
         Thinker's input at the next step), so the Thinker's last token, its stop token or the one at the
-        max_new_tokens cap, is never spoken: `withhold` keeps it from the Talker."""
-        if not ids:
-            return
+        max_new_tokens cap, is never spoken: `withhold` keeps the latter from the Talker."""
+        for event in r.events:
+            await out.put(event)
+        ids = r.token_ids[:-1] if withhold is not None and r.token_ids[-1:] == [withhold] else r.token_ids
         if talker_queue is not None:
-            for i in ids[:-1] if withhold is not None and ids[-1] == withhold else ids:
+            for i in ids:
                 await talker_queue.put(i)
-        if delta := detok.push(ids):
-            await out.put(TextDelta(text=delta, token_ids=tuple(ids)))
+        if r.text:
+            turn.mark("time_to_first_text")
+            turn.text += r.text
+            await out.put(TextDelta(text=r.text, token_ids=tuple(r.token_ids)))
 
     async def _talk(self, req: TurnRequest, turn: _Turn, thinker_prompt: ThinkerPrompt, po: dict,
                     released: asyncio.Queue, frames: asyncio.Queue) -> None:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.hooks.sdk import HookEvent  # what a text filter tells the client (redacted, blocked, tool call)
+
 
 @dataclass(frozen=True)
 class TextDelta:
@@ -39,11 +41,11 @@ class TurnSummary:
     sample_rate: int
     num_samples: int
     speaker: str | None
-    finish_reason: str  # "stop" (Thinker's end token), "length" (max_new_tokens) or "cancelled"
+    finish_reason: str  # "stop" (Thinker's end token), "length" (max_new_tokens), "blocked" or "cancelled"
     timings: dict[str, float] = field(default_factory=dict)  # seconds; see Conductor for the keys
 
 
-Event = TextDelta | AudioChunk | TurnSummary
+Event = TextDelta | AudioChunk | HookEvent | TurnSummary
 
 
 def float_to_pcm16(samples: np.ndarray) -> np.ndarray:

@@ -98,7 +98,8 @@ def build_request(args: argparse.Namespace):
     )
 
 
-async def _stream(conductor, request, out=sys.stdout) -> tuple[TurnSummary, np.ndarray]:
+async def _stream(conductor, request, out=None) -> tuple[TurnSummary, np.ndarray]:
+    out = out or sys.stdout
     chunks: list[np.ndarray] = []
     summary = None
     async for event in conductor.run(request):

@@ -218,3 +218,65 @@ def test_stage_and_turn_metrics_are_recorded(conductor, media):
     with pytest.raises(InvalidInput):
         collect(conductor, TurnRequest(text="x" * 10, images=[b"not an image"], thinker_sampling=GREEDY))
     assert count("omni_stage_errors_total", stage="talker", code="InvalidInput") == errors  # rejected before
+
+
+class _SpyTalker:
+    """Records the token ids the Talker receives."""
+
+    def __init__(self, inner):
+        self.inner, self.received = inner, []
+
+    async def speak(self, prompt, sampling, max_frames, text):
+        async def spy():
+            async for t in text:
+                self.received.append(t)
+                yield t
+
+        async for codes in self.inner.speak(prompt, sampling, max_frames, spy()):
+            yield codes
+
+
+def _with_spy(engines, hooks=None):
+    import dataclasses
+
+    stages = Stages.local(engines)
+    spy = _SpyTalker(stages.talker)
+    return Conductor(dataclasses.replace(stages, talker=spy), hooks=hooks, stage_timeout_s=120), spy
+
+
+def test_redacted_word_is_neither_read_nor_heard(engines, processor):
+    from services.hooks import FilterChain, HookEvent, Link, Redact
+
+    req = TurnRequest(text="Tell me something.", max_new_tokens=20, max_audio_frames=40, thinker_sampling=GREEDY)
+    plain, spy = _with_spy(engines)
+    before = collect(plain, req)
+    words = [w for w in before[-1].text.split() if len(w) >= 4 and w.isalpha()]
+    assert words, before[-1].text
+    word = words[0]
+    assert word in processor.tokenizer.decode(spy.received)
+
+    chain = FilterChain([Link(Redact(words=[word], replacement="[redacted]"), name="redact")])
+    redacting, spy = _with_spy(engines, hooks=chain)
+    after = collect(redacting, req)
+    summary = after[-1]
+    client_text = "".join(e.text for e in after if isinstance(e, TextDelta))
+    heard = processor.tokenizer.decode(spy.received)
+    assert word not in client_text and word not in heard and word not in summary.text
+    assert "[redacted]" in client_text and client_text == summary.text
+    assert any(isinstance(e, HookEvent) for e in after)
+    assert summary.codes != before[-1].codes  # the Talker spoke different text
+
+
+def test_blocked_answer_speaks_the_fallback(engines, processor):
+    from services.hooks import Blocklist, FilterChain, Link
+
+    req = TurnRequest(text="Tell me something.", max_new_tokens=20, max_audio_frames=40, thinker_sampling=GREEDY)
+    plain, _ = _with_spy(engines)
+    word = [w for w in collect(plain, req)[-1].text.split() if len(w) >= 4 and w.isalpha()][0]
+    chain = FilterChain([Link(Blocklist(words=[word], fallback="I can't talk about that."), name="block")])
+    blocking, spy = _with_spy(engines, hooks=chain)
+    summary = collect(blocking, req)[-1]
+    assert summary.finish_reason == "blocked"
+    assert word not in summary.text and "I can't talk about that." in summary.text
+    assert word not in processor.tokenizer.decode(spy.received)
+    assert "I can't talk about that." in processor.tokenizer.decode(spy.received)

@@ -211,6 +211,16 @@ def _init_talker_experts(model) -> None:
                 module.down_proj.normal_(0.0, std)
 
 
+def _init_talker_projections(model) -> None:
+    """With every weight at std 0.02, the Talker's text and multimodal projections come out ~1e-4 against codec
+    embeddings of ~0.02: a random Talker would ignore what it is told to say, and no test could see text steer the
+    codes. Drawing the projections at 1/sqrt(fan_in) gives them the codec embeddings' scale, as in a trained model."""
+    with torch.no_grad():
+        for mlp in (model.talker.text_projection, model.talker.hidden_projection):
+            for linear in (mlp.linear_fc1, mlp.linear_fc2):
+                linear.weight.normal_(0.0, linear.in_features ** -0.5)
+
+
 def write_random_checkpoint(out_dir: str | Path, config, seed: int = 0,
                             max_shard_size: str | int | None = None) -> Path:
     """Write `config` with seeded random weights, the tokenizer and the processor to `out_dir`."""
@@ -221,6 +231,7 @@ def write_random_checkpoint(out_dir: str | Path, config, seed: int = 0,
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(config).eval()
     _init_talker_experts(model)
+    _init_talker_projections(model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("random Qwen3-Omni: %.1f M parameters, seed %d -> %s", n_params / 1e6, seed, out)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}

@@ -1,0 +1,432 @@
+"""The client API: `omni.v1.Omni/Converse`, one conversation turn over one bidirectional stream.
+
+    client ── config, input parts..., end_of_turn, [cancel] ──> OmniServicer ── TurnRequest ──> Conductor(stages)
+    client <── started, text deltas, audio chunks..., summary ── OmniServicer <── events ───────────┘
+
+The servicer only translates (protos/omni/v1/omni.proto defines the message flow): it assembles the input parts into
+a `TurnRequest` (the session's history in front), runs the conductor, and turns its events into responses and its
+domain errors into status codes. On every exit path (answer, error, cancel message, client disconnect, deadline)
+the conductor's event iterator is closed before the handler returns, which cancels every stage and frees the
+request's state; other streams never see one stream's failure.
+
+Call lifetime: a rejected config ends the call at once, so a client sends its parts after TurnStarted (the client
+library does). A part that fails (over the limit, malformed) ends the call only after the client's end_of_turn,
+the rest of the input read and dropped; after the summary the server waits for the client to half-close (at most
+HALF_CLOSE_GRACE_S). Both keep a client's write from meeting an ended call, which grpc.aio reports to that client
+as INTERNAL instead of the real status (grpc/grpc#36066).
+
+Limits:
+- One message: the server's `grpc.max_receive_message_length` (`services.wire.server.GRPC_OPTIONS`, 8 MiB): gRPC
+  itself rejects a bigger message with RESOURCE_EXHAUSTED before any code here runs. Media therefore arrive in
+  chunks (the client library sends 1 MiB chunks).
+- One turn: `max_request_bytes` of input (text and media bytes, summed as they arrive): once the sum passes it the
+  server buffers nothing more and the call ends with RESOURCE_EXHAUSTED, so no client makes it hold more than that
+  per turn. This also holds where a proxy in front accepts bigger messages than 8 MiB (Ray Serve's gRPC proxy
+  accepts up to 2 GiB by default).
+- Time: the client's deadline, capped at `default_deadline_s`; past it the turn ends with DEADLINE_EXCEEDED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+
+import grpc
+import numpy as np
+
+from services import metrics
+from services.conductor import Conductor, TurnRequest
+from services.engines.sampling import SamplingParams
+from services.errors import CheckpointError, DeadlineExceeded, InvalidInput, OmniError, ResourceExhausted
+from services.events import AudioChunk, Event, TextDelta, TurnSummary
+from services.preprocess import AudioInput, decode_audio, load_video
+from services.sessions import History, SessionStore, SessionStoreError
+from services.stages import Stages
+from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
+from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES, add_standard_services
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # 10 min of 48 kHz mono PCM16 is 58 MB
+DEFAULT_DEADLINE_S = 600.0
+DEFAULT_SPEAKER = "ethan"
+HALF_CLOSE_GRACE_S = 5.0  # how long a finished call waits for the client to half-close
+
+_STATUS = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    CheckpointError: grpc.StatusCode.FAILED_PRECONDITION,
+    SessionStoreError: grpc.StatusCode.UNAVAILABLE,
+}
+_FINISH = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "cancelled": common_pb2.FINISH_REASON_CANCELLED,
+}
+_SAMPLING_FIELDS = ("greedy", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
+
+
+class OmniServicer(omni_pb2_grpc.OmniServicer):
+    def __init__(self, stages: Stages, sessions: SessionStore, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 default_deadline_s: float = DEFAULT_DEADLINE_S, stage_timeout_s: float = 300.0):
+        self.stages = stages
+        self.sessions = sessions
+        self.conductor = Conductor(stages, stage_timeout_s=stage_timeout_s)
+        self.max_request_bytes = max_request_bytes
+        self.default_deadline_s = default_deadline_s
+        self.active_turns = 0  # turns whose handler has not returned yet (their stages may hold state)
+
+    async def Converse(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
+        # Requests are read with context.read(), not the iterator: a cancel message may arrive while answering.
+        self.active_turns += 1
+        remaining = context.time_remaining()
+        budget = self.default_deadline_s if remaining is None else min(remaining, self.default_deadline_s)
+        try:
+            async with asyncio.timeout(budget):
+                await self._converse(context)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the turn did not finish within {budget:.3g} s")
+        except OmniError as e:
+            await context.abort(_STATUS.get(type(e), grpc.StatusCode.INTERNAL), str(e))
+        except grpc.aio.AioRpcError as e:  # a stage's gRPC client surfaced its call's status: pass it on
+            await context.abort(e.code(), f"a stage failed: {e.details()}")
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            log.exception("Converse failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+        finally:
+            self.active_turns -= 1
+
+    async def _converse(self, context: grpc.aio.ServicerContext) -> None:
+        t0 = time.perf_counter()
+        config, options = await self._read_config(context)
+        try:
+            parts = await self._read_parts(context)
+        except OmniError:
+            await _drain(context)
+            raise
+        inbox = _Inbox(context)
+        try:
+            if parts is None:  # cancelled before end_of_turn
+                summary = self._cancelled_summary(options, _Progress(), t0)
+            else:
+                summary = await self._turn(context, config, options, parts, inbox, t0)
+            await context.write(_summary_message(summary))
+            await asyncio.wait({inbox.task}, timeout=HALF_CLOSE_GRACE_S)  # a late cancel must not meet an ended call
+        finally:
+            await _finish(inbox.task)
+
+    async def _read_config(self, context: grpc.aio.ServicerContext) -> tuple[omni_pb2.ConverseConfig, TurnRequest]:
+        first = await _read(context)
+        if first is None or first.WhichOneof("kind") != "config":
+            raise InvalidInput("the first message must be config")
+        config = first.config
+        options = self._options(config)
+        config.request_id = config.request_id or uuid.uuid4().hex
+        log.info("turn %s (session %r) started; metadata %s", config.request_id, config.session_id,
+                 dict(config.metadata))
+        await context.write(omni_pb2.ConverseResponse(
+            started=omni_pb2.TurnStarted(request_id=config.request_id, session_id=config.session_id)))
+        return config, options
+
+    async def _turn(self, context: grpc.aio.ServicerContext, config: omni_pb2.ConverseConfig, options: TurnRequest,
+                    parts: _TurnInput, inbox: _Inbox, t0: float) -> TurnSummary:
+        """Run a committed turn with its session's history; a finished answer joins the session."""
+        history = await self.sessions.load(config.session_id) if config.session_id else History()
+        extra = [{"role": m.role, "content": m.text} for m in config.history]
+        req, user_message = await asyncio.to_thread(parts.request, options, history.conversation() + extra)
+        summary = await self._answer(context, req, inbox, t0)
+        if summary.finish_reason != "cancelled":
+            metrics.record_turn(summary.timings)
+            if config.session_id:
+                answer = {"role": "assistant", "content": summary.text}
+                await self.sessions.append(config.session_id, [user_message, answer], system=req.system)
+        log.info("turn %s finished: %s, %d tokens, %d frames", config.request_id, summary.finish_reason,
+                 len(summary.thinker_token_ids), len(summary.codes))
+        return summary
+
+    def _options(self, config: omni_pb2.ConverseConfig) -> TurnRequest:
+        """The config as a TurnRequest without input; checked here so that a bad config fails before any upload."""
+        if config.talker_style:
+            raise InvalidInput("talker_style is not supported yet; leave it empty")
+        modalities = set(config.output_modalities) - {omni_pb2.MODALITY_UNSPECIFIED}
+        audio_output = not modalities or omni_pb2.MODALITY_AUDIO in modalities
+        speaker = config.speaker or DEFAULT_SPEAKER
+        if audio_output:
+            if self.stages.talker is None:
+                raise InvalidInput("this deployment serves text only; ask for text output")
+            if speaker.lower() not in self.stages.speakers:
+                raise InvalidInput(f"unknown speaker {speaker!r}; valid speakers: "
+                                   f"{', '.join(sorted(self.stages.speakers))}")
+        if config.max_new_tokens < 0 or config.max_audio_frames < 0:
+            raise InvalidInput("max_new_tokens and max_audio_frames must be >= 0 (0: the default)")
+        return TurnRequest(
+            system=config.system_prompt if config.HasField("system_prompt") else None,
+            speaker=speaker, audio_output=audio_output,
+            max_new_tokens=config.max_new_tokens or 1024, max_audio_frames=config.max_audio_frames or 4096,
+            thinker_sampling=_sampling(config.thinker_sampling) if config.HasField("thinker_sampling")
+            else SamplingParams(),
+            talker_sampling=_sampling(config.talker_sampling) if config.HasField("talker_sampling") else None,
+        )
+
+    async def _read_parts(self, context: grpc.aio.ServicerContext) -> _TurnInput | None:
+        """Input parts up to end_of_turn; None when the client cancels first."""
+        parts = _TurnInput()
+        while (msg := await _read(context)) is not None:
+            kind = msg.WhichOneof("kind")
+            if kind == "end_of_turn":
+                return parts
+            if kind == "cancel":
+                return None
+            if kind in (None, "config"):
+                raise InvalidInput("config must be sent once, as the first message" if kind else "empty message")
+            parts.add(kind, getattr(msg, kind))
+            if parts.nbytes > self.max_request_bytes:
+                raise ResourceExhausted(f"the turn's input passed {self.max_request_bytes} bytes, the limit")
+        raise InvalidInput("the stream ended before end_of_turn")
+
+    async def _answer(self, context: grpc.aio.ServicerContext, req: TurnRequest, inbox: _Inbox,
+                      t0: float) -> TurnSummary:
+        """Stream the conductor's events until its summary, or until a cancel message (a summary of the partial
+        answer then). The conductor's iterator is closed before this returns."""
+        progress = _Progress()
+        pump = asyncio.create_task(self._pump(context, req, progress))
+        cancel = asyncio.create_task(inbox.cancelled.wait())
+        try:
+            pending = {pump, cancel, inbox.task}
+            while not (pump.done() or cancel.done()):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if inbox.task in done:
+                    inbox.task.result()  # a message other than cancel raises; a half-close leaves the answer
+            if pump.done():
+                return pump.result()
+        finally:
+            await _finish(pump, cancel)
+        return self._cancelled_summary(req, progress, t0)
+
+    def _cancelled_summary(self, req: TurnRequest, progress: _Progress, t0: float) -> TurnSummary:
+        # The conductor's record of the turn (codes, unreleased tokens) ends with its task; the client has what it
+        # was sent.
+        return TurnSummary(
+            text="".join(progress.texts), thinker_token_ids=progress.token_ids, codes=[],
+            sample_rate=self.stages.sample_rate, num_samples=progress.num_samples,
+            speaker=req.speaker.lower() if req.audio_output else None, finish_reason="cancelled",
+            timings={"total_s": round(time.perf_counter() - t0, 6)},
+        )
+
+    async def _pump(self, context: grpc.aio.ServicerContext, req: TurnRequest, progress: _Progress) -> TurnSummary:
+        events = self.conductor.run(req)
+        try:
+            async for event in events:
+                if isinstance(event, TurnSummary):
+                    return event
+                progress.add(event)
+                await context.write(_event_message(event))
+            raise RuntimeError("the conductor ended without a summary")
+        finally:
+            await events.aclose()
+
+
+async def start_gateway(servicer: OmniServicer, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
+    """A started grpc.aio server with Omni, health and reflection (outside Ray: tests, single-process use);
+    returns it and its port."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    omni_pb2_grpc.add_OmniServicer_to_server(servicer, server)
+    await add_standard_services(server, [SERVICE_NAMES["Omni"]])
+    port = server.add_insecure_port(address)
+    await server.start()
+    return server, port
+
+
+# ---- input assembly --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Audio:
+    kind: str  # "encoded" (file bytes) or "pcm16"
+    sample_rate: int
+    channels: int
+    video_id: str
+    data: bytearray = field(default_factory=bytearray)
+
+    def decode(self) -> tuple[dict, AudioInput]:
+        """The stored form (what a chat-message audio part takes: file bytes, or PCM with its rate) and the
+        decoded audio; decoding the stored form later gives the same samples."""
+        if self.kind == "encoded":
+            raw = {"audio": bytes(self.data)} | ({"sample_rate": self.sample_rate} if self.sample_rate else {})
+            return raw, decode_audio(raw["audio"], raw.get("sample_rate"))
+        if self.sample_rate == 0:
+            raise InvalidInput("pcm16 audio needs its sample_rate")
+        if self.channels < 1:
+            raise InvalidInput(f"channels must be >= 1, got {self.channels}")
+        if len(self.data) % (2 * self.channels):
+            raise InvalidInput(f"{len(self.data)} bytes of pcm16 is not a whole number of {self.channels}-channel "
+                               "16-bit samples")
+        pcm = np.frombuffer(bytes(self.data), "<i2")
+        pcm = pcm.reshape(-1, self.channels) if self.channels > 1 else pcm
+        return {"audio": pcm, "sample_rate": self.sample_rate}, decode_audio(pcm, self.sample_rate)
+
+
+@dataclass
+class _TurnInput:
+    """A turn's input parts as they arrive: text pieces, and media by client id in order of their first chunk."""
+
+    texts: list[str] = field(default_factory=list)
+    audios: dict[str, _Audio] = field(default_factory=dict)
+    images: dict[str, bytearray] = field(default_factory=dict)
+    videos: dict[str, tuple[list[bytes], list[float]]] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def add(self, kind: str, part) -> None:
+        if kind == "text":
+            self.texts.append(part.text)
+            self.nbytes += len(part.text.encode())
+        elif kind == "audio":
+            self._add_audio(part)
+        elif kind == "image":
+            self.images.setdefault(part.image_id, bytearray()).extend(part.data)
+            self.nbytes += len(part.data)
+        elif kind == "video_frame":
+            frames, times = self.videos.setdefault(part.video_id, ([], []))
+            frames.append(part.image)
+            times.append(part.timestamp_s)
+            self.nbytes += len(part.image)
+
+    def _add_audio(self, part: omni_pb2.AudioInput) -> None:
+        kind = part.WhichOneof("data")
+        if kind is None:
+            raise InvalidInput(f"audio {part.audio_id!r}: a chunk needs encoded or pcm16 data")
+        audio = self.audios.get(part.audio_id)
+        if audio is None:
+            audio = self.audios[part.audio_id] = _Audio(kind, part.sample_rate, part.channels or 1, part.video_id)
+        elif (kind != audio.kind or part.sample_rate not in (0, audio.sample_rate)
+              or part.channels not in (0, audio.channels) or part.video_id not in ("", audio.video_id)):
+            raise InvalidInput(f"audio {part.audio_id!r}: a chunk's format, sample rate, channels or video differ "
+                               "from its first chunk's")
+        data = getattr(part, kind)
+        audio.data.extend(data)
+        self.nbytes += len(data)
+
+    def request(self, options: TurnRequest, history: list[dict]) -> tuple[TurnRequest, dict]:
+        """Decode the media (CPU work: run in a thread) into the TurnRequest, and the user message to store in the
+        session, in the chat-message format of `build_turn`'s history and the same part order as its new turn."""
+        audios, stored = [], []
+        tracks: dict[str, tuple[dict, AudioInput]] = {}
+        for audio_id, audio in self.audios.items():
+            raw, decoded = _at(f"audio {audio_id!r}", audio.decode)
+            if not audio.video_id:
+                audios.append(decoded)
+                stored.append({"type": "audio", **raw})
+            elif audio.video_id not in self.videos:
+                raise InvalidInput(f"audio {audio_id!r} is the track of video {audio.video_id!r}, which has no frames")
+            elif audio.video_id in tracks:
+                raise InvalidInput(f"video {audio.video_id!r} has more than one audio track")
+            else:
+                tracks[audio.video_id] = raw, decoded
+        stored += [{"type": "image", "image": bytes(data)} for data in self.images.values()]
+        videos = []
+        for video_id, (frames, times) in self.videos.items():
+            raw, decoded = tracks.get(video_id, ({}, None))
+            videos.append(_at(f"video {video_id!r}", load_video, frames, times, decoded))
+            video = {"frames": frames, "timestamps": times}
+            if raw:
+                video["audio"] = raw["audio"]
+                if "sample_rate" in raw:
+                    video["audio_sample_rate"] = raw["sample_rate"]
+            stored.append({"type": "video", "video": video})
+        text = "".join(self.texts) or None
+        if text and text.strip():
+            stored.append({"type": "text", "text": text})
+        req = replace(options, text=text, audios=audios, images=[bytes(d) for d in self.images.values()],
+                      videos=videos, history=history)
+        return req, {"role": "user", "content": stored}
+
+
+def _at(where: str, fn, *args):
+    """Call a decoder; prefix its domain error with which input it was."""
+    try:
+        return fn(*args)
+    except (InvalidInput, ResourceExhausted) as e:
+        raise type(e)(f"{where}: {e}") from e
+
+
+def _sampling(p: common_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(**{f: getattr(p, f) for f in _SAMPLING_FIELDS if p.HasField(f)})
+
+
+# ---- output ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    """What the client has been sent so far: the summary of a cancelled turn."""
+
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    num_samples: int = 0
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, TextDelta):
+            self.texts.append(event.text)
+            self.token_ids.extend(event.token_ids)
+        elif isinstance(event, AudioChunk):
+            self.num_samples += len(event.samples)
+
+
+def _event_message(event: TextDelta | AudioChunk) -> omni_pb2.ConverseResponse:
+    if isinstance(event, TextDelta):
+        return omni_pb2.ConverseResponse(text=omni_pb2.TextDelta(text=event.text, token_ids=event.token_ids))
+    return omni_pb2.ConverseResponse(audio=omni_pb2.AudioChunk(seq=event.seq, pcm16=event.pcm16,
+                                                               sample_rate=event.sample_rate))
+
+
+def _summary_message(s: TurnSummary) -> omni_pb2.ConverseResponse:
+    return omni_pb2.ConverseResponse(summary=omni_pb2.TurnSummary(
+        text=s.text, thinker_token_ids=s.thinker_token_ids, codes=[common_pb2.CodecFrame(codes=f) for f in s.codes],
+        sample_rate=s.sample_rate, num_samples=s.num_samples, speaker=s.speaker or "",
+        finish_reason=_FINISH[s.finish_reason], timings=s.timings,
+    ))
+
+
+# ---- stream plumbing -------------------------------------------------------------------------------------------
+
+
+async def _read(context: grpc.aio.ServicerContext) -> omni_pb2.ConverseRequest | None:
+    msg = await context.read()
+    return None if msg is grpc.aio.EOF else msg
+
+
+async def _drain(context: grpc.aio.ServicerContext) -> None:
+    """Read and drop the rest of a failed turn's input, up to its end: ending the call while the client still
+    writes would turn its write into INTERNAL instead of this call's status (grpc.aio, grpc/grpc#36066)."""
+    while (msg := await _read(context)) is not None and msg.WhichOneof("kind") not in ("end_of_turn", "cancel"):
+        pass
+
+
+class _Inbox:
+    """The client's messages after end_of_turn: a cancel (the only one allowed there), then its half-close."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self.cancelled = asyncio.Event()
+        self.task = asyncio.create_task(self._read(context))
+
+    async def _read(self, context: grpc.aio.ServicerContext) -> None:
+        while (msg := await _read(context)) is not None:
+            if (kind := msg.WhichOneof("kind")) != "cancel":
+                raise InvalidInput(f"{kind or 'an empty message'} after end_of_turn: only cancel may follow it")
+            self.cancelled.set()
+
+
+async def _finish(*tasks: asyncio.Task) -> None:
+    """Cancel the tasks and wait until their cleanup has run (the conductor closes every stage's stream)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: a finished task's error was raised already, or is moot after cancel

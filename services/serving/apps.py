@@ -1,0 +1,395 @@
+"""Ray Serve applications: one per stage plus the gateway. A Serve config (`deploy/*.yaml`) names each builder
+below with its `args` and sets each deployment's resources, replicas and autoscaling.
+
+    client ── Omni/Converse ──> Serve's gRPC proxy ──> omni: Gateway ── conducts each turn ──┐
+                                                                                            │ direct gRPC to a
+        audio: AudioEncoder   vision: VisionEncoder   thinker: Thinker   code2wav: Code2Wav <┤ replica's own port
+        talker: Talker ── direct gRPC, every frame ──> mtp: MTP                             <┘ (routes.py)
+
+Every application's ingress implements its gRPC service, so Serve's proxy serves each one (the `application`
+metadata picks the app: `grpcurl -H 'application: thinker' ...`), `grpc.health.v1.Health/Check` included. The
+client's Converse takes that route: a turn sends a few messages in and ~13 audio packets a second out, so the
+proxy's ~2 ms per message is noise, and in return every turn is a Serve request (one address for all replicas,
+`max_ongoing_requests` backpressure, Serve's request metrics and autoscaling). Stage replicas serve the same
+servicer on their own port too, and that is the route peers take (`services.serving.routes` says why).
+
+Builders only bind; weights load in the replicas (`model` is read there: `omni serve` makes it absolute). Serve
+imports this module to run a builder, in a task per application: the replicas import torch and the engines in
+their constructors, so that building costs ~2 s of imports instead of ~10.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import Any, Literal, NoReturn
+
+import grpc
+import ray
+from grpc_health.v1 import health_pb2
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve import Application
+
+from services.serving.autoscaling import STAGE_CALLS
+from services.wire.server import SERVICE_NAMES
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 10.0  # after DRAIN_S, streams in flight get this long; keep graceful_shutdown_timeout_s above both
+STAGES = ("audio", "vision", "thinker", "talker", "code2wav")  # services.remote.STAGE_KEYS, which imports torch
+
+
+# ---- builder arguments (a Serve config's `args`) --------------------------------------------------------------
+
+
+class StageArgs(BaseModel):
+    model: str = Field(description="checkpoint directory (Hugging Face layout); a relative path is read from the "
+                                   "replica's working directory")
+    device: str = Field("cpu", description="torch device of the stage's weights, e.g. 'cpu' or 'cuda' (Ray "
+                                           "assigns the replica its GPUs)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weight dtype")
+
+    def engine_config(self):
+        from services.config import EngineConfig
+
+        return EngineConfig(device=self.device, dtype=self.dtype)
+
+
+class TalkerArgs(StageArgs):
+    mtp_app: str = Field("mtp", description="name of the MTP application the Talker calls every frame")
+
+
+class GatewayArgs(BaseModel):
+    model: str = Field(description="checkpoint directory: the gateway reads its config and processor only")
+    redis_url: str | None = Field(None, description="session store shared by gateway replicas, e.g. "
+                                                    "redis://host:6379/0; unset: sessions live in each replica")
+    stages: dict[str, str] = Field(default_factory=lambda: {stage: stage for stage in STAGES},
+                                   description="stage application names by stage (audio, vision, thinker, talker, "
+                                               "code2wav); without talker and code2wav answers are text only")
+    # Unset: OmniServicer's defaults.
+    max_request_bytes: int | None = Field(None, gt=0, description="input bytes accepted per turn")
+    default_deadline_s: float | None = Field(None, gt=0, description="cap on a turn's duration")
+    stage_timeout_s: float | None = Field(None, gt=0, description="longest wait for a stage's next output")
+
+
+# ---- what every stage replica shares ----------------------------------------------------------------------------
+
+
+class CountedStage:
+    """A stage (`services.stages` object) whose calls in progress are counted. Peers call a replica's own port,
+    past Serve's request counting, so this count is the replica's load for Serve's autoscaler."""
+
+    def __init__(self, stage):
+        self.stage = stage
+        self.ongoing = 0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.stage, name)
+        if inspect.isasyncgenfunction(attr):
+            return functools.partial(self._stream, attr)
+        if inspect.iscoroutinefunction(attr):
+            return functools.partial(self._call, attr)
+        return attr
+
+    async def _call(self, method, *args, **kwargs):
+        self.ongoing += 1
+        try:
+            return await method(*args, **kwargs)
+        finally:
+            self.ongoing -= 1
+
+    async def _stream(self, method, *args, **kwargs):
+        self.ongoing += 1
+        try:
+            async with aclosing(method(*args, **kwargs)) as items:
+                async for item in items:
+                    yield item
+        finally:
+            self.ongoing -= 1
+
+
+class _StageReplica:
+    """A stage replica: its servicer on its own port (the peers' route), its address for them (`grpc_address`,
+    asked by `routes.ReplicaSet`), its load for Serve, health through the proxy, and a drained shutdown."""
+
+    servicer: Any
+    stage: CountedStage
+    peers: tuple = ()  # the routes.ReplicaSets this replica calls (the Talker's MTP)
+
+    async def _serve(self, stage, servicer_cls: Callable, *servicer_args) -> None:
+        from services.servicers import serve_stage
+
+        self.stage = CountedStage(stage)
+        self.servicer = servicer_cls(self.stage, *servicer_args)
+        self._server, port = await serve_stage(self.servicer)
+        self._address = f"{ray.util.get_node_ip_address()}:{port}"
+        log.info("%s replica serving on %s", self.servicer.service, self._address)
+
+    def grpc_address(self) -> str:
+        return self._address
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {STAGE_CALLS: self.stage.ongoing}
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
+        return _health(request, self.servicer.service, grpc_context)
+
+    async def __del__(self):
+        from services.serving.routes import DRAIN_S
+
+        # Serve has stopped routing to this replica; peers drop it from their lists within DRAIN_S.
+        await asyncio.sleep(DRAIN_S)
+        if hasattr(self, "_server"):
+            await self._server.stop(STOP_GRACE_S)
+        for peer in self.peers:
+            await peer.close()
+
+
+@serve.deployment(name="AudioEncoder")
+class AudioEncoderReplica(_StageReplica):
+    async def __init__(self, args: StageArgs):
+        from services.engines.audio_encoder import AudioEncoderEngine
+        from services.servicers.audio_encoder import AudioEncoderServicer
+        from services.stages import LocalAudioEncoder
+
+        engine = await asyncio.to_thread(AudioEncoderEngine.from_checkpoint, args.model, args.engine_config())
+        await self._serve(LocalAudioEncoder(engine), AudioEncoderServicer)
+
+    async def EncodeAudio(self, requests, grpc_context) -> AsyncIterator:
+        async for msg in proxied(self.servicer.EncodeAudio, requests, grpc_context):
+            yield msg
+
+
+@serve.deployment(name="VisionEncoder")
+class VisionEncoderReplica(_StageReplica):
+    async def __init__(self, args: StageArgs):
+        from services.engines.vision_encoder import VisionEncoderEngine
+        from services.servicers.vision_encoder import VisionEncoderServicer
+        from services.stages import LocalVisionEncoder
+
+        engine = await asyncio.to_thread(VisionEncoderEngine.from_checkpoint, args.model, args.engine_config())
+        await self._serve(LocalVisionEncoder(engine), VisionEncoderServicer)
+
+    async def EncodeVision(self, requests, grpc_context) -> AsyncIterator:
+        async for msg in proxied(self.servicer.EncodeVision, requests, grpc_context):
+            yield msg
+
+
+@serve.deployment(name="Thinker")
+class ThinkerReplica(_StageReplica):
+    async def __init__(self, args: StageArgs):
+        from services.checkpoint.loading import Checkpoint
+        from services.engines.thinker import ThinkerEngine
+        from services.servicers.thinker import ThinkerServicer
+        from services.stages import LocalThinker
+
+        ckpt = Checkpoint.open(args.model)
+        engine = await asyncio.to_thread(ThinkerEngine.from_checkpoint, ckpt, args.engine_config())
+        await self._serve(LocalThinker(engine), ThinkerServicer, thinker_stop_ids(ckpt))
+
+    async def Think(self, requests, grpc_context) -> AsyncIterator:
+        async for msg in proxied(self.servicer.Think, requests, grpc_context):
+            yield msg
+
+
+@serve.deployment(name="Talker")
+class TalkerReplica(_StageReplica):
+    async def __init__(self, args: TalkerArgs):
+        from services.engines.talker import TalkerEngine
+        from services.remote import RemoteMTP
+        from services.servicers.talker import TalkerServicer
+        from services.serving.routes import ReplicaSet, RoutedMTP
+        from services.stages import LocalTalker
+
+        engine = await asyncio.to_thread(TalkerEngine.from_checkpoint, args.model, args.engine_config())
+        mtp = ReplicaSet(args.mtp_app, RemoteMTP)  # one stream per MTP replica, shared by this replica's requests
+        self.peers = (mtp,)
+        await self._serve(LocalTalker(engine, RoutedMTP(mtp)), TalkerServicer)
+
+    async def Speak(self, requests, grpc_context) -> AsyncIterator:
+        async for msg in proxied(self.servicer.Speak, requests, grpc_context):
+            yield msg
+
+
+@serve.deployment(name="MTP")
+class MTPReplica(_StageReplica):
+    async def __init__(self, args: StageArgs):
+        from services.engines.mtp import MTPEngine
+        from services.servicers.mtp import MTPServicer
+        from services.stages import LocalMTP
+
+        engine = await asyncio.to_thread(MTPEngine.from_checkpoint, args.model, args.engine_config())
+        await self._serve(LocalMTP(engine), MTPServicer)
+
+    async def Predict(self, requests, grpc_context) -> AsyncIterator:
+        async for msg in proxied(self.servicer.Predict, requests, grpc_context):
+            yield msg
+
+
+@serve.deployment(name="Code2Wav")
+class Code2WavReplica(_StageReplica):
+    async def __init__(self, args: StageArgs):
+        from services.engines.code2wav import Code2WavEngine
+        from services.servicers.code2wav import Code2WavServicer
+        from services.stages import LocalCode2Wav
+
+        engine = await asyncio.to_thread(Code2WavEngine.from_checkpoint, args.model, args.engine_config())
+        await self._serve(LocalCode2Wav(engine), Code2WavServicer, engine.sample_rate)
+
+    async def Decode(self, requests, grpc_context) -> AsyncIterator:
+        async for msg in proxied(self.servicer.Decode, requests, grpc_context):
+            yield msg
+
+
+@serve.deployment(name="Gateway")
+class GatewayReplica:
+    """The client API. It loads no weights: the processor (preprocessing runs here) and the checkpoint's config."""
+
+    async def __init__(self, args: GatewayArgs):
+        from services.checkpoint.loading import Checkpoint
+        from services.engines.code2wav import SAMPLE_RATE
+        from services.gateway import OmniServicer
+        from services.serving.routes import routed_stages
+        from services.sessions import make_session_store
+
+        ckpt = Checkpoint.open(args.model)
+        processor = await asyncio.to_thread(_load_processor, ckpt)
+        speakers = {name.lower(): sid for name, sid in ckpt.config.talker_config.speaker_id.items()}
+        self.stages = routed_stages(args.stages, processor, speakers, thinker_stop_ids(ckpt), SAMPLE_RATE)
+        self.sessions = make_session_store(args.redis_url)
+        limits = args.model_dump(include={"max_request_bytes", "default_deadline_s", "stage_timeout_s"},
+                                 exclude_none=True)
+        self.servicer = OmniServicer(self.stages, self.sessions, **limits)
+
+    async def Converse(self, requests, grpc_context) -> AsyncIterator:
+        async for msg in proxied(self.servicer.Converse, requests, grpc_context):
+            yield msg
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
+        return _health(request, "Omni", grpc_context)
+
+    async def __del__(self):
+        from services.serving.routes import close_routed
+
+        await close_routed(self.stages)
+        await self.sessions.close()
+
+
+# ---- builders: `import_path: services.serving.apps:<name>` ------------------------------------------------------
+
+
+def audio_encoder_app(args: dict) -> Application:
+    return AudioEncoderReplica.bind(StageArgs.model_validate(args))
+
+
+def vision_encoder_app(args: dict) -> Application:
+    return VisionEncoderReplica.bind(StageArgs.model_validate(args))
+
+
+def thinker_app(args: dict) -> Application:
+    return ThinkerReplica.bind(StageArgs.model_validate(args))
+
+
+def talker_app(args: dict) -> Application:
+    return TalkerReplica.bind(TalkerArgs.model_validate(args))
+
+
+def mtp_app(args: dict) -> Application:
+    return MTPReplica.bind(StageArgs.model_validate(args))
+
+
+def code2wav_app(args: dict) -> Application:
+    return Code2WavReplica.bind(StageArgs.model_validate(args))
+
+
+def gateway_app(args: dict) -> Application:
+    return GatewayReplica.bind(GatewayArgs.model_validate(args))
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+
+
+def thinker_stop_ids(ckpt) -> frozenset[int]:
+    # As services.engines.bundle: the reference stops the Thinker on <|im_end|> only.
+    return frozenset({ckpt.config.im_end_token_id})
+
+
+def _load_processor(ckpt):
+    from transformers import AutoProcessor
+
+    from services.errors import CheckpointError
+
+    try:
+        return AutoProcessor.from_pretrained(ckpt.path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt.path}: cannot load the processor/tokenizer: {e}") from e
+
+
+def _health(request: health_pb2.HealthCheckRequest, service: str, grpc_context) -> health_pb2.HealthCheckResponse:
+    """grpc.health.v1 Check through Serve's proxy: a replica answers only once its weights are loaded."""
+    if request.service not in ("", SERVICE_NAMES[service]):
+        grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+        grpc_context.set_details(f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse()
+    return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+_DONE = object()
+
+
+async def proxied(method: Callable, requests, grpc_context) -> AsyncIterator:
+    """Run a grpc.aio servicer method for a call through Serve's gRPC proxy: `requests` is Serve's request stream
+    (`ray.serve.grpc_util.gRPCInputStream`); what the method yields or writes with `context.write` comes out here;
+    its `context.abort` sets the status the proxy returns."""
+    context = _ProxyContext(requests, grpc_context)
+    call = method(requests, context)
+    if inspect.isasyncgen(call):
+        async with aclosing(call):
+            async for msg in call:
+                yield msg
+        return
+
+    async def run():
+        try:
+            await call
+        finally:
+            context.responses.put_nowait(_DONE)
+
+    task = asyncio.ensure_future(run())
+    try:
+        while (msg := await context.responses.get()) is not _DONE:
+            yield msg
+        await task  # the method's error, if any
+    finally:
+        task.cancel()  # the client went away: the method cleans up on its cancellation
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class _ProxyContext:
+    """What the servicers use of grpc.aio.ServicerContext, for a call through Serve's gRPC proxy."""
+
+    def __init__(self, requests, grpc_context):
+        self._requests = requests
+        self._grpc_context = grpc_context  # ray.serve.grpc_util.RayServegRPCContext
+        self.responses: asyncio.Queue = asyncio.Queue()  # unbounded: write() never blocks the method's cleanup
+
+    async def read(self):
+        return await anext(self._requests, grpc.aio.EOF)
+
+    async def write(self, message) -> None:
+        self.responses.put_nowait(message)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
+        self._grpc_context.set_code(code)
+        self._grpc_context.set_details(details)
+        raise grpc.aio.AbortError(details)  # Serve returns the code set above for an exception
+
+    def time_remaining(self) -> None:
+        # The proxy does not pass the client's deadline on; when it expires the proxy's call ends, which cancels
+        # this request and runs the method's cleanup.
+        return None

@@ -1,0 +1,244 @@
+"""Inter-stage routes: how the gateway reaches the stages and a Talker replica reaches MTP.
+
+The route (DESIGN.md section 3). Through Serve's gRPC proxy every inbound message of a stream is one actor call
+(1.9 ms measured, against 0.13 ms for grpc.aio on loopback), too slow for the per-frame loops: Talker -> MTP every
+frame, gateway -> Code2Wav frames, gateway <-> Talker tokens and frames. So every stage replica also serves its
+servicer on its own port (`services.servicers.serve_stage`) and peers stream to it directly, paying plain gRPC per
+message and nothing else:
+
+    peer ── ReplicaSet.client(): the replica with the fewest calls in flight ── grpc.aio stream ──> replica
+      └─ while calls flow, every REFRESH_S: handle.broadcast("grpc_address") ── Serve's live replicas
+
+- The replicas are Serve's: `DeploymentHandle.broadcast` reaches every running replica of the stage's application,
+  and each answers with its address. The list is refreshed in the background while calls flow and is never used
+  when older than MAX_AGE_S; a replica that Serve stops keeps serving for DRAIN_S first (`apps.py`), so no peer
+  picks a replica that is gone. New replicas (autoscaling) get calls within REFRESH_S.
+- One replica per call: the fewest calls in flight from this process, round robin among ties, so two replicas
+  share even sequential calls. A call is one stream (one turn's Thinker, Talker or Code2Wav work); MTP is called
+  per frame, each frame going to the least busy MTP replica over one stream per replica (`RemoteMTP`).
+- Serve still sees the load: each replica counts the stage calls it runs and reports them with
+  `record_autoscaling_stats`, which `services.serving.autoscaling.stage_load_policy` adds to Serve's own count.
+Rejected (docs/serving.md has the measurements and Serve's source): Serve routing each stage call (a lease method
+called with `handle.remote`, or `choose_replica`) would count the load natively but costs a handle call per stage
+call, ~10 ms measured on 2 busy cores, several times before the first audio packet, and a lease whose caller dies is
+never released; Serve's direct ingress is a cluster-wide flag that also removes the proxies off the head node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
+from typing import Generic, TypeVar
+
+import grpc
+from torch import Tensor
+
+from services.engines.mtp import MTPResult
+from services.engines.sampling import SamplingParams
+from services.engines.talker import TalkerPrompt
+from services.engines.thinker import ThinkerPrompt
+from services.engines.vision_encoder import VisionEmbeddings
+from services.remote import (
+    STAGE_KEYS,
+    RemoteAudioEncoder,
+    RemoteCode2Wav,
+    RemoteMTP,
+    RemoteTalker,
+    RemoteThinker,
+    RemoteVisionEncoder,
+)
+from services.servicers.status import StageError
+from services.stages import Stages, ThinkerToken
+from services.wire.server import GRPC_OPTIONS
+
+log = logging.getLogger(__name__)
+
+REFRESH_S = 2.0  # refresh the replica list in the background when it is older than this
+MAX_AGE_S = 4.0  # and wait for the refresh when it is older than this
+DRAIN_S = MAX_AGE_S + 1.0  # a stopping replica serves this long first: every peer has dropped it by then
+FETCH_TIMEOUT_S = 10.0
+ADDRESS_METHOD = "grpc_address"  # the replica method answering "host:port" of its own gRPC server
+
+C = TypeVar("C")
+
+
+class ReplicaSet(Generic[C]):
+    """The replicas of one stage application as seen from this process: one channel and one stage client
+    (`client_cls(channel)`) per replica, and a choice of replica per call. Use it from one event loop."""
+
+    def __init__(self, app: str, client_cls: Callable[[grpc.aio.Channel], C],
+                 channel_options: list[tuple[str, int]] = GRPC_OPTIONS):
+        self.app = app
+        self._client_cls = client_cls
+        self._channel_options = channel_options
+        self._handle = None  # the app's DeploymentHandle, fetched on first use: the app may deploy after us
+        self._addresses: list[str] = []
+        self._fetched = -float("inf")  # time.monotonic() of the current list
+        self._error: Exception | None = None  # why the last refresh failed
+        self._refresh: asyncio.Task | None = None
+        self._clients: dict[str, C] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._busy: Counter[str] = Counter()  # calls in flight by address
+        self._turn = 0
+
+    @asynccontextmanager
+    async def client(self) -> AsyncIterator[C]:
+        """The stage client of the least busy replica, held for one call (the whole stream of a streaming call)."""
+        address = self._pick(await self._live())
+        self._busy[address] += 1
+        try:
+            yield self._client(address)
+        finally:
+            self._busy[address] -= 1
+
+    async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self._clients.clear()
+
+    def _pick(self, addresses: list[str]) -> str:
+        fewest = min(self._busy[a] for a in addresses)
+        ties = [a for a in addresses if self._busy[a] == fewest]
+        self._turn += 1
+        return ties[self._turn % len(ties)]
+
+    def _client(self, address: str) -> C:
+        if address not in self._clients:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=self._channel_options)
+            self._clients[address] = self._client_cls(self._channels[address])
+        return self._clients[address]
+
+    async def _live(self) -> list[str]:
+        age = time.monotonic() - self._fetched
+        if age > REFRESH_S and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.create_task(self._fetch())
+        if age > MAX_AGE_S:
+            await asyncio.shield(self._refresh)
+            if time.monotonic() - self._fetched > MAX_AGE_S:  # the refresh failed: the list may name gone replicas
+                raise StageError(grpc.StatusCode.UNAVAILABLE,
+                                 f"no live replica of stage application {self.app!r}: {self._error}")
+        return self._addresses
+
+    async def _fetch(self) -> None:
+        """Ask every running replica for its address; on failure keep the old list (it ages out)."""
+        from ray import serve
+
+        try:
+            if self._handle is None:
+                self._handle = await asyncio.to_thread(serve.get_app_handle, self.app)
+            answers = await self._handle.broadcast(ADDRESS_METHOD).results_async(
+                timeout_s=FETCH_TIMEOUT_S, return_exceptions=True)
+        except Exception as e:  # no controller, no such application, timeout
+            self._error = e
+            log.warning("replicas of %r: %s", self.app, e)
+            return
+        addresses = sorted(a for a in answers if isinstance(a, str))
+        if not addresses:
+            self._error = RuntimeError("no running replica answered")
+            return
+        if addresses != self._addresses:
+            log.info("replicas of %r: %s", self.app, ", ".join(addresses))
+        self._addresses, self._fetched = addresses, time.monotonic()
+        for gone in [a for a in self._channels if a not in addresses and not self._busy[a]]:
+            self._clients.pop(gone)
+            await self._channels.pop(gone).close()
+
+
+class RoutedAudioEncoder:
+    def __init__(self, replicas: ReplicaSet[RemoteAudioEncoder]):
+        self.replicas = replicas
+
+    async def encode(self, input_features: Tensor, feature_attention_mask: Tensor) -> Tensor:
+        async with self.replicas.client() as encoder:
+            return await encoder.encode(input_features, feature_attention_mask)
+
+
+class RoutedVisionEncoder:
+    def __init__(self, replicas: ReplicaSet[RemoteVisionEncoder]):
+        self.replicas = replicas
+
+    async def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> VisionEmbeddings:
+        async with self.replicas.client() as encoder:
+            return await encoder.encode(pixel_values, grid_thw)
+
+
+class RoutedThinker:
+    def __init__(self, replicas: ReplicaSet[RemoteThinker]):
+        self.replicas = replicas
+
+    async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
+                       stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
+        async with self.replicas.client() as thinker, \
+                aclosing(thinker.generate(prompt, sampling, max_new_tokens, stop_ids)) as tokens:
+            async for token in tokens:
+                yield token
+
+
+class RoutedTalker:
+    def __init__(self, replicas: ReplicaSet[RemoteTalker]):
+        self.replicas = replicas
+
+    async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
+                    text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
+        async with self.replicas.client() as talker, \
+                aclosing(talker.speak(prompt, sampling, max_frames, text)) as frames:
+            async for frame in frames:
+                yield frame
+
+
+class RoutedMTP:
+    """Per frame: MTP keeps no state across frames, and frames are seeded per frame (`services.stages.mtp_seed`),
+    so any replica may answer any frame with the same codes."""
+
+    def __init__(self, replicas: ReplicaSet[RemoteMTP]):
+        self.replicas = replicas
+
+    async def predict(self, hidden: Tensor, c0: Tensor, greedy: bool, seed: int | None) -> MTPResult:
+        async with self.replicas.client() as mtp:
+            return await mtp.predict(hidden, c0, greedy, seed)
+
+
+class RoutedCode2Wav:
+    def __init__(self, replicas: ReplicaSet[RemoteCode2Wav]):
+        self.replicas = replicas
+
+    async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
+        async with self.replicas.client() as code2wav, aclosing(code2wav.decode(frames)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+
+def routed_stages(apps: Mapping[str, str], processor, speakers: dict[str, int], stop_ids: frozenset[int],
+                  sample_rate: int) -> Stages:
+    """Stages whose calls go to the replicas of Serve applications: `apps` maps "audio", "vision", "thinker", and
+    for spoken answers "talker" and "code2wav", to application names. The checkpoint facts come from the caller."""
+    unknown, missing = set(apps) - set(STAGE_KEYS), {"audio", "vision", "thinker"} - set(apps)
+    if unknown or missing or ("talker" in apps) != ("code2wav" in apps):
+        raise ValueError(f"stage applications needed: audio, vision and thinker, and talker with code2wav, of "
+                         f"{', '.join(STAGE_KEYS)}; got {sorted(apps)}")
+    talker = RoutedTalker(ReplicaSet(apps["talker"], RemoteTalker)) if "talker" in apps else None
+    return Stages(
+        processor=processor,
+        audio=RoutedAudioEncoder(ReplicaSet(apps["audio"], RemoteAudioEncoder)),
+        vision=RoutedVisionEncoder(ReplicaSet(apps["vision"], RemoteVisionEncoder)),
+        thinker=RoutedThinker(ReplicaSet(apps["thinker"], RemoteThinker)),
+        talker=talker,
+        code2wav=RoutedCode2Wav(ReplicaSet(apps["code2wav"], RemoteCode2Wav)) if talker else None,
+        speakers=speakers if talker else {},
+        stop_ids=stop_ids,
+        sample_rate=sample_rate,
+    )
+
+
+async def close_routed(stages: Stages) -> None:
+    """Close the channels of `routed_stages`."""
+    for stage in (stages.audio, stages.vision, stages.thinker, stages.talker, stages.code2wav):
+        if stage is not None:
+            await stage.replicas.close()

@@ -1,0 +1,116 @@
+"""`omni serve`: a local Ray cluster running every application of a Serve config, until Ctrl-C.
+
+    omni serve [--model DIR] [--config deploy/local.yaml] [--port P] [--metrics-port M]
+
+The config is a plain Serve config (`serve deploy` and KubeRay's serveConfigV2 take it as it is); this command
+adds what a single machine needs: it starts Ray with token auth off (RAY_AUTH_MODE=disabled) and Prometheus
+metrics on --metrics-port, points every application's `model` at --model (made absolute: replicas read it from
+their own working directory), deploys the applications as `serve run <config>` does, waits until all are RUNNING
+and prints the address clients call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import time
+from pathlib import Path
+from typing import NoReturn
+
+import yaml
+
+from services.errors import OmniError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
+POLL_S = 1.0
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="checkpoint directory for every application (default: each application's "
+                                        "`model` arg in the config)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Ray Serve config file (default: %(default)s)")
+    parser.add_argument("--port", type=int, help="gRPC port clients call (default: the config's grpc_options.port)")
+    parser.add_argument("--metrics-port", type=int, help="port of Ray's Prometheus endpoint (default: one Ray picks, "
+                                                         "printed)")
+
+
+def load_config(path: str | Path, model: str | Path | None = None, port: int | None = None):
+    """The config as a `ray.serve.schema.ServeDeploySchema`, with `model` (when given) in every application that
+    takes one, every `model` path absolute, and `port` (when given) as the gRPC port."""
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        config = ServeDeploySchema.model_validate(raw)
+    except (OSError, yaml.YAMLError, ValueError) as e:
+        raise OmniError(f"{path}: not a valid Ray Serve config: {e}") from e
+    for app in config.applications:
+        if "model" in app.args:
+            app.args["model"] = str(Path(model if model is not None else app.args["model"]).resolve())
+    if port is not None:
+        config.grpc_options.port = port
+    return config
+
+
+def start_applications(config) -> None:
+    """Start Serve with the config's proxy options and deploy its applications (as `serve run <config>` does)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    serve.start(proxy_location=config.proxy_location, http_options=config.http_options.model_dump(),
+                grpc_options=config.grpc_options.model_dump())
+    _get_global_client().deploy_apps(config)
+
+
+def wait_until_running(config, timeout_s: float | None = None) -> None:
+    """Block until every application of the config is RUNNING; raise if one fails to deploy (or on timeout)."""
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    names = [app.name for app in config.applications]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        failed = [f"{n}: {apps[n].message}" for n in names
+                  if n in apps and apps[n].status == ApplicationStatus.DEPLOY_FAILED]
+        if failed:
+            raise OmniError("deploying failed: " + "; ".join(failed))
+        pending = [n for n in names if n not in apps or apps[n].status != ApplicationStatus.RUNNING]
+        if not pending:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise OmniError(f"not running after {timeout_s:.0f} s: {', '.join(pending)}")
+        time.sleep(POLL_S)
+
+
+def _interrupt(signum, frame) -> NoReturn:
+    """SIGTERM (a service manager, `kill`) stops as cleanly as Ctrl-C."""
+    raise KeyboardInterrupt
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    config = load_config(args.config, args.model, args.port)
+    for model in sorted({app.args["model"] for app in config.applications if "model" in app.args}):
+        if not Path(model).is_dir():
+            raise OmniError(f"checkpoint directory {model} does not exist (write a tiny one with "
+                            f"`omni checkpoint tiny {model}`, or pass --model DIR)")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a new local cluster would otherwise require a token
+    signal.signal(signal.SIGTERM, _interrupt)
+    context = ray.init(_metrics_export_port=args.metrics_port)
+    try:
+        start_applications(config)
+        wait_until_running(config)
+        print(f"omni serve: ready on 127.0.0.1:{config.grpc_options.port}", flush=True)
+        print(f"omni serve: Omni/Converse with gRPC metadata application=omni; Prometheus metrics on "
+              f"http://127.0.0.1:{context.address_info['metrics_export_port']}/metrics; Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("omni serve: shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,259 @@
+"""The Ray Serve layer: the deploy configs, and a real local cluster running deploy/local.yaml with the tiny
+checkpoint (one cluster for the module), called over gRPC through Serve's proxy and the replicas' own ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.errors import OmniError
+from services.serving import serve_cmd
+from services.serving.autoscaling import STAGE_CALLS, stage_load_policy
+from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc, thinker_pb2, thinker_pb2_grpc
+from services.wire.server import SERVICE_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [ROOT / "deploy" / "local.yaml", ROOT / "deploy" / "gpu.yaml"]
+SERVICES = {"omni": "Omni", "audio": "AudioEncoder", "vision": "VisionEncoder", "thinker": "Thinker",
+            "talker": "Talker", "mtp": "MTP", "code2wav": "Code2Wav"}
+TEXT = "Hello! Who are you?"
+MAX_NEW_TOKENS, MAX_FRAMES = 6, 10
+
+
+# ---- configs (no cluster) ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_is_a_serve_config_whose_builders_bind(path):
+    from ray._common.utils import import_attr
+
+    config = serve_cmd.load_config(path)  # ServeDeploySchema validation
+    assert {app.name for app in config.applications} == set(SERVICES)
+    for fn in config.grpc_options.grpc_servicer_functions:
+        assert callable(import_attr(fn))
+    for app in config.applications:
+        assert app.route_prefix  # None would make every gRPC call to it NOT_FOUND
+        bound = import_attr(app.import_path)(app.args)  # builders validate their args and only bind
+        # The config's deployment options apply by name: they must name the builder's deployment.
+        assert [d.name for d in app.deployments] == [bound._bound_deployment.name]
+        assert Path(app.args["model"]).is_absolute()
+        options = app.deployments[0].model_dump(exclude_unset=True)
+        if policy := options.get("autoscaling_config", {}).get("policy"):
+            assert import_attr(policy["policy_function"]) is stage_load_policy
+
+
+def test_load_config_overrides_model_and_port(tmp_path):
+    config = serve_cmd.load_config(CONFIGS[0], model=tmp_path, port=12345)
+    assert config.grpc_options.port == 12345
+    assert {app.args["model"] for app in config.applications} == {str(tmp_path.resolve())}
+
+
+def test_serve_refuses_a_missing_checkpoint_before_starting_ray(tmp_path):
+    import ray
+
+    args = SimpleNamespace(config=str(CONFIGS[0]), model=str(tmp_path / "missing"), port=None, metrics_port=None)
+    with pytest.raises(OmniError, match="does not exist"):
+        serve_cmd.run_serve(args)
+    assert not ray.is_initialized()
+
+
+def test_gpu_config_places_every_stage_on_a_gpu():
+    config = serve_cmd.load_config(CONFIGS[1])
+    gpus = {app.name: app.deployments[0].model_dump(exclude_unset=True)["ray_actor_options"].get("num_gpus", 0)
+            for app in config.applications}
+    assert gpus.pop("omni") == 0 and gpus.pop("thinker") == 1
+    assert sum(gpus.values()) <= 1  # the other stages share one more GPU
+    assert all(app.args["dtype"] == "bfloat16" for app in config.applications if app.name != "omni")
+
+
+def test_stage_load_policy_adds_reported_calls_to_serve_requests():
+    ctx = SimpleNamespace(current_num_replicas=2, target_num_replicas=2, total_num_requests=1.0,
+                          aggregated_metrics={STAGE_CALLS: {"r1": 4.0, "r2": 3.0}},
+                          config=SimpleNamespace(get_target_ongoing_requests=lambda: 2.0))
+    assert stage_load_policy(ctx) == (4.0, {})  # (1 + 4 + 3) / 2
+    assert stage_load_policy(SimpleNamespace(**{**vars(ctx), "current_num_replicas": 0}))[0] == 2
+
+
+# ---- a running deployment -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_ckpt):
+    """deploy/local.yaml on a fresh local Ray cluster, with two Talker replicas."""
+    import ray
+    from ray import serve
+
+    config = serve_cmd.load_config(CONFIGS[0], model=tiny_ckpt, port=_free_port())
+    config.http_options.port = _free_port()
+    talker = next(app for app in config.applications if app.name == "talker")
+    talker.deployments[0].num_replicas = 2
+    metrics_port = _free_port()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})
+    try:
+        serve_cmd.start_applications(config)
+        serve_cmd.wait_until_running(config, timeout_s=300)
+        yield SimpleNamespace(address=f"127.0.0.1:{config.grpc_options.port}", metrics_port=metrics_port)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _replica_addresses(app: str) -> list[str]:
+    from ray import serve
+
+    return serve.get_app_handle(app).broadcast("grpc_address").results(timeout_s=30)
+
+
+async def test_every_route_is_healthy(cluster):
+    async with grpc.aio.insecure_channel(cluster.address) as proxy:
+        for app, service in SERVICES.items():
+            answer = await health_pb2_grpc.HealthStub(proxy).Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service]), metadata=(("application", app),),
+                timeout=30)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, app
+    for app, service in SERVICES.items():
+        if app == "omni":  # the gateway's route is the proxy only
+            continue
+        addresses = await asyncio.to_thread(_replica_addresses, app)
+        assert len(addresses) == (2 if app == "talker" else 1)
+        for address in addresses:
+            async with grpc.aio.insecure_channel(address) as channel:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service]), timeout=30)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING, (app, address)
+
+
+def _turn(speaker: str = "ethan", max_new_tokens: int = MAX_NEW_TOKENS, max_audio_frames: int = MAX_FRAMES):
+    config = omni_pb2.ConverseConfig(speaker=speaker, max_new_tokens=max_new_tokens,
+                                     max_audio_frames=max_audio_frames,
+                                     thinker_sampling=common_pb2.SamplingParams(greedy=True))
+    return [omni_pb2.ConverseRequest(config=config), omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text=TEXT)),
+            omni_pb2.ConverseRequest(end_of_turn=omni_pb2.EndOfTurn())]
+
+
+def _converse_call(channel: grpc.aio.Channel, requests) -> grpc.aio.StreamStreamCall:
+    # Several applications share Serve's proxy: the metadata picks the gateway's.
+    return omni_pb2_grpc.OmniStub(channel).Converse(iter(requests), metadata=(("application", "omni"),), timeout=120)
+
+
+async def _converse(address: str) -> tuple[omni_pb2.TurnSummary, bytes]:
+    pcm, summary = bytearray(), None
+    async with grpc.aio.insecure_channel(address) as channel:
+        async for msg in _converse_call(channel, _turn()):
+            kind = msg.WhichOneof("kind")
+            if kind == "audio":
+                pcm += msg.audio.pcm16
+            elif kind == "summary":
+                summary = msg.summary
+    return summary, bytes(pcm)
+
+
+@pytest.fixture(scope="module")
+def in_process(tiny_ckpt):
+    """The same turn conducted in this process over the engines: what every route must reproduce."""
+    from services.conductor import Conductor, TurnRequest
+    from services.engines.bundle import Engines
+    from services.events import AudioChunk, TurnSummary
+    from services.stages import Stages
+
+    async def run():
+        conductor = Conductor(Stages.local(Engines.load(tiny_ckpt)))
+        pcm, summary = bytearray(), None
+        async for event in conductor.run(TurnRequest(text=TEXT, max_new_tokens=MAX_NEW_TOKENS,
+                                                     max_audio_frames=MAX_FRAMES)):
+            if isinstance(event, AudioChunk):
+                pcm += event.pcm16
+            elif isinstance(event, TurnSummary):
+                summary = event
+        return summary, bytes(pcm)
+
+    return asyncio.run(run())
+
+
+def _assert_same_turn(got: tuple[omni_pb2.TurnSummary, bytes], want) -> None:
+    summary, pcm = got
+    assert list(summary.thinker_token_ids) == want[0].thinker_token_ids
+    assert [list(f.codes) for f in summary.codes] == want[0].codes
+    assert summary.num_samples == want[0].num_samples > 0
+    assert pcm == want[1]
+
+
+async def test_converse_through_the_gateway_equals_in_process(cluster, in_process):
+    _assert_same_turn(await _converse(cluster.address), in_process)
+
+
+async def test_two_talker_replicas_share_turns_with_unchanged_results(cluster, in_process):
+    for got in await asyncio.gather(_converse(cluster.address), _converse(cluster.address)):
+        _assert_same_turn(got, in_process)
+    # Each replica's stage metrics carry its replica label on Ray's Prometheus endpoint.
+    deadline, replicas = time.monotonic() + 60, set()
+    while len(replicas) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        body = await asyncio.to_thread(_scrape, cluster.metrics_port)
+        replicas = {m.group(1) for line in body.splitlines()
+                    if line.startswith("ray_omni_stage_ttft_seconds_count") and 'stage="talker"' in line
+                    and (m := re.search(r'replica="([^"]+)"', line))}
+    assert len(replicas) == 2, replicas
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+async def test_errors_keep_their_status_through_the_proxy(cluster):
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as bad_speaker:
+            async for _ in _converse_call(channel, _turn(speaker="nobody")):
+                pass
+        assert bad_speaker.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown speaker" in bad_speaker.value.details()
+        no_start = thinker_pb2.ThinkRequest(prompt_end=thinker_pb2.PromptEnd())
+        with pytest.raises(grpc.aio.AioRpcError) as bad_stream:
+            async for _ in thinker_pb2_grpc.ThinkerStub(channel).Think(
+                    iter([no_start]), metadata=(("application", "thinker"),), timeout=30):
+                pass
+        assert bad_stream.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_client_that_disconnects_frees_every_stage(cluster):
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        call = _converse_call(channel, _turn(max_new_tokens=64, max_audio_frames=2000))
+        async for msg in call:
+            if msg.WhichOneof("kind") == "audio":
+                break
+        assert await asyncio.to_thread(_stage_calls, "code2wav") == 1  # the turn is still speaking
+        call.cancel()
+    stages = [app for app in SERVICES if app != "omni"]
+    deadline, busy = time.monotonic() + 30, None
+    while busy != {} and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        loads = await asyncio.gather(*(asyncio.to_thread(_stage_calls, app) for app in stages))
+        busy = {app: n for app, n in zip(stages, loads) if n}
+    assert busy == {}
+
+
+def _stage_calls(app: str) -> float:
+    """The stage calls in progress over the app's replicas, as they report them to Serve's autoscaler."""
+    from ray import serve
+
+    answers = serve.get_app_handle(app).broadcast("record_autoscaling_stats").results(timeout_s=30)
+    return sum(answer[STAGE_CALLS] for answer in answers)
