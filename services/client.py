@@ -38,10 +38,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput, OmniError
-from services.events import AudioChunk, Event, TextDelta, TurnSummary, float_to_pcm16
+from services.events import AudioChunk, Event, HookEvent, TextDelta, TurnSummary, float_to_pcm16
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
 from services.wire.server import GRPC_OPTIONS
 
@@ -50,6 +51,7 @@ _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    common_pb2.FINISH_REASON_BLOCKED: "blocked",
 }
 
 Audio = str | Path | bytes | tuple[np.ndarray, int]
@@ -113,7 +115,10 @@ class Turn:
             elif kind == "summary":
                 await self._done_writing()  # nothing more to say: lets the server end the call
                 return _summary(msg.summary)
-            # hook events: not part of the event model yet
+            elif kind == "hook_event":
+                e = msg.hook_event
+                return HookEvent(hook=e.hook, type=e.type, message=e.message,
+                                 data=json_format.MessageToDict(e.data) if e.HasField("data") else {})
 
     async def cancel(self, reason: str = "") -> None:
         """Stop the turn; the server still sends the summary of what it made so far."""

@@ -36,12 +36,14 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 import numpy as np
+from google.protobuf.struct_pb2 import Struct
 
 from services import metrics
 from services.conductor import Conductor, TurnRequest
 from services.engines.sampling import SamplingParams
 from services.errors import CheckpointError, DeadlineExceeded, InvalidInput, OmniError, ResourceExhausted
-from services.events import AudioChunk, Event, TextDelta, TurnSummary
+from services.events import AudioChunk, Event, HookEvent, TextDelta, TurnSummary
+from services.hooks import FilterChain
 from services.preprocess import AudioInput, decode_audio, load_video
 from services.sessions import History, SessionStore, SessionStoreError
 from services.stages import Stages
@@ -66,16 +68,18 @@ _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,
     "cancelled": common_pb2.FINISH_REASON_CANCELLED,
+    "blocked": common_pb2.FINISH_REASON_BLOCKED,
 }
 _SAMPLING_FIELDS = ("greedy", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 
 
 class OmniServicer(omni_pb2_grpc.OmniServicer):
-    def __init__(self, stages: Stages, sessions: SessionStore, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 default_deadline_s: float = DEFAULT_DEADLINE_S, stage_timeout_s: float = 300.0):
+    def __init__(self, stages: Stages, sessions: SessionStore, *, hooks: FilterChain | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, default_deadline_s: float = DEFAULT_DEADLINE_S,
+                 stage_timeout_s: float = 300.0):
         self.stages = stages
         self.sessions = sessions
-        self.conductor = Conductor(stages, stage_timeout_s=stage_timeout_s)
+        self.conductor = Conductor(stages, hooks=hooks, stage_timeout_s=stage_timeout_s)
         self.max_request_bytes = max_request_bytes
         self.default_deadline_s = default_deadline_s
         self.active_turns = 0  # turns whose handler has not returned yet (their stages may hold state)
@@ -172,6 +176,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             thinker_sampling=_sampling(config.thinker_sampling) if config.HasField("thinker_sampling")
             else SamplingParams(),
             talker_sampling=_sampling(config.talker_sampling) if config.HasField("talker_sampling") else None,
+            request_id=config.request_id, session_id=config.session_id, metadata=dict(config.metadata),
         )
 
     async def _read_parts(self, context: grpc.aio.ServicerContext) -> _TurnInput | None:
@@ -378,9 +383,14 @@ class _Progress:
             self.num_samples += len(event.samples)
 
 
-def _event_message(event: TextDelta | AudioChunk) -> omni_pb2.ConverseResponse:
+def _event_message(event: TextDelta | AudioChunk | HookEvent) -> omni_pb2.ConverseResponse:
     if isinstance(event, TextDelta):
         return omni_pb2.ConverseResponse(text=omni_pb2.TextDelta(text=event.text, token_ids=event.token_ids))
+    if isinstance(event, HookEvent):
+        data = Struct()
+        data.update({k: v for k, v in event.data.items() if isinstance(v, (str, int, float, bool, type(None)))})
+        return omni_pb2.ConverseResponse(hook_event=common_pb2.HookEvent(
+            hook=event.hook, type=event.type, message=event.message, data=data))
     return omni_pb2.ConverseResponse(audio=omni_pb2.AudioChunk(seq=event.seq, pcm16=event.pcm16,
                                                                sample_rate=event.sample_rate))
 

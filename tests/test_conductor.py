@@ -18,6 +18,7 @@ from services.errors import InvalidInput
 from services.events import AudioChunk, TextDelta, TurnSummary
 from services.preprocess import build_turn
 from services.stages import Stages
+from tests.helpers import SpyTalker
 
 GREEDY = SamplingParams(greedy=True)
 
@@ -220,27 +221,11 @@ def test_stage_and_turn_metrics_are_recorded(conductor, media):
     assert count("omni_stage_errors_total", stage="talker", code="InvalidInput") == errors  # rejected before
 
 
-class _SpyTalker:
-    """Records the token ids the Talker receives."""
-
-    def __init__(self, inner):
-        self.inner, self.received = inner, []
-
-    async def speak(self, prompt, sampling, max_frames, text):
-        async def spy():
-            async for t in text:
-                self.received.append(t)
-                yield t
-
-        async for codes in self.inner.speak(prompt, sampling, max_frames, spy()):
-            yield codes
-
-
 def _with_spy(engines, hooks=None):
     import dataclasses
 
     stages = Stages.local(engines)
-    spy = _SpyTalker(stages.talker)
+    spy = SpyTalker(stages.talker)
     return Conductor(dataclasses.replace(stages, talker=spy), hooks=hooks, stage_timeout_s=120), spy
 
 

@@ -8,7 +8,6 @@ import argparse
 import asyncio
 import json
 import socket
-import threading
 import time
 
 import grpc
@@ -31,24 +30,9 @@ from services.sessions import InProcessSessions
 from services.stages import Stages
 from services.wire.gen.omni.v1 import omni_pb2, omni_pb2_grpc
 from services.wire.server import MAX_MESSAGE_BYTES
+from tests.helpers import LoopThread
 
 MAX_REQUEST_BYTES = 2 << 20  # small, so the per-turn cap is cheap to hit
-
-
-class LoopThread:
-    """An event loop in a thread: the server runs here while tests block in their own loops."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,22 @@ def test_config_is_a_serve_config_whose_builders_bind(path):
             assert import_attr(policy["policy_function"]) is stage_load_policy
 
 
+def test_builders_reject_unknown_args_and_keep_torch_out_of_serve_build_tasks():
+    import subprocess
+    import sys
+
+    from pydantic import ValidationError
+
+    from services.serving.apps import thinker_app
+
+    with pytest.raises(ValidationError):
+        thinker_app({"model": "m", "devcie": "cuda"})
+    # Serve imports the builders' module once per application to build it: no torch there (~8 s each).
+    code = "import sys, services.serving.apps; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
 def test_load_config_overrides_model_and_port(tmp_path):
     config = serve_cmd.load_config(CONFIGS[0], model=tmp_path, port=12345)
     assert config.grpc_options.port == 12345

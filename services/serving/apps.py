@@ -31,7 +31,7 @@ from typing import Any, Literal, NoReturn
 import grpc
 import ray
 from grpc_health.v1 import health_pb2
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
@@ -48,6 +48,8 @@ STAGES = ("audio", "vision", "thinker", "talker", "code2wav")  # services.remote
 
 
 class StageArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt arg in a config fails the deploy instead of vanishing
+
     model: str = Field(description="checkpoint directory (Hugging Face layout); a relative path is read from the "
                                    "replica's working directory")
     device: str = Field("cpu", description="torch device of the stage's weights, e.g. 'cpu' or 'cuda' (Ray "
@@ -65,6 +67,8 @@ class TalkerArgs(StageArgs):
 
 
 class GatewayArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: str = Field(description="checkpoint directory: the gateway reads its config and processor only")
     redis_url: str | None = Field(None, description="session store shared by gateway replicas, e.g. "
                                                     "redis://host:6379/0; unset: sessions live in each replica")

@@ -1,0 +1,38 @@
+"""Small test helpers shared by several test modules."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+
+class LoopThread:
+    """An event loop in a thread: the server runs here while tests block in their own loops."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+
+class SpyTalker:
+    """Records the token ids the Talker receives."""
+
+    def __init__(self, inner):
+        self.inner, self.received = inner, []
+
+    async def speak(self, prompt, sampling, max_frames, text):
+        async def spy():
+            async for t in text:
+                self.received.append(t)
+                yield t
+
+        async for codes in self.inner.speak(prompt, sampling, max_frames, spy()):
+            yield codes
