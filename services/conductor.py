@@ -30,9 +30,9 @@ from services.engines.talker import TalkerPrompt, default_talker_sampling
 from services.engines.thinker import ThinkerPrompt
 from services.errors import DeadlineExceeded, InvalidInput
 from services.events import AudioChunk, Event, TextDelta, TurnSummary
-from services.hooks import FilterChain, HookContext, HookSession, Released
+from services.hooks import FilterChain, HookContext, HookSession, Released, run_tools
 from services.metrics import record_turn
-from services.preprocess import TurnInputs, build_turn
+from services.preprocess import TurnInputs, build_turn, continue_turn
 from services.stages import Stages
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class _Turn:
     """Per-turn bookkeeping shared by the stage tasks."""
 
     t0: float
+    mm_hidden: torch.Tensor | None = None  # the Thinker's prefill output the Talker takes
     token_ids: list[int] = field(default_factory=list)
     codes: list[list[int]] = field(default_factory=list)
     num_samples: int = 0
@@ -142,7 +143,7 @@ class Conductor:
         st = self.stages
         inputs = await asyncio.to_thread(
             build_turn, st.processor, history=list(req.history), system=req.system, text=req.text,
-            audios=req.audios, images=req.images, videos=req.videos,
+            audios=req.audios, images=req.images, videos=req.videos, tools=self._tool_schemas(),
         )
         turn.mark("preprocess")
         po = inputs.processor_outputs
@@ -174,33 +175,57 @@ class Conductor:
 
     async def _think(self, req: TurnRequest, turn: _Turn, prompt: ThinkerPrompt, inputs: TurnInputs,
                      released: asyncio.Queue, out: asyncio.Queue) -> None:
-        stop_ids = self.stages.stop_ids
         ctx = HookContext(request_id=req.request_id, session_id=req.session_id, conversation=inputs.messages,
                           metadata=req.metadata)
         hook = self.hooks.session(ctx, self.stages.processor.tokenizer)
         talker_queue = released if req.audio_output else None
-        t_start = time.perf_counter()
+        messages = list(inputs.messages)
         try:
-            tokens = self.stages.thinker.generate(prompt, req.thinker_sampling, req.max_new_tokens, stop_ids)
-            async for item in self._deadline(tokens, "thinker"):
-                if item.mm_hidden is not None:
-                    prompt.mm_hidden = item.mm_hidden  # the Talker's multimodal input, with the first token
-                turn.token_ids.append(item.token_id)
-                turn.mark("thinker_ttft", t_start)
-                if item.token_id in stop_ids:  # never text, never spoken
-                    turn.finish_reason = "stop"
+            for step in range(self.hooks.max_tool_steps + 1):
+                step_ids, calls = await self._think_once(req, turn, prompt, hook, out, talker_queue)
+                if turn.finish_reason == "blocked" or not calls or step == self.hooks.max_tool_steps:
                     break
-                at_cap = len(turn.token_ids) == req.max_new_tokens
-                r = await hook.feed(item.token_id)
-                await self._release(r, turn, out, talker_queue, withhold=item.token_id if at_cap else None)
-                if r.stop:  # a filter blocked the rest: the fallback is already released
-                    turn.finish_reason = "blocked"
-                    break
+                # The Thinker asked for tools: run them and let it go on with the results in its prompt. None of
+                # the call was released, so the user hears only the answer.
+                messages += [{"role": "assistant",
+                              "content": self.stages.processor.tokenizer.decode(step_ids, skip_special_tokens=True)},
+                             *await run_tools(calls, self.hooks.tools, ctx)]
+                cont = await asyncio.to_thread(continue_turn, self.stages.processor, messages, self._tool_schemas())
+                prompt.input_ids = cont.processor_outputs["input_ids"][0]  # same media, so same encoder outputs
             await self._release(await hook.finish(), turn, out, talker_queue)
         finally:
             await hook.aclose()
         if talker_queue is not None:
             await talker_queue.put(_END)
+
+    async def _think_once(self, req: TurnRequest, turn: _Turn, prompt: ThinkerPrompt, hook: HookSession,
+                          out: asyncio.Queue, talker_queue: asyncio.Queue | None) -> tuple[list[int], list]:
+        """One Thinker generation through the hook: the tokens it wrote and the tool calls they held."""
+        stop_ids = self.stages.stop_ids
+        step_ids, calls = [], []
+        t_start = time.perf_counter()
+        tokens = self.stages.thinker.generate(prompt, req.thinker_sampling, req.max_new_tokens, stop_ids)
+        async for item in self._deadline(tokens, "thinker"):
+            if item.mm_hidden is not None:
+                turn.mm_hidden = item.mm_hidden  # the Talker's multimodal input, with the first token
+            turn.token_ids.append(item.token_id)
+            turn.mark("thinker_ttft", t_start)
+            if item.token_id in stop_ids:  # never text, never spoken
+                turn.finish_reason = "stop"
+                break
+            step_ids.append(item.token_id)
+            turn.finish_reason = "length"
+            at_cap = len(step_ids) == req.max_new_tokens
+            r = await hook.feed(item.token_id)
+            calls += r.tool_calls
+            await self._release(r, turn, out, talker_queue, withhold=item.token_id if at_cap else None)
+            if r.stop:  # a filter blocked the rest: the fallback is already released
+                turn.finish_reason = "blocked"
+                break
+        return step_ids, calls
+
+    def _tool_schemas(self) -> list[dict] | None:
+        return self.hooks.tools.schemas() if len(self.hooks.tools) else None
 
     async def _release(self, r: Released, turn: _Turn, out: asyncio.Queue, talker_queue: asyncio.Queue | None,
                        withhold: int | None = None) -> None:
@@ -241,7 +266,7 @@ class Conductor:
                 yield token
 
         prompt = TalkerPrompt(
-            input_ids=thinker_prompt.input_ids, mm_hidden=thinker_prompt.mm_hidden, speaker=req.speaker,
+            input_ids=thinker_prompt.input_ids, mm_hidden=turn.mm_hidden, speaker=req.speaker,
             audio_feature_lengths=thinker_prompt.audio_feature_lengths, image_grid_thw=thinker_prompt.image_grid_thw,
             video_grid_thw=thinker_prompt.video_grid_thw, video_second_per_grid=thinker_prompt.video_second_per_grid,
             use_audio_in_video=thinker_prompt.use_audio_in_video,

@@ -74,12 +74,18 @@ def test_load_config_overrides_model_and_port(tmp_path):
     assert {app.args["model"] for app in config.applications} == {str(tmp_path.resolve())}
 
 
-def test_serve_refuses_a_missing_checkpoint_before_starting_ray(tmp_path):
+def test_serve_refuses_a_missing_checkpoint_or_a_busy_port_before_starting_ray(tmp_path):
     import ray
 
     args = SimpleNamespace(config=str(CONFIGS[0]), model=str(tmp_path / "missing"), port=None, metrics_port=None)
     with pytest.raises(OmniError, match="does not exist"):
         serve_cmd.run_serve(args)
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        args.model, args.port = str(tmp_path), busy.getsockname()[1]
+        with pytest.raises(OmniError, match="gRPC port .* is not available"):
+            serve_cmd.run_serve(args)
     assert not ray.is_initialized()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -84,6 +85,16 @@ def wait_until_running(config, timeout_s: float | None = None) -> None:
         time.sleep(POLL_S)
 
 
+def _check_free(port: int, what: str) -> None:
+    """Serve's proxy would fail to bind later, with the error buried in its actor's log."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a port in TIME_WAIT is free
+        try:
+            s.bind(("", port))
+        except OSError as e:
+            raise OmniError(f"{what} {port} is not available: {e.strerror}; is another server running?")
+
+
 def _interrupt(signum, frame) -> NoReturn:
     """SIGTERM (a service manager, `kill`) stops as cleanly as Ctrl-C."""
     raise KeyboardInterrupt
@@ -98,6 +109,8 @@ def run_serve(args: argparse.Namespace) -> None:
         if not Path(model).is_dir():
             raise OmniError(f"checkpoint directory {model} does not exist (write a tiny one with "
                             f"`omni checkpoint tiny {model}`, or pass --model DIR)")
+    _check_free(config.grpc_options.port, "gRPC port (--port)")
+    _check_free(config.http_options.port, f"HTTP port (http_options.port in {args.config})")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a new local cluster would otherwise require a token
     signal.signal(signal.SIGTERM, _interrupt)
     context = ray.init(_metrics_export_port=args.metrics_port)
