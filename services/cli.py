@@ -32,6 +32,12 @@ def _chat(args: argparse.Namespace) -> None:
     run_chat(args)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from services.serving.serve_cmd import run_serve
+
+    run_serve(args)
+
+
 def _bench_code2wav(args: argparse.Namespace) -> None:
     from services.bench import code2wav
 
@@ -71,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="one turn against a running deployment (omni serve) over gRPC")
     add_chat_arguments(chat)
     chat.set_defaults(func=_chat)
+
+    from services.serving.serve_cmd import add_serve_arguments
+
+    serve = sub.add_parser("serve", help="start a local Ray cluster and every stage as a Ray Serve application")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=_serve)
 
     bench = sub.add_parser("bench", help="benchmarks that print tables")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

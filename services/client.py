@@ -47,6 +47,7 @@ from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
 from services.wire.server import GRPC_OPTIONS
 
 CHUNK_BYTES = 1 << 20  # media chunk size: well under the server's 8 MiB message limit
+GATEWAY_METADATA = (("application", "omni"),)  # the gateway's Serve application name (deploy/*.yaml)
 _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
@@ -134,7 +135,8 @@ class Turn:
 
     async def _start(self) -> None:
         cancelled_early = self._cancel_reason is not None
-        self._call = self._client._stub().Converse(timeout=self._deadline_s)
+        # Serve's gRPC proxy routes by the `application` metadata key (harmless against a bare gateway).
+        self._call = self._client._stub().Converse(timeout=self._deadline_s, metadata=GATEWAY_METADATA)
         self._client._turns.add(self)
         config, *parts = self._requests
         self._requests = []

@@ -41,11 +41,12 @@ from google.protobuf.struct_pb2 import Struct
 from services import metrics
 from services.conductor import Conductor, TurnRequest
 from services.engines.sampling import SamplingParams
-from services.errors import CheckpointError, DeadlineExceeded, InvalidInput, OmniError, ResourceExhausted
+from services.errors import InvalidInput, OmniError, ResourceExhausted
 from services.events import AudioChunk, Event, HookEvent, TextDelta, TurnSummary
 from services.hooks import FilterChain
 from services.preprocess import AudioInput, decode_audio, load_video
 from services.sessions import History, SessionStore, SessionStoreError
+from services.servicers.status import status_of
 from services.stages import Stages
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
 from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES, add_standard_services
@@ -57,13 +58,6 @@ DEFAULT_DEADLINE_S = 600.0
 DEFAULT_SPEAKER = "ethan"
 HALF_CLOSE_GRACE_S = 5.0  # how long a finished call waits for the client to half-close
 
-_STATUS = {
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    CheckpointError: grpc.StatusCode.FAILED_PRECONDITION,
-    SessionStoreError: grpc.StatusCode.UNAVAILABLE,
-}
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
     "length": common_pb2.FINISH_REASON_LENGTH,
@@ -94,8 +88,10 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
                 await self._converse(context)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the turn did not finish within {budget:.3g} s")
-        except OmniError as e:
-            await context.abort(_STATUS.get(type(e), grpc.StatusCode.INTERNAL), str(e))
+        except SessionStoreError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except OmniError as e:  # the same mapping as every stage servicer; a stage's own status passes through
+            await context.abort(*status_of(e))
         except grpc.aio.AioRpcError as e:  # a stage's gRPC client surfaced its call's status: pass it on
             await context.abort(e.code(), f"a stage failed: {e.details()}")
         except grpc.aio.AbortError:

@@ -36,6 +36,7 @@ MAX_NEW_TOKENS, MAX_FRAMES = 6, 10
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_is_a_serve_config_whose_builders_bind(path):
     from ray._common.utils import import_attr
+    from ray.serve.config import AutoscalingConfig
 
     config = serve_cmd.load_config(path)  # ServeDeploySchema validation
     assert {app.name for app in config.applications} == set(SERVICES)
@@ -48,6 +49,8 @@ def test_config_is_a_serve_config_whose_builders_bind(path):
         assert [d.name for d in app.deployments] == [bound._bound_deployment.name]
         assert Path(app.args["model"]).is_absolute()
         options = app.deployments[0].model_dump(exclude_unset=True)
+        if "autoscaling_config" in options:
+            AutoscalingConfig(**options["autoscaling_config"])  # what Serve parses at deploy time
         if policy := options.get("autoscaling_config", {}).get("policy"):
             assert import_attr(policy["policy_function"]) is stage_load_policy
 

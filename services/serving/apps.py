@@ -75,6 +75,8 @@ class GatewayArgs(BaseModel):
     stages: dict[str, str] = Field(default_factory=lambda: {stage: stage for stage in STAGES},
                                    description="stage application names by stage (audio, vision, thinker, talker, "
                                                "code2wav); without talker and code2wav answers are text only")
+    hooks: dict | None = Field(None, description="the text filter chain and tools between the Thinker and the "
+                                                  "Talker (services.hooks.HooksConfig); unset: release everything")
     # Unset: OmniServicer's defaults.
     max_request_bytes: int | None = Field(None, gt=0, description="input bytes accepted per turn")
     default_deadline_s: float | None = Field(None, gt=0, description="cap on a turn's duration")
@@ -258,6 +260,7 @@ class GatewayReplica:
         from services.checkpoint.loading import Checkpoint
         from services.engines.code2wav import SAMPLE_RATE
         from services.gateway import OmniServicer
+        from services.hooks import build_chain
         from services.serving.routes import routed_stages
         from services.sessions import make_session_store
 
@@ -268,7 +271,8 @@ class GatewayReplica:
         self.sessions = make_session_store(args.redis_url)
         limits = args.model_dump(include={"max_request_bytes", "default_deadline_s", "stage_timeout_s"},
                                  exclude_none=True)
-        self.servicer = OmniServicer(self.stages, self.sessions, **limits)
+        hooks = build_chain(args.hooks) if args.hooks else None
+        self.servicer = OmniServicer(self.stages, self.sessions, hooks=hooks, **limits)
 
     async def Converse(self, requests, grpc_context) -> AsyncIterator:
         async for msg in proxied(self.servicer.Converse, requests, grpc_context):

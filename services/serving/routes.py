@@ -35,6 +35,7 @@ from contextlib import aclosing, asynccontextmanager
 from typing import Generic, TypeVar
 
 import grpc
+from ray import serve
 from torch import Tensor
 
 from services.engines.mtp import MTPResult
@@ -128,8 +129,6 @@ class ReplicaSet(Generic[C]):
 
     async def _fetch(self) -> None:
         """Ask every running replica for its address; on failure keep the old list (it ages out)."""
-        from ray import serve
-
         try:
             if self._handle is None:
                 self._handle = await asyncio.to_thread(serve.get_app_handle, self.app)
