@@ -17,32 +17,15 @@ import numpy as np
 from services.client import OmniClient, Video
 from services.errors import InvalidInput
 from services.events import TurnSummary
-from services.generate import write_outputs
+from services.generate import add_turn_arguments, write_outputs
 
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", required=True, metavar="HOST:PORT", help="the server's gRPC address")
     p.add_argument("--session", default="", metavar="ID",
                    help="conversation id: the server keeps earlier turns of the same id as history")
-    p.add_argument("--text", help="the user's text for this turn")
-    p.add_argument("--audio", action="append", default=[], metavar="WAV", help="audio input (any rate; repeatable)")
-    p.add_argument("--image", action="append", default=[], metavar="IMG", help="image input (repeatable)")
-    p.add_argument("--video", action="append", default=[], metavar="DIR",
-                   help="video input: a directory of frame images whose names sort in time order (repeatable)")
-    p.add_argument("--video-fps", type=float, default=2.0, help="frame rate of --video frames (timestamps = i/fps)")
-    p.add_argument("--system", help="the Thinker's system prompt (default: the session's, if any)")
-    p.add_argument("--speaker", default="ethan", help="voice, one of the checkpoint's talker_config.speaker_id names")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="cap on the Thinker's answer length")
-    p.add_argument("--max-audio-frames", type=int, default=4096, help="cap on the Talker's frames (12.5 per second)")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding in the Thinker, Talker and MTP")
-    p.add_argument("--temperature", type=float, default=0.7, help="Thinker sampling temperature")
-    p.add_argument("--top-p", type=float, default=0.8, help="Thinker nucleus sampling")
-    p.add_argument("--top-k", type=int, default=20, help="Thinker top-k sampling (0: off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--no-audio", action="store_true", help="text only: no spoken answer")
+    add_turn_arguments(p)
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS", help="give up after this long")
-    p.add_argument("--output", metavar="WAV", help="where to write the spoken answer (PCM16, 24 kHz)")
-    p.add_argument("--json", metavar="FILE", help="write text, token ids, codes, timings as JSON")
 
 
 def _video_from_dir(path: str, fps: float) -> Video:

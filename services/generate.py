@@ -15,17 +15,14 @@ from services.errors import InvalidInput
 from services.events import AudioChunk, TextDelta, TurnSummary
 
 
-def add_generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (e.g. one written by `omni checkpoint tiny`)")
+def add_turn_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of one turn, shared by `omni generate` (in process) and `omni chat` (over gRPC)."""
     p.add_argument("--text", help="the user's text for this turn")
     p.add_argument("--audio", action="append", default=[], metavar="WAV", help="audio input (any rate; repeatable)")
     p.add_argument("--image", action="append", default=[], metavar="IMG", help="image input (repeatable)")
     p.add_argument("--video", action="append", default=[], metavar="DIR",
                    help="video input: a directory of frame images whose names sort in time order (repeatable)")
     p.add_argument("--video-fps", type=float, default=2.0, help="frame rate of --video frames (timestamps = i/fps)")
-    p.add_argument("--conversation", metavar="FILE",
-                   help="earlier turns as chat-message JSON (a list of {role, content}); if it ends with a user "
-                        "message and no other input is given, that message is the turn")
     p.add_argument("--system", help="the Thinker's system prompt")
     p.add_argument("--speaker", default="ethan", help="voice, one of the checkpoint's talker_config.speaker_id names")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="cap on the Thinker's answer length")
@@ -35,9 +32,17 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.8, help="Thinker nucleus sampling")
     p.add_argument("--top-k", type=int, default=20, help="Thinker top-k sampling (0: off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--no-audio", action="store_true", help="text only: skip the Talker, MTP and Code2Wav")
+    p.add_argument("--no-audio", action="store_true", help="text only: no Talker, MTP or Code2Wav")
     p.add_argument("--output", metavar="WAV", help="where to write the spoken answer (PCM16, 24 kHz)")
     p.add_argument("--json", metavar="FILE", help="write text, token ids, codes, timings as JSON")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (e.g. one written by `omni checkpoint tiny`)")
+    p.add_argument("--conversation", metavar="FILE",
+                   help="earlier turns as chat-message JSON (a list of {role, content}); if it ends with a user "
+                        "message and no other input is given, that message is the turn")
+    add_turn_arguments(p)
     p.add_argument("--device", default="cpu", help="torch device for every stage")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
 

@@ -80,19 +80,24 @@ async def run_engine(stage: str, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(stage_executor(stage), call)
 
 
+async def timed_call(stage: str, fn, *args):
+    """One engine call that is a whole request's output (encoders, one MTP frame): its time is the stage's TTFT."""
+    timer = StageTimer(stage)
+    try:
+        out = await run_engine(stage, fn, *args)
+    except Exception as e:
+        timer.error(e)
+        raise
+    timer.output()
+    return out
+
+
 class LocalAudioEncoder:
     def __init__(self, engine: AudioEncoderEngine):
         self.engine = engine
 
     async def encode(self, input_features: Tensor, feature_attention_mask: Tensor) -> Tensor:
-        timer = StageTimer("audio_encoder")
-        try:
-            out = await run_engine("audio_encoder", self.engine.encode, input_features, feature_attention_mask)
-        except Exception as e:
-            timer.error(e)
-            raise
-        timer.output()
-        return out
+        return await timed_call("audio_encoder", self.engine.encode, input_features, feature_attention_mask)
 
 
 class LocalVisionEncoder:
@@ -100,14 +105,7 @@ class LocalVisionEncoder:
         self.engine = engine
 
     async def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> VisionEmbeddings:
-        timer = StageTimer("vision_encoder")
-        try:
-            out = await run_engine("vision_encoder", self.engine.encode, pixel_values, grid_thw)
-        except Exception as e:
-            timer.error(e)
-            raise
-        timer.output()
-        return out
+        return await timed_call("vision_encoder", self.engine.encode, pixel_values, grid_thw)
 
 
 class LocalThinker:
@@ -144,13 +142,7 @@ class LocalMTP:
 
     async def predict(self, hidden: Tensor, c0: Tensor, greedy: bool, seed: int | None) -> MTPResult:
         generator = None if greedy or seed is None else torch.Generator().manual_seed(seed)
-        timer = StageTimer("mtp")  # no per-request stream: every call is its own first output
-        try:
-            result = await run_engine("mtp", self.engine.predict, hidden, c0, greedy, generator)
-        except Exception as e:
-            timer.error(e)
-            raise
-        timer.output()
+        result = await timed_call("mtp", self.engine.predict, hidden, c0, greedy, generator)
         STAGE_BATCH.observe(len(c0), stage="mtp")
         return result
 

@@ -40,6 +40,24 @@ def reference(tiny_ckpt):
 
 
 @pytest.fixture(scope="session")
+def media(tmp_path_factory):
+    """Small test inputs on disk: a 1.3 s chirp WAV (16 kHz), a 64x96 noise PNG, a 2-frame video directory."""
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("media")
+    t = np.arange(int(1.3 * 16000)) / 16000
+    sf.write(d / "chirp.wav", (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32), 16000)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(d / "noise.png")
+    (d / "video").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / "video" / f"{i:03d}.png")
+    return {"audio": str(d / "chirp.wav"), "image": str(d / "noise.png"), "video": str(d / "video"), "dir": d}
+
+
+@pytest.fixture(scope="session")
 def processor(tiny_ckpt):
     from transformers import AutoProcessor
 

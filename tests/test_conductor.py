@@ -7,9 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
-from PIL import Image
 
 from services.conductor import Conductor, TurnRequest
 from services.engines.bundle import Engines
@@ -31,16 +29,6 @@ def engines(tiny_ckpt):
 @pytest.fixture(scope="module")
 def conductor(engines):
     return Conductor(Stages.local(engines), stage_timeout_s=120)
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    d = tmp_path_factory.mktemp("media")
-    t = np.arange(int(1.3 * 16000)) / 16000
-    sf.write(d / "chirp.wav", (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32), 16000)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(d / "noise.png")
-    return {"audio": str(d / "chirp.wav"), "image": str(d / "noise.png")}
 
 
 def collect(conductor: Conductor, req: TurnRequest):

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from services.chat_cmd import add_chat_arguments, run_chat
 from services.client import ConverseError, OmniClient, Video
@@ -49,19 +48,6 @@ def gateway(stages):
     yield f"127.0.0.1:{port}", servicer
     loop.run(server.stop(None))
     loop.stop()
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    d = tmp_path_factory.mktemp("media")
-    t = np.arange(int(1.3 * 16000)) / 16000
-    sf.write(d / "chirp.wav", (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32), 16000)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(d / "noise.png")
-    (d / "video").mkdir()
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / "video" / f"{i:03d}.png")
-    return {"audio": str(d / "chirp.wav"), "image": str(d / "noise.png"), "video": str(d / "video"), "dir": d}
 
 
 def parse(add_arguments, argv: list[str]) -> argparse.Namespace:

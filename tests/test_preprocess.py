@@ -13,7 +13,6 @@ from PIL import Image
 from services.errors import InvalidInput, ResourceExhausted
 from services.preprocess import (
     AudioInput,
-    VideoInput,
     build_turn,
     decode_audio,
     load_audio,

@@ -13,10 +13,8 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
-import soundfile as sf
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from PIL import Image
 
 from services.conductor import Conductor, TurnRequest
 from services.engines.bundle import Engines
@@ -92,16 +90,6 @@ async def cluster(engines):
     await talker_mtp.channel.close()
     for server in servers:
         await server.stop(None)
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    d = tmp_path_factory.mktemp("media")
-    t = np.arange(int(1.3 * 16000)) / 16000
-    sf.write(d / "chirp.wav", (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32), 16000)
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(d / "noise.png")
-    return {"audio": str(d / "chirp.wav"), "image": str(d / "noise.png")}
 
 
 async def run(stages: Stages, req: TurnRequest) -> list:

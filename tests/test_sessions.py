@@ -7,7 +7,6 @@ import asyncio
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import uuid
 
@@ -32,6 +31,7 @@ from services.sessions import (
     make_session_store,
 )
 from services.stages import Stages
+from tests.helpers import LoopThread
 
 
 def free_port() -> int:
@@ -183,22 +183,6 @@ def test_make_session_store(redis_url):
 
 
 # ---- gateways sharing one Redis --------------------------------------------------------------------------------
-
-
-class LoopThread:
-    """An event loop in a thread: the servers run here while tests block in their own loops."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
 
 
 @pytest.fixture(scope="module")

@@ -17,23 +17,25 @@ and, for comparison, MTP through Serve's gRPC proxy (the client -> gateway route
 
 Per route and size: round trip p50/p90 over `--messages` messages with one in flight, and throughput with
 `--window` messages in flight (MB/s counts the tensor once per message). Routes take turns in 3 rounds so that
-load from other processes hits all alike; "x base" compares with the baseline (round trip / baseline round trip;
-baseline msg/s / msg/s). Goal: per-frame routes (MTP, Code2Wav) within 3x of plain grpc.aio.
+load from other processes hits all alike; "p50 x" and "tput x" say how many times slower than the baseline a route
+is. Goal: per-frame routes (MTP, Code2Wav) within 3x of plain grpc.aio.
 
-    python -m services.bench.hops [--messages 300] [--window 32] [--sizes 64,4KiB,1MiB] [--ray]
+    python -m services.bench.hops [--messages 200] [--window 32] [--sizes 64,4KiB,1MiB] [--ray]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
+import logging
 import os
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,14 +55,13 @@ WARMUP = 5  # messages per opened stream before timing: channel setup, first-cal
 GOAL = 3.0  # per-frame routes' round trip / plain grpc.aio's
 ECHO_METHOD = "/hops.Echo/Stream"  # the baseline: raw bytes, no protobuf
 NUM_CODES = 16  # codes per codec frame
-START_TIMEOUT_S = 120.0  # the echo server process imports torch: slow on a busy machine
 MTP_APP, CODE2WAV_APP = "hops-mtp", "hops-code2wav"
 BASELINE = "grpc.aio bytes echo (baseline)"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="omni bench hops", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=300,
+    parser.add_argument("--messages", type=int, default=200,
                         help="messages per route and size, for the round trips and again for the throughput")
     parser.add_argument("--window", type=int, default=32, help="messages in flight for the throughput")
     parser.add_argument("--sizes", default="64,4KiB,1MiB",
@@ -76,14 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         parser.error(str(e))
 
-    with echo_server() as address:
-        if args.ray:
-            with echo_replicas() as proxy_address:
-                rows = asyncio.run(measure_all(address, proxy_address, sizes, args.messages, args.window))
-        else:
-            rows = asyncio.run(measure_all(address, None, sizes, args.messages, args.window))
+    with echo_server() as address, echo_replicas() if args.ray else nullcontext() as proxy_address:
+        rows = asyncio.run(measure_all(address, proxy_address, sizes, args.messages, args.window))
     print(f"\nOne hop per message, float32 tensors, {args.messages} messages per route and size; throughput with "
-          f"{args.window} in flight; server in another process")
+          f"{args.window} in flight; server in another process. p50 x: p50 / the baseline's; tput x: the "
+          f"baseline's msg/s / msg/s (both > 1: slower)")
     print_table(rows)
 
 
@@ -145,31 +143,28 @@ class EchoAudioEncoder:
 def echo_server() -> Iterator[str]:
     """The baseline echo and the echo stages' servicers on one grpc.aio server in a child process (its own event
     loop and GIL, as a stage replica has); yields its address."""
-    ctx = multiprocessing.get_context("spawn")
-    ours, theirs = ctx.Pipe()
-    process = ctx.Process(target=_serve_echo, args=(theirs,), daemon=True)
-    process.start()
-    theirs.close()
+    process = subprocess.Popen([sys.executable, "-c", "from services.bench.hops import serve_echo; serve_echo()"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        if not ours.poll(START_TIMEOUT_S):
-            raise RuntimeError(f"the echo server process did not start within {START_TIMEOUT_S:.0f} s")
-        try:
-            port = ours.recv()
-        except EOFError:
-            raise RuntimeError(f"the echo server process failed (exit code {process.exitcode})") from None
+        port = process.stdout.readline().strip()
+        if not port.isdigit():
+            raise RuntimeError(f"the echo server process failed (exit code {process.wait()})")
         yield f"127.0.0.1:{port}"
     finally:
-        ours.close()  # the child stops when its end of the pipe closes
-        process.join(10)
-        if process.is_alive():
+        process.stdin.close()  # the child stops at the end of its input
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
 
 
-def _serve_echo(conn) -> None:
-    asyncio.run(_echo_server_main(conn))
+def serve_echo() -> None:
+    """The child of `echo_server`: prints its port, serves until its input ends."""
+    asyncio.run(_serve_echo())
 
 
-async def _echo_server_main(conn) -> None:
+async def _serve_echo() -> None:
     from services.servicers.audio_encoder import AudioEncoderServicer
     from services.servicers.code2wav import Code2WavServicer
     from services.servicers.mtp import MTPServicer
@@ -181,11 +176,8 @@ async def _echo_server_main(conn) -> None:
         servicer.add_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    conn.send(port)
-    try:
-        await asyncio.to_thread(conn.recv)  # until the parent closes its end
-    except EOFError:
-        pass
+    print(port, flush=True)
+    await asyncio.to_thread(sys.stdin.read)
     await server.stop(None)
 
 
@@ -211,6 +203,9 @@ def echo_replicas() -> Iterator[str]:
 
     from services.serving.apps import _StageReplica, proxied
 
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # keep Serve's progress lines out of the table
+
+    # Defined here, not at module level: importing ray.serve takes ~10 s, which runs without --ray skip.
     class EchoMTPReplica(_StageReplica):
         async def __init__(self):
             from services.servicers.mtp import MTPServicer
@@ -376,46 +371,48 @@ class Row:
 
 async def measure_all(address: str, proxy_address: str | None, sizes: list[int], messages: int,
                       window: int) -> list[Row]:
-    channels = [grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)]
-    channel = channels[0]
-    mtp, code2wav, encoder = RemoteMTP(channel), RemoteCode2Wav(channel), RemoteAudioEncoder(channel)
-    routes = [
-        Route(BASELINE, False, lambda size: BytesEcho(channel, size)),
-        Route("MTP.Predict stub, to/from_proto", True, lambda size: MTPStub(channel, size)),
-        Route("Talker->MTP: RemoteMTP", True, lambda size: _predicts(mtp, size)),
-        Route("->Code2Wav: RemoteCode2Wav", True, lambda size: Decode(code2wav, size)),
-        Route("->AudioEncoder: call per tensor", False, lambda size: _encodes(encoder, size)),
-    ]
-    closers = [mtp.close]
-    if proxy_address is not None:
-        from services.serving.routes import ReplicaSet, RoutedCode2Wav, RoutedMTP
-
-        routed_mtp = RoutedMTP(ReplicaSet(MTP_APP, RemoteMTP))
-        routed_code2wav = RoutedCode2Wav(ReplicaSet(CODE2WAV_APP, RemoteCode2Wav))
-        proxy = grpc.aio.insecure_channel(proxy_address, options=GRPC_OPTIONS)
-        channels.append(proxy)
-        closers += [routed_mtp.replicas.close, routed_code2wav.replicas.close]
-        routes += [
-            Route("Serve replica port: RoutedMTP", True, lambda size: _predicts(routed_mtp, size)),
-            Route("Serve replica port: RoutedCode2Wav", True, lambda size: Decode(routed_code2wav, size)),
-            Route("Serve gRPC proxy: MTP.Predict stub", False,
-                  lambda size: MTPStub(proxy, size, metadata=(("application", MTP_APP),))),
-        ]
-    rows = []
-    try:
+    """Every route at every size, routes taking turns in ROUNDS rounds; `proxy_address` adds the Ray routes."""
+    async with _routes(address, proxy_address) as routes:
+        rows = []
         for size in sizes:
             print(f"measuring {_size_name(size)} ...", flush=True)
-            by_route = {route.name: Row(route, size, [], 0, 0.0) for route in routes}
+            by_route = [Row(route, size, [], 0, 0.0) for route in routes]
             for _ in range(ROUNDS):
-                for route in routes:
-                    await _measure(route, by_route[route.name], messages // ROUNDS, window)
-            rows += by_route.values()
-    finally:
-        for close in closers:
-            await close()
-        for ch in channels:
-            await ch.close()
-    return rows
+                for row in by_route:
+                    await _measure(row, messages // ROUNDS, window)
+            rows += by_route
+        return rows
+
+
+@asynccontextmanager
+async def _routes(address: str, proxy_address: str | None) -> AsyncIterator[list[Route]]:
+    async with AsyncExitStack() as stack:
+        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+        mtp, code2wav, encoder = RemoteMTP(channel), RemoteCode2Wav(channel), RemoteAudioEncoder(channel)
+        stack.push_async_callback(mtp.close)
+        routes = [
+            Route(BASELINE, False, lambda size: BytesEcho(channel, size)),
+            Route("MTP.Predict stub, to/from_proto", True, lambda size: MTPStub(channel, size)),
+            Route("Talker->MTP: RemoteMTP", True, lambda size: _predicts(mtp, size)),
+            Route("->Code2Wav: RemoteCode2Wav", True, lambda size: Decode(code2wav, size)),
+            Route("->AudioEncoder: call per tensor", False, lambda size: _encodes(encoder, size)),
+        ]
+        if proxy_address is not None:
+            from services.serving.routes import ReplicaSet, RoutedCode2Wav, RoutedMTP
+
+            # As the deployment's peers reach a stage: the replica list from Serve, then the replica's own port.
+            routed_mtp = RoutedMTP(ReplicaSet(MTP_APP, RemoteMTP))
+            routed_code2wav = RoutedCode2Wav(ReplicaSet(CODE2WAV_APP, RemoteCode2Wav))
+            stack.push_async_callback(routed_mtp.replicas.close)
+            stack.push_async_callback(routed_code2wav.replicas.close)
+            proxy = await stack.enter_async_context(grpc.aio.insecure_channel(proxy_address, options=GRPC_OPTIONS))
+            routes += [
+                Route("Serve replica port: RoutedMTP", True, lambda size: _predicts(routed_mtp, size)),
+                Route("Serve replica port: RoutedCode2Wav", True, lambda size: Decode(routed_code2wav, size)),
+                Route("Serve gRPC proxy: MTP.Predict stub", False,
+                      lambda size: MTPStub(proxy, size, metadata=(("application", MTP_APP),))),
+            ]
+        yield routes
 
 
 def _predicts(mtp, size: int) -> Calls:
@@ -434,10 +431,10 @@ def _encodes(encoder: RemoteAudioEncoder, size: int) -> Calls:
     return Calls(lambda: encoder.encode(features, mask), size // 4)
 
 
-async def _measure(route: Route, row: Row, messages: int, window: int) -> None:
+async def _measure(row: Row, messages: int, window: int) -> None:
     """Round trips of `messages` messages one at a time, then `messages` more with `window` in flight; adds them to
     `row`."""
-    pipe = route.open(row.size)
+    pipe = row.route.open(row.size)
     try:
         for _ in range(WARMUP):
             await pipe.send()
@@ -482,7 +479,7 @@ def _size_name(size: int) -> str:
     return f"{size} B"
 
 
-COLUMNS = ("size", "p50 ms", "p90 ms", "x base", "msg/s", "MB/s", "x base")
+COLUMNS = ("size", "p50 ms", "p90 ms", "p50 x", "msg/s", "MB/s", "tput x")
 
 
 def print_table(rows: list[Row]) -> None:

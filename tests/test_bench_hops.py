@@ -1,0 +1,38 @@
+"""`omni bench hops` runs end to end with tiny counts and prints a row per route and size (no timing assertions)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.bench import hops
+
+ROUTES = ["grpc.aio bytes echo (baseline)", "MTP.Predict stub, to/from_proto", "Talker->MTP: RemoteMTP",
+          "->Code2Wav: RemoteCode2Wav", "->AudioEncoder: call per tensor"]
+SIZES = ["64 B", "4 KiB", "1 MiB"]
+
+
+def test_bench_prints_every_route_at_every_size(capsys):
+    hops.main(["--messages", "6", "--window", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("route"))
+    rows = {}
+    for line in lines[header + 1:]:
+        if line.startswith("per-frame routes within 3x"):
+            verdict = line
+            break
+        if line:
+            words = line.split()  # route (words), size (number and unit), then 6 numbers
+            rows[" ".join(words[:-8]), " ".join(words[-8:-6])] = [float(w) for w in words[-6:]]
+    assert list(rows) == [(route, size) for size in SIZES for route in ROUTES]
+    assert all(value > 0 for values in rows.values() for value in values)
+    for size in SIZES:
+        p50_ratio, throughput_ratio = rows[ROUTES[0], size][2], rows[ROUTES[0], size][5]
+        assert p50_ratio == throughput_ratio == 1.0  # the baseline against itself
+    assert verdict.endswith(": yes") or ": no: " in verdict
+
+
+def test_sizes_parse_and_refuse_what_no_float32_tensor_message_holds():
+    assert [hops.parse_size(s) for s in ("64", "64B", "4KiB", " 1MiB")] == [64, 64, 4096, 1 << 20]
+    for bad in ("0", "6", "1.5KiB", "8MiB", "big"):
+        with pytest.raises(ValueError):
+            hops.parse_size(bad)
