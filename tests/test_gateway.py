@@ -4,31 +4,37 @@ concurrent streams; bad input ends with the right status and the server keeps se
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import socket
 import time
 
 import grpc
 import numpy as np
 import pytest
-import soundfile as sf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.chat_cmd import add_chat_arguments, run_chat
 from services.client import ConverseError, OmniClient, Video
 from services.conductor import Conductor, TurnRequest
 from services.engines.bundle import Engines
 from services.errors import OmniError
 from services.events import AudioChunk, TextDelta, TurnSummary, float_to_pcm16
 from services.gateway import OmniServicer, start_gateway
-from services.generate import add_generate_arguments, build_request, write_outputs
 from services.preprocess import load_video
 from services.sessions import InProcessSessions
 from services.stages import Stages
 from services.wire.gen.omni.v1 import omni_pb2, omni_pb2_grpc
 from services.wire.server import MAX_MESSAGE_BYTES
+from tests.api_contract import (
+    INPUTS,
+    SHORT,
+    assert_same,
+    chat,
+    check_chat_equals_generate,
+    check_four_concurrent_streams,
+    check_two_turn_session,
+    collect,
+    generate,
+)
 from tests.helpers import LoopThread
 
 MAX_REQUEST_BYTES = 2 << 20  # small, so the per-turn cap is cheap to hit
@@ -50,91 +56,18 @@ def gateway(stages):
     loop.stop()
 
 
-def parse(add_arguments, argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-async def collect(conductor: Conductor, req) -> tuple[TurnSummary, np.ndarray]:
-    events = [e async for e in conductor.run(req)]
-    chunks = [e.samples for e in events if isinstance(e, AudioChunk)]
-    return events[-1], np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-
-
-def generate(stages, argv: list[str], out) -> tuple[dict, np.ndarray]:
-    """`omni generate` in process (the same request building and outputs, on already loaded stages)."""
-    args = parse(add_generate_arguments, ["--model", "unused", "--greedy", "--output", str(out / "gen.wav"),
-                                          "--json", str(out / "gen.json"), *argv])
-    summary, samples = asyncio.run(collect(Conductor(stages), build_request(args)))
-    write_outputs(summary, samples, args.output, args.json)
-    return json.loads((out / "gen.json").read_text()), sf.read(out / "gen.wav", dtype="int16")[0]
-
-
-def chat(address: str, argv: list[str], out) -> tuple[dict, np.ndarray]:
-    run_chat(parse(add_chat_arguments, ["--address", address, "--greedy", "--output", str(out / "chat.wav"),
-                                        "--json", str(out / "chat.json"), *argv]))
-    return json.loads((out / "chat.json").read_text()), sf.read(out / "chat.wav", dtype="int16")[0]
-
-
-def assert_same(chat_result, generate_result) -> dict:
-    (ours, our_wav), (ref, ref_wav) = chat_result, generate_result
-    for key in ("text", "thinker_token_ids", "codes", "sample_rate", "num_samples", "speaker", "finish_reason"):
-        assert ours[key] == ref[key], key
-    assert len(ours["codes"]) > 0 and our_wav.size == ours["num_samples"]
-    np.testing.assert_array_equal(our_wav, ref_wav)
-    return ours
-
-
-SHORT = ["--max-new-tokens", "10", "--max-audio-frames", "30"]
-
-
-@pytest.mark.parametrize("inputs", [
-    ["--text", "Hello world, this is Qwen."],
-    ["--text", "What do you hear?", "--audio", "{audio}"],
-    ["--text", "Describe it.", "--image", "{image}", "--speaker", "chelsie"],
-    ["--text", "And this?", "--video", "{video}", "--video-fps", "2"],
-], ids=["text", "audio", "image", "video"])
+@pytest.mark.parametrize("inputs", INPUTS.values(), ids=INPUTS.keys())
 def test_chat_equals_generate(gateway, stages, media, tmp_path, inputs):
-    argv = [a.format(**media) for a in inputs] + SHORT
-    assert_same(chat(gateway[0], argv, tmp_path), generate(stages, argv, tmp_path))
+    check_chat_equals_generate(gateway[0], stages, media, tmp_path, inputs)
 
 
 def test_two_turn_session_equals_generate_with_conversation(gateway, stages, media, tmp_path, capsys):
-    first = ["--text", "Listen to this.", "--audio", media["audio"], *SHORT]
-    turn1 = assert_same(chat(gateway[0], ["--session", "s-two-turns", *first], tmp_path),
-                        generate(stages, first, tmp_path))
+    turn1 = check_two_turn_session(gateway[0], stages, media, tmp_path, "s-two-turns")
     assert turn1["text"] + "\n" in capsys.readouterr().out  # omni chat prints the text as it streams
-    conversation = tmp_path / "conversation.json"
-    conversation.write_text(json.dumps([
-        {"role": "user", "content": [{"type": "audio", "audio": media["audio"]},
-                                     {"type": "text", "text": "Listen to this."}]},
-        {"role": "assistant", "content": turn1["text"]},
-    ]))
-    second = ["--text", "Once more, please.", *SHORT]
-    assert_same(chat(gateway[0], ["--session", "s-two-turns", *second], tmp_path),
-                generate(stages, ["--conversation", str(conversation), *second], tmp_path))
 
 
-def test_four_concurrent_streams_each_equal_their_single_run(gateway, stages, media):
-    requests = [
-        dict(text="Hello world, this is Qwen.", max_new_tokens=12, max_audio_frames=40),
-        dict(text="What do you hear?", audios=[media["audio"]], max_new_tokens=10, max_audio_frames=30),
-        dict(text="Describe it.", images=[media["image"]], speaker="aiden", max_new_tokens=10, max_audio_frames=30),
-        dict(text="Just text.", audio_output=False, max_new_tokens=12),
-    ]
-
-    async def run_all():
-        async with OmniClient(gateway[0]) as client:
-            return await asyncio.gather(*(client.collect(greedy=True, **r) for r in requests))
-
-    concurrent = asyncio.run(run_all())
-    for r, (summary, samples) in zip(requests, concurrent):
-        single, single_samples = OmniClient(gateway[0]).converse_sync(greedy=True, **r)
-        assert summary.thinker_token_ids == single.thinker_token_ids and summary.text == single.text
-        assert summary.codes == single.codes and summary.num_samples == single.num_samples == samples.size
-        np.testing.assert_array_equal(float_to_pcm16(samples), float_to_pcm16(single_samples))
-    assert concurrent[3][0].codes == [] and concurrent[3][0].speaker is None
+def test_four_concurrent_streams_each_equal_their_single_run(gateway, media):
+    check_four_concurrent_streams(gateway[0], media)
 
 
 def test_health_and_streamed_events(gateway):

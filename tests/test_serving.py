@@ -21,6 +21,12 @@ from services.serving import serve_cmd
 from services.serving.autoscaling import STAGE_CALLS, stage_load_policy
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc, thinker_pb2, thinker_pb2_grpc
 from services.wire.server import SERVICE_NAMES
+from tests.api_contract import (
+    INPUTS,
+    check_chat_equals_generate,
+    check_four_concurrent_streams,
+    check_two_turn_session,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "deploy" / "local.yaml", ROOT / "deploy" / "gpu.yaml"]
@@ -211,6 +217,27 @@ def in_process(tiny_ckpt):
         return summary, bytes(pcm)
 
     return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def local_stages(tiny_ckpt):
+    from services.engines.bundle import Engines
+    from services.stages import Stages
+
+    return Stages.local(Engines.load(tiny_ckpt))
+
+
+@pytest.mark.parametrize("inputs", [INPUTS["audio"], INPUTS["image"]], ids=["audio", "image"])
+def test_chat_through_serve_equals_generate(cluster, local_stages, media, tmp_path, inputs):
+    check_chat_equals_generate(cluster.address, local_stages, media, tmp_path, inputs)
+
+
+def test_two_turn_session_through_serve(cluster, local_stages, media, tmp_path):
+    check_two_turn_session(cluster.address, local_stages, media, tmp_path, "serve-two-turns")
+
+
+def test_four_concurrent_streams_through_serve(cluster, media):
+    check_four_concurrent_streams(cluster.address, media)
 
 
 def _assert_same_turn(got: tuple[omni_pb2.TurnSummary, bytes], want) -> None:
