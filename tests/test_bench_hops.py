@@ -24,7 +24,9 @@ def test_bench_prints_every_route_at_every_size(capsys):
             words = line.split()  # route (words), size (number and unit), then 6 numbers
             rows[" ".join(words[:-8]), " ".join(words[-8:-6])] = [float(w) for w in words[-6:]]
     assert list(rows) == [(route, size) for size in SIZES for route in ROUTES]
-    assert all(value > 0 for values in rows.values() for value in values)
+    # p50, p90, p50 ratio, msg/s, MB/s, throughput ratio; MB/s of 64 B messages prints as 0.0 on a slow machine
+    assert all(v > 0 for values in rows.values() for i, v in enumerate(values) if i != 4)
+    assert all(values[4] >= 0 for values in rows.values())
     for size in SIZES:
         p50_ratio, throughput_ratio = rows[ROUTES[0], size][2], rows[ROUTES[0], size][5]
         assert p50_ratio == throughput_ratio == 1.0  # the baseline against itself
