@@ -6,6 +6,10 @@ produced the same tokens and codes, and prints: reference wall time, the conduct
 time to first audio packet, total time and RTF, with the two ratios the goals are stated in:
 first audio / reference total (goal <= 0.15 for a 200-token answer) and conductor total / reference total
 (goal <= 1.2).
+
+With `--address HOST:PORT --model DIR` it benchmarks the checkpoint a running deployment (`omni serve`) serves, and
+runs every turn a third time through the deployment's Omni API, timed at the client, next to the in-process
+conductor (goal: first audio packet within 1.5x of in-process).
 """
 
 from __future__ import annotations
@@ -71,7 +75,29 @@ async def _conduct(conductor, req) -> dict:
             return event
 
 
-def bench_checkpoint(name: str, model_dir: Path, args, tmp: Path) -> list[dict]:
+async def _served(address: str, req) -> dict:
+    """The same turn through a deployment's Omni API, timed at the client."""
+    from services.client import OmniClient
+    from services.events import AudioChunk, TextDelta, TurnSummary
+
+    t0 = time.perf_counter()
+    marks, summary = {}, None
+    async with OmniClient(address) as client:
+        async for event in client.converse(text=req.text, audios=req.audios, greedy=True,
+                                           max_new_tokens=req.max_new_tokens, max_audio_frames=req.max_audio_frames):
+            now = time.perf_counter() - t0
+            if isinstance(event, TextDelta):
+                marks.setdefault("ttft", now)
+            elif isinstance(event, AudioChunk):
+                marks.setdefault("first_audio", now)
+            elif isinstance(event, TurnSummary):
+                summary = event
+    total = time.perf_counter() - t0
+    return dict(summary=summary, total=total, rtf=total / max(summary.num_samples / summary.sample_rate, 1e-9),
+                **marks)
+
+
+def bench_checkpoint(name: str, model_dir: Path, args, tmp: Path, address: str | None = None) -> list[dict]:
     from transformers import Qwen3OmniMoeForConditionalGeneration
 
     from services.conductor import Conductor, TurnRequest
@@ -115,6 +141,18 @@ def bench_checkpoint(name: str, model_dir: Path, args, tmp: Path) -> list[dict]:
             total=tm["total_s"], rtf=tm.get("rtf", float("nan")), same_tokens=same,
         ))
         print_row(rows[-1])
+        if address:
+            served = asyncio.run(_served(address, req))
+            rows.append(dict(
+                checkpoint="served", prompt=prompt_name, tokens=len(served["summary"].thinker_token_ids),
+                frames=len(served["summary"].codes), ref_total=ref_total, ttft=served["ttft"],
+                first_audio=served["first_audio"], total=served["total"], rtf=served["rtf"],
+                same_tokens=served["summary"].thinker_token_ids == summary.thinker_token_ids
+                and served["summary"].codes == summary.codes,
+            ))
+            print_row(rows[-1])
+            print(f"{'':<16}served / in-process first audio: {served['first_audio'] / tm['time_to_first_audio_s']:.2f}x "
+                  f"(goal <= 1.5)", flush=True)
     return rows
 
 
@@ -141,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--talker-layers", type=int, default=4, help="wide checkpoint: Talker layers (real: 20)")
     p.add_argument("--talker-experts", type=int, default=16, help="wide checkpoint: Talker experts (real: 128)")
     p.add_argument("--skip-wide", action="store_true", help="only the tiny checkpoint")
+    p.add_argument("--address", help="also run every turn through this deployment (omni serve) and compare; "
+                                     "needs --model, the checkpoint it serves")
+    p.add_argument("--model", type=Path, help="with --address: the deployment's checkpoint directory")
     args = p.parse_args(argv)
     import transformers
 
@@ -150,8 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"reference generate vs streaming conductor, greedy, {args.tokens} Thinker tokens, "
           f"<= {args.frames} frames, {torch.get_num_threads()} CPU threads")
     print(HEADER)
+    if args.address and not args.model:
+        p.error("--address needs --model, the checkpoint the deployment serves")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.address:
+            bench_checkpoint(args.model.name, args.model, args, tmp, address=args.address)
+            return
         bench_checkpoint("tiny", write_random_checkpoint(tmp / "tiny", tiny_config()), args, tmp)
         if args.skip_wide:
             return
