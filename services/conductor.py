@@ -121,13 +121,12 @@ class Conductor:
     async def _conduct(self, req: TurnRequest, turn: _Turn, out: asyncio.Queue) -> None:
         try:
             prompt, inputs = await self._prepare(req, turn)
-            po = inputs.processor_outputs
             released: asyncio.Queue = asyncio.Queue(req.max_new_tokens + 1)  # bounded by the answer length
             frames: asyncio.Queue = asyncio.Queue(self.queue_size)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._think(req, turn, prompt, inputs, released, out))
                 if req.audio_output:
-                    tg.create_task(self._talk(req, turn, prompt, po, released, frames))
+                    tg.create_task(self._talk(req, turn, prompt, released, frames))
                     tg.create_task(self._vocode(turn, frames, out))
             turn.mark("total")
             await out.put(_END)
@@ -245,7 +244,7 @@ class Conductor:
             turn.text += r.text
             await out.put(TextDelta(text=r.text, token_ids=tuple(r.token_ids)))
 
-    async def _talk(self, req: TurnRequest, turn: _Turn, thinker_prompt: ThinkerPrompt, po: dict,
+    async def _talk(self, req: TurnRequest, turn: _Turn, thinker_prompt: ThinkerPrompt,
                     released: asyncio.Queue, frames: asyncio.Queue) -> None:
         sampling = req.talker_sampling or default_talker_sampling(
             greedy=req.thinker_sampling.greedy, seed=req.thinker_sampling.seed)
