@@ -121,6 +121,8 @@ def bench_checkpoint(name: str, model_dir: Path, args, tmp: Path, address: str |
                            thinker_max_new_tokens=3, talker_max_new_tokens=3,
                            thinker_do_sample=False, talker_do_sample=False)
     asyncio.run(_conduct(conductor, warm))
+    if address:
+        asyncio.run(_served(address, warm))
     for prompt_name, spec in PROMPTS:
         req = TurnRequest(text=spec["text"], audios=[audio] if spec.get("audio") else [],
                           max_new_tokens=args.tokens, max_audio_frames=args.frames,
