@@ -59,12 +59,3 @@ def run_chat(args: argparse.Namespace) -> None:
         raise InvalidInput("--output WAV is required unless --no-audio is given")
     summary, samples = asyncio.run(_chat(args))
     write_outputs(summary, samples, None if args.no_audio else args.output, args.json)
-    t = summary.timings
-    print(
-        f"[{len(summary.thinker_token_ids)} tokens, {len(summary.codes)} frames, {summary.num_samples} samples "
-        f"({t.get('audio_s', 0):.2f} s); first text {t.get('time_to_first_text_s', 0) * 1000:.0f} ms, "
-        f"first audio {t.get('time_to_first_audio_s', 0) * 1000:.0f} ms, total {t.get('total_s', 0):.2f} s]",
-        file=sys.stderr,
-    )
-    if not args.no_audio:
-        print(f"wrote {args.output}", file=sys.stderr)

@@ -133,6 +133,7 @@ def result_json(summary: TurnSummary) -> dict:
 
 
 def write_outputs(summary: TurnSummary, samples: np.ndarray, wav: str | None, json_path: str | None) -> None:
+    """Write the WAV and the JSON result (either may be None), then a one-line report on stderr."""
     import soundfile as sf
 
     from services.events import float_to_pcm16
@@ -143,6 +144,15 @@ def write_outputs(summary: TurnSummary, samples: np.ndarray, wav: str | None, js
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result_json(summary)))
+    t = summary.timings
+    print(
+        f"[{len(summary.thinker_token_ids)} tokens, {len(summary.codes)} frames, {summary.num_samples} samples "
+        f"({t.get('audio_s', 0):.2f} s); first text {t.get('time_to_first_text_s', 0) * 1000:.0f} ms, "
+        f"first audio {t.get('time_to_first_audio_s', 0) * 1000:.0f} ms, total {t.get('total_s', 0):.2f} s]",
+        file=sys.stderr,
+    )
+    if wav:
+        print(f"wrote {wav}", file=sys.stderr)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -156,12 +166,3 @@ def run_generate(args: argparse.Namespace) -> None:
                            audio_output=request.audio_output)
     summary, samples = asyncio.run(_stream(Conductor(Stages.local(engines)), request))
     write_outputs(summary, samples, args.output if request.audio_output else None, args.json)
-    t = summary.timings
-    print(
-        f"[{len(summary.thinker_token_ids)} tokens, {len(summary.codes)} frames, {summary.num_samples} samples "
-        f"({t.get('audio_s', 0):.2f} s); first text {t.get('time_to_first_text_s', 0) * 1000:.0f} ms, "
-        f"first audio {t.get('time_to_first_audio_s', 0) * 1000:.0f} ms, total {t.get('total_s', 0):.2f} s]",
-        file=sys.stderr,
-    )
-    if request.audio_output:
-        print(f"wrote {args.output}", file=sys.stderr)
