@@ -44,7 +44,7 @@ from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput, OmniError
 from services.events import AudioChunk, Event, HookEvent, TextDelta, TurnSummary, float_to_pcm16
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
-from services.wire.server import GRPC_OPTIONS
+from services.wire.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 
 CHUNK_BYTES = 1 << 20  # media chunk size: well under the server's 8 MiB message limit
 GATEWAY_METADATA = (("application", "omni"),)  # the gateway's Serve application name (deploy/*.yaml)
@@ -243,8 +243,8 @@ class OmniClient:
             if len(video.frames) != len(video.timestamps):
                 raise InvalidInput(f"video {i}: {len(video.frames)} frames but {len(video.timestamps)} timestamps")
             requests += [omni_pb2.ConverseRequest(video_frame=omni_pb2.VideoFrame(
-                video_id=f"v{i}", timestamp_s=t, image=_read_file(frame, "video frame")))
-                for frame, t in zip(video.frames, video.timestamps)]
+                video_id=f"v{i}", timestamp_s=t, image=_frame_bytes(frame, f"video {i} frame {j}")))
+                for j, (frame, t) in enumerate(zip(video.frames, video.timestamps))]
             if video.audio is not None:
                 requests += self._audio_messages(video.audio, f"v{i}.audio", video_id=f"v{i}")
         if text is not None:
@@ -300,6 +300,16 @@ class OmniClient:
         return [omni_pb2.ConverseRequest(audio=omni_pb2.AudioInput(audio_id=audio_id, encoded=piece,
                                                                    video_id=video_id))
                 for piece in self._pieces(_read_file(audio, "audio"))]
+
+
+def _frame_bytes(source: str | Path | bytes, what: str) -> bytes:
+    """A video frame travels as one message, so it must fit gRPC's limit: checked here, because a message the
+    server rejects for size can surface as INTERNAL instead of RESOURCE_EXHAUSTED (grpc/grpc#36066)."""
+    data = _read_file(source, what)
+    if len(data) > MAX_MESSAGE_BYTES - (64 << 10):
+        raise InvalidInput(f"{what}: {len(data)} bytes; an encoded frame must be under "
+                           f"{(MAX_MESSAGE_BYTES >> 20) - 1} MiB (compress it or lower its resolution)")
+    return data
 
 
 def _read_file(source: str | Path | bytes, what: str) -> bytes:

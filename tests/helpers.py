@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import grpc
+
 
 class LoopThread:
     """An event loop in a thread: the server runs here while tests block in their own loops."""
@@ -36,3 +38,15 @@ class SpyTalker:
 
         async for codes in self.inner.speak(prompt, sampling, max_frames, spy()):
             yield codes
+
+
+def assert_rejected_for_size(error: grpc.RpcError) -> None:
+    """A message over gRPC's size limit ends the call with RESOURCE_EXHAUSTED. When the client is still pushing
+    that message as the rejection arrives, grpc.aio reports the failed send instead of the status it received:
+    INTERNAL "Internal error from Core" naming the SendMessageOperation (grpc/grpc#36066). Both mean the
+    limit fired; any other status, or no error at all, does not."""
+    if error.code() == grpc.StatusCode.INTERNAL:
+        assert error.details() == "Internal error from Core", error
+        assert "SendMessageOperation" in (error.debug_error_string() or ""), error
+    else:
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.client import ConverseError, OmniClient, Video
 from services.conductor import Conductor, TurnRequest
 from services.engines.bundle import Engines
-from services.errors import OmniError
+from services.errors import InvalidInput, OmniError
 from services.events import AudioChunk, TextDelta, TurnSummary, float_to_pcm16
 from services.gateway import OmniServicer, start_gateway
 from services.preprocess import load_video
@@ -35,7 +35,7 @@ from tests.api_contract import (
     collect,
     generate,
 )
-from tests.helpers import LoopThread
+from tests.helpers import LoopThread, assert_rejected_for_size
 
 MAX_REQUEST_BYTES = 2 << 20  # small, so the per-turn cap is cheap to hit
 
@@ -148,8 +148,14 @@ def test_a_message_over_the_receive_limit_is_rejected_by_grpc(gateway):
     big = omni_pb2.ConverseRequest(audio=omni_pb2.AudioInput(encoded=bytes(MAX_MESSAGE_BYTES + 1)))
     error = asyncio.run(raw_converse(gateway[0], [config(), big],
                                      options=[("grpc.max_send_message_length", -1)]))
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    assert_rejected_for_size(error)
     assert_serving(gateway[0])
+
+
+def test_the_client_refuses_a_video_frame_over_the_message_limit():
+    frame = bytes(MAX_MESSAGE_BYTES)
+    with pytest.raises(InvalidInput, match="video 0 frame 1: 8388608 bytes"):
+        OmniClient("127.0.0.1:1").converse(text="hi", videos=[Video(frames=[b"x", frame], timestamps=[0.0, 0.5])])
 
 
 def test_unknown_speaker_through_the_client_library(gateway):

@@ -17,6 +17,7 @@ from services.wire.gen.omni.v1 import audio_encoder_pb2, audio_encoder_pb2_grpc,
 from services.wire.gen.omni.v1.tensor_pb2 import Tensor, TensorPiece
 from services.wire.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES, SERVICE_NAMES, add_standard_services
 from services.wire.tensors import DTYPES, PieceAssembler, from_proto, to_pieces, to_proto
+from tests.helpers import assert_rejected_for_size
 
 SHAPES = [(), (0,), (3, 0, 2), (7,), (2, 3, 4)]
 # tensors.py silences torch's one-time warning about its (documented) zero-copy decode at import; pytest resets
@@ -241,7 +242,11 @@ async def test_message_limit_is_enforced(server):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         async for _ in call:
             pass
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert_rejected_for_size(err.value)
+    small = sample(torch.float32, (4,))
+    echoed = [r async for r in audio_encoder_pb2_grpc.AudioEncoderStub(channel).EncodeAudio(
+        iter([audio_encoder_pb2.EncodeAudioRequest(piece=p) for p in to_pieces("x", small)]))]
+    assert len(echoed) == 1  # the channel and server still serve
 
 
 async def test_health_serves_and_drains(server):
