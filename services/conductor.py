@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 
@@ -30,9 +30,9 @@ from services.engines.talker import TalkerPrompt, default_talker_sampling
 from services.engines.thinker import ThinkerPrompt
 from services.errors import DeadlineExceeded, InvalidInput
 from services.events import AudioChunk, Event, TextDelta, TurnSummary
-from services.hooks import FilterChain, HookContext, HookSession, Released, run_tools
+from services.hooks import FilterChain, HookContext, HookStage, HookTurn, LocalHooks, Released
 from services.metrics import record_turn
-from services.preprocess import TurnInputs, build_turn, continue_turn
+from services.preprocess import TurnInputs, build_turn
 from services.stages import Stages
 
 log = logging.getLogger(__name__)
@@ -81,10 +81,14 @@ class _Turn:
 
 
 class Conductor:
-    def __init__(self, stages: Stages, *, hooks: FilterChain | None = None, queue_size: int = 16,
+    def __init__(self, stages: Stages, *, hooks: FilterChain | HookStage | None = None, queue_size: int = 16,
                  stage_timeout_s: float = 300.0):
+        """`hooks`: a chain to run in this process, or the hook stage (e.g. `RoutedHooks`, the hooks
+        application); None: the empty chain, which releases every token as it is."""
         self.stages = stages
-        self.hooks = hooks or FilterChain([])  # the empty chain releases every token as it is
+        if hooks is None or isinstance(hooks, FilterChain):
+            hooks = LocalHooks(hooks or FilterChain([]), stages.processor)
+        self.hooks = hooks
         self.queue_size = queue_size
         self.stage_timeout_s = stage_timeout_s
 
@@ -140,9 +144,10 @@ class Conductor:
 
     async def _prepare(self, req: TurnRequest, turn: _Turn) -> tuple[ThinkerPrompt, TurnInputs]:
         st = self.stages
+        tools = await self.hooks.tool_schemas()
         inputs = await asyncio.to_thread(
             build_turn, st.processor, history=list(req.history), system=req.system, text=req.text,
-            audios=req.audios, images=req.images, videos=req.videos, tools=self._tool_schemas(),
+            audios=req.audios, images=req.images, videos=req.videos, tools=tools,
         )
         turn.mark("preprocess")
         po = inputs.processor_outputs
@@ -176,55 +181,48 @@ class Conductor:
                      released: asyncio.Queue, out: asyncio.Queue) -> None:
         ctx = HookContext(request_id=req.request_id, session_id=req.session_id, conversation=inputs.messages,
                           metadata=req.metadata)
-        hook = self.hooks.session(ctx, self.stages.processor.tokenizer)
         talker_queue = released if req.audio_output else None
-        messages = list(inputs.messages)
-        try:
-            for step in range(self.hooks.max_tool_steps + 1):
-                step_ids, calls = await self._think_once(req, turn, prompt, hook, out, talker_queue)
-                if turn.finish_reason == "blocked" or not calls or step == self.hooks.max_tool_steps:
+        async with self.hooks.open(ctx) as hook:
+            while True:
+                generated, stopped = await self._think_once(req, turn, prompt, hook, out, talker_queue)
+                if turn.finish_reason == "blocked":  # the fallback is released; the hook has ended the text
                     break
-                # The Thinker asked for tools: run them and let it go on with the results in its prompt. None of
-                # the call was released, so the user hears only the answer.
-                messages += [{"role": "assistant",
-                              "content": self.stages.processor.tokenizer.decode(step_ids, skip_special_tokens=True)},
-                             *await run_tools(calls, self.hooks.tools, ctx)]
-                cont = await asyncio.to_thread(continue_turn, self.stages.processor, messages, self._tool_schemas())
-                prompt.input_ids = cont.processor_outputs["input_ids"][0]  # same media, so same encoder outputs
-            await self._release(await hook.finish(), turn, out, talker_queue)
-        finally:
-            await hook.aclose()
+                r = await self._hook(hook.thinker_end(stopped))
+                await self._release(r, turn, out, talker_queue)
+                if r.resume is None:
+                    break
+                # The Thinker called tools (never released, so never heard): it goes on with their results after
+                # its own tokens. Same media, so the same encoder outputs.
+                prompt.input_ids = torch.cat([prompt.input_ids, torch.tensor([*generated, *r.resume],
+                                                                             dtype=prompt.input_ids.dtype)])
         if talker_queue is not None:
             await talker_queue.put(_END)
 
-    async def _think_once(self, req: TurnRequest, turn: _Turn, prompt: ThinkerPrompt, hook: HookSession,
-                          out: asyncio.Queue, talker_queue: asyncio.Queue | None) -> tuple[list[int], list]:
-        """One Thinker generation through the hook: the tokens it wrote and the tool calls they held."""
+    async def _think_once(self, req: TurnRequest, turn: _Turn, prompt: ThinkerPrompt, hook: HookTurn,
+                          out: asyncio.Queue, talker_queue: asyncio.Queue | None) -> tuple[list[int], bool]:
+        """One Thinker generation through the hook: the ids it wrote (its stop token included) and whether it
+        stopped at its stop token."""
         stop_ids = self.stages.stop_ids
-        step_ids, calls = [], []
+        step_ids = []
         t_start = time.perf_counter()
         tokens = self.stages.thinker.generate(prompt, req.thinker_sampling, req.max_new_tokens, stop_ids)
         async for item in self._deadline(tokens, "thinker"):
             if item.mm_hidden is not None:
                 turn.mm_hidden = item.mm_hidden  # the Talker's multimodal input, with the first token
             turn.token_ids.append(item.token_id)
+            step_ids.append(item.token_id)
             turn.mark("thinker_ttft", t_start)
             if item.token_id in stop_ids:  # never text, never spoken
                 turn.finish_reason = "stop"
-                break
-            step_ids.append(item.token_id)
+                return step_ids, True
             turn.finish_reason = "length"
             at_cap = len(step_ids) == req.max_new_tokens
-            r = await hook.feed(item.token_id)
-            calls += r.tool_calls
+            r = await self._hook(hook.feed(item.token_id))
             await self._release(r, turn, out, talker_queue, withhold=item.token_id if at_cap else None)
             if r.stop:  # a filter blocked the rest: the fallback is already released
                 turn.finish_reason = "blocked"
                 break
-        return step_ids, calls
-
-    def _tool_schemas(self) -> list[dict] | None:
-        return self.hooks.tools.schemas() if len(self.hooks.tools) else None
+        return step_ids, False
 
     async def _release(self, r: Released, turn: _Turn, out: asyncio.Queue, talker_queue: asyncio.Queue | None,
                        withhold: int | None = None) -> None:
@@ -308,6 +306,13 @@ class Conductor:
                 yield item
         finally:
             await it.aclose()
+
+    async def _hook(self, call: Awaitable[Released]) -> Released:
+        try:
+            async with asyncio.timeout(self.stage_timeout_s):
+                return await call
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer from the hook stage within {self.stage_timeout_s:g} s") from None
 
     async def _get(self, queue: asyncio.Queue, stage: str):
         try:

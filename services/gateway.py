@@ -36,16 +36,16 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 import numpy as np
-from google.protobuf.struct_pb2 import Struct
 
 from services import metrics
 from services.conductor import Conductor, TurnRequest
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput, OmniError, ResourceExhausted
 from services.events import AudioChunk, Event, HookEvent, TextDelta, TurnSummary
-from services.hooks import FilterChain
+from services.hooks import FilterChain, HookStage
 from services.preprocess import AudioInput, decode_audio, load_video
 from services.sessions import History, SessionStore, SessionStoreError
+from services.servicers.hooks import hook_event_to_proto
 from services.servicers.status import status_of
 from services.stages import Stages
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
@@ -68,7 +68,7 @@ _SAMPLING_FIELDS = ("greedy", "temperature", "top_k", "top_p", "repetition_penal
 
 
 class OmniServicer(omni_pb2_grpc.OmniServicer):
-    def __init__(self, stages: Stages, sessions: SessionStore, *, hooks: FilterChain | None = None,
+    def __init__(self, stages: Stages, sessions: SessionStore, *, hooks: FilterChain | HookStage | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, default_deadline_s: float = DEFAULT_DEADLINE_S,
                  stage_timeout_s: float = 300.0):
         self.stages = stages
@@ -383,10 +383,7 @@ def _event_message(event: TextDelta | AudioChunk | HookEvent) -> omni_pb2.Conver
     if isinstance(event, TextDelta):
         return omni_pb2.ConverseResponse(text=omni_pb2.TextDelta(text=event.text, token_ids=event.token_ids))
     if isinstance(event, HookEvent):
-        data = Struct()
-        data.update({k: v for k, v in event.data.items() if isinstance(v, (str, int, float, bool, type(None)))})
-        return omni_pb2.ConverseResponse(hook_event=common_pb2.HookEvent(
-            hook=event.hook, type=event.type, message=event.message, data=data))
+        return omni_pb2.ConverseResponse(hook_event=hook_event_to_proto(event))
     return omni_pb2.ConverseResponse(audio=omni_pb2.AudioChunk(seq=event.seq, pcm16=event.pcm16,
                                                                sample_rate=event.sample_rate))
 

@@ -409,14 +409,6 @@ def build_turn(
     return TurnInputs(_run_processor(processor, prompt, messages), messages, prompt)
 
 
-def continue_turn(processor, messages: Sequence[dict], tools: list[dict] | None = None) -> TurnInputs:
-    """The conversation so far, for the Thinker to go on: a turn's messages (media already loaded, as
-    `TurnInputs.messages`) plus, e.g., the Thinker's tool call and the tool results."""
-    messages = list(messages)
-    prompt = processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-    return TurnInputs(_run_processor(processor, prompt, messages), messages, prompt)
-
-
 def _run_processor(processor, prompt: str, messages: list[dict]) -> dict:
     # Media in prompt order; audio slots include video tracks (slot -> video index, None for standalone audio).
     audios, slots, images, videos = [], [], [], []

@@ -31,7 +31,7 @@ from tests.api_contract import (
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "deploy" / "local.yaml", ROOT / "deploy" / "gpu.yaml"]
 SERVICES = {"omni": "Omni", "audio": "AudioEncoder", "vision": "VisionEncoder", "thinker": "Thinker",
-            "talker": "Talker", "mtp": "MTP", "code2wav": "Code2Wav"}
+            "hooks": "Hooks", "talker": "Talker", "mtp": "MTP", "code2wav": "Code2Wav"}
 TEXT = "Hello! Who are you?"
 MAX_NEW_TOKENS, MAX_FRAMES = 6, 10
 
@@ -102,9 +102,9 @@ def test_gpu_config_places_every_stage_on_a_gpu():
     config = serve_cmd.load_config(CONFIGS[1])
     gpus = {app.name: app.deployments[0].model_dump(exclude_unset=True)["ray_actor_options"].get("num_gpus", 0)
             for app in config.applications}
-    assert gpus.pop("omni") == 0 and gpus.pop("thinker") == 1
+    assert gpus.pop("omni") == 0 and gpus.pop("hooks") == 0 and gpus.pop("thinker") == 1
     assert sum(gpus.values()) <= 1  # the other stages share one more GPU
-    assert all(app.args["dtype"] == "bfloat16" for app in config.applications if app.name != "omni")
+    assert all(app.args["dtype"] == "bfloat16" for app in config.applications if app.name in gpus)
 
 
 def test_stage_load_policy_adds_reported_calls_to_serve_requests():
@@ -250,6 +250,14 @@ def _assert_same_turn(got: tuple[omni_pb2.TurnSummary, bytes], want) -> None:
 
 async def test_converse_through_the_gateway_equals_in_process(cluster, in_process):
     _assert_same_turn(await _converse(cluster.address), in_process)
+    # The text went through the hooks application: its replica recorded the turn's hook metrics.
+    deadline, lines = time.monotonic() + 60, []
+    while not lines and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        body = await asyncio.to_thread(_scrape, cluster.metrics_port)
+        lines = [line for line in body.splitlines()
+                 if line.startswith("ray_omni_hook_time_to_first_release_seconds_count") and "Hooks" in line]
+    assert lines and float(lines[0].rsplit(" ", 1)[1]) >= 1, lines
 
 
 async def test_two_talker_replicas_share_turns_with_unchanged_results(cluster, in_process):

@@ -70,6 +70,8 @@ def test_tool_call_runs_and_the_thinker_continues_with_its_result(engines):
     continuation = thinker.prompts[1]
     assert '<tool_response>\n{"city": "Lisbon", "sky": "sunny"}\n</tool_response>' in continuation
     assert continuation.rstrip().endswith("<|im_start|>assistant")
+    # The Thinker goes on from its own tokens: the first prompt, the call as written, its stop token, the tool turn.
+    assert continuation.startswith(thinker.prompts[0] + CALL + "<|im_end|>\n<|im_start|>user\n<tool_response>")
     client_text = "".join(e.text for e in events if isinstance(e, TextDelta))
     heard = tokenizer.decode(talker.received)
     for released in (client_text, summary.text, heard):

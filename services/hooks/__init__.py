@@ -1,6 +1,7 @@
 """The hook stage: user code between the Thinker, which writes the answer, and the Talker, which speaks it.
 
-    sdk       filters, verdicts, the chain and its per-request session (what the conductor calls)
+    sdk       filters, verdicts, the chain and its per-request session
+    stage     the hook stage as the conductor calls it: in process (LocalHooks) or the hooks application
     builtin   redact, block (Blocklist), sentences
     remote    a filter or a tool served over gRPC (protos/omni/v1/text_filter.proto)
     tools     tool calls in the Thinker's text, tools, the `retrieve` RAG tool
@@ -10,6 +11,7 @@
 from services.hooks.builtin import Blocklist, Redact, Sentences
 from services.hooks.registry import FilterSpec, HooksConfig, ToolSpec, build_chain
 from services.hooks.remote import RemoteFilter, grpc_tool
+from services.hooks.stage import HookStage, HookTurn, LocalHooks
 from services.hooks.sdk import (
     DEFAULT_FALLBACK,
     Block,
@@ -20,12 +22,10 @@ from services.hooks.sdk import (
     HookContext,
     HookEvent,
     HookSession,
-    IdentityHook,
     Link,
     Release,
     Released,
     TextFilter,
-    TextHook,
     Verdict,
 )
 from services.hooks.tools import (
@@ -42,7 +42,7 @@ from services.hooks.tools import (
 
 __all__ = [
     "DEFAULT_FALLBACK", "BM25Retriever", "Block", "Blocklist", "FilterChain", "FilterFailed", "FilterSpec",
-    "FilterTurn", "Hold", "HookContext", "HookEvent", "HookSession", "HooksConfig", "IdentityHook", "Link", "Passage",
-    "Redact", "Release", "Released", "RemoteFilter", "Retrieve", "Retriever", "Sentences", "TextFilter", "TextHook",
+    "FilterTurn", "Hold", "HookContext", "HookEvent", "HookSession", "HookStage", "HookTurn", "HooksConfig", "Link", "LocalHooks", "Passage",
+    "Redact", "Release", "Released", "RemoteFilter", "Retrieve", "Retriever", "Sentences", "TextFilter",
     "Tool", "ToolCall", "ToolRegistry", "ToolSpec", "Verdict", "build_chain", "grpc_tool", "python_tool", "run_tools",
 ]

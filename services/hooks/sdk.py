@@ -16,15 +16,16 @@ with the checkpoint's tokenizer (the Talker re-embeds released ids itself, so an
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from services.errors import OmniError
-from services.hooks.tools import Piece, ToolCall, ToolCallScanner, ToolRegistry
+from services.errors import InvalidInput, OmniError
+from services.hooks.tools import Piece, ToolCall, ToolCallScanner, ToolRegistry, continuation_text, run_tools
 from services.metrics import TTFT_BUCKETS, _Histogram
 
 log = logging.getLogger(__name__)
@@ -146,10 +147,27 @@ class FilterChain:
         self.links = [f if isinstance(f, Link) else Link(f, type(f).__name__.lower()) for f in filters]
         self.fallback = fallback
         self.tools = tools or ToolRegistry()
-        self.max_tool_steps = max_tool_steps  # Thinker continuations with tool results per turn (the conductor's)
+        self.max_tool_steps = max_tool_steps  # Thinker continuations with tool results per turn
 
-    def session(self, ctx: HookContext, tokenizer) -> HookSession:
-        return HookSession(self, ctx, tokenizer)
+    def session(self, ctx: HookContext, tokenizer, render=None) -> HookSession:
+        """`render`: the chat template for tool continuations (default: the tokenizer's `apply_chat_template`)."""
+        return HookSession(self, ctx, tokenizer, render)
+
+    def tool_schemas(self) -> list[dict] | None:
+        """The tools as the Thinker's chat template declares them; None without tools."""
+        return self.tools.schemas() if len(self.tools) else None
+
+    def only(self, names: Sequence[str]) -> FilterChain:
+        """The chain of the named links, in the given order (same fallback and tools); empty: this chain."""
+        if not names:
+            return self
+        links = {link.name: link for link in self.links}
+        unknown = [n for n in names if n not in links]
+        if unknown:
+            raise InvalidInput(f"unknown text filter {', '.join(map(repr, unknown))}; this hook stage has "
+                               f"{', '.join(map(repr, links)) or 'none'}")
+        return FilterChain([links[n] for n in names], fallback=self.fallback, tools=self.tools,
+                           max_tool_steps=self.max_tool_steps)
 
 
 @dataclass
@@ -160,7 +178,8 @@ class Released:
     text: str = ""
     events: list[HookEvent] = field(default_factory=list)
     stop: bool = False  # blocked: stop the Thinker; `text` is the fallback
-    tool_calls: list[ToolCall] = field(default_factory=list)  # completed calls: run them, continue the Thinker
+    tool_calls: list[ToolCall] = field(default_factory=list)  # completed calls, run at the Thinker's end
+    resume: list[int] | None = None  # from `thinker_end`: ids to append for the Thinker to go on (tool results)
 
 
 class _Blocked(Exception):
@@ -170,11 +189,18 @@ class _Blocked(Exception):
 
 
 class HookSession:
-    """One request through a chain: `await feed(token_id)` for each Thinker token, `await finish()` at the end of
-    the answer (after the last tool step), `await aclose()` if the request ends otherwise."""
+    """One request through a chain: `await feed(token_id)` for each Thinker token (its stop token excepted),
+    `await thinker_end(stopped)` each time the Thinker stops (it may answer `resume`), or `await finish()` at the
+    end of the answer; `await aclose()` if the request ends otherwise."""
 
-    def __init__(self, chain: FilterChain, ctx: HookContext, tokenizer):
+    def __init__(self, chain: FilterChain, ctx: HookContext, tokenizer, render=None):
         self.chain, self.ctx = chain, ctx
+        self._tokenizer = tokenizer
+        self._render = render or tokenizer.apply_chat_template
+        self._messages = list(ctx.conversation)  # grows by each tool step
+        self._step_ids: list[int] = []  # the Thinker's ids since it last stopped
+        self._calls: list[ToolCall] = []  # tool calls since it last stopped
+        self._tool_steps = 0
         self._events: list[HookEvent] = []
         self._decoder = _Decoder(tokenizer)
         self._scanner = ToolCallScanner() if len(chain.tools) else None
@@ -191,6 +217,7 @@ class HookSession:
         t0 = time.perf_counter()
         if self._t_first is None:
             self._t_first = t0
+        self._step_ids.append(token_id)
         if self._identity:  # nothing can hold or change the text: the Thinker's ids, as they come
             piece = self._decoder.push(token_id)
             return self._done(t0, Released([token_id], piece.text if piece else ""))
@@ -198,9 +225,28 @@ class HookSession:
             return Released(stop=self._blocked)
         piece = self._decoder.push(token_id)
         released = self._done(t0, await self._run([piece] if piece else [], final=False))
+        self._calls += released.tool_calls
         if released.stop:
             await self.aclose()
         return released
+
+    async def thinker_end(self, stopped: bool) -> Released:
+        """The Thinker stopped: at its stop token (`stopped`) or at its token cap. If it called tools since it last
+        stopped and tool steps are left, run them and answer `resume`: the ids to append to its prompt after its
+        own (stop token included) for it to go on. Otherwise the answer is complete: `finish()`."""
+        calls, self._calls = self._calls, []
+        step_ids, self._step_ids = self._step_ids, []
+        if self._closed or not calls or self._tool_steps >= self.chain.max_tool_steps:
+            return await self.finish()
+        self._tool_steps += 1
+        self._messages.append({"role": "assistant",
+                               "content": self._tokenizer.decode(step_ids, skip_special_tokens=True)})
+        results = await run_tools(calls, self.chain.tools, self.ctx)
+        text = await asyncio.to_thread(continuation_text, self._render, self._messages, results,
+                                       self.chain.tool_schemas(), stopped)
+        self._messages += results
+        return Released(events=self._take_events(),
+                        resume=self._tokenizer.encode(text, add_special_tokens=False))
 
     async def finish(self) -> Released:
         """The answer is complete: release what is held (an incomplete character at the very end is dropped, as
@@ -420,22 +466,3 @@ class _IdMapper:
     def _encode(self, text: str) -> list[int]:
         # split_special_tokens: released text that spells "<|im_end|>" is spoken as text, not as the token
         return self._tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True) if text else []
-
-
-# The conductor's hook contract until it switches to `FilterChain.session` (one hook object per turn).
-class TextHook(Protocol):
-    def feed(self, token_id: int) -> list[int]:
-        """Take the Thinker's next token; return the tokens released now (possibly none, possibly rewritten)."""
-
-    def finish(self) -> list[int]:
-        """The Thinker has ended: return whatever is still held."""
-
-
-class IdentityHook:
-    """Releases every token as it arrives."""
-
-    def feed(self, token_id: int) -> list[int]:
-        return [token_id]
-
-    def finish(self) -> list[int]:
-        return []

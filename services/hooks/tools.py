@@ -205,6 +205,26 @@ async def _run_one(call: ToolCall, registry: ToolRegistry, ctx: HookContext) -> 
     return result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
 
 
+IM_END = "<|im_end|>"
+
+
+def continuation_text(render: Callable[..., str], messages: Sequence[dict], tool_messages: Sequence[dict],
+                      tools: list[dict] | None, stopped: bool) -> str:
+    """What follows the Thinker's own tokens so that it goes on after a tool step: the end of its turn, the tool
+    turn in Qwen's `<tool_response>` form and a new assistant header. `messages` ends with the assistant message
+    that holds the call; `render` is the checkpoint's chat template (`apply_chat_template`, tokenize=False).
+
+    The Thinker's prompt grows by its generated ids plus this text's ids, so what it wrote is never re-tokenized and
+    a server may keep its KV cache. `stopped`: the Thinker wrote its stop token (<|im_end|>) itself; if it hit the
+    token cap instead, the text starts with that token."""
+    before = render(list(messages), tools=tools, add_generation_prompt=False, tokenize=False)
+    after = render([*messages, *tool_messages], tools=tools, add_generation_prompt=True, tokenize=False)
+    cut = before.rfind(IM_END)
+    if cut < 0 or not after.startswith(before[:cut + len(IM_END)]):
+        raise ValueError("the chat template does not render a tool turn as an append to the conversation")
+    return ("" if stopped else IM_END) + after[cut + len(IM_END):]
+
+
 def _error(message: str) -> str:
     return json.dumps({"error": message}, ensure_ascii=False)
 

@@ -3,8 +3,8 @@ below with its `args` and sets each deployment's resources, replicas and autosca
 
     client ── Omni/Converse ──> Serve's gRPC proxy ──> omni: Gateway ── conducts each turn ──┐
                                                                                             │ direct gRPC to a
-        audio: AudioEncoder   vision: VisionEncoder   thinker: Thinker   code2wav: Code2Wav <┤ replica's own port
-        talker: Talker ── direct gRPC, every frame ──> mtp: MTP                             <┘ (routes.py)
+        audio: AudioEncoder   vision: VisionEncoder   thinker: Thinker   hooks: Hooks       <┤ replica's own port
+        talker: Talker ── direct gRPC, every frame ──> mtp: MTP        code2wav: Code2Wav   <┘ (routes.py)
 
 Every application's ingress implements its gRPC service, so Serve's proxy serves each one (the `application`
 metadata picks the app: `grpcurl -H 'application: thinker' ...`), `grpc.health.v1.Health/Check` included. The
@@ -31,10 +31,11 @@ from typing import Any, Literal, NoReturn
 import grpc
 import ray
 from grpc_health.v1 import health_pb2
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
+from services.hooks.registry import HooksConfig
 from services.serving.autoscaling import STAGE_CALLS
 from services.wire.server import SERVICE_NAMES
 
@@ -66,6 +67,15 @@ class TalkerArgs(StageArgs):
     mtp_app: str = Field("mtp", description="name of the MTP application the Talker calls every frame")
 
 
+class HooksArgs(HooksConfig):
+    """The hooks application: the chain (`services.hooks.HooksConfig`'s fields) and the checkpoint whose tokenizer
+    and chat template it uses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="checkpoint directory: the stage reads its processor (tokenizer, chat template)")
+
+
 class GatewayArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,12 +85,20 @@ class GatewayArgs(BaseModel):
     stages: dict[str, str] = Field(default_factory=lambda: {stage: stage for stage in STAGES},
                                    description="stage application names by stage (audio, vision, thinker, talker, "
                                                "code2wav); without talker and code2wav answers are text only")
-    hooks: dict | None = Field(None, description="the text filter chain and tools between the Thinker and the "
-                                                  "Talker (services.hooks.HooksConfig); unset: release everything")
+    hooks_app: str | None = Field(None, description="name of the hooks application, whose filters and tools run "
+                                                    "between the Thinker and the Talker")
+    hooks: dict | None = Field(None, description="instead of hooks_app: a chain run in the gateway itself "
+                                                  "(services.hooks.HooksConfig); neither: release everything")
     # Unset: OmniServicer's defaults.
     max_request_bytes: int | None = Field(None, gt=0, description="input bytes accepted per turn")
     default_deadline_s: float | None = Field(None, gt=0, description="cap on a turn's duration")
     stage_timeout_s: float | None = Field(None, gt=0, description="longest wait for a stage's next output")
+
+    @model_validator(mode="after")
+    def _one_hook_stage(self) -> GatewayArgs:
+        if self.hooks_app is not None and self.hooks is not None:
+            raise ValueError("set hooks_app (the hooks application) or hooks (a chain in the gateway), not both")
+        return self
 
 
 # ---- what every stage replica shares ----------------------------------------------------------------------------
@@ -128,10 +146,13 @@ class _StageReplica:
     peers: tuple = ()  # the routes.ReplicaSets this replica calls (the Talker's MTP)
 
     async def _serve(self, stage, servicer_cls: Callable, *servicer_args) -> None:
+        self.stage = CountedStage(stage)
+        await self._start(servicer_cls(self.stage, *servicer_args))
+
+    async def _start(self, servicer) -> None:
         from services.servicers import serve_stage
 
-        self.stage = CountedStage(stage)
-        self.servicer = servicer_cls(self.stage, *servicer_args)
+        self.servicer = servicer
         self._server, port = await serve_stage(self.servicer)
         self._address = f"{ray.util.get_node_ip_address()}:{port}"
         log.info("%s replica serving on %s", self.servicer.service, self._address)
@@ -252,6 +273,31 @@ class Code2WavReplica(_StageReplica):
             yield msg
 
 
+@serve.deployment(name="Hooks")
+class HooksReplica(_StageReplica):
+    """User code between the Thinker and the Talker: the gateway holds one Filter stream per turn (lockstep, one
+    round trip per Thinker token) on a replica's own port, like the other stages."""
+
+    async def __init__(self, args: HooksArgs):
+        from services.checkpoint.loading import Checkpoint
+        from services.hooks import build_chain
+        from services.servicers.hooks import HooksServicer
+
+        processor = await asyncio.to_thread(_load_processor, Checkpoint.open(args.model))
+        chain = build_chain(HooksConfig.model_validate(args.model_dump(exclude={"model"})))
+        await self._start(HooksServicer(chain, processor))
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {STAGE_CALLS: self.servicer.active}
+
+    async def Filter(self, requests, grpc_context) -> AsyncIterator:
+        async for msg in proxied(self.servicer.Filter, requests, grpc_context):
+            yield msg
+
+    async def Describe(self, request, grpc_context):
+        return await self.servicer.Describe(request, _ProxyContext(None, grpc_context))
+
+
 @serve.deployment(name="Gateway")
 class GatewayReplica:
     """The client API. It loads no weights: the processor (preprocessing runs here) and the checkpoint's config."""
@@ -271,7 +317,13 @@ class GatewayReplica:
         self.sessions = make_session_store(args.redis_url)
         limits = args.model_dump(include={"max_request_bytes", "default_deadline_s", "stage_timeout_s"},
                                  exclude_none=True)
-        hooks = build_chain(args.hooks) if args.hooks else None
+        self.hooks = None
+        if args.hooks_app:
+            from services.remote import RemoteHooks
+            from services.serving.routes import ReplicaSet, RoutedHooks
+
+            self.hooks = RoutedHooks(ReplicaSet(args.hooks_app, RemoteHooks))
+        hooks = self.hooks or (build_chain(args.hooks) if args.hooks else None)
         self.servicer = OmniServicer(self.stages, self.sessions, hooks=hooks, **limits)
 
     async def Converse(self, requests, grpc_context) -> AsyncIterator:
@@ -285,6 +337,8 @@ class GatewayReplica:
         from services.serving.routes import close_routed
 
         await close_routed(self.stages)
+        if self.hooks is not None:
+            await self.hooks.replicas.close()
         await self.sessions.close()
 
 
@@ -313,6 +367,10 @@ def mtp_app(args: dict) -> Application:
 
 def code2wav_app(args: dict) -> Application:
     return Code2WavReplica.bind(StageArgs.model_validate(args))
+
+
+def hooks_app(args: dict) -> Application:
+    return HooksReplica.bind(HooksArgs.model_validate(args))
 
 
 def gateway_app(args: dict) -> Application:

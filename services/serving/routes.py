@@ -48,11 +48,13 @@ from services.remote import (
     STAGE_KEYS,
     RemoteAudioEncoder,
     RemoteCode2Wav,
+    RemoteHooks,
     RemoteMTP,
     RemoteTalker,
     RemoteThinker,
     RemoteVisionEncoder,
 )
+from services.hooks import HookContext, HookTurn
 from services.servicers.status import StageError
 from services.stages import Stages, ThinkerToken
 from services.wire.server import GRPC_OPTIONS
@@ -220,6 +222,23 @@ class RoutedCode2Wav:
         async with self.replicas.client() as code2wav, aclosing(code2wav.decode(frames)) as chunks:
             async for chunk in chunks:
                 yield chunk
+
+
+class RoutedHooks:
+    """A turn holds one replica's Filter stream from the Thinker's first token to the end of the text: filters keep
+    per-turn state there."""
+
+    def __init__(self, replicas: ReplicaSet[RemoteHooks]):
+        self.replicas = replicas
+
+    async def tool_schemas(self) -> list[dict] | None:
+        async with self.replicas.client() as hooks:
+            return await hooks.tool_schemas()
+
+    @asynccontextmanager
+    async def open(self, ctx: HookContext) -> AsyncIterator[HookTurn]:
+        async with self.replicas.client() as hooks, hooks.open(ctx) as turn:
+            yield turn
 
 
 def routed_stages(apps: Mapping[str, str], processor, speakers: dict[str, int], stop_ids: frozenset[int],

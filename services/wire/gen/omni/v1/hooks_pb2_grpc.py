@@ -39,15 +39,30 @@ class HooksStub:
                 request_serializer=omni_dot_v1_dot_hooks__pb2.FilterRequest.SerializeToString,
                 response_deserializer=omni_dot_v1_dot_hooks__pb2.FilterResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/omni.v1.Hooks/Describe',
+                request_serializer=omni_dot_v1_dot_hooks__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=omni_dot_v1_dot_hooks__pb2.HooksInfo.FromString,
+                _registered_method=True)
 
 
 class HooksServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Filter(self, request_iterator, context):
-        """One turn: `start`, then the Thinker's tokens as they come and its `thinker_end`; the stage answers with
-        released tokens and events, then either `resume` (the caller resumes the Thinker and goes on sending its
-        tokens and next `thinker_end`) or `end`, after which the server closes the stream.
+        """One turn, in lockstep: `start`, then for each `tokens` message the stage answers zero or more `event`s and
+        exactly one `released` (possibly empty), in order; for `thinker_end` it answers events and one `released`
+        (the text it still held), then `resume` (the caller continues the Thinker, sends its tokens and its next
+        `thinker_end`) or `end`, after which it closes the stream. A `released` with `blocked` set is followed by
+        `end`. Lockstep keeps the released text in step with the Thinker's tokens; a caller may still pipeline
+        `tokens` messages, matching `released` answers to them by order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Describe(self, request, context):
+        """What the stage offers: its filter chain and the tools the Thinker's prompt declares.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -60,6 +75,11 @@ def add_HooksServicer_to_server(servicer, server):
                     servicer.Filter,
                     request_deserializer=omni_dot_v1_dot_hooks__pb2.FilterRequest.FromString,
                     response_serializer=omni_dot_v1_dot_hooks__pb2.FilterResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=omni_dot_v1_dot_hooks__pb2.DescribeRequest.FromString,
+                    response_serializer=omni_dot_v1_dot_hooks__pb2.HooksInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +109,33 @@ class Hooks:
             '/omni.v1.Hooks/Filter',
             omni_dot_v1_dot_hooks__pb2.FilterRequest.SerializeToString,
             omni_dot_v1_dot_hooks__pb2.FilterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omni.v1.Hooks/Describe',
+            omni_dot_v1_dot_hooks__pb2.DescribeRequest.SerializeToString,
+            omni_dot_v1_dot_hooks__pb2.HooksInfo.FromString,
             options,
             channel_credentials,
             insecure,
