@@ -8,7 +8,10 @@ the hop is timed:
 - MTP stub: `PredictRequest`/`PredictResponse` written and read on one stream, with `to_proto`/`from_proto`;
 - Talker -> MTP: `RemoteMTP.predict` (the Talker's per-frame client; the tensor is the hidden state [H]);
 - -> Code2Wav: `RemoteCode2Wav.decode`, one codec frame in, a chunk of samples of the size out;
-- gateway -> AudioEncoder: `RemoteAudioEncoder.encode`, one call per tensor, crossing as `TensorPiece`s.
+- gateway -> AudioEncoder: `RemoteAudioEncoder.encode`, one call per tensor, crossing as `TensorPiece`s;
+- gateway -> Hooks: one Thinker token in, its released text out, on a turn's Filter stream, through the real
+  `HooksServicer` and an empty filter chain (the gateway's lockstep: one such round trip per Thinker token). Its
+  messages are a token, whatever the size column says.
 
 With `--ray` (a local Ray cluster, ~20 s or more to start) the echo stages also run as Serve replicas, exactly as
 the real stage replicas run theirs (`services.serving.apps`), and the per-frame routes are measured the way the
@@ -45,7 +48,9 @@ from torch import Tensor
 
 from services.engines.mtp import MTPResult
 from services.remote import RemoteAudioEncoder, RemoteCode2Wav, RemoteMTP
-from services.wire.gen.omni.v1 import mtp_pb2_grpc
+from services.wire.gen.omni.v1 import hooks_pb2_grpc, mtp_pb2_grpc
+from services.wire.gen.omni.v1.common_pb2 import Tokens
+from services.wire.gen.omni.v1.hooks_pb2 import FilterRequest, FilterStart
 from services.wire.gen.omni.v1.mtp_pb2 import PredictRequest
 from services.wire.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 from services.wire.tensors import from_proto, to_proto
@@ -165,14 +170,21 @@ def serve_echo() -> None:
 
 
 async def _serve_echo() -> None:
+    from types import SimpleNamespace
+
+    from services.checkpoint.tokenizer import build_qwen_tokenizer
+    from services.hooks import FilterChain
     from services.servicers.audio_encoder import AudioEncoderServicer
     from services.servicers.code2wav import Code2WavServicer
+    from services.servicers.hooks import HooksServicer
     from services.servicers.mtp import MTPServicer
 
     server = grpc.aio.server(options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((_bytes_echo_handler(),))
+    tokenizer = await asyncio.to_thread(build_qwen_tokenizer)  # the real vocabulary: the stage decodes each token
+    processor = SimpleNamespace(tokenizer=tokenizer, apply_chat_template=tokenizer.apply_chat_template)
     for servicer in (MTPServicer(EchoMTP()), Code2WavServicer(EchoCode2Wav()),
-                     AudioEncoderServicer(EchoAudioEncoder())):
+                     AudioEncoderServicer(EchoAudioEncoder()), HooksServicer(FilterChain([]), processor)):
         servicer.add_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -333,6 +345,31 @@ class Decode:
         await self.chunks.aclose()  # cancels the call
 
 
+class HooksFeed:
+    """A turn's Filter stream to the hook stage: a `tokens` message with one Thinker token, then its `released`."""
+
+    TOKENS = [23811, 1879, 11, 419, 374, 264, 1273, 315, 279, 29677, 6021]  # " hello world, this is a test of..."
+
+    def __init__(self, channel: grpc.aio.Channel, size: int):
+        self.call = hooks_pb2_grpc.HooksStub(channel).Filter()
+        self.sent = 0
+
+    async def send(self) -> None:
+        if self.sent == 0:
+            await self.call.write(FilterRequest(start=FilterStart(request_id="hops")))
+        await self.call.write(FilterRequest(tokens=Tokens(token_ids=[self.TOKENS[self.sent % len(self.TOKENS)]])))
+        self.sent += 1
+
+    async def recv(self) -> None:
+        while (answer := await self.call.read()) is not grpc.aio.EOF:
+            if answer.WhichOneof("kind") == "released":
+                return _check(len(answer.released.token_ids), 1)
+        raise RuntimeError("the hook stage ended the stream")
+
+    async def close(self) -> None:
+        self.call.cancel()
+
+
 def _check(got: int, want: int) -> None:
     if got != want:
         raise RuntimeError(f"an answer of {got} elements, expected {want}")
@@ -346,6 +383,7 @@ class Route:
     name: str
     per_frame: bool  # taken every 80 ms codec frame: the 3x goal applies
     open: Callable[[int], Pipe]  # size in bytes -> an open stream
+    sized: bool = True  # its messages have the row's size (not so for a token)
 
 
 @dataclass
@@ -396,6 +434,7 @@ async def _routes(address: str, proxy_address: str | None) -> AsyncIterator[list
             Route("Talker->MTP: RemoteMTP", True, lambda size: _predicts(mtp, size)),
             Route("->Code2Wav: RemoteCode2Wav", True, lambda size: Decode(code2wav, size)),
             Route("->AudioEncoder: call per tensor", False, lambda size: _encodes(encoder, size)),
+            Route("gateway->Hooks: one token", False, lambda size: HooksFeed(channel, size), sized=False),
         ]
         if proxy_address is not None:
             from services.serving.routes import ReplicaSet, RoutedCode2Wav, RoutedMTP
@@ -493,8 +532,9 @@ def print_table(rows: list[Row]) -> None:
         slower = row.p50 / ref.p50
         if row.route.per_frame and slower > GOAL:
             misses.append(f"{row.route.name} at {_size_name(row.size)}: {slower:.1f}x")
-        values = (_size_name(row.size), f"{row.p50 * 1e3:.3f}", f"{row.p90 * 1e3:.3f}", f"{slower:.2f}",
-                  f"{row.rate:.0f}", f"{row.rate * row.size / 1e6:.1f}", f"{ref.rate / row.rate:.2f}")
+        values = (_size_name(row.size) if row.route.sized else "token", f"{row.p50 * 1e3:.3f}",
+                  f"{row.p90 * 1e3:.3f}", f"{slower:.2f}", f"{row.rate:.0f}",
+                  f"{row.rate * row.size / 1e6:.1f}" if row.route.sized else "-", f"{ref.rate / row.rate:.2f}")
         print(row.route.name.ljust(width) + "".join(v.rjust(9) for v in values))
         if row is _last(rows, row.size):
             print()
