@@ -262,7 +262,7 @@ class RemoteCode2Wav:
 
 class RemoteHooks:
     """The hook stage over `omni.v1.Hooks` (a `services.hooks.HookStage`): one lockstep Filter stream per turn,
-    one round trip per Thinker token (~0.3 ms on loopback, against tens of ms per token on a GPU Thinker)."""
+    one round trip per Thinker token (~0.5 ms on loopback, against tens of ms per token on a GPU Thinker)."""
 
     INFO_TTL_S = 10.0  # how long Describe's answer (the tools) is reused: it changes only with a redeploy
 

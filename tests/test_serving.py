@@ -67,10 +67,14 @@ def test_builders_reject_unknown_args_and_keep_torch_out_of_serve_build_tasks():
 
     from pydantic import ValidationError
 
-    from services.serving.apps import thinker_app
+    from services.serving.apps import gateway_app, hooks_app, thinker_app
 
     with pytest.raises(ValidationError):
         thinker_app({"model": "m", "devcie": "cuda"})
+    with pytest.raises(ValidationError, match="filters.0.option"):
+        hooks_app({"model": "m", "filters": [{"use": "redact", "option": {"words": ["x"]}}]})
+    with pytest.raises(ValidationError, match="not both"):
+        gateway_app({"model": "m", "hooks_app": "hooks", "hooks": {"filters": []}})
     # Serve imports the builders' module once per application to build it: no torch there (~8 s each).
     code = "import sys, services.serving.apps; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -21,7 +21,7 @@ from services.hooks import (
     python_tool,
     run_tools,
 )
-from services.hooks.tools import Piece, ToolCallScanner
+from services.hooks.tools import Piece, ToolCallScanner, continuation_text
 
 IM_END, TOOL_CALL, TOOL_RESPONSE = 151645, 151657, 151665
 CORPUS = [
@@ -214,3 +214,25 @@ def test_retrieve_rejects_bad_corpora(tmp_path, corpus):
         Retrieve()
     with pytest.raises(InvalidInput, match="either"):
         Retrieve(str(corpus), retriever=FixedStore("x"))
+
+
+def test_continuation_is_what_the_chat_template_appends_after_the_thinkers_turn(processor):
+    tools = [{"type": "function", "function": {"name": "x", "description": "d", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": '<tool_call>\n{"name": "x", "arguments": {}}\n</tool_call>'}]
+    results = [{"role": "tool", "content": '{"a": 1}'}]
+    text = continuation_text(processor.apply_chat_template, messages, results, tools, stopped=True)
+    assert text == '\n<|im_start|>user\n<tool_response>\n{"a": 1}\n</tool_response><|im_end|>\n<|im_start|>assistant\n'
+    # at the token cap the Thinker never wrote its <|im_end|>: the continuation starts with it
+    assert continuation_text(processor.apply_chat_template, messages, results, tools, stopped=False) == \
+        "<|im_end|>" + text
+    full = processor.apply_chat_template([*messages, *results], tools=tools, add_generation_prompt=True,
+                                         tokenize=False)
+    before = processor.apply_chat_template(messages, tools=tools, tokenize=False)
+    assert full == before[:before.rindex("<|im_end|>") + len("<|im_end|>")] + text
+
+    def rewriting(msgs, **kw):  # a template that renders earlier turns differently once a tool answered
+        return "".join(m["role"] + ("!" if len(msgs) > 2 else "") + "<|im_end|>" for m in msgs)
+
+    with pytest.raises(ValueError, match="does not render a tool turn as an append"):
+        continuation_text(rewriting, messages, results, tools, stopped=True)

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.errors import InvalidInput
 from services.hooks.remote import grpc_tool
@@ -49,6 +49,8 @@ TOOLS_GROUP = "omni.tools"
 
 
 class FilterSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the deploy instead of vanishing
+
     use: str = Field(description="an `omni.text_filters` entry point (redact, block, sentences, remote) or an "
                                  "import path `package.module:Class` of a TextFilter subclass")
     name: str | None = Field(None, description="the link's name in events, logs and errors; default: `use`")
@@ -59,6 +61,8 @@ class FilterSpec(BaseModel):
 
 
 class ToolSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the deploy instead of vanishing
+
     use: str | None = Field(None, description="an `omni.tools` entry point (retrieve) or an import path "
                                               "`package.module:name` of a function or class")
     target: str | None = Field(None, description="host:port of a gRPC server of omni.v1.Tool")
@@ -79,6 +83,8 @@ class ToolSpec(BaseModel):
 
 
 class HooksConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key fails the deploy instead of vanishing
+
     filters: list[FilterSpec] = Field(default_factory=list, description="the filter chain, in order")
     tools: list[ToolSpec] = Field(default_factory=list, description="tools the Thinker may call")
     fallback: str = Field(DEFAULT_FALLBACK, description="what the answer says when a filter blocks it")

@@ -71,8 +71,6 @@ class HooksArgs(HooksConfig):
     """The hooks application: the chain (`services.hooks.HooksConfig`'s fields) and the checkpoint whose tokenizer
     and chat template it uses."""
 
-    model_config = ConfigDict(extra="forbid")
-
     model: str = Field(description="checkpoint directory: the stage reads its processor (tokenizer, chat template)")
 
 
