@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM=false RAY_AUTH_MODE=disabled
 PORT=${OMNI_PORT:-9000}
 [ -f build/tiny/config.json ] || .venv/bin/omni checkpoint tiny build/tiny
 mkdir -p out
-echo "[demo] starting omni serve (a local Ray cluster and 7 applications; about a minute on 2 cores)"
+echo "[demo] starting omni serve (a local Ray cluster and 8 applications; about a minute on 2 cores)"
 .venv/bin/omni serve --model build/tiny --port "$PORT" > out/serve.log 2>&1 &
 SERVE=$!
 trap 'kill -TERM $SERVE 2>/dev/null; wait $SERVE 2>/dev/null || true' EXIT  # background jobs ignore SIGINT
