@@ -4,7 +4,6 @@ checkpoint (one cluster for the module), called over gRPC through Serve's proxy 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import socket
 import time
@@ -20,13 +19,14 @@ from services.errors import OmniError
 from services.serving import serve_cmd
 from services.serving.autoscaling import STAGE_CALLS, stage_load_policy
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc, thinker_pb2, thinker_pb2_grpc
-from services.wire.server import SERVICE_NAMES
+from services.wire.server import MAX_MESSAGE_BYTES, SERVICE_NAMES
 from tests.api_contract import (
     INPUTS,
     check_chat_equals_generate,
     check_four_concurrent_streams,
     check_two_turn_session,
 )
+from tests.helpers import assert_rejected_for_size
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "deploy" / "local.yaml", ROOT / "deploy" / "gpu.yaml"]
@@ -139,7 +139,7 @@ def cluster(tiny_ckpt):
     talker = next(app for app in config.applications if app.name == "talker")
     talker.deployments[0].num_replicas = 2
     metrics_port = _free_port()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    serve_cmd.set_cluster_env()
     ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})
     try:
@@ -296,6 +296,18 @@ async def test_errors_keep_their_status_through_the_proxy(cluster):
                     iter([no_start]), metadata=(("application", "thinker"),), timeout=30):
                 pass
         assert bad_stream.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_proxy_refuses_a_message_over_the_stage_limit(cluster, in_process):
+    """Serve's proxy takes 2 GiB messages by default; the cluster env holds it to the stages' limit, so an oversized
+    message never reaches a gateway replica (which would answer INVALID_ARGUMENT: a first message that is no config)."""
+    big = omni_pb2.ConverseRequest(audio=omni_pb2.AudioInput(encoded=bytes(MAX_MESSAGE_BYTES + 1)))
+    async with grpc.aio.insecure_channel(cluster.address, options=[("grpc.max_send_message_length", -1)]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in _converse_call(channel, [big]):
+                pass
+    assert_rejected_for_size(error.value)
+    _assert_same_turn(await _converse(cluster.address), in_process)  # still serving
 
 
 async def test_a_client_that_disconnects_frees_every_stage(cluster):

@@ -3,8 +3,8 @@
     omni serve [--model DIR] [--config deploy/local.yaml] [--port P] [--metrics-port M]
 
 The config is a plain Serve config (`serve deploy` and KubeRay's serveConfigV2 take it as it is); this command
-adds what a single machine needs: it starts Ray with token auth off (RAY_AUTH_MODE=disabled) and Prometheus
-metrics on --metrics-port, points every application's `model` at --model (made absolute: replicas read it from
+adds what a single machine needs: it starts Ray with `CLUSTER_ENV` (token auth off, the proxy's message limit) and
+Prometheus metrics on --metrics-port, points every application's `model` at --model (made absolute: replicas read it from
 their own working directory), deploys the applications as `serve run <config>` does, waits until all are RUNNING
 and prints the address clients call.
 """
@@ -22,9 +22,23 @@ from typing import NoReturn
 import yaml
 
 from services.errors import OmniError
+from services.wire.server import MAX_MESSAGE_BYTES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
 POLL_S = 1.0
+# The environment a local cluster starts with (its processes inherit it); on a real cluster, set it on the nodes.
+CLUSTER_ENV = {
+    "RAY_AUTH_MODE": "disabled",  # a new local cluster would otherwise require a token
+    # Serve's gRPC proxy accepts 2 GiB messages by default and hands them to the gateway replica whole; with the
+    # stages' own limit it refuses an oversized message itself (RESOURCE_EXHAUSTED).
+    "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(MAX_MESSAGE_BYTES),
+}
+
+
+def set_cluster_env() -> None:
+    """`CLUSTER_ENV` into this process's environment (before `ray.init` starts a cluster); values set already win."""
+    for key, value in CLUSTER_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +125,7 @@ def run_serve(args: argparse.Namespace) -> None:
                             f"`omni checkpoint tiny {model}`, or pass --model DIR)")
     _check_free(config.grpc_options.port, "gRPC port (--port)")
     _check_free(config.http_options.port, f"HTTP port (http_options.port in {args.config})")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a new local cluster would otherwise require a token
+    set_cluster_env()
     signal.signal(signal.SIGTERM, _interrupt)
     context = ray.init(_metrics_export_port=args.metrics_port)
     try:
