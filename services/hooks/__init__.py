@@ -11,7 +11,6 @@
 from services.hooks.builtin import Blocklist, Redact, Sentences
 from services.hooks.registry import FilterSpec, HooksConfig, ToolSpec, build_chain
 from services.hooks.remote import RemoteFilter, grpc_tool
-from services.hooks.stage import HookStage, HookTurn, LocalHooks
 from services.hooks.sdk import (
     DEFAULT_FALLBACK,
     Block,
@@ -28,6 +27,7 @@ from services.hooks.sdk import (
     TextFilter,
     Verdict,
 )
+from services.hooks.stage import HookStage, HookTurn, LocalHooks
 from services.hooks.tools import (
     BM25Retriever,
     Passage,
@@ -42,7 +42,8 @@ from services.hooks.tools import (
 
 __all__ = [
     "DEFAULT_FALLBACK", "BM25Retriever", "Block", "Blocklist", "FilterChain", "FilterFailed", "FilterSpec",
-    "FilterTurn", "Hold", "HookContext", "HookEvent", "HookSession", "HookStage", "HookTurn", "HooksConfig", "Link", "LocalHooks", "Passage",
-    "Redact", "Release", "Released", "RemoteFilter", "Retrieve", "Retriever", "Sentences", "TextFilter",
-    "Tool", "ToolCall", "ToolRegistry", "ToolSpec", "Verdict", "build_chain", "grpc_tool", "python_tool", "run_tools",
+    "FilterTurn", "Hold", "HookContext", "HookEvent", "HookSession", "HookStage", "HookTurn", "HooksConfig", "Link",
+    "LocalHooks", "Passage", "Redact", "Release", "Released", "RemoteFilter", "Retrieve", "Retriever", "Sentences",
+    "TextFilter", "Tool", "ToolCall", "ToolRegistry", "ToolSpec", "Verdict", "build_chain", "grpc_tool",
+    "python_tool", "run_tools",
 ]

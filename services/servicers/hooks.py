@@ -62,7 +62,8 @@ class HooksServicer(hooks_pb2_grpc.HooksServicer):
                         elif kind == "thinker_end":
                             released = await turn.thinker_end(msg.thinker_end.finish_reason == FINISH_REASON_STOP)
                         else:
-                            raise InvalidInput(f"Filter: expected tokens or thinker_end, got {kind or 'an empty message'}")
+                            raise InvalidInput(
+                                f"Filter: expected tokens or thinker_end, got {kind or 'an empty message'}")
                         for event in released.events:
                             yield FilterResponse(event=hook_event_to_proto(event))
                         yield FilterResponse(released=ReleasedMsg(

@@ -44,6 +44,7 @@ from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt
 from services.engines.thinker import ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings
+from services.hooks import HookContext, HookTurn
 from services.remote import (
     STAGE_KEYS,
     RemoteAudioEncoder,
@@ -54,7 +55,6 @@ from services.remote import (
     RemoteThinker,
     RemoteVisionEncoder,
 )
-from services.hooks import HookContext, HookTurn
 from services.servicers.status import StageError
 from services.stages import Stages, ThinkerToken
 from services.wire.server import GRPC_OPTIONS

@@ -4,9 +4,9 @@
 
 The config is a plain Serve config (`serve deploy` and KubeRay's serveConfigV2 take it as it is); this command
 adds what a single machine needs: it starts Ray with `CLUSTER_ENV` (token auth off, the proxy's message limit) and
-Prometheus metrics on --metrics-port, points every application's `model` at --model (made absolute: replicas read it from
-their own working directory), deploys the applications as `serve run <config>` does, waits until all are RUNNING
-and prints the address clients call.
+Prometheus metrics on --metrics-port, points every application's `model` at --model (made absolute: replicas read
+it from their own working directory), deploys the applications as `serve run <config>` does, waits until all are
+RUNNING and prints the address clients call.
 """
 
 from __future__ import annotations
