@@ -18,7 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.errors import OmniError
 from services.serving import serve_cmd
 from services.serving.autoscaling import STAGE_CALLS, stage_load_policy
-from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc, thinker_pb2, thinker_pb2_grpc
+from services.wire.gen.omni.v1 import (
+    common_pb2,
+    hooks_pb2,
+    hooks_pb2_grpc,
+    omni_pb2,
+    omni_pb2_grpc,
+    thinker_pb2,
+    thinker_pb2_grpc,
+)
 from services.wire.server import MAX_MESSAGE_BYTES, SERVICE_NAMES
 from tests.api_contract import (
     INPUTS,
@@ -164,6 +172,9 @@ async def test_every_route_is_healthy(cluster):
                 health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service]), metadata=(("application", app),),
                 timeout=30)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING, app
+        info = await hooks_pb2_grpc.HooksStub(proxy).Describe(hooks_pb2.DescribeRequest(),
+                                                              metadata=(("application", "hooks"),), timeout=30)
+        assert list(info.filters) == [] and info.tools_json == "" and info.max_tool_steps == 4  # deploy/local.yaml
     for app, service in SERVICES.items():
         if app == "omni":  # the gateway's route is the proxy only
             continue
