@@ -174,6 +174,17 @@ async def test_redact_is_case_sensitive_by_default_and_handles_unicode(tok):
     assert r.text == "SECRET [redacted] [redacted]世界 [redacted][redacted]!"
 
 
+@pytest.mark.parametrize("split", [ids_of, char_ids])
+async def test_words_in_scripts_written_without_spaces(tok, split):
+    """Chinese has no spaces: its words match inside running text, and a Latin word next to it still ends there;
+    a word glued to Latin letters or digits does not match."""
+    redact = Redact(words=["railway", "密码"], replacement="[x]")
+    r = await run(FilterChain([redact]), tok, split(tok, "railway美化, 我的密码是 railways railway2 密码"))
+    assert r.text == "[x]美化, 我的[x]是 railways railway2 [x]"
+    with pytest.raises(InvalidInput, match="matches empty text"):
+        Redact(words=[""])
+
+
 async def test_redact_releases_a_very_long_word_as_it_comes(tok):
     ids = ids_of(tok, "x" * 6000)
     session = FilterChain([Redact(words=["secret"])]).session(HookContext(), tok)

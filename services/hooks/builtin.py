@@ -16,14 +16,28 @@ from services.errors import InvalidInput
 from services.hooks.sdk import Block, FilterTurn, Hold, Release, TextFilter, Verdict
 
 
+# Scripts written without spaces between words (Chinese, Japanese, Thai...): their letters never glue to a word,
+# and a word of theirs needs no boundary, or "密码" would never match inside "我的密码是".
+_UNSPACED = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}"
+_GLUE = rf"(?:(?![{_UNSPACED}])\w)"  # a character that would make a word part of a longer one
+_UNSPACED_CHAR = regex.compile(rf"[{_UNSPACED}]")
+
+
+def _word(word: str) -> str:
+    """`word` as a whole word: not glued to letters or digits on either side (boundaries by \\w, not \\b, so
+    "c++" matches before a space), except on an edge that is itself in an unspaced script."""
+    left = "" if _UNSPACED_CHAR.match(word[:1]) else rf"(?<!{_GLUE})"
+    right = "" if _UNSPACED_CHAR.match(word[-1:]) else rf"(?!{_GLUE})"
+    return left + regex.escape(word) + right
+
+
 class _Matcher:
     """Regex patterns and whole-word lists as one pattern, matched over text that arrives in pieces."""
 
     def __init__(self, patterns: Sequence[str], words: Sequence[str], ignore_case: bool):
         alternatives = [f"(?:{p})" for p in patterns]
-        if words:  # longest first, so "new york city" wins over "new york"; \w-boundaries also suit "c++"
-            alternatives.append(r"(?<!\w)(?:" + "|".join(regex.escape(w) for w in sorted(words, key=len, reverse=True))
-                                + r")(?!\w)")
+        # longest first, so "new york city" wins over "new york"
+        alternatives += [_word(w) for w in sorted(words, key=len, reverse=True)]
         if not alternatives:
             raise InvalidInput("give at least one pattern or word")
         flags = regex.IGNORECASE | regex.FULLCASE if ignore_case else 0
