@@ -129,6 +129,14 @@ class StageTimer:
     def error(self, exc: BaseException) -> None:
         STAGE_ERRORS.inc(stage=self.stage, code=type(exc).__name__)
 
+    def __enter__(self) -> StageTimer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Count an error the stage raised; not a cancellation or a closed stream (the caller went away)."""
+        if isinstance(exc, Exception):
+            self.error(exc)
+
 
 def record_turn(timings: dict[str, float]) -> None:
     """The gateway's per-turn metrics from a TurnSummary's timings."""

@@ -82,12 +82,8 @@ async def run_engine(stage: str, fn, *args):
 
 async def timed_call(stage: str, fn, *args):
     """One engine call that is a whole request's output (encoders, one MTP frame): its time is the stage's TTFT."""
-    timer = StageTimer(stage)
-    try:
+    with StageTimer(stage) as timer:
         out = await run_engine(stage, fn, *args)
-    except Exception as e:
-        timer.error(e)
-        raise
     timer.output()
     return out
 
@@ -114,26 +110,23 @@ class LocalThinker:
 
     async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
                        stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
-        timer = StageTimer("thinker")
         session = None
-        try:
-            session, prefill = await run_engine("thinker", self.engine.prefill, prompt, max_new_tokens)
-            sampler = Sampler(sampling)
-            logits, mm_hidden = prefill.logits, prefill.mm_hidden
-            for step in range(max_new_tokens):
-                token = sampler(logits)
-                timer.output()
-                yield ThinkerToken(token, mm_hidden)
-                mm_hidden = None
-                if token in stop_ids or step + 1 == max_new_tokens:
-                    return
-                logits = await run_engine("thinker", self.engine.decode, session, token)
-        except Exception as e:
-            timer.error(e)
-            raise
-        finally:
-            if session is not None:
-                session.close()
+        with StageTimer("thinker") as timer:
+            try:
+                session, prefill = await run_engine("thinker", self.engine.prefill, prompt, max_new_tokens)
+                sampler = Sampler(sampling)
+                logits, mm_hidden = prefill.logits, prefill.mm_hidden
+                for step in range(max_new_tokens):
+                    token = sampler(logits)
+                    timer.output()
+                    yield ThinkerToken(token, mm_hidden)
+                    mm_hidden = None
+                    if token in stop_ids or step + 1 == max_new_tokens:
+                        return
+                    logits = await run_engine("thinker", self.engine.decode, session, token)
+            finally:
+                if session is not None:
+                    session.close()
 
 
 class LocalMTP:
@@ -159,32 +152,29 @@ class LocalTalker:
         if first is None:  # nothing was released: nothing to say
             return
         engine = self.engine
-        timer = StageTimer("talker")
         session = None
-        try:
-            session, frame = await run_engine("talker", engine.prefill, prompt, first, sampling, max_frames)
-            text_ended = False
-            # A frame's residual codes come from the step after its c0, so the last c0 (EOS, or the one that hits
-            # the cap) never becomes a frame: the reference's talker_codes.
-            generated = 1
-            while frame.c0 != engine.codec_eos_id and generated < max_frames:
-                result = await self.mtp.predict(frame.hidden[None], torch.tensor([frame.c0]), sampling.greedy,
-                                                mtp_seed(sampling.seed, generated))
-                timer.output()
-                yield result.codes[0]
-                token = TEXT_END
-                if not text_ended:
-                    token = await anext(text, None)
-                    if token is None:
-                        text_ended, token = True, TEXT_END
-                frame = await run_engine("talker", engine.step, session, result.embed_sum[0], token)
-                generated += 1
-        except Exception as e:
-            timer.error(e)
-            raise
-        finally:
-            if session is not None:
-                session.close()
+        with StageTimer("talker") as timer:
+            try:
+                session, frame = await run_engine("talker", engine.prefill, prompt, first, sampling, max_frames)
+                text_ended = False
+                # A frame's residual codes come from the step after its c0, so the last c0 (EOS, or the one that
+                # hits the cap) never becomes a frame: the reference's talker_codes.
+                generated = 1
+                while frame.c0 != engine.codec_eos_id and generated < max_frames:
+                    result = await self.mtp.predict(frame.hidden[None], torch.tensor([frame.c0]), sampling.greedy,
+                                                    mtp_seed(sampling.seed, generated))
+                    timer.output()
+                    yield result.codes[0]
+                    token = TEXT_END
+                    if not text_ended:
+                        token = await anext(text, None)
+                        if token is None:
+                            text_ended, token = True, TEXT_END
+                    frame = await run_engine("talker", engine.step, session, result.embed_sum[0], token)
+                    generated += 1
+            finally:
+                if session is not None:
+                    session.close()
 
 
 class LocalCode2Wav:
@@ -193,17 +183,13 @@ class LocalCode2Wav:
 
     async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
         stream = self.engine.stream()
-        timer = StageTimer("code2wav")
-        try:
+        with StageTimer("code2wav") as timer:
             async for codes in frames:
                 samples = await run_engine("code2wav", stream.push, codes.reshape(1, -1))
                 if samples.numel():
                     timer.output()
                     yield samples
             tail = await run_engine("code2wav", stream.finish)
-        except Exception as e:
-            timer.error(e)
-            raise
         if tail.numel():
             yield tail
 
