@@ -38,11 +38,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from google.protobuf import json_format
 
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput, OmniError
-from services.events import AudioChunk, Event, HookEvent, TextDelta, TurnSummary, float_to_pcm16
+from services.events import AudioChunk, Event, TextDelta, TurnSummary, float_to_pcm16
+from services.servicers.hooks import hook_event_from_proto
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
 from services.wire.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 
@@ -117,9 +117,7 @@ class Turn:
                 await self._done_writing()  # nothing more to say: lets the server end the call
                 return _summary(msg.summary)
             elif kind == "hook_event":
-                e = msg.hook_event
-                return HookEvent(hook=e.hook, type=e.type, message=e.message,
-                                 data=json_format.MessageToDict(e.data) if e.HasField("data") else {})
+                return hook_event_from_proto(msg.hook_event)
 
     async def cancel(self, reason: str = "") -> None:
         """Stop the turn; the server still sends the summary of what it made so far."""

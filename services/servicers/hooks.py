@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
 from services.errors import InvalidInput
@@ -103,6 +104,4 @@ def hook_event_to_proto(event: HookEvent) -> common_pb2.HookEvent:
 
 
 def hook_event_from_proto(msg: common_pb2.HookEvent) -> HookEvent:
-    from google.protobuf import json_format
-
     return HookEvent(msg.hook, msg.type, msg.message, json_format.MessageToDict(msg.data))
