@@ -38,6 +38,7 @@ from services.stages import Stages
 log = logging.getLogger(__name__)
 
 _END = object()  # end-of-stream marker on the inner queues
+HOOK_LATE = "no answer from the hook stage within {s} s"
 
 
 @dataclass
@@ -187,7 +188,7 @@ class Conductor:
                 generated, stopped = await self._think_once(req, turn, prompt, hook, out, talker_queue)
                 if turn.finish_reason == "blocked":  # the fallback is released; the hook has ended the text
                     break
-                r = await self._hook(hook.thinker_end(stopped))
+                r = await self._within(hook.thinker_end(stopped), HOOK_LATE)
                 await self._release(r, turn, out, talker_queue)
                 if r.resume is None:
                     break
@@ -217,7 +218,7 @@ class Conductor:
                 return step_ids, True
             turn.finish_reason = "length"
             at_cap = len(step_ids) == req.max_new_tokens
-            r = await self._hook(hook.feed(item.token_id))
+            r = await self._within(hook.feed(item.token_id), HOOK_LATE)
             await self._release(r, turn, out, talker_queue, withhold=item.token_id if at_cap else None)
             if r.stop:  # a filter blocked the rest: the fallback is already released
                 turn.finish_reason = "blocked"
@@ -297,36 +298,27 @@ class Conductor:
         try:
             while True:
                 try:
-                    async with asyncio.timeout(self.stage_timeout_s):
-                        item = await anext(it)
+                    item = await self._within(anext(it), f"no output from the {stage} within {{s}} s")
                 except StopAsyncIteration:
                     return
-                except TimeoutError:
-                    raise DeadlineExceeded(f"no output from the {stage} within {self.stage_timeout_s:g} s") from None
                 yield item
         finally:
             await it.aclose()
 
-    async def _hook(self, call: Awaitable[Released]) -> Released:
-        try:
-            async with asyncio.timeout(self.stage_timeout_s):
-                return await call
-        except TimeoutError:
-            raise DeadlineExceeded(f"no answer from the hook stage within {self.stage_timeout_s:g} s") from None
-
     async def _get(self, queue: asyncio.Queue, stage: str):
-        try:
-            async with asyncio.timeout(self.stage_timeout_s):
-                return await queue.get()
-        except TimeoutError:
-            raise DeadlineExceeded(f"the {stage} waited more than {self.stage_timeout_s:g} s for its input") from None
+        return await self._within(queue.get(), f"the {stage} waited more than {{s}} s for its input")
 
     async def _put(self, queue: asyncio.Queue, item, consumer: str) -> None:
+        await self._within(queue.put(item), f"the {consumer} did not take its input within {{s}} s")
+
+    async def _within(self, awaitable: Awaitable, late: str):
+        """`awaitable`'s result, or DeadlineExceeded after stage_timeout_s; `late` says what did not happen in
+        "{s}" seconds."""
         try:
             async with asyncio.timeout(self.stage_timeout_s):
-                await queue.put(item)
+                return await awaitable
         except TimeoutError:
-            raise DeadlineExceeded(f"the {consumer} did not take its input within {self.stage_timeout_s:g} s") from None
+            raise DeadlineExceeded(late.format(s=f"{self.stage_timeout_s:g}")) from None
 
     def _summary(self, req: TurnRequest, turn: _Turn) -> TurnSummary:
         audio_s = turn.num_samples / self.stages.sample_rate

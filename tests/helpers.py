@@ -40,6 +40,13 @@ class SpyTalker:
             yield codes
 
 
+def a_word(text: str) -> str:
+    """A word of an answer to filter in a second run: the first one of 4+ letters."""
+    words = [w for w in text.split() if len(w) >= 4 and w.isalpha()]
+    assert words, text
+    return words[0]
+
+
 def assert_rejected_for_size(error: grpc.RpcError) -> None:
     """A message over gRPC's size limit ends the call with RESOURCE_EXHAUSTED. When the client is still pushing
     that message as the rejection arrives, grpc.aio reports the failed send instead of the status it received:

@@ -15,8 +15,8 @@ from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput
 from services.events import AudioChunk, TextDelta, TurnSummary
 from services.preprocess import build_turn
-from services.stages import Stages
-from tests.helpers import SpyTalker
+from services.stages import Stages, ThinkerToken
+from tests.helpers import SpyTalker, a_word
 
 GREEDY = SamplingParams(greedy=True)
 
@@ -223,9 +223,7 @@ def test_redacted_word_is_neither_read_nor_heard(engines, processor):
     req = TurnRequest(text="Tell me something.", max_new_tokens=20, max_audio_frames=40, thinker_sampling=GREEDY)
     plain, spy = _with_spy(engines)
     before = collect(plain, req)
-    words = [w for w in before[-1].text.split() if len(w) >= 4 and w.isalpha()]
-    assert words, before[-1].text
-    word = words[0]
+    word = a_word(before[-1].text)
     assert word in processor.tokenizer.decode(spy.received)
 
     chain = FilterChain([Link(Redact(words=[word], replacement="[redacted]"), name="redact")])
@@ -245,7 +243,7 @@ def test_blocked_answer_speaks_the_fallback(engines, processor):
 
     req = TurnRequest(text="Tell me something.", max_new_tokens=20, max_audio_frames=40, thinker_sampling=GREEDY)
     plain, _ = _with_spy(engines)
-    word = [w for w in collect(plain, req)[-1].text.split() if len(w) >= 4 and w.isalpha()][0]
+    word = a_word(collect(plain, req)[-1].text)
     chain = FilterChain([Link(Blocklist(words=[word], fallback="I can't talk about that."), name="block")])
     blocking, spy = _with_spy(engines, hooks=chain)
     summary = collect(blocking, req)[-1]
@@ -253,3 +251,52 @@ def test_blocked_answer_speaks_the_fallback(engines, processor):
     assert word not in summary.text and "I can't talk about that." in summary.text
     assert word not in processor.tokenizer.decode(spy.received)
     assert "I can't talk about that." in processor.tokenizer.decode(spy.received)
+
+
+class _Hangs:
+    """A stage call that never answers."""
+
+    async def generate(self, *args):
+        await asyncio.Event().wait()
+        yield  # pragma: no cover
+
+    def open(self, ctx):
+        return self
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return None
+
+    async def tool_schemas(self):
+        return None
+
+    async def feed(self, token_id):
+        await asyncio.Event().wait()
+
+
+class _OneToken:
+    """A Thinker that answers at once (a real one may take longer than the short deadline to prefill)."""
+
+    async def generate(self, *args):
+        yield ThinkerToken(9707)
+
+
+@pytest.mark.parametrize("stalled, message", [
+    ("thinker", "no output from the thinker within 0.3 s"),
+    ("hooks", "no answer from the hook stage within 0.3 s"),
+])
+def test_a_stalled_stage_fails_the_turn_at_its_deadline(engines, stalled, message):
+    import dataclasses
+
+    from services.errors import DeadlineExceeded
+
+    stages = Stages.local(engines)
+    if stalled == "thinker":
+        conductor = Conductor(dataclasses.replace(stages, thinker=_Hangs()), stage_timeout_s=0.3)
+    else:
+        conductor = Conductor(dataclasses.replace(stages, thinker=_OneToken()), hooks=_Hangs(), stage_timeout_s=0.3)
+    with pytest.raises(DeadlineExceeded, match=message):
+        # text only: a waiting Talker would hit its own deadline at about the same time
+        collect(conductor, TurnRequest(text="Hi", max_new_tokens=4, audio_output=False, thinker_sampling=GREEDY))

@@ -19,7 +19,7 @@ from services.servicers import serve_stage
 from services.servicers.hooks import HooksServicer
 from services.sessions import InProcessSessions
 from services.stages import Stages
-from tests.helpers import LoopThread, SpyTalker
+from tests.helpers import LoopThread, SpyTalker, a_word
 
 ASK = dict(text="Tell me something.", greedy=True, max_new_tokens=20, max_audio_frames=40)
 
@@ -73,9 +73,7 @@ def test_redact_and_block_over_grpc(loop, engines, processor, where):
     stop, address, spy = serve(loop, engines, None, where)
     plain = asyncio.run(converse(address))
     stop()
-    words = [w for w in plain[-1].text.split() if len(w) >= 4 and w.isalpha()]
-    assert words, plain[-1].text
-    word = words[0]
+    word = a_word(plain[-1].text)
     assert word in processor.tokenizer.decode(spy.received)
 
     redact = FilterChain([Link(Redact(words=[word], replacement="[redacted]"), name="redact")])

@@ -22,7 +22,7 @@ from services.servicers.hooks import HooksServicer
 from services.stages import Stages
 from services.wire.gen.omni.v1 import common_pb2, hooks_pb2, hooks_pb2_grpc, thinker_pb2
 from services.wire.server import GRPC_OPTIONS
-from tests.helpers import SpyTalker
+from tests.helpers import SpyTalker, a_word
 from tests.test_tool_flow import ANSWER, CALL, ScriptedThinker
 
 GREEDY = SamplingParams(greedy=True)
@@ -95,16 +95,13 @@ def assert_same_turn(a: list, b: list) -> None:
     assert [e for e in a[:-1] if not hasattr(e, "samples")] == [e for e in b[:-1] if not hasattr(e, "samples")]
 
 
-def a_word(engines) -> str:
+def plain_word(engines) -> str:
     coro, _ = run_turn(engines, None)
-    text = asyncio.run(coro)[-1].text
-    words = [w for w in text.split() if len(w) >= 4 and w.isalpha()]
-    assert words, text
-    return words[0]
+    return a_word(asyncio.run(coro)[-1].text)
 
 
 def test_redact_through_the_stage_equals_in_process(engines, processor):
-    word = a_word(engines)
+    word = plain_word(engines)
     chain = FilterChain([Link(Redact(words=[word], replacement="[redacted]"), name="redact")])
     (local, local_spy, _), (remote, remote_spy, _) = both(engines, processor, chain)
     assert_same_turn(local, remote)
@@ -115,7 +112,7 @@ def test_redact_through_the_stage_equals_in_process(engines, processor):
 
 
 def test_block_through_the_stage_equals_in_process(engines, processor):
-    word = a_word(engines)
+    word = plain_word(engines)
     chain = FilterChain([Link(Blocklist(words=[word], fallback="Let us change the subject."), name="block")])
     (local, _, _), (remote, remote_spy, _) = both(engines, processor, chain)
     assert_same_turn(local, remote)
