@@ -4,10 +4,15 @@ checkpoint (one cluster for the module), called over gRPC through Serve's proxy 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,10 +141,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def _ray_head(metrics_port: int, timeout_s: float = 120.0) -> Iterator[None]:
+    """A local Ray cluster that `ray start` runs in its own process, and this process connected to it.
+
+    Not `ray.init()` starting one: that forks Ray's processes from this test process, whose earlier modules leave
+    gRPC threads running, and Ray runs Python in each forked child before exec (its preexec_fn). A child can then
+    hang on a lock another thread held at the fork; CI once saw the raylet never register that way."""
+    import ray
+
+    serve_cmd.set_cluster_env()  # inherited by `ray start` and every Ray process
+    gcs_port = _free_port()
+    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}  # a RayConfig entry, read from RAY_<name>
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={gcs_port}",
+         "--num-cpus=2", "--include-dashboard=false", f"--metrics-export-port={metrics_port}",
+         "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.init(address=f"127.0.0.1:{gcs_port}")
+                break
+            except ConnectionError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield
+    finally:
+        ray.shutdown()
+        head.terminate()  # Ray's processes share its fate (the kernel's parent-death signal)
+        head.wait(60)
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_ckpt):
     """deploy/local.yaml on a fresh local Ray cluster, with two Talker replicas."""
-    import ray
     from ray import serve
 
     config = serve_cmd.load_config(CONFIGS[0], model=tiny_ckpt, port=_free_port())
@@ -147,16 +184,13 @@ def cluster(tiny_ckpt):
     talker = next(app for app in config.applications if app.name == "talker")
     talker.deployments[0].num_replicas = 2
     metrics_port = _free_port()
-    serve_cmd.set_cluster_env()
-    ray.init(num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 1000})
-    try:
-        serve_cmd.start_applications(config)
-        serve_cmd.wait_until_running(config, timeout_s=300)
-        yield SimpleNamespace(address=f"127.0.0.1:{config.grpc_options.port}", metrics_port=metrics_port)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with _ray_head(metrics_port):
+        try:
+            serve_cmd.start_applications(config)
+            serve_cmd.wait_until_running(config, timeout_s=300)
+            yield SimpleNamespace(address=f"127.0.0.1:{config.grpc_options.port}", metrics_port=metrics_port)
+        finally:
+            serve.shutdown()
 
 
 def _replica_addresses(app: str) -> list[str]:
