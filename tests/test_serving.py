@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -153,10 +155,13 @@ def _ray_head(metrics_port: int, timeout_s: float = 120.0) -> Iterator[None]:
     serve_cmd.set_cluster_env()  # inherited by `ray start` and every Ray process
     gcs_port = _free_port()
     env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}  # a RayConfig entry, read from RAY_<name>
+    # Its own temp dir (short: Ray's unix sockets live there), so that the address `ray start` records for a
+    # later bare `ray.init()` on this machine goes away with it.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={gcs_port}",
          "--num-cpus=2", "--include-dashboard=false", f"--metrics-export-port={metrics_port}",
-         "--disable-usage-stats"], env=env, stdout=subprocess.DEVNULL)
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -172,6 +177,7 @@ def _ray_head(metrics_port: int, timeout_s: float = 120.0) -> Iterator[None]:
         ray.shutdown()
         head.terminate()  # Ray's processes share its fate (the kernel's parent-death signal)
         head.wait(60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,8 @@ def run_serve(args: argparse.Namespace) -> None:
     _check_free(config.http_options.port, f"HTTP port (http_options.port in {args.config})")
     set_cluster_env()
     signal.signal(signal.SIGTERM, _interrupt)
-    context = ray.init(_metrics_export_port=args.metrics_port)
+    # address="local": a new cluster, never one that an earlier `ray start` on this machine left recorded
+    context = ray.init(address="local", _metrics_export_port=args.metrics_port)
     try:
         start_applications(config)
         wait_until_running(config)
