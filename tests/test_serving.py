@@ -4,17 +4,10 @@ checkpoint (one cluster for the module), called over gRPC through Serve's proxy 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -41,6 +34,7 @@ from tests.api_contract import (
     check_four_concurrent_streams,
     check_two_turn_session,
 )
+from tests.cluster import deployed
 from tests.helpers import assert_rejected_for_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,66 +131,14 @@ def test_stage_load_policy_adds_reported_calls_to_serve_requests():
 # ---- a running deployment -------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _ray_head(metrics_port: int, timeout_s: float = 120.0) -> Iterator[None]:
-    """A local Ray cluster that `ray start` runs in its own process, and this process connected to it.
-
-    Not `ray.init()` starting one: that forks Ray's processes from this test process, whose earlier modules leave
-    gRPC threads running, and Ray runs Python in each forked child before exec (its preexec_fn). A child can then
-    hang on a lock another thread held at the fork; CI once saw the raylet never register that way."""
-    import ray
-
-    serve_cmd.set_cluster_env()  # inherited by `ray start` and every Ray process
-    gcs_port = _free_port()
-    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}  # a RayConfig entry, read from RAY_<name>
-    # Its own temp dir (short: Ray's unix sockets live there), so that the address `ray start` records for a
-    # later bare `ray.init()` on this machine goes away with it.
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={gcs_port}",
-         "--num-cpus=2", "--include-dashboard=false", f"--metrics-export-port={metrics_port}",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                ray.init(address=f"127.0.0.1:{gcs_port}")
-                break
-            except ConnectionError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-        yield
-    finally:
-        ray.shutdown()
-        head.terminate()  # Ray's processes share its fate (the kernel's parent-death signal)
-        head.wait(60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def cluster(tiny_ckpt):
     """deploy/local.yaml on a fresh local Ray cluster, with two Talker replicas."""
-    from ray import serve
-
-    config = serve_cmd.load_config(CONFIGS[0], model=tiny_ckpt, port=_free_port())
-    config.http_options.port = _free_port()
+    config = serve_cmd.load_config(CONFIGS[0], model=tiny_ckpt)
     talker = next(app for app in config.applications if app.name == "talker")
     talker.deployments[0].num_replicas = 2
-    metrics_port = _free_port()
-    with _ray_head(metrics_port):
-        try:
-            serve_cmd.start_applications(config)
-            serve_cmd.wait_until_running(config, timeout_s=300)
-            yield SimpleNamespace(address=f"127.0.0.1:{config.grpc_options.port}", metrics_port=metrics_port)
-        finally:
-            serve.shutdown()
+    with deployed(config) as running:
+        yield running
 
 
 def _replica_addresses(app: str) -> list[str]:

@@ -1,0 +1,78 @@
+"""A real local Ray cluster for the test modules that deploy applications on it (one cluster per module)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+from services.serving import serve_cmd
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def ray_head(metrics_port: int, timeout_s: float = 120.0) -> Iterator[None]:
+    """A local Ray cluster that `ray start` runs in its own process, and this process connected to it.
+
+    Not `ray.init()` starting one: that forks Ray's processes from this test process, whose earlier modules leave
+    gRPC threads running, and Ray runs Python in each forked child before exec (its preexec_fn). A child can then
+    hang on a lock another thread held at the fork; CI once saw the raylet never register that way."""
+    import ray
+
+    serve_cmd.set_cluster_env()  # inherited by `ray start` and every Ray process
+    gcs_port = free_port()
+    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}  # a RayConfig entry, read from RAY_<name>
+    # Its own temp dir (short: Ray's unix sockets live there), so that the address `ray start` records for a
+    # later bare `ray.init()` on this machine goes away with it.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={gcs_port}",
+         "--num-cpus=2", "--include-dashboard=false", f"--metrics-export-port={metrics_port}",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.init(address=f"127.0.0.1:{gcs_port}")
+                break
+            except ConnectionError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        yield
+    finally:
+        ray.shutdown()
+        head.terminate()  # Ray's processes share its fate (the kernel's parent-death signal)
+        head.wait(60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextmanager
+def deployed(config, timeout_s: float = 300.0) -> Iterator[SimpleNamespace]:
+    """A Serve config (`serve_cmd.load_config`) running on a fresh local cluster, on free ports: yields the gRPC
+    proxy's `address`, the HTTP proxy's `http_port` and Ray's Prometheus `metrics_port`."""
+    from ray import serve
+
+    config.grpc_options.port = free_port()
+    config.http_options.port = free_port()
+    metrics_port = free_port()
+    with ray_head(metrics_port):
+        try:
+            serve_cmd.start_applications(config)
+            serve_cmd.wait_until_running(config, timeout_s=timeout_s)
+            yield SimpleNamespace(address=f"127.0.0.1:{config.grpc_options.port}", http_port=config.http_options.port,
+                                  metrics_port=metrics_port)
+        finally:
+            serve.shutdown()
