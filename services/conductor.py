@@ -17,6 +17,7 @@ conducting logic and the events are the same.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -24,7 +25,10 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 
 import torch
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
 
+from services import tracing
 from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt, default_talker_sampling
 from services.engines.thinker import ThinkerPrompt
@@ -87,29 +91,47 @@ class Conductor:
         """`hooks`: a chain to run in this process, or the hook stage (e.g. `RoutedHooks`, the hooks
         application); None: the empty chain, which releases every token as it is."""
         self.stages = stages
+        tracing.setup()  # a no-op unless OTEL_* ask for traces, or where Serve's tracing runs already
         if hooks is None or isinstance(hooks, FilterChain):
             hooks = LocalHooks(hooks or FilterChain([]), stages.processor)
         self.hooks = hooks
         self.queue_size = queue_size
         self.stage_timeout_s = stage_timeout_s
 
-    async def run(self, req: TurnRequest) -> AsyncIterator[Event]:
-        """Stream a turn's events; the last one is the TurnSummary. Closing the iterator cancels the turn."""
+    async def run(self, req: TurnRequest, trace_parent: otel_context.Context | None = None) -> AsyncIterator[Event]:
+        """Stream a turn's events; the last one is the TurnSummary. Closing the iterator cancels the turn.
+
+        The turn is one trace (`services.tracing`): its span is the child of `trace_parent` (a client's context)
+        or of the current one, and every stage call runs in its context, with the turn's request id."""
         self._validate(req)
         turn = _Turn(t0=time.perf_counter())
         out: asyncio.Queue = asyncio.Queue(self.queue_size)
-        task = asyncio.create_task(self._conduct(req, turn, out))
+        parent = tracing.turn_context(req.session_id, trace_parent)
+        span = tracing.start_span("omni.turn", ctx=parent, request_id=req.request_id)
+        ctx = contextvars.copy_context()  # the stage tasks' context; this generator's caller keeps its own
+        ctx.run(otel_context.attach, otel_trace.set_span_in_context(span, parent))
+        ctx.run(tracing.REQUEST_ID.set, req.request_id)
+        task = asyncio.create_task(self._conduct(req, turn, out), context=ctx)
+        error = None
         try:
             while (item := await out.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-            yield self._summary(req, turn)
+            summary = self._summary(req, turn)
+            span.set_attributes({"omni.frames": len(summary.codes), "omni.tokens": len(summary.thinker_token_ids),
+                                 **{f"omni.{k}": v for k, v in summary.timings.items() if k.startswith("time_to_")}})
+            yield summary
+        except Exception as e:
+            error = e
+            raise
         finally:
             if not task.done():
                 task.cancel()
                 with suppress(asyncio.CancelledError):
                     await task
+            span.set_attribute("omni.finish_reason", turn.finish_reason)
+            tracing.end_span(span, error)
 
     def _validate(self, req: TurnRequest) -> None:
         if req.max_new_tokens < 1:

@@ -36,8 +36,9 @@ from dataclasses import dataclass, field, replace
 
 import grpc
 import numpy as np
+from opentelemetry import trace as otel_trace
 
-from services import metrics
+from services import metrics, tracing
 from services.conductor import Conductor, TurnRequest
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput, OmniError, ResourceExhausted
@@ -81,6 +82,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
     async def Converse(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         # Requests are read with context.read(), not the iterator: a cancel message may arrive while answering.
         self.active_turns += 1
+        metrics.ONGOING_TURNS.set(self.active_turns)
         remaining = context.time_remaining()
         budget = self.default_deadline_s if remaining is None else min(remaining, self.default_deadline_s)
         try:
@@ -101,6 +103,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
         finally:
             self.active_turns -= 1
+            metrics.ONGOING_TURNS.set(self.active_turns)
 
     async def _converse(self, context: grpc.aio.ServicerContext) -> None:
         t0 = time.perf_counter()
@@ -126,8 +129,8 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         if first is None or first.WhichOneof("kind") != "config":
             raise InvalidInput("the first message must be config")
         config = first.config
+        config.request_id = config.request_id or uuid.uuid4().hex  # before the options: every stage call carries it
         options = self._options(config)
-        config.request_id = config.request_id or uuid.uuid4().hex
         log.info("turn %s (session %r) started; metadata %s", config.request_id, config.session_id,
                  dict(config.metadata))
         await context.write(omni_pb2.ConverseResponse(
@@ -141,8 +144,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         extra = [{"role": m.role, "content": m.text} for m in config.history]
         req, user_message = await asyncio.to_thread(parts.request, options, history.conversation() + extra)
         summary = await self._answer(context, req, inbox, t0)
-        if summary.finish_reason != "cancelled":
-            metrics.record_turn(summary.timings)
+        if summary.finish_reason != "cancelled":  # the conductor has recorded the turn's metrics
             if config.session_id:
                 answer = {"role": "assistant", "content": summary.text}
                 await self.sessions.append(config.session_id, [user_message, answer], system=req.system)
@@ -221,7 +223,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         )
 
     async def _pump(self, context: grpc.aio.ServicerContext, req: TurnRequest, progress: _Progress) -> TurnSummary:
-        events = self.conductor.run(req)
+        events = self.conductor.run(req, trace_parent=_client_trace(context))
         try:
             async for event in events:
                 if isinstance(event, TurnSummary):
@@ -358,6 +360,14 @@ def _at(where: str, fn, *args):
 
 def _sampling(p: common_pb2.SamplingParams) -> SamplingParams:
     return SamplingParams(**{f: getattr(p, f) for f in _SAMPLING_FIELDS if p.HasField(f)})
+
+
+def _client_trace(context) -> object | None:
+    """The client's trace context (W3C `traceparent` metadata), unless one is current already: Serve's tracing
+    continues it in its proxy and replica spans, and the turn's span belongs under those."""
+    if otel_trace.get_current_span().get_span_context().is_valid:
+        return None
+    return tracing.extract(context.invocation_metadata() or ())
 
 
 # ---- output ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import functools
 import threading
 import time
 
+from services import tracing
+
 # vLLM-style time-to-first-token buckets, 1 ms .. minutes.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0]
@@ -43,6 +45,16 @@ class _Counter:
         _backend(self).inc(value, **tags)
 
 
+class _Gauge:
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...]):
+        self.name, self.doc, self.labels = name, doc, labels
+        self._ray = None
+        self._prom = None
+
+    def set(self, value: float, **tags: str) -> None:
+        _backend(self).set(value, **tags)
+
+
 class _RayMetric:
     def __init__(self, metric, kind: str):
         self.metric, self.kind = metric, kind
@@ -52,6 +64,9 @@ class _RayMetric:
 
     def inc(self, value: float = 1.0, **tags: str) -> None:
         self.metric.inc(value, tags=tags)
+
+    def set(self, value: float, **tags: str) -> None:
+        self.metric.set(value, tags=tags)
 
 
 class _PromMetric:
@@ -64,11 +79,14 @@ class _PromMetric:
     def inc(self, value: float = 1.0, **tags: str) -> None:
         (self.metric.labels(**tags) if tags else self.metric).inc(value)
 
+    def set(self, value: float, **tags: str) -> None:
+        (self.metric.labels(**tags) if tags else self.metric).set(value)
+
 
 _lock = threading.Lock()
 
 
-def _backend(m: _Histogram | _Counter):
+def _backend(m: _Histogram | _Counter | _Gauge):
     """Create the real metric on first use, in the process that records it (a replica, or a plain process)."""
     import ray
 
@@ -80,6 +98,8 @@ def _backend(m: _Histogram | _Counter):
                 if isinstance(m, _Histogram):
                     m._ray = _RayMetric(serve_metrics.Histogram(m.name, m.doc, boundaries=m.buckets,
                                                                 tag_keys=m.labels), "histogram")
+                elif isinstance(m, _Gauge):
+                    m._ray = _RayMetric(serve_metrics.Gauge(m.name, m.doc, tag_keys=m.labels), "gauge")
                 else:
                     m._ray = _RayMetric(serve_metrics.Counter(m.name, m.doc, tag_keys=m.labels), "counter")
             return m._ray
@@ -88,6 +108,8 @@ def _backend(m: _Histogram | _Counter):
 
             if isinstance(m, _Histogram):
                 m._prom = _PromMetric(prom.Histogram(m.name, m.doc, m.labels, buckets=m.buckets))
+            elif isinstance(m, _Gauge):
+                m._prom = _PromMetric(prom.Gauge(m.name, m.doc, m.labels))
             else:
                 # prometheus_client appends _total itself.
                 m._prom = _PromMetric(prom.Counter(m.name.removesuffix("_total"), m.doc, m.labels))
@@ -101,7 +123,12 @@ STAGE_ITEM = _Histogram("omni_stage_item_seconds", "Time a stage spends on one o
 STAGE_QUEUE = _Histogram("omni_stage_queue_seconds", "Time a stage's work waited for its engine",
                          ITEM_BUCKETS, ("stage",))
 STAGE_BATCH = _Histogram("omni_stage_batch_size", "Items per engine call", [1, 2, 4, 8, 16, 32, 64], ("stage",))
-STAGE_ERRORS = _Counter("omni_stage_errors_total", "Requests a stage ended with an error", ("stage", "code"))
+STAGE_ERRORS = _Counter("omni_stage_errors_total", "Requests a stage ended with an error, by gRPC status name",
+                        ("stage", "code"))
+STAGE_ONGOING = _Gauge("omni_stage_ongoing", "Stage calls in progress on a replica", ("stage",))
+ONGOING_TURNS = _Gauge("omni_ongoing_turns", "Turns in progress on a gateway", ())
+SESSION_ERRORS = _Counter("omni_session_errors_total", "Session store operations that failed (e.g. Redis down)",
+                          ("op",))
 TIME_TO_FIRST_TEXT = _Histogram("omni_time_to_first_text_seconds", "Turn start to the first text delta",
                                 TTFT_BUCKETS, ())
 TIME_TO_FIRST_AUDIO = _Histogram("omni_time_to_first_audio_seconds", "Turn start to the first audio packet",
@@ -110,24 +137,34 @@ REAL_TIME_FACTOR = _Histogram("omni_rtf", "Turn wall time / seconds of audio pro
 
 
 class StageTimer:
-    """Per-request timing of one stage: time to first output, then the time of each further item."""
+    """One stage call of one request: its time to first output, then the time of each further item, its errors by
+    gRPC status, and its trace span (`services.tracing`; `span` is the parent of the call's inner spans).
 
-    def __init__(self, stage: str):
+    `first=False` is a call that continues a request (MTP answers each of a request's frames in its own call): its
+    output is an item, not the request's first."""
+
+    def __init__(self, stage: str, *, first: bool = True):
         self.stage = stage
         self.start = self.last = time.perf_counter()
-        self.first = True
+        self.first = first
+        self.items = 0
+        self.span = tracing.start_span(stage, stage=stage, request_id=tracing.REQUEST_ID.get())
 
     def output(self, n: int = 1) -> None:
         now = time.perf_counter()
         if self.first:
             STAGE_TTFT.observe(now - self.start, stage=self.stage)
+            self.span.set_attribute("omni.first_output_s", now - self.start)
             self.first = False
         else:
             STAGE_ITEM.observe((now - self.last) / max(n, 1), stage=self.stage)
         self.last = now
+        self.items += n
 
     def error(self, exc: BaseException) -> None:
-        STAGE_ERRORS.inc(stage=self.stage, code=type(exc).__name__)
+        from services.servicers.status import status_of
+
+        STAGE_ERRORS.inc(stage=self.stage, code=status_of(exc)[0].name)
 
     def __enter__(self) -> StageTimer:
         return self
@@ -136,6 +173,8 @@ class StageTimer:
         """Count an error the stage raised; not a cancellation or a closed stream (the caller went away)."""
         if isinstance(exc, Exception):
             self.error(exc)
+        self.span.set_attribute("omni.items", self.items)
+        tracing.end_span(self.span, exc)
 
 
 def record_turn(timings: dict[str, float]) -> None:

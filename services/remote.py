@@ -20,6 +20,7 @@ import grpc
 import torch
 from torch import Tensor
 
+from services import tracing
 from services.engines.mtp import MTPResult
 from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt
@@ -145,12 +146,13 @@ class RemoteMTP:
             raise InvalidInput(f"MTP wants hidden [B, H] and c0 [B], got {tuple(hidden.shape)} and {tuple(c0.shape)}")
         if self._stream is None or self._stream.error is not None:
             self._stream = _MTPStream(self._stub.Predict())
-        stream, rid = self._stream, request_id()
+        stream, rid, trace_context = self._stream, request_id(), tracing.carrier()
         keys = [next(self._keys) for _ in range(hidden.shape[0])]
         try:
             futures = []
             for key, h, c in zip(keys, hidden, c0.tolist()):
-                msg = PredictRequest(request_id=rid, frame=key, hidden=to_proto(h), c0=c, greedy=greedy)
+                msg = PredictRequest(request_id=rid, frame=key, hidden=to_proto(h), c0=c, greedy=greedy,
+                                     trace_context=trace_context)
                 if seed is not None:
                     msg.seed = seed
                 futures.append(stream.send(msg))
@@ -288,7 +290,7 @@ class RemoteHooks:
 
     @asynccontextmanager
     async def open(self, ctx: HookContext) -> AsyncIterator[_RemoteHookTurn]:
-        call = self._stub.Filter()
+        call = self._stub.Filter(metadata=tracing.metadata())
         try:
             turn = _RemoteHookTurn(call)
             await turn.write(FilterRequest(start=FilterStart(
@@ -388,11 +390,11 @@ async def close_stages(stages: Stages) -> None:
         await channel.close()
 
 
-async def _exchange(method: Callable[[], grpc.aio.StreamStreamCall], requests: AsyncIterator,
+async def _exchange(method: Callable[..., grpc.aio.StreamStreamCall], requests: AsyncIterator,
                     stage: str) -> AsyncIterator:
     """One bidirectional call: a task writes `requests` (then half-closes) while this yields the responses.
     Leaving early cancels the call; a failed call raises its domain error, or what the requests raised."""
-    call = method()
+    call = method(metadata=tracing.metadata())  # the caller's trace context, continued by the stage's server
     writer = asyncio.create_task(_write(call, requests))
     writer.add_done_callback(lambda t: t.cancelled() or t.exception())  # read below, or not needed
     try:

@@ -31,6 +31,7 @@ from typing import Protocol
 import numpy as np
 
 from services.errors import InvalidInput, OmniError
+from services.metrics import SESSION_ERRORS
 
 DEFAULT_TTL_S = 24 * 3600.0
 MAX_SESSION_ID_CHARS = 256
@@ -164,6 +165,7 @@ class RedisSessions:
         try:
             yield
         except redis.RedisError as e:
+            SESSION_ERRORS.inc(op=action.split()[0])  # load, append, delete
             raise SessionStoreError(f"cannot {action} the session store at {self.url}: {e}") from e
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,6 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from services import tracing
 from services.engines.audio_encoder import AudioEncoderEngine
 from services.engines.code2wav import Code2WavEngine
 from services.engines.mtp import MTPEngine, MTPResult
@@ -80,11 +82,12 @@ async def run_engine(stage: str, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(stage_executor(stage), call)
 
 
-async def timed_call(stage: str, fn, *args):
-    """One engine call that is a whole request's output (encoders, one MTP frame): its time is the stage's TTFT."""
-    with StageTimer(stage) as timer:
+async def timed_call(stage: str, fn, *args, first: bool = True):
+    """One engine call that is a whole request's output (encoders; MTP's frames, of which only a request's first
+    counts as its first output)."""
+    with StageTimer(stage, first=first) as timer:
         out = await run_engine(stage, fn, *args)
-    timer.output()
+        timer.output()
     return out
 
 
@@ -110,10 +113,16 @@ class LocalThinker:
 
     async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
                        stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
-        session = None
+        session = decode = None
         with StageTimer("thinker") as timer:
             try:
-                session, prefill = await run_engine("thinker", self.engine.prefill, prompt, max_new_tokens)
+                span = tracing.start_span("thinker.prefill", parent=timer.span,
+                                          prompt_tokens=int(prompt.input_ids.numel()))
+                try:
+                    session, prefill = await run_engine("thinker", self.engine.prefill, prompt, max_new_tokens)
+                finally:
+                    span.end()
+                decode = tracing.start_span("thinker.decode", parent=timer.span)
                 sampler = Sampler(sampling)
                 logits, mm_hidden = prefill.logits, prefill.mm_hidden
                 for step in range(max_new_tokens):
@@ -125,19 +134,40 @@ class LocalThinker:
                         return
                     logits = await run_engine("thinker", self.engine.decode, session, token)
             finally:
+                if decode is not None:
+                    decode.set_attribute("omni.tokens", timer.items)
+                    decode.end()
                 if session is not None:
                     session.close()
 
 
 class LocalMTP:
+    """Each call is one frame of a request (the request id in context). Only a request's first frame is its time
+    to first output; the rest are items."""
+
+    REMEMBERED = 4096  # requests whose first frame was seen: bounded, as MTP holds no per-request state
+
     def __init__(self, engine: MTPEngine):
         self.engine = engine
+        self._seen: OrderedDict[str, None] = OrderedDict()
 
     async def predict(self, hidden: Tensor, c0: Tensor, greedy: bool, seed: int | None) -> MTPResult:
         generator = None if greedy or seed is None else torch.Generator().manual_seed(seed)
-        result = await timed_call("mtp", self.engine.predict, hidden, c0, greedy, generator)
+        result = await timed_call("mtp", self.engine.predict, hidden, c0, greedy, generator,
+                                  first=self._first(tracing.REQUEST_ID.get()))
         STAGE_BATCH.observe(len(c0), stage="mtp")
         return result
+
+    def _first(self, rid: str) -> bool:
+        if not rid:
+            return True
+        if rid in self._seen:
+            self._seen.move_to_end(rid)
+            return False
+        self._seen[rid] = None
+        if len(self._seen) > self.REMEMBERED:
+            self._seen.popitem(last=False)
+        return True
 
 
 class LocalTalker:
@@ -161,8 +191,9 @@ class LocalTalker:
                 # hits the cap) never becomes a frame: the reference's talker_codes.
                 generated = 1
                 while frame.c0 != engine.codec_eos_id and generated < max_frames:
-                    result = await self.mtp.predict(frame.hidden[None], torch.tensor([frame.c0]), sampling.greedy,
-                                                    mtp_seed(sampling.seed, generated))
+                    with tracing.current(timer.span):  # the frame's MTP span is the Talker's child
+                        result = await self.mtp.predict(frame.hidden[None], torch.tensor([frame.c0]),
+                                                        sampling.greedy, mtp_seed(sampling.seed, generated))
                     timer.output()
                     yield result.codes[0]
                     token = TEXT_END

@@ -23,8 +23,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def ray_head(metrics_port: int, timeout_s: float = 120.0) -> Iterator[None]:
-    """A local Ray cluster that `ray start` runs in its own process, and this process connected to it.
+def ray_head(metrics_port: int, timeout_s: float = 120.0, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A local Ray cluster that `ray start` runs in its own process, and this process connected to it. `env`: more
+    environment for the cluster's processes only (e.g. OTEL_* variables).
 
     Not `ray.init()` starting one: that forks Ray's processes from this test process, whose earlier modules leave
     gRPC threads running, and Ray runs Python in each forked child before exec (its preexec_fn). A child can then
@@ -33,7 +34,8 @@ def ray_head(metrics_port: int, timeout_s: float = 120.0) -> Iterator[None]:
 
     serve_cmd.set_cluster_env()  # inherited by `ray start` and every Ray process
     gcs_port = free_port()
-    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}  # a RayConfig entry, read from RAY_<name>
+    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000", **(env or {})}  # a RayConfig entry: RAY_<name>
+    env.update(serve_cmd.cluster_env(env))
     # Its own temp dir (short: Ray's unix sockets live there), so that the address `ray start` records for a
     # later bare `ray.init()` on this machine goes away with it.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
@@ -60,15 +62,16 @@ def ray_head(metrics_port: int, timeout_s: float = 120.0) -> Iterator[None]:
 
 
 @contextmanager
-def deployed(config, timeout_s: float = 300.0) -> Iterator[SimpleNamespace]:
-    """A Serve config (`serve_cmd.load_config`) running on a fresh local cluster, on free ports: yields the gRPC
-    proxy's `address`, the HTTP proxy's `http_port` and Ray's Prometheus `metrics_port`."""
+def deployed(config, timeout_s: float = 300.0, env: dict[str, str] | None = None) -> Iterator[SimpleNamespace]:
+    """A Serve config (`serve_cmd.load_config`) running on a fresh local cluster (`env`: more environment for its
+    processes), on free ports: yields the gRPC proxy's `address`, the HTTP proxy's `http_port` and Ray's
+    Prometheus `metrics_port`."""
     from ray import serve
 
     config.grpc_options.port = free_port()
     config.http_options.port = free_port()
     metrics_port = free_port()
-    with ray_head(metrics_port):
+    with ray_head(metrics_port, env=env):
         try:
             serve_cmd.start_applications(config)
             serve_cmd.wait_until_running(config, timeout_s=timeout_s)

@@ -36,6 +36,7 @@ from tests.api_contract import (
 )
 from tests.cluster import deployed
 from tests.helpers import assert_rejected_for_size
+from tests.otlp import OTLPReceiver
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "deploy" / "local.yaml", ROOT / "deploy" / "gpu.yaml"]
@@ -133,11 +134,13 @@ def test_stage_load_policy_adds_reported_calls_to_serve_requests():
 
 @pytest.fixture(scope="module")
 def cluster(tiny_ckpt):
-    """deploy/local.yaml on a fresh local Ray cluster, with two Talker replicas."""
+    """deploy/local.yaml on a fresh local Ray cluster, with two Talker replicas, exporting traces to a real OTLP
+    receiver (`.otlp`) through Serve's own tracing."""
     config = serve_cmd.load_config(CONFIGS[0], model=tiny_ckpt)
     talker = next(app for app in config.applications if app.name == "talker")
     talker.deployments[0].num_replicas = 2
-    with deployed(config) as running:
+    with OTLPReceiver() as otlp, deployed(config, env=otlp.env()) as running:
+        running.otlp = otlp
         yield running
 
 
@@ -326,3 +329,79 @@ def _stage_calls(app: str) -> float:
 
     answers = serve.get_app_handle(app).broadcast("record_autoscaling_stats").results(timeout_s=30)
     return sum(answer[STAGE_CALLS] for answer in answers)
+
+
+async def test_a_served_turn_is_one_trace_across_every_stage(cluster, media):
+    """The client's W3C traceparent goes in through Serve's proxy; every stage's span comes back to the OTLP
+    receiver in that trace, under the gateway's turn span, with the turn's request and session ids."""
+    client_trace, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    config = omni_pb2.ConverseConfig(session_id="traced", max_new_tokens=MAX_NEW_TOKENS,
+                                     max_audio_frames=MAX_FRAMES,
+                                     thinker_sampling=common_pb2.SamplingParams(greedy=True))
+    requests = [omni_pb2.ConverseRequest(config=config),
+                omni_pb2.ConverseRequest(audio=omni_pb2.AudioInput(encoded=Path(media["audio"]).read_bytes())),
+                omni_pb2.ConverseRequest(image=omni_pb2.ImageInput(data=Path(media["image"]).read_bytes())),
+                omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text=TEXT)),
+                omni_pb2.ConverseRequest(end_of_turn=omni_pb2.EndOfTurn())]
+    request_id, frames = None, 0
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        call = omni_pb2_grpc.OmniStub(channel).Converse(iter(requests), timeout=120, metadata=(
+            ("application", "omni"), ("traceparent", f"00-{client_trace}-{client_span}-01")))
+        async for msg in call:
+            if msg.WhichOneof("kind") == "started":
+                request_id = msg.started.request_id
+            elif msg.WhichOneof("kind") == "summary":
+                frames = len(msg.summary.codes)
+    assert request_id and frames > 1
+    stages = {"audio_encoder", "vision_encoder", "thinker", "hooks", "talker", "mtp", "code2wav"}
+
+    def complete(spans) -> bool:
+        names = [s.name for s in spans]
+        return {"omni.turn", "thinker.prefill", "thinker.decode", *stages} <= set(names) \
+            and names.count("mtp") == frames
+    spans = await asyncio.to_thread(cluster.otlp.trace, bytes.fromhex(client_trace), complete)
+    assert complete(spans), sorted(s.name for s in spans)
+    by_id = {s.span_id: s for s in spans}
+
+    def attrs(span) -> dict:
+        return {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes}
+
+    def chain(span) -> list:
+        out = []
+        while span.parent_span_id in by_id:
+            span = by_id[span.parent_span_id]
+            out.append(span)
+        return out
+
+    (turn,) = [s for s in spans if s.name == "omni.turn"]
+    assert attrs(turn)["omni.request_id"] == request_id and attrs(turn)["omni.session_id"] == "traced"
+    # Up from the turn: Serve's replica and proxy spans, the topmost one the client's child.
+    assert (chain(turn) or [turn])[-1].parent_span_id == bytes.fromhex(client_span)
+    assert any(s.name.startswith("replica_handle_request") for s in chain(turn)), [s.name for s in chain(turn)]
+    replicas = {}
+    for span in spans:
+        a = attrs(span)
+        if "omni.stage" not in a:
+            continue
+        assert turn in chain(span), (span.name, [s.name for s in chain(span)])
+        assert a["omni.request_id"] == request_id and a["omni.session_id"] == "traced", span.name
+        replicas.setdefault(a["omni.stage"], set()).add(a["omni.replica"])
+    assert set(replicas) == stages
+    # Each stage ran on its own replica (its id in the span), the turn in the gateway's.
+    assert len({r for rs in replicas.values() for r in rs} | {attrs(turn)["omni.replica"]}) == len(stages) + 1
+    assert all(chain(s)[0].name == "talker" for s in spans if s.name == "mtp")
+
+
+async def test_probes_need_no_application_metadata(cluster):
+    """What the Kubernetes probes and load balancers call (k8s/, docs/kubernetes.md): Serve's HTTP health route
+    and its gRPC Healthz, neither of which needs the `application` metadata that grpc.health.v1 does here."""
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.http_port}/-/healthz", timeout=10) as response:
+        assert response.status == 200
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        answer = await serve_pb2_grpc.RayServeAPIServiceStub(channel).Healthz(serve_pb2.HealthzRequest(), timeout=30)
+        assert answer.message == "success"
+        with pytest.raises(grpc.aio.AioRpcError) as no_app:  # why the probes use the two above
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert no_app.value.code() == grpc.StatusCode.NOT_FOUND

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
-from services.hooks.sdk import FilterChain, HookContext, Released
+from services.hooks.sdk import FilterChain, HookContext, HookSession, Released
+from services.metrics import StageTimer
 
 
 class HookTurn(Protocol):
@@ -44,10 +45,30 @@ class LocalHooks:
     @asynccontextmanager
     async def open(self, ctx: HookContext) -> AsyncIterator[HookTurn]:
         session = self.chain.session(ctx, self.processor.tokenizer, render=self.processor.apply_chat_template)
-        try:
-            yield session
-        finally:
-            await session.aclose()
+        with StageTimer("hooks") as timer:
+            try:
+                yield _TimedTurn(session, timer)
+            finally:
+                await session.aclose()
+
+
+class _TimedTurn:
+    """A hook session whose first released text is the hook stage's first output (its TTFT: the Thinker's start
+    plus whatever the filters held back), and each further release an item."""
+
+    def __init__(self, session: HookSession, timer: StageTimer):
+        self.session, self.timer = session, timer
+
+    async def feed(self, token_id: int) -> Released:
+        return self._timed(await self.session.feed(token_id))
+
+    async def thinker_end(self, stopped: bool) -> Released:
+        return self._timed(await self.session.thinker_end(stopped))
+
+    def _timed(self, released: Released) -> Released:
+        if released.token_ids:
+            self.timer.output(len(released.token_ids))
+        return released
 
 
 def plain_conversation(messages: Sequence[dict]) -> list[dict]:

@@ -2,41 +2,32 @@
 and domain errors into status codes, nothing else. The stage object may be in-process (`Local*`) or itself a gRPC
 client (`services.remote`), so the same servicer runs anywhere: a test, a Ray Serve replica, a bare process.
 
-This package also holds what servicers and stage clients share: the request id, sampling params on the wire, the
+This package also holds what servicers and stage clients share: the request id (`services.tracing`), sampling params on the wire, the
 reading of a request stream's `start` and tensor pieces, and `serve_stage`, which runs one servicer on its own port.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Collection
-from contextvars import ContextVar
 from dataclasses import fields
 
 import grpc
 from torch import Tensor
 
+from services import tracing
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput
+from services.tracing import REQUEST_ID, request_id  # noqa: F401  (re-exported for the servicers and clients)
 from services.wire.gen.omni.v1 import common_pb2
 from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES, add_standard_services
 from services.wire.tensors import PieceAssembler
-
-# The turn being served. Servicers set it from their `start` message; stage clients send it on every call they
-# make from that context (a Talker replica's MTP frames included); a gateway sets it once per turn.
-REQUEST_ID: ContextVar[str] = ContextVar("omni_request_id", default="")
-
-
-def request_id() -> str:
-    """The current turn's id, or a fresh one when nothing set it."""
-    return REQUEST_ID.get() or uuid.uuid4().hex
-
 
 async def serve_stage(servicer, port: int = 0, host: str = "[::]",
                       options: list[tuple[str, int]] = GRPC_OPTIONS) -> tuple[grpc.aio.Server, int]:
     """Start a gRPC server for one stage servicer (with health and reflection); return it and its bound port.
     `port=0` picks a free port. Stop it with `await server.stop(grace)`."""
-    server = grpc.aio.server(options=options)
+    tracing.setup()
+    server = grpc.aio.server(options=options, interceptors=tracing.server_interceptors())
     servicer.add_to_server(servicer, server)
     await add_standard_services(server, [SERVICE_NAMES[servicer.service]])
     bound = server.add_insecure_port(f"{host}:{port}")

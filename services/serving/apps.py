@@ -36,13 +36,17 @@ from ray import serve
 from ray.serve import Application
 
 from services.hooks.registry import HooksConfig
+from services.metrics import STAGE_ONGOING
 from services.serving.autoscaling import STAGE_CALLS
 from services.wire.server import SERVICE_NAMES
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0  # after DRAIN_S, streams in flight get this long; keep graceful_shutdown_timeout_s above both
-STAGES = ("audio", "vision", "thinker", "talker", "code2wav")  # services.remote.STAGE_KEYS, which imports torch
+STAGES = ("audio", "vision", "thinker", "talker", "code2wav")
+# The metrics' stage label of each stage service (services.stages names them so).
+_STAGE_LABELS = {"AudioEncoder": "audio_encoder", "VisionEncoder": "vision_encoder", "Thinker": "thinker",
+                 "Talker": "talker", "MTP": "mtp", "Code2Wav": "code2wav"}  # services.remote.STAGE_KEYS, which imports torch
 
 
 # ---- builder arguments (a Serve config's `args`) --------------------------------------------------------------
@@ -106,8 +110,9 @@ class CountedStage:
     """A stage (`services.stages` object) whose calls in progress are counted. Peers call a replica's own port,
     past Serve's request counting, so this count is the replica's load for Serve's autoscaler."""
 
-    def __init__(self, stage):
+    def __init__(self, stage, name: str):
         self.stage = stage
+        self.name = name  # the metrics' stage label
         self.ongoing = 0
 
     def __getattr__(self, name: str):
@@ -119,20 +124,24 @@ class CountedStage:
         return attr
 
     async def _call(self, method, *args, **kwargs):
-        self.ongoing += 1
+        self._count(1)
         try:
             return await method(*args, **kwargs)
         finally:
-            self.ongoing -= 1
+            self._count(-1)
 
     async def _stream(self, method, *args, **kwargs):
-        self.ongoing += 1
+        self._count(1)
         try:
             async with aclosing(method(*args, **kwargs)) as items:
                 async for item in items:
                     yield item
         finally:
-            self.ongoing -= 1
+            self._count(-1)
+
+    def _count(self, delta: int) -> None:
+        self.ongoing += delta
+        STAGE_ONGOING.set(self.ongoing, stage=self.name)
 
 
 class _StageReplica:
@@ -144,7 +153,7 @@ class _StageReplica:
     peers: tuple = ()  # the routes.ReplicaSets this replica calls (the Talker's MTP)
 
     async def _serve(self, stage, servicer_cls: Callable, *servicer_args) -> None:
-        self.stage = CountedStage(stage)
+        self.stage = CountedStage(stage, _STAGE_LABELS[servicer_cls.service])
         await self._start(servicer_cls(self.stage, *servicer_args))
 
     async def _start(self, servicer) -> None:
@@ -452,6 +461,9 @@ class _ProxyContext:
         self._grpc_context.set_code(code)
         self._grpc_context.set_details(details)
         raise grpc.aio.AbortError(details)  # Serve returns the code set above for an exception
+
+    def invocation_metadata(self):
+        return self._grpc_context.invocation_metadata()
 
     def time_remaining(self) -> None:
         # The proxy does not pass the client's deadline on; when it expires the proxy's call ends, which cancels

@@ -21,6 +21,7 @@ from typing import NoReturn
 
 import yaml
 
+from services import tracing
 from services.errors import OmniError
 from services.wire.server import MAX_MESSAGE_BYTES
 
@@ -35,10 +36,21 @@ CLUSTER_ENV = {
 }
 
 
+def cluster_env(env: dict[str, str]) -> dict[str, str]:
+    """What a cluster whose processes start with `env` needs on top of it: `CLUSTER_ENV`, and when the OTEL_*
+    variables ask for traces, Serve's own tracing exporting through them (`services.tracing`). Values in `env`
+    win."""
+    extra = dict(CLUSTER_ENV)
+    if tracing.configured(env):
+        extra["RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH"] = tracing.SERVE_EXPORTER
+        # Serve samples 1% by default; a ratio asked for through OTEL_* applies, otherwise every turn.
+        extra["RAY_SERVE_TRACING_SAMPLING_RATIO"] = env.get("OTEL_TRACES_SAMPLER_ARG", "1.0")
+    return {k: v for k, v in extra.items() if k not in env}
+
+
 def set_cluster_env() -> None:
-    """`CLUSTER_ENV` into this process's environment (before `ray.init` starts a cluster); values set already win."""
-    for key, value in CLUSTER_ENV.items():
-        os.environ.setdefault(key, value)
+    """`cluster_env` into this process's environment (before `ray.init` starts a cluster)."""
+    os.environ.update(cluster_env(dict(os.environ)))
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
