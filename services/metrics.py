@@ -22,6 +22,7 @@ TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 # Per-item latency: dense around the 80 ms audio frame budget.
 ITEM_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1, 0.12,
                 0.16, 0.25, 0.5, 1.0, 2.5]
+GAUGE_REFRESH_S = 1.0  # Ray drops a gauge after two report intervals: 10 s by default, 1 s in the tests
 RTF_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0]
 
 
@@ -46,13 +47,34 @@ class _Counter:
 
 
 class _Gauge:
+    """Ray drops a gauge value that is not set again within two report intervals, so inside Ray the last value of
+    each label set is set again every GAUGE_REFRESH_S (from the event loop that set it): an idle replica reads 0,
+    not nothing."""
+
     def __init__(self, name: str, doc: str, labels: tuple[str, ...]):
         self.name, self.doc, self.labels = name, doc, labels
         self._ray = None
         self._prom = None
+        self._last: dict[tuple, float] = {}
+        self._refresher = None
 
     def set(self, value: float, **tags: str) -> None:
-        _backend(self).set(value, **tags)
+        backend = _backend(self)
+        backend.set(value, **tags)
+        if backend is self._ray:
+            self._last[tuple(sorted(tags.items()))] = value
+            if self._refresher is None:
+                import asyncio
+
+                self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        import asyncio
+
+        while True:
+            await asyncio.sleep(GAUGE_REFRESH_S)
+            for tags, value in list(self._last.items()):
+                self._ray.set(value, **dict(tags))
 
 
 class _RayMetric:

@@ -111,6 +111,15 @@ def wait_until_running(config, timeout_s: float | None = None) -> None:
         time.sleep(POLL_S)
 
 
+def placement_resources(config) -> dict[str, float]:
+    """The custom resources the config's deployments ask for (deploy/gpu.yaml's node classes, which KubeRay's
+    worker groups advertise): a one-node cluster has every class, so it advertises them all without limit and
+    CPUs and GPUs alone decide what fits."""
+    names = {name for app in config.applications for d in app.deployments
+             for name in (d.model_dump(exclude_unset=True).get("ray_actor_options") or {}).get("resources", {})}
+    return {name: 10_000.0 for name in sorted(names)}
+
+
 def _check_free(port: int, what: str) -> None:
     """Serve's proxy would fail to bind later, with the error buried in its actor's log."""
     with socket.socket() as s:
@@ -140,7 +149,7 @@ def run_serve(args: argparse.Namespace) -> None:
     set_cluster_env()
     signal.signal(signal.SIGTERM, _interrupt)
     # address="local": a new cluster, never one that an earlier `ray start` on this machine left recorded
-    context = ray.init(address="local", _metrics_export_port=args.metrics_port)
+    context = ray.init(address="local", _metrics_export_port=args.metrics_port, resources=placement_resources(config))
     try:
         start_applications(config)
         wait_until_running(config)
