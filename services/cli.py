@@ -50,6 +50,12 @@ def _bench_latency(args: argparse.Namespace) -> None:
     latency.main(args.rest)
 
 
+def _bench_mtp(args: argparse.Namespace) -> None:
+    from services.bench import mtp
+
+    mtp.main(args.rest)
+
+
 def _bench_hops(args: argparse.Namespace) -> None:
     from services.bench import hops
 
@@ -96,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("code2wav", _bench_code2wav, "streaming Code2Wav vs full forward vs re-decoding left context"),
         ("latency", _bench_latency, "reference generate vs the streaming conductor: TTFT, first audio, RTF"),
         ("hops", _bench_hops, "per-message round trip and throughput of each inter-stage gRPC route"),
+        ("mtp", _bench_mtp, "one MTP step at batch 1, 8, 32: ours vs the reference code predictor's generate"),
     ):
         p = bench_sub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(func=func)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from services import tracing
+from services.batching import StepBatcher
 from services.engines.audio_encoder import AudioEncoderEngine
 from services.engines.code2wav import Code2WavEngine
 from services.engines.mtp import MTPEngine, MTPResult
@@ -26,7 +27,8 @@ from services.engines.sampling import Sampler, SamplingParams
 from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt
 from services.engines.thinker import ThinkerEngine, ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings, VisionEncoderEngine
-from services.metrics import STAGE_BATCH, STAGE_QUEUE, StageTimer, stage_executor
+from services.errors import InvalidInput
+from services.metrics import STAGE_QUEUE, StageTimer, stage_executor
 
 
 @dataclass(frozen=True)
@@ -142,21 +144,35 @@ class LocalThinker:
 
 
 class LocalMTP:
-    """Each call is one frame of a request (the request id in context). Only a request's first frame is its time
-    to first output; the rest are items."""
+    """Each call is frames of one request (the request id in context); the frames of concurrent requests, from
+    any Talker, share engine steps (`services.batching`), each row sampled on its own. Only a request's first
+    frame is its time to first output; the rest are items."""
 
     REMEMBERED = 4096  # requests whose first frame was seen: bounded, as MTP holds no per-request state
 
-    def __init__(self, engine: MTPEngine):
+    def __init__(self, engine: MTPEngine, max_batch: int = 32, max_wait_s: float = 0.0):
         self.engine = engine
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._batcher = StepBatcher("mtp", self._run_rows, max_batch=max_batch, max_wait_s=max_wait_s)
 
     async def predict(self, hidden: Tensor, c0: Tensor, greedy: bool, seed: int | None) -> MTPResult:
-        generator = None if greedy or seed is None else torch.Generator().manual_seed(seed)
-        result = await timed_call("mtp", self.engine.predict, hidden, c0, greedy, generator,
-                                  first=self._first(tracing.REQUEST_ID.get()))
-        STAGE_BATCH.observe(len(c0), stage="mtp")
-        return result
+        if hidden.ndim != 2 or tuple(c0.shape) != tuple(hidden.shape[:1]):
+            raise InvalidInput(f"MTP wants hidden [B, H] and c0 [B], got {tuple(hidden.shape)} and {tuple(c0.shape)}")
+        if bool(((c0 < 0) | (c0 >= self.engine.vocab_size)).any()):  # here: a bad row must not fail a whole step
+            raise InvalidInput(f"codebook-0 ids must be in [0, {self.engine.vocab_size}), got {c0.tolist()}")
+        with StageTimer("mtp", first=self._first(tracing.REQUEST_ID.get())) as timer:
+            rows = await asyncio.gather(*(self._batcher.submit((h, int(c), greedy, seed), timer.span)
+                                          for h, c in zip(hidden, c0)))
+            timer.output()
+        return MTPResult(codes=torch.stack([r[0] for r in rows]), embed_sum=torch.stack([r[1] for r in rows]))
+
+    def _run_rows(self, rows: list[tuple]) -> list[tuple[Tensor, Tensor]]:
+        """One engine step over frames of any requests (on the stage's worker thread)."""
+        hidden = torch.stack([h for h, _, _, _ in rows])
+        c0 = torch.tensor([c for _, c, _, _ in rows])
+        generators = [None if g or seed is None else torch.Generator().manual_seed(seed) for _, _, g, seed in rows]
+        result = self.engine.predict(hidden, c0, [g for _, _, g, _ in rows], generators)
+        return list(zip(result.codes, result.embed_sum))
 
     def _first(self, rid: str) -> bool:
         if not rid:

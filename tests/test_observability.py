@@ -203,7 +203,7 @@ async def test_one_trace_per_turn_spans_every_stage_under_the_clients_span(gatew
             names.append(span.name)
         return names
 
-    stage_spans = [s for s in finished if s.attributes.get("omni.stage")]
+    stage_spans = [s for s in finished if s.attributes.get("omni.stage") and not s.name.endswith(".step")]
     assert {s.attributes["omni.stage"] for s in stage_spans} == set(STAGES)
     for span in stage_spans:
         # Each stage's span lives in its own server, under that call's gRPC server span, under the turn.
@@ -216,6 +216,11 @@ async def test_one_trace_per_turn_spans_every_stage_under_the_clients_span(gatew
     assert all(ancestors(s)[0] == "talker" for s in mtp)
     firsts = [s for s in stage_spans if s.name != "mtp" or s is mtp[0]]
     assert all("omni.first_output_s" in s.attributes for s in firsts), [s.name for s in firsts]
+    # MTP's engine steps, batched across requests, link to the frames' spans (in their request's trace).
+    steps = [s for s in finished if s.name == "mtp.step"]
+    frame_contexts = {(s.context.trace_id, s.context.span_id) for s in mtp}
+    assert steps and all(s.attributes["omni.batch_size"] == len(s.links) >= 1 for s in steps)
+    assert {(link.context.trace_id, link.context.span_id) for s in steps for link in s.links} == frame_contexts
     names = {s.name for s in finished}
     assert {"thinker.prefill", "thinker.decode"} <= names
     rpc = [s for s in finished if s.name.startswith("/omni.v1.")]  # opentelemetry-instrumentation-grpc's

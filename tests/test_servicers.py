@@ -152,6 +152,46 @@ async def test_concurrent_turns_share_one_mtp_stream(cluster, media, monkeypatch
     assert len(opened) == 1 and not opened[0].done()  # the Talker replica's one MTP stream, still open
 
 
+async def test_mtp_batches_frames_of_concurrent_requests_from_every_stream(cluster):
+    """Frames of many requests, over two Talker replicas' streams, share MTP steps; each frame's codes (greedy, or
+    sampled with its request's seed) are those it gets alone, whatever it was batched with."""
+    import prometheus_client
+
+    from services.servicers import REQUEST_ID
+
+    engine = cluster.engines.mtp
+    hidden_size = engine.c0_embedding.embedding_dim
+    gen = torch.Generator().manual_seed(3)
+    frames = [(torch.randn(1, hidden_size, generator=gen), torch.randint(0, engine.vocab_size, (1,), generator=gen),
+               i % 3 != 0, None if i % 3 else 100 + i) for i in range(24)]  # every third one sampled, seeded
+    alone = [engine.predict(h, c, greedy, None if seed is None else torch.Generator().manual_seed(seed))
+             for h, c, greedy, seed in frames]
+    second = RemoteMTP(grpc.aio.insecure_channel(cluster.addresses["MTP"], options=GRPC_OPTIONS))
+
+    def batches() -> tuple[float, float]:
+        get = prometheus_client.REGISTRY.get_sample_value
+        return (get("omni_stage_batch_size_sum", {"stage": "mtp"}) or 0.0,
+                get("omni_stage_batch_size_count", {"stage": "mtp"}) or 0.0)
+
+    async def frame(i: int):
+        REQUEST_ID.set(f"batched-{i}")  # this task's request
+        h, c, greedy, seed = frames[i]
+        return await (cluster.talker_mtp if i % 2 else second).predict(h, c, greedy, seed)
+
+    try:
+        rows_before, steps_before = batches()
+        results = await asyncio.gather(*(frame(i) for i in range(len(frames))))
+        rows, steps = batches()
+    finally:
+        await second.close()
+        await second.channel.close()
+    for ours, ref in zip(results, alone):
+        torch.testing.assert_close(ours.codes, ref.codes, rtol=0, atol=0)
+        torch.testing.assert_close(ours.embed_sum, ref.embed_sum, rtol=1e-5, atol=1e-5)
+    assert rows - rows_before == len(frames)
+    assert steps - steps_before < len(frames) / 2  # frames shared steps (the first often runs alone)
+
+
 async def test_unknown_speaker_is_invalid_argument(cluster):
     ids = cluster.local.processor.tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
                                             return_tensors="pt").input_ids[0]

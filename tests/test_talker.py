@@ -173,6 +173,30 @@ def test_mtp_batch_equals_one_by_one(mtp, talker):
     assert (sampled[0][:, 1:] < mtp.predictor.config.vocab_size).all()
 
 
+def test_mtp_rows_sample_on_their_own(mtp, talker):
+    """In one batch, greedy and sampled rows each get what they would get alone, a sampled row from its own
+    generator: what a request is batched with never changes its codes."""
+    hidden = torch.randn(4, talker.codec_head.in_features, generator=torch.Generator().manual_seed(1))
+    c0 = torch.tensor([5, 9, 100, 2047])
+    greedy = [True, False, True, False]
+    seeds = [None, 11, None, 12]
+
+    def gens():
+        return [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+
+    batch = mtp.predict(hidden, c0, greedy, gens())
+    for i, (g, gen) in enumerate(zip(greedy, gens())):
+        one = mtp.predict(hidden[i:i + 1], c0[i:i + 1], g, gen)
+        torch.testing.assert_close(batch.codes[i:i + 1], one.codes, rtol=0, atol=0)
+    # Reordered, and padded to another size bucket (5 rows -> 8): the same rows, the same codes.
+    order = [3, 1, 0, 2]
+    again = mtp.predict(torch.cat([hidden[order], hidden[:1]]), torch.cat([c0[order], c0[:1]]),
+                        [greedy[i] for i in order] + [True], [gens()[i] for i in order] + [None])
+    torch.testing.assert_close(again.codes[:4], batch.codes[order], rtol=0, atol=0)
+    with pytest.raises(InvalidInput, match="one greedy flag and generator per row"):
+        mtp.predict(hidden, c0, [True])
+
+
 def test_invalid_input(talker, mtp):
     ids = torch.tensor([151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198])  # user: "Hello", then assistant
     greedy = default_talker_sampling(greedy=True)

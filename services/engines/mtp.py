@@ -4,17 +4,19 @@ Per frame it runs the reference module `Qwen3OmniMoeTalkerCodePredictorModelForC
 `Qwen3OmniMoeTalkerForConditionalGeneration.prepare_inputs_for_generation` does through `generate`: prefill
 `[talker_hidden, embed(c0)]`, then 14 steps, step i embedding code i with `codec_embedding[i-1]` and predicting code
 i+1 with `lm_head[i]`. The sum of the 16 codebook embeddings is the Talker's next input (before adding text).
-No state survives a frame, so a batch holds independent requests, one row each.
+No state survives a frame, so a batch holds independent requests, one row each (`services.batching` gathers the
+frames of concurrent requests into one call).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
+from transformers import StaticCache
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration as CodePredictor,
 )
@@ -43,6 +45,7 @@ class MTPEngine:
         self.vocab_size = c0_embedding.num_embeddings
         self.parameter_bytes = parameter_bytes(predictor, c0_embedding)
         self._warpers = warpers(MTP_SAMPLING)
+        self._caches: dict[int, StaticCache] = {}  # by batch size bucket: the 16-step cache, allocated once
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig()) -> "MTPEngine":
@@ -59,29 +62,68 @@ class MTPEngine:
 
     @torch.inference_mode()
     def predict(
-        self, hidden: Tensor, c0: Tensor, greedy: bool = True, generator: torch.Generator | None = None
+        self, hidden: Tensor, c0: Tensor, greedy: bool | Sequence[bool] = True,
+        generator: torch.Generator | None | Sequence[torch.Generator | None] = None,
     ) -> MTPResult:
         """hidden: [B, H] Talker last-layer hidden of each request's frame, c0: [B] its codebook-0 ids.
-        Greedy when the Talker is greedy (as the reference); else MTP_SAMPLING, drawing with `generator`."""
+
+        Rows are independent requests, each with its own sampling: `greedy` and `generator` are one value for every
+        row or one per row. A greedy row takes the argmax (as the reference does when the Talker is greedy); a
+        sampled row draws from MTP_SAMPLING with its own generator, alone, so its codes do not depend on the rows
+        it is batched with. The 15 steps run over a preallocated cache of the batch's size bucket (padded rows)."""
         if hidden.ndim != 2 or c0.shape != hidden.shape[:1]:
             raise InvalidInput(f"MTP wants hidden [B, H] and c0 [B], got {tuple(hidden.shape)} and {tuple(c0.shape)}")
+        rows = hidden.shape[0]
+        greedy = [greedy] * rows if isinstance(greedy, bool) else list(greedy)
+        generators = list(generator) if isinstance(generator, Sequence) else [generator] * rows
+        if len(greedy) != rows or len(generators) != rows:
+            raise InvalidInput(f"MTP wants one greedy flag and generator per row, got {len(greedy)} and "
+                               f"{len(generators)} for {rows} rows")
         c0 = c0.to(self.device, torch.long)
         if bool(((c0 < 0) | (c0 >= self.vocab_size)).any()):
             raise InvalidInput(f"codebook-0 ids must be in [0, {self.vocab_size}), got {c0.tolist()}")
         model = self.predictor.model
         hidden = hidden.to(self.device, self.c0_embedding.weight.dtype)
+        size = _bucket(rows)
+        if size > rows:  # pad with copies of row 0, dropped below: fixed shapes per bucket
+            hidden = torch.cat([hidden, hidden[:1].expand(size - rows, -1)])
+            c0 = torch.cat([c0, c0[:1].expand(size - rows)])
+        cache = self._cache(size)
         embeds = [self.c0_embedding(c0)]
         codes = [c0]
-        cache = DynamicCache(config=self.predictor.config)
         step_input = torch.stack((hidden, embeds[0]), dim=1)  # [B, 2, H]
+        position = 0
         for i in range(self.num_code_groups - 1):
             if i > 0:
                 embeds.append(model.codec_embedding[i - 1](codes[-1]))
                 step_input = embeds[-1][:, None]
-            last = model(inputs_embeds=step_input, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-            scores = self.predictor.lm_head[i](last).float()
-            if not greedy:
-                scores = self._warpers(None, scores)
-            codes.append(draw(scores, greedy, generator))
+            n = step_input.shape[1]
+            positions = torch.arange(position, position + n, device=self.device)
+            position += n
+            last = model(inputs_embeds=step_input, past_key_values=cache, use_cache=True,
+                         cache_position=positions).last_hidden_state[:, -1]
+            codes.append(self._draw(self.predictor.lm_head[i](last).float(), greedy, generators))
         embeds.append(model.codec_embedding[-1](codes[-1]))
-        return MTPResult(codes=torch.stack(codes, dim=1), embed_sum=torch.stack(embeds, dim=1).sum(dim=1))
+        return MTPResult(codes=torch.stack(codes, dim=1)[:rows],
+                         embed_sum=torch.stack(embeds, dim=1).sum(dim=1)[:rows])
+
+    def _draw(self, scores: Tensor, greedy: list[bool], generators: list) -> Tensor:
+        ids = scores.argmax(dim=-1)
+        for row, (row_greedy, gen) in enumerate(zip(greedy, generators)):
+            if not row_greedy:
+                ids[row] = draw(self._warpers(None, scores[row:row + 1]), False, gen)[0]
+        return ids
+
+    def _cache(self, size: int) -> StaticCache:
+        """The batch size bucket's cache, allocated on its first use and reset (zeroed) for each call."""
+        cache = self._caches.get(size)
+        if cache is None:
+            cache = self._caches[size] = StaticCache(config=self.predictor.config, max_cache_len=self.num_code_groups)
+        else:
+            cache.reset()
+        return cache
+
+
+def _bucket(rows: int) -> int:
+    """Batch sizes run as the next power of two: few shapes (and caches) for any mix of requests."""
+    return 1 << (rows - 1).bit_length()

@@ -67,6 +67,14 @@ class StageArgs(BaseModel):
         return EngineConfig(device=self.device, dtype=self.dtype)
 
 
+class MTPArgs(StageArgs):
+    max_batch: int = Field(32, ge=1, le=1024, description="most frames (of any requests, from any Talker) in one "
+                                                         "engine step")
+    batch_wait_ms: float = Field(0.0, ge=0, le=50, description="how long an idle replica's step waits for more "
+                                                             "frames; 0: steps fill with what arrives while the "
+                                                             "previous one runs")
+
+
 class TalkerArgs(StageArgs):
     mtp_app: str = Field("mtp", description="name of the MTP application the Talker calls every frame")
 
@@ -252,13 +260,13 @@ class TalkerReplica(_StageReplica):
 
 @serve.deployment(name="MTP")
 class MTPReplica(_StageReplica):
-    async def __init__(self, args: StageArgs):
+    async def __init__(self, args: MTPArgs):
         from services.engines.mtp import MTPEngine
         from services.servicers.mtp import MTPServicer
         from services.stages import LocalMTP
 
         engine = await asyncio.to_thread(MTPEngine.from_checkpoint, args.model, args.engine_config())
-        await self._serve(LocalMTP(engine), MTPServicer)
+        await self._serve(LocalMTP(engine, args.max_batch, args.batch_wait_ms / 1000), MTPServicer)
 
     async def Predict(self, requests, grpc_context) -> AsyncIterator:
         async for msg in proxied(self.servicer.Predict, requests, grpc_context):
@@ -369,7 +377,7 @@ def talker_app(args: dict) -> Application:
 
 
 def mtp_app(args: dict) -> Application:
-    return MTPReplica.bind(StageArgs.model_validate(args))
+    return MTPReplica.bind(MTPArgs.model_validate(args))
 
 
 def code2wav_app(args: dict) -> Application:

@@ -1,0 +1,108 @@
+"""A step scheduler for a stage whose requests' items can share one engine call (DESIGN.md section 7).
+
+Concurrent requests `submit` items; one loop per stage takes every item that is ready (up to `max_batch`) and runs
+them as one engine step on the stage's worker thread, then hands each request its result. Items that arrive while
+a step runs wait for the next one, so under load batches fill by themselves; `max_wait_s` can hold a step back a
+little to let a batch grow when the stage is idle. A request that gives up (cancelled, its client gone) is dropped
+before the next step and never holds a row.
+
+    batcher = StepBatcher("mtp", run_rows, max_batch=32)   # run_rows(list of items) -> list of results, in order
+    result = await batcher.submit(item)
+
+Each step is one span ("<stage>.step") linked to the span of every request in it, and records the real batch size
+(`omni_stage_batch_size`) and each item's wait for its step (`omni_stage_queue_seconds`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from services import tracing
+from services.metrics import STAGE_BATCH, STAGE_QUEUE, stage_executor
+
+
+@dataclass
+class _Waiting:
+    item: Any
+    future: asyncio.Future
+    span: trace.SpanContext = trace.INVALID_SPAN_CONTEXT
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class StepBatcher:
+    def __init__(self, stage: str, run: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = 32,
+                 max_wait_s: float = 0.0):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.stage, self.run, self.max_batch, self.max_wait_s = stage, run, max_batch, max_wait_s
+        self._waiting: deque[_Waiting] = deque()
+        self._ready = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+
+    async def submit(self, item: Any, span: trace.Span | None = None) -> Any:
+        """The item's result, once a step has run it; the step's error if it failed. `span`: the request's, which
+        the step links to (default: the current one)."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(item, future, span=(span or trace.get_current_span()).get_span_context()))
+        self._ready.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._steps(), name=f"omni-{self.stage}-steps")
+        return await future
+
+    async def _steps(self) -> None:
+        while True:
+            await self._ready.wait()
+            if self.max_wait_s and len(self._waiting) < self.max_batch:
+                await asyncio.sleep(self.max_wait_s)
+            batch = self._take()
+            if not self._waiting:
+                self._ready.clear()
+            if batch:
+                await self._step(batch)
+
+    def _take(self) -> list[_Waiting]:
+        batch = []
+        while self._waiting and len(batch) < self.max_batch:
+            waiting = self._waiting.popleft()
+            if not waiting.future.done():  # a cancelled request is dropped here
+                batch.append(waiting)
+        return batch
+
+    async def _step(self, batch: list[_Waiting]) -> None:
+        started = time.perf_counter()
+        for waiting in batch:
+            STAGE_QUEUE.observe(started - waiting.submitted, stage=self.stage)
+        STAGE_BATCH.observe(len(batch), stage=self.stage)
+        span = self._step_span(batch)
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                stage_executor(self.stage), self.run, [w.item for w in batch])
+        except Exception as e:  # every request in the step gets the step's error
+            tracing.end_span(span, e)
+            for waiting in batch:
+                if not waiting.future.done():
+                    waiting.future.set_exception(e)
+            return
+        span.end()
+        for waiting, result in zip(batch, results, strict=True):
+            if not waiting.future.done():
+                waiting.future.set_result(result)
+
+    def _step_span(self, batch: list[_Waiting]) -> trace.Span:
+        """The step's span: in the trace of its first sampled request (a step of unsampled requests records
+        nothing), linked to every request's span."""
+        sampled = [w.span for w in batch if w.span.is_valid and w.span.trace_flags.sampled]
+        if not sampled:
+            return trace.INVALID_SPAN
+        parent = trace.set_span_in_context(trace.NonRecordingSpan(sampled[0]), otel_context.Context())
+        return tracing.tracer().start_span(
+            f"{self.stage}.step", context=parent, links=[trace.Link(w.span) for w in batch if w.span.is_valid],
+            attributes={"omni.stage": self.stage, "omni.batch_size": len(batch), "omni.replica": tracing.replica()})
