@@ -17,7 +17,7 @@ import numpy as np
 from services.client import OmniClient, Video
 from services.errors import InvalidInput
 from services.events import TurnSummary
-from services.generate import add_turn_arguments, write_outputs
+from services.generate import TextPrinter, add_turn_arguments, write_outputs
 
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,22 +35,18 @@ def _video_from_dir(path: str, fps: float) -> Video:
     return Video(frames=frames, timestamps=[i / fps for i in range(len(frames))])
 
 
-def _print_now(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
-
 async def _chat(args: argparse.Namespace) -> tuple[TurnSummary, np.ndarray]:
+    printer = TextPrinter(sys.stdout)
     async with OmniClient(args.address) as client:
         result = await client.collect(
-            on_text=_print_now, text=args.text, audios=args.audio, images=args.image,
+            on_text=printer.text, on_reasoning=printer.reasoning, text=args.text, audios=args.audio, images=args.image,
             videos=[_video_from_dir(v, args.video_fps) for v in args.video],
             speaker=args.speaker, session_id=args.session, system_prompt=args.system,
             audio_output=not args.no_audio, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, max_new_tokens=args.max_new_tokens,
             max_audio_frames=args.max_audio_frames, deadline_s=args.deadline,
         )
-    sys.stdout.write("\n")
+    printer.end()
     return result
 
 

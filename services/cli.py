@@ -16,8 +16,8 @@ from services.errors import OmniError
 def _checkpoint_tiny(args: argparse.Namespace) -> None:
     from services.checkpoint.tiny import write_tiny_checkpoint
 
-    out = write_tiny_checkpoint(args.dir, seed=args.seed, max_shard_size=args.max_shard_size)
-    print(f"wrote tiny Qwen3-Omni checkpoint to {out}")
+    out = write_tiny_checkpoint(args.dir, seed=args.seed, max_shard_size=args.max_shard_size, variant=args.variant)
+    print(f"wrote tiny Qwen3-Omni {args.variant.capitalize()} checkpoint to {out}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", help="output directory")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed; the same seed gives byte-identical weights")
     tiny.add_argument("--max-shard-size", default=None, help="shard the weights, e.g. 20MB (writes an index)")
+    tiny.add_argument("--variant", choices=["instruct", "thinking", "captioner"], default="instruct",
+                      help="which released model it stands for: instruct (Thinker and Talker), thinking or "
+                           "captioner (the Thinker alone, text out)")
     tiny.set_defaults(func=_checkpoint_tiny)
 
     from services.generate import add_generate_arguments

@@ -19,6 +19,9 @@ Or in blocking code, the whole answer at once:
 
     summary, samples = OmniClient("localhost:50051").converse_sync(text="Hello!", greedy=True)
 
+A Thinking model's reasoning arrives as `ReasoningDelta` events before its text (the summary keeps it apart as
+`reasoning`); `await client.describe()` says what a deployment serves (its variant, modalities, voices).
+
 Inputs: `audios` are file paths, encoded file bytes (WAV, FLAC, OGG) or `(pcm, sample_rate)` with `pcm` an int16
 (or float, quantized to int16) array of [samples] or [samples, channels]; `images` are paths or encoded bytes;
 `videos` are `Video(frames, timestamps[, audio])`. The same `session_id` on later turns continues the conversation
@@ -41,7 +44,7 @@ import numpy as np
 
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput, OmniError
-from services.events import AudioChunk, Event, TextDelta, TurnSummary, float_to_pcm16
+from services.events import AudioChunk, Event, ReasoningDelta, TextDelta, TurnSummary, float_to_pcm16
 from services.servicers.hooks import hook_event_from_proto
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
 from services.wire.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES
@@ -67,6 +70,19 @@ class Video:
     frames: Sequence[Image]
     timestamps: Sequence[float]
     audio: Audio | None = None
+
+
+@dataclass(frozen=True)
+class DeploymentInfo:
+    """What a deployment serves (`Omni/Describe`)."""
+
+    variant: str  # "instruct", "thinking" or "captioner"
+    model: str  # e.g. "Qwen3-Omni Thinking"
+    input_modalities: tuple[str, ...]  # of "text", "audio", "image", "video"
+    output_modalities: tuple[str, ...]  # "text", and "audio" with a Talker
+    speakers: tuple[str, ...]
+    reasoning: bool  # answers stream ReasoningDelta events
+    input_rules: str  # what a request must be beyond its modalities; "" when nothing more
 
 
 class ConverseError(OmniError):
@@ -110,6 +126,8 @@ class Turn:
             kind = msg.WhichOneof("kind")
             if kind == "text":
                 return TextDelta(text=msg.text.text, token_ids=tuple(msg.text.token_ids))
+            elif kind == "reasoning":
+                return ReasoningDelta(text=msg.reasoning.text, token_ids=tuple(msg.reasoning.token_ids))
             elif kind == "audio":
                 samples = np.frombuffer(msg.audio.pcm16, "<i2").astype(np.float32) / 32767.0
                 return AudioChunk(seq=msg.audio.seq, samples=samples, sample_rate=msg.audio.sample_rate)
@@ -250,13 +268,16 @@ class OmniClient:
         requests.append(omni_pb2.ConverseRequest(end_of_turn=omni_pb2.EndOfTurn()))
         return Turn(self, requests, deadline_s)
 
-    async def collect(self, on_text: Callable[[str], None] | None = None, **kwargs) -> tuple[TurnSummary, np.ndarray]:
+    async def collect(self, on_text: Callable[[str], None] | None = None,
+                      on_reasoning: Callable[[str], None] | None = None, **kwargs) -> tuple[TurnSummary, np.ndarray]:
         """Run a turn (`converse`'s arguments) to its end: the summary and the whole answer's float32 samples;
-        `on_text` sees each text delta as it arrives."""
+        `on_text` sees each text delta as it arrives, `on_reasoning` each reasoning delta."""
         chunks, summary = [], None
         async for event in self.converse(**kwargs):
             if isinstance(event, TextDelta) and on_text is not None:
                 on_text(event.text)
+            elif isinstance(event, ReasoningDelta) and on_reasoning is not None:
+                on_reasoning(event.text)
             elif isinstance(event, AudioChunk):
                 chunks.append(event.samples)
             elif isinstance(event, TurnSummary):
@@ -272,6 +293,19 @@ class OmniClient:
                 return await client.collect(**kwargs)
 
         return asyncio.run(run())
+
+    async def describe(self, deadline_s: float = 30.0) -> DeploymentInfo:
+        """What the deployment serves: its model variant, modalities and voices."""
+        try:
+            info = await self._stub().Describe(omni_pb2.DescribeDeploymentRequest(), timeout=deadline_s,
+                                               metadata=GATEWAY_METADATA)
+        except grpc.aio.AioRpcError as e:
+            raise ConverseError(e.code(), e.details()) from None
+        names = {omni_pb2.MODALITY_TEXT: "text", omni_pb2.MODALITY_AUDIO: "audio"}
+        return DeploymentInfo(
+            variant=info.variant, model=info.model, input_modalities=tuple(info.input_modalities),
+            output_modalities=tuple(names[m] for m in info.output_modalities if m in names),
+            speakers=tuple(info.speakers), reasoning=info.reasoning, input_rules=info.input_rules)
 
     async def cancel(self, reason: str = "") -> None:
         """Cancel every turn of this client still open."""
@@ -328,5 +362,5 @@ def _summary(s: omni_pb2.TurnSummary) -> TurnSummary:
     return TurnSummary(
         text=s.text, thinker_token_ids=list(s.thinker_token_ids), codes=[list(f.codes) for f in s.codes],
         sample_rate=s.sample_rate, num_samples=s.num_samples, speaker=s.speaker or None,
-        finish_reason=_FINISH.get(s.finish_reason, "unspecified"), timings=dict(s.timings),
+        finish_reason=_FINISH.get(s.finish_reason, "unspecified"), timings=dict(s.timings), reasoning=s.reasoning,
     )

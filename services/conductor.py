@@ -2,7 +2,7 @@
 
     preprocess -> audio/vision encoders -> Thinker ──tokens──> hook ──released──> Talker (+MTP) ──frames──> Code2Wav
                                                                  │                                             │
-                                                             TextDelta                                    AudioChunk
+                                                  TextDelta, ReasoningDelta                               AudioChunk
 
 The Thinker, the Talker and Code2Wav run as concurrent asyncio tasks joined by bounded queues. The Talker starts
 with the first released token and takes exactly one released token per frame, waiting when it is ahead of the
@@ -11,7 +11,9 @@ front. Every wait has a deadline. Closing the event iterator cancels every stage
 frame's work) and frees its state.
 
 Stages are `services.stages` objects: in-process engines (`Stages.local`) or gRPC clients in the deployment; the
-conducting logic and the events are the same.
+conducting logic and the events are the same. What a turn may ask for follows the checkpoint's variant
+(`Stages.variant`): audio out only with a Talker, and the Captioner's one audio and nothing else. A Thinking
+model's reasoning streams as ReasoningDelta events and never reaches the Talker.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt, default_talker_sampling
 from services.engines.thinker import ThinkerPrompt
 from services.errors import DeadlineExceeded, InvalidInput
-from services.events import AudioChunk, Event, TextDelta, TurnSummary
+from services.events import AudioChunk, Event, ReasoningDelta, TextDelta, TurnSummary
 from services.hooks import FilterChain, HookContext, HookStage, HookTurn, LocalHooks, Released
 from services.metrics import record_turn
 from services.preprocess import TurnInputs, build_turn
@@ -77,6 +79,7 @@ class _Turn:
     num_samples: int = 0
     finish_reason: str = "length"  # "stop", "length", "blocked" or "cancelled"
     text: str = ""
+    reasoning: str = ""
     marks: dict[str, float] = field(default_factory=dict)
 
     def mark(self, key: str, since: float | None = None) -> None:
@@ -140,10 +143,12 @@ class Conductor:
             raise InvalidInput(f"max_audio_frames must be at least 1, got {req.max_audio_frames}")
         if req.audio_output:
             if self.stages.talker is None:
-                raise InvalidInput("this deployment serves text only; ask for text output")
+                raise InvalidInput(text_only_message(self.stages))
             if req.speaker.lower() not in self.stages.speakers:
                 raise InvalidInput(f"unknown speaker {req.speaker!r}; valid speakers: "
                                    f"{', '.join(sorted(self.stages.speakers))}")
+        if self.stages.variant.kind == "captioner":
+            _check_caption_request(req, self.stages.variant)
 
     async def _conduct(self, req: TurnRequest, turn: _Turn, out: asyncio.Queue) -> None:
         try:
@@ -167,7 +172,8 @@ class Conductor:
 
     async def _prepare(self, req: TurnRequest, turn: _Turn) -> tuple[ThinkerPrompt, TurnInputs]:
         st = self.stages
-        tools = await self.hooks.tool_schemas()
+        # The Captioner's prompt is the audio alone: no tools are declared to it.
+        tools = None if st.variant.kind == "captioner" else await self.hooks.tool_schemas()
         inputs = await asyncio.to_thread(
             build_turn, st.processor, history=list(req.history), system=req.system, text=req.text,
             audios=req.audios, images=req.images, videos=req.videos, tools=tools,
@@ -256,6 +262,10 @@ class Conductor:
         max_new_tokens cap, is never spoken: `withhold` keeps the latter from the Talker."""
         for event in r.events:
             await out.put(event)
+        if r.reasoning:  # shown apart, never spoken
+            turn.mark("time_to_first_reasoning")
+            turn.reasoning += r.reasoning
+            await out.put(ReasoningDelta(text=r.reasoning, token_ids=tuple(r.reasoning_ids)))
         ids = r.token_ids[:-1] if withhold is not None and r.token_ids[-1:] == [withhold] else r.token_ids
         if talker_queue is not None:
             for i in ids:
@@ -353,5 +363,31 @@ class Conductor:
             text=turn.text, thinker_token_ids=list(turn.token_ids), codes=turn.codes,
             sample_rate=self.stages.sample_rate, num_samples=turn.num_samples,
             speaker=req.speaker.lower() if req.audio_output else None, finish_reason=turn.finish_reason,
-            timings=timings,
+            timings=timings, reasoning=turn.reasoning,
         )
+
+
+def text_only_message(stages: Stages) -> str:
+    """Why a deployment refuses audio output, naming the model."""
+    variant = stages.variant
+    why = "the checkpoint has no Talker" if not variant.speech else "it runs without the Talker and Code2Wav stages"
+    return f"this deployment of {variant.title} serves text only ({why}); ask for text output"
+
+
+def _check_caption_request(req: TurnRequest, variant) -> None:
+    """The Captioner was trained on one audio and nothing else: refuse what it would answer untrained."""
+    extra = []
+    if len(req.audios) != 1:
+        extra.append(f"{len(req.audios)} audios")
+    if req.text and req.text.strip():
+        extra.append("text")
+    if req.images:
+        extra.append("images")
+    if req.videos:
+        extra.append("videos")
+    if req.system is not None:
+        extra.append("a system prompt")
+    if req.history:
+        extra.append("earlier turns")
+    if extra:
+        raise InvalidInput(f"{variant.title} takes {variant.input_rules}; this request has {', '.join(extra)}")

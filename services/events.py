@@ -21,6 +21,15 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ReasoningDelta:
+    """Released reasoning: what a Thinking model writes between `<think>` and `</think>` (tags left out), shown
+    apart from the answer and never spoken, with the Thinker token ids it came from."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class AudioChunk:
     """One Code2Wav output packet: 24 kHz mono, sequence-numbered from 0 within the turn."""
 
@@ -43,9 +52,10 @@ class TurnSummary:
     speaker: str | None
     finish_reason: str  # "stop" (Thinker's end token), "length" (max_new_tokens), "blocked" or "cancelled"
     timings: dict[str, float] = field(default_factory=dict)  # seconds; see Conductor for the keys
+    reasoning: str = ""  # the released reasoning, apart from `text`; "" when the model wrote none
 
 
-Event = TextDelta | AudioChunk | HookEvent | TurnSummary
+Event = TextDelta | ReasoningDelta | AudioChunk | HookEvent | TurnSummary
 
 
 def float_to_pcm16(samples: np.ndarray) -> np.ndarray:

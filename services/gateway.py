@@ -5,7 +5,7 @@
 
 The servicer only translates (protos/omni/v1/omni.proto defines the message flow): it assembles the input parts into
 a `TurnRequest` (the session's history in front), runs the conductor, and turns its events into responses and its
-domain errors into status codes. On every exit path (answer, error, cancel message, client disconnect, deadline)
+domain errors into status codes. `Describe` says what the deployment serves (`deployment_info`). On every exit path (answer, error, cancel message, client disconnect, deadline)
 the conductor's event iterator is closed before the handler returns, which cancels every stage and frees the
 request's state; other streams never see one stream's failure.
 
@@ -39,10 +39,10 @@ import numpy as np
 from opentelemetry import trace as otel_trace
 
 from services import metrics, tracing
-from services.conductor import Conductor, TurnRequest
+from services.conductor import Conductor, TurnRequest, text_only_message
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput, OmniError, ResourceExhausted
-from services.events import AudioChunk, Event, HookEvent, TextDelta, TurnSummary
+from services.events import AudioChunk, Event, HookEvent, ReasoningDelta, TextDelta, TurnSummary
 from services.hooks import FilterChain, HookStage
 from services.preprocess import AudioInput, decode_audio, load_video
 from services.sessions import History, SessionStore, SessionStoreError
@@ -105,6 +105,10 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             self.active_turns -= 1
             metrics.ONGOING_TURNS.set(self.active_turns)
 
+    async def Describe(self, request: omni_pb2.DescribeDeploymentRequest,
+                       context: grpc.aio.ServicerContext) -> omni_pb2.DeploymentInfo:
+        return deployment_info(self.stages)
+
     async def _converse(self, context: grpc.aio.ServicerContext) -> None:
         t0 = time.perf_counter()
         config, options = await self._read_config(context)
@@ -157,11 +161,12 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         if config.talker_style:
             raise InvalidInput("talker_style is not supported yet; leave it empty")
         modalities = set(config.output_modalities) - {omni_pb2.MODALITY_UNSPECIFIED}
-        audio_output = not modalities or omni_pb2.MODALITY_AUDIO in modalities
+        # Unset: what the deployment serves.
+        audio_output = omni_pb2.MODALITY_AUDIO in modalities if modalities else self.stages.talker is not None
         speaker = config.speaker or DEFAULT_SPEAKER
         if audio_output:
             if self.stages.talker is None:
-                raise InvalidInput("this deployment serves text only; ask for text output")
+                raise InvalidInput(text_only_message(self.stages))
             if speaker.lower() not in self.stages.speakers:
                 raise InvalidInput(f"unknown speaker {speaker!r}; valid speakers: "
                                    f"{', '.join(sorted(self.stages.speakers))}")
@@ -219,7 +224,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             text="".join(progress.texts), thinker_token_ids=progress.token_ids, codes=[],
             sample_rate=self.stages.sample_rate, num_samples=progress.num_samples,
             speaker=req.speaker.lower() if req.audio_output else None, finish_reason="cancelled",
-            timings={"total_s": round(time.perf_counter() - t0, 6)},
+            timings={"total_s": round(time.perf_counter() - t0, 6)}, reasoning="".join(progress.reasoning),
         )
 
     async def _pump(self, context: grpc.aio.ServicerContext, req: TurnRequest, progress: _Progress) -> TurnSummary:
@@ -233,6 +238,16 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             raise RuntimeError("the conductor ended without a summary")
         finally:
             await events.aclose()
+
+
+def deployment_info(stages: Stages) -> omni_pb2.DeploymentInfo:
+    """What a deployment serves: its checkpoint's variant, and speech only where it runs the Talker."""
+    variant = stages.variant
+    outputs = {"text": omni_pb2.MODALITY_TEXT, "audio": omni_pb2.MODALITY_AUDIO}
+    return omni_pb2.DeploymentInfo(
+        variant=variant.kind, model=variant.title, input_modalities=variant.input_modalities,
+        output_modalities=[outputs[m] for m in stages.output_modalities], speakers=sorted(stages.speakers),
+        reasoning=variant.reasoning, input_rules=variant.input_rules)
 
 
 async def start_gateway(servicer: OmniServicer, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
@@ -378,6 +393,7 @@ class _Progress:
     """What the client has been sent so far: the summary of a cancelled turn."""
 
     texts: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     num_samples: int = 0
 
@@ -385,13 +401,19 @@ class _Progress:
         if isinstance(event, TextDelta):
             self.texts.append(event.text)
             self.token_ids.extend(event.token_ids)
+        elif isinstance(event, ReasoningDelta):
+            self.reasoning.append(event.text)
+            self.token_ids.extend(event.token_ids)
         elif isinstance(event, AudioChunk):
             self.num_samples += len(event.samples)
 
 
-def _event_message(event: TextDelta | AudioChunk | HookEvent) -> omni_pb2.ConverseResponse:
+def _event_message(event: TextDelta | ReasoningDelta | AudioChunk | HookEvent) -> omni_pb2.ConverseResponse:
     if isinstance(event, TextDelta):
         return omni_pb2.ConverseResponse(text=omni_pb2.TextDelta(text=event.text, token_ids=event.token_ids))
+    if isinstance(event, ReasoningDelta):
+        return omni_pb2.ConverseResponse(reasoning=omni_pb2.ReasoningDelta(text=event.text,
+                                                                           token_ids=event.token_ids))
     if isinstance(event, HookEvent):
         return omni_pb2.ConverseResponse(hook_event=hook_event_to_proto(event))
     return omni_pb2.ConverseResponse(audio=omni_pb2.AudioChunk(seq=event.seq, pcm16=event.pcm16,
@@ -402,7 +424,7 @@ def _summary_message(s: TurnSummary) -> omni_pb2.ConverseResponse:
     return omni_pb2.ConverseResponse(summary=omni_pb2.TurnSummary(
         text=s.text, thinker_token_ids=s.thinker_token_ids, codes=[common_pb2.CodecFrame(codes=f) for f in s.codes],
         sample_rate=s.sample_rate, num_samples=s.num_samples, speaker=s.speaker or "",
-        finish_reason=_FINISH[s.finish_reason], timings=s.timings,
+        finish_reason=_FINISH[s.finish_reason], timings=s.timings, reasoning=s.reasoning,
     ))
 
 

@@ -1,4 +1,7 @@
-"""`omni generate`: one turn through the in-process streaming conductor; prints text as it streams, writes a WAV."""
+"""`omni generate`: one turn through the in-process streaming conductor; prints text as it streams, writes a WAV.
+
+The checkpoint decides what the turn can be (`services.checkpoint.variant`): a checkpoint without a Talker answers
+in text only, and a Thinking model's reasoning is printed apart from its answer (`TextPrinter`)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput
-from services.events import AudioChunk, TextDelta, TurnSummary
+from services.events import AudioChunk, ReasoningDelta, TextDelta, TurnSummary
 
 
 def add_turn_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +35,8 @@ def add_turn_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=0.8, help="Thinker nucleus sampling")
     p.add_argument("--top-k", type=int, default=20, help="Thinker top-k sampling (0: off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
-    p.add_argument("--no-audio", action="store_true", help="text only: no Talker, MTP or Code2Wav")
+    p.add_argument("--no-audio", action="store_true", help="text only: no Talker, MTP or Code2Wav (what a checkpoint "
+                                                           "without a Talker always answers)")
     p.add_argument("--output", metavar="WAV", help="where to write the spoken answer (PCM16, 24 kHz)")
     p.add_argument("--json", metavar="FILE", help="write text, token ids, codes, timings as JSON")
 
@@ -103,25 +107,80 @@ def build_request(args: argparse.Namespace):
     )
 
 
+class TextPrinter:
+    """A turn's text as it streams: reasoning first, dimmed on a terminal and otherwise each of its lines prefixed
+    with "thinking: ", then the answer on a line of its own (the blank lines around the reasoning left out)."""
+
+    PREFIX, DIM, RESET = "thinking: ", "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty()
+        self.block: str | None = None  # what is being printed: "reasoning" or "answer"
+        self.fresh = True  # nothing of the block printed yet
+        self.line_start = True
+        self.after_reasoning = False
+
+    def reasoning(self, text: str) -> None:
+        if self.block != "reasoning":
+            self._switch("reasoning")
+        for i, line in enumerate(text.split("\n")):
+            if i and not self.fresh:
+                self._write("\n")
+                self.line_start = True
+            if line:
+                self._write((self.PREFIX if self.line_start and not self.tty else "") + line)
+                self.line_start = self.fresh = False
+
+    def text(self, text: str) -> None:
+        if self.block != "answer":
+            self._switch("answer")
+        if self.fresh and self.after_reasoning:
+            text = text.lstrip("\n")
+        if text:
+            self._write(text)
+            self.fresh = False
+
+    def end(self) -> None:
+        if self.block == "reasoning":
+            self._switch(None)
+        else:
+            self._write("\n")
+
+    def _switch(self, block: str | None) -> None:
+        self.after_reasoning = self.block == "reasoning"
+        if self.after_reasoning:
+            self._write((self.RESET if self.tty else "") + ("" if self.line_start else "\n"))
+        if block == "reasoning" and self.tty:
+            self._write(self.DIM)
+        self.block, self.fresh, self.line_start = block, True, True
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
 async def _stream(conductor, request, out=None) -> tuple[TurnSummary, np.ndarray]:
-    out = out or sys.stdout
+    printer = TextPrinter(out)
     chunks: list[np.ndarray] = []
     summary = None
     async for event in conductor.run(request):
         if isinstance(event, TextDelta):
-            out.write(event.text)
-            out.flush()
+            printer.text(event.text)
+        elif isinstance(event, ReasoningDelta):
+            printer.reasoning(event.text)
         elif isinstance(event, AudioChunk):
             chunks.append(event.samples)
         elif isinstance(event, TurnSummary):
             summary = event
-    out.write("\n")
+    printer.end()
     return summary, (np.concatenate(chunks) if chunks else np.zeros(0, np.float32))
 
 
 def result_json(summary: TurnSummary) -> dict:
     return {
         "text": summary.text,
+        "reasoning": summary.reasoning,
         "thinker_token_ids": summary.thinker_token_ids,
         "codes": summary.codes,
         "sample_rate": summary.sample_rate,
@@ -156,11 +215,19 @@ def write_outputs(summary: TurnSummary, samples: np.ndarray, wav: str | None, js
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    from services.checkpoint.loading import Checkpoint
+    from services.checkpoint.variant import detect_variant
     from services.conductor import Conductor
     from services.config import EngineConfig
     from services.engines.bundle import Engines
     from services.stages import Stages
 
+    variant = detect_variant(Checkpoint.open(args.model))
+    print(f"omni generate: {variant.describe()}", file=sys.stderr)
+    if not variant.speech:
+        if args.output:
+            raise InvalidInput(f"{variant.title} answers in text only: drop --output")
+        args.no_audio = True
     request = build_request(args)
     engines = Engines.load(args.model, EngineConfig(device=args.device, dtype=args.dtype),
                            audio_output=request.audio_output)

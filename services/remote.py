@@ -337,6 +337,7 @@ class _RemoteHookTurn:
                 elif kind == "released":
                     out.token_ids, out.text, out.stop = list(msg.released.token_ids), msg.released.text, \
                         msg.released.blocked
+                    out.reasoning, out.reasoning_ids = msg.released.reasoning, list(msg.released.reasoning_token_ids)
                     if not (final or out.stop):
                         return out
                 elif kind == "resume":

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from services import tracing
 from services.batching import StepBatcher
+from services.checkpoint.variant import INSTRUCT, Variant
 from services.engines.audio_encoder import AudioEncoderEngine
 from services.engines.code2wav import Code2WavEngine
 from services.engines.mtp import MTPEngine, MTPResult
@@ -255,6 +256,12 @@ class Stages:
     speakers: dict[str, int]
     stop_ids: frozenset[int]
     sample_rate: int = 24000
+    variant: Variant = INSTRUCT  # the checkpoint's: what a turn may hold, and the name errors give
+
+    @property
+    def output_modalities(self) -> tuple[str, ...]:
+        """What this deployment answers with: the checkpoint's speech needs the Talker and Code2Wav stages too."""
+        return ("text", "audio") if self.talker is not None else ("text",)
 
     @classmethod
     def local(cls, engines) -> "Stages":
@@ -270,4 +277,5 @@ class Stages:
             speakers=engines.talker.speakers if audio_out else {},
             stop_ids=engines.thinker_stop_ids,
             sample_rate=engines.code2wav.sample_rate if audio_out else 24000,
+            variant=engines.variant,
         )

@@ -28,6 +28,33 @@ def tiny_ckpt_sharded(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_thinking(tmp_path_factory):
+    """The tiny Thinking checkpoint: the Thinker alone, a chat template that renders reasoning."""
+    from services.checkpoint.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_thinking") / "ckpt", seed=0, variant="thinking")
+
+
+@pytest.fixture(scope="session")
+def tiny_captioner(tmp_path_factory):
+    """The tiny Captioner checkpoint, written by `omni checkpoint tiny --variant captioner` (a directory whose name
+    says nothing: the config's `_name_or_path` does)."""
+    from services.cli import main as omni
+
+    out = tmp_path_factory.mktemp("tiny_captioner") / "ckpt"
+    assert omni(["checkpoint", "tiny", str(out), "--seed", "1", "--variant", "captioner"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_thinking(tiny_thinking):
+    """The reference model on the tiny Thinking checkpoint (no Talker: `generate` answers text only)."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    return Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny_thinking, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def reference(tiny_ckpt):
     """`Qwen3OmniMoeForConditionalGeneration` on the tiny checkpoint: the definition of correct."""
     from transformers import Qwen3OmniMoeForConditionalGeneration

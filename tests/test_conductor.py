@@ -46,13 +46,14 @@ def reference_run(reference, processor, req: TurnRequest):
     inputs = build_turn(processor, history=list(req.history), system=req.system, text=req.text,
                         audios=req.audios, images=req.images).processor_outputs
     captured = {}
-    original = reference.code2wav.chunked_decode
+    original = reference.code2wav.chunked_decode if reference.has_talker else None  # a Thinking checkpoint's has none
 
     def capture(codes, *a, **k):
         captured["codes"] = codes
         return original(codes, *a, **k)
 
-    reference.code2wav.chunked_decode = capture
+    if original is not None:
+        reference.code2wav.chunked_decode = capture
     try:
         out = reference.generate(
             **inputs, speaker=req.speaker, return_audio=req.audio_output,
@@ -60,7 +61,8 @@ def reference_run(reference, processor, req: TurnRequest):
             thinker_do_sample=False, talker_do_sample=False,
         )
     finally:
-        reference.code2wav.chunked_decode = original
+        if original is not None:
+            reference.code2wav.chunked_decode = original
     sequences = out[0] if req.audio_output else (out.sequences if hasattr(out, "sequences") else out)
     generated = sequences[0, inputs["input_ids"].shape[1]:].tolist()
     codes = captured["codes"][0].T if "codes" in captured else None

@@ -1,18 +1,23 @@
 """`omni checkpoint tiny`: a real Hugging Face Qwen3-Omni checkpoint with random weights and tiny dimensions.
 
 Every special token id, codec id and speaker id is the released model's; only widths and depths shrink
-(DESIGN.md section 4), so the same code paths run as on the real 30B checkpoint.
+(DESIGN.md section 4), so the same code paths run as on the real 30B checkpoint. `variant` picks which released
+model it stands for (`services.checkpoint.variant`): the Instruct (Thinker and Talker), or the Thinking or
+Captioner checkpoint, which ship `enable_audio_output: false` and the Thinker's tensors only; the Thinking one's
+chat template renders reasoning (`<think>...</think>`) as Qwen's Thinking templates do.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 
 import torch
 
 from services.checkpoint.tokenizer import build_qwen_tokenizer
+from services.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +113,40 @@ DEFAULT_SYSTEM_PROMPT = (
     "and visual inputs, as well as generating text and speech."
 )
 
-# Qwen ChatML with Qwen3-Omni's multimodal placeholders and Qwen's tool-call convention.
-CHAT_TEMPLATE = (
+# Qwen's Thinking templates: an assistant message after the last user query (a tool step of the answer being
+# written) keeps its reasoning as `<think>\n...\n</think>\n\n` before its content; earlier answers lose it. The
+# reasoning is `reasoning_content` or what the content holds before `</think>`. The generation prompt is
+# `<|im_start|>assistant\n`: the model opens the block itself.
+_LAST_QUERY = (
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for m in messages %}{%- if m['role'] == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}"
+    "{%- endfor %}"
+)
+_ASSISTANT_WITH_REASONING = (
+    "{%- set content = message['content'] %}"
+    "{%- set reasoning = message['reasoning_content'] if message['reasoning_content'] is defined "
+    "and message['reasoning_content'] is string else '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1] %}"
+    "{%- set content = content.split('</think>')[-1] %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last_query %}"
+    "{{- '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}"
+    "{%- else %}{{- content.lstrip('\\n') }}{%- endif %}"
+)
+
+
+def _chat_template(reasoning: bool) -> str:
+    """Qwen ChatML with Qwen3-Omni's multimodal placeholders and Qwen's tool-call convention; `reasoning`: the
+    Thinking model's handling of `<think>` in assistant messages."""
+    string_content = "{{- message['content'] }}"
+    if reasoning:
+        string_content = (f"{{%- if message['role'] == 'assistant' %}}{_ASSISTANT_WITH_REASONING}"
+                          f"{{%- else %}}{string_content}{{%- endif %}}")
+    return (_LAST_QUERY if reasoning else "") + _CHAT_TEMPLATE.replace("{{STRING_CONTENT}}", string_content)
+
+
+_CHAT_TEMPLATE = (
     "{%- if tools %}"
     "{{- '<|im_start|>system\\n' }}"
     "{%- if messages[0]['role'] == 'system' %}"
@@ -136,7 +173,7 @@ CHAT_TEMPLATE = (
     "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
     "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- if message['content'] is string %}{{STRING_CONTENT}}"
     "{%- else %}"
     "{%- for part in message['content'] %}"
     "{%- if part['type'] == 'audio' or 'audio' in part or 'audio_url' in part %}"
@@ -163,15 +200,21 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+CHAT_TEMPLATE = _chat_template(reasoning=False)  # the Instruct's (and, as published, the Captioner's)
+THINKING_CHAT_TEMPLATE = _chat_template(reasoning=True)
+VARIANTS = ("instruct", "thinking", "captioner")
 
 
-def tiny_config():
+def tiny_config(variant: str = "instruct"):
+    """The tiny config of a variant: the Thinking and Captioner ones have no Talker (`enable_audio_output` off)."""
     from transformers import Qwen3OmniMoeConfig
 
-    return Qwen3OmniMoeConfig(**copy.deepcopy(TINY_CONFIG))
+    if variant not in VARIANTS:
+        raise InvalidInput(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+    return Qwen3OmniMoeConfig(**{**copy.deepcopy(TINY_CONFIG), "enable_audio_output": variant == "instruct"})
 
 
-def build_processor():
+def build_processor(chat_template: str = CHAT_TEMPLATE):
     """The Qwen3-Omni processor: real Qwen tokenizer, 128-bin Whisper features, Qwen2-VL image/video patches."""
     from transformers import Qwen3OmniMoeProcessor, WhisperFeatureExtractor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -193,7 +236,7 @@ def build_processor():
         video_processor=video_processor,
         feature_extractor=feature_extractor,
         tokenizer=build_qwen_tokenizer(),
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
@@ -221,8 +264,8 @@ def _init_talker_projections(model) -> None:
                 linear.weight.normal_(0.0, linear.in_features ** -0.5)
 
 
-def write_random_checkpoint(out_dir: str | Path, config, seed: int = 0,
-                            max_shard_size: str | int | None = None) -> Path:
+def write_random_checkpoint(out_dir: str | Path, config, seed: int = 0, max_shard_size: str | int | None = None,
+                            chat_template: str = CHAT_TEMPLATE) -> Path:
     """Write `config` with seeded random weights, the tokenizer and the processor to `out_dir`."""
     from transformers import GenerationConfig, Qwen3OmniMoeForConditionalGeneration
 
@@ -230,17 +273,29 @@ def write_random_checkpoint(out_dir: str | Path, config, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(config).eval()
-    _init_talker_experts(model)
-    _init_talker_projections(model)
+    if model.has_talker:  # without it the model holds, and saves, the Thinker's tensors only
+        _init_talker_experts(model)
+        _init_talker_projections(model)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("random Qwen3-Omni: %.1f M parameters, seed %d -> %s", n_params / 1e6, seed, out)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, **kwargs)
     GenerationConfig(eos_token_id=config.im_end_token_id, pad_token_id=151643).save_pretrained(out)
-    build_processor().save_pretrained(out)
+    build_processor(chat_template).save_pretrained(out)
     return out
 
 
-def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, max_shard_size: str | int | None = None) -> Path:
-    """The tiny checkpoint: config, weights (sharded when `max_shard_size` is given), tokenizer, processor."""
-    return write_random_checkpoint(out_dir, tiny_config(), seed=seed, max_shard_size=max_shard_size)
+def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, max_shard_size: str | int | None = None,
+                          variant: str = "instruct") -> Path:
+    """The tiny checkpoint of a variant: config, weights (sharded when `max_shard_size` is given), tokenizer,
+    processor."""
+    template = THINKING_CHAT_TEMPLATE if variant == "thinking" else CHAT_TEMPLATE
+    out = write_random_checkpoint(out_dir, tiny_config(variant), seed=seed, max_shard_size=max_shard_size,
+                                  chat_template=template)
+    # The name a checkpoint is published under is how a Captioner is known (services.checkpoint.variant);
+    # transformers 5 leaves `_name_or_path` out of what it saves, so it is written here.
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config["_name_or_path"] = f"tiny-Qwen3-Omni-{variant.capitalize()}"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out

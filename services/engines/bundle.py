@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.checkpoint.loading import Checkpoint
+from services.checkpoint.variant import Variant, detect_variant
 from services.config import EngineConfig
 from services.engines.audio_encoder import AudioEncoderEngine
 from services.engines.code2wav import Code2WavEngine
@@ -30,12 +31,16 @@ class Engines:
     mtp: MTPEngine | None
     code2wav: Code2WavEngine | None
     thinker_stop_ids: frozenset[int]
+    variant: Variant
 
     @classmethod
     def load(cls, model_dir: str | Path, config: EngineConfig = EngineConfig(), audio_output: bool = True) -> "Engines":
+        """Every stage the checkpoint has; the speech stages only with `audio_output` and a Talker in it."""
         from transformers import AutoProcessor
 
         ckpt = Checkpoint.open(model_dir)
+        variant = detect_variant(ckpt)
+        speech = audio_output and variant.speech
         t = time.perf_counter()
         try:
             processor = AutoProcessor.from_pretrained(ckpt.path)
@@ -46,13 +51,15 @@ class Engines:
             audio=AudioEncoderEngine.from_checkpoint(ckpt, config),
             vision=VisionEncoderEngine.from_checkpoint(ckpt, config),
             thinker=ThinkerEngine.from_checkpoint(ckpt, config),
-            talker=TalkerEngine.from_checkpoint(ckpt, config) if audio_output else None,
-            mtp=MTPEngine.from_checkpoint(ckpt, config) if audio_output else None,
-            code2wav=Code2WavEngine.from_checkpoint(ckpt, config) if audio_output else None,
+            talker=TalkerEngine.from_checkpoint(ckpt, config) if speech else None,
+            mtp=MTPEngine.from_checkpoint(ckpt, config) if speech else None,
+            code2wav=Code2WavEngine.from_checkpoint(ckpt, config) if speech else None,
             # The reference stops the Thinker on <|im_end|> only (generate's thinker_eos_token_id).
             thinker_stop_ids=frozenset({ckpt.config.im_end_token_id}),
+            variant=variant,
         )
-        log.info("loaded %s in %.1f s (%s)", ckpt.path, time.perf_counter() - t, engines.describe())
+        log.info("loaded %s, %s, in %.1f s (%s)", ckpt.path, variant.title, time.perf_counter() - t,
+                 engines.describe())
         return engines
 
     def describe(self) -> str:

@@ -80,10 +80,11 @@ class RemoteFilter(TextFilter):
             state.failure = _describe(e, self.deadline_s)
 
     async def on_text(self, text: str, turn: FilterTurn) -> Verdict:
-        return await self._ask(turn, TextFilterRequest(text=TextPiece(text=text, ahead=turn.ahead)), text)
+        piece = TextPiece(text=text, ahead=turn.ahead, reasoning=turn.reasoning)
+        return await self._ask(turn, TextFilterRequest(text=piece), text)
 
     async def on_end(self, text: str, turn: FilterTurn) -> Verdict:
-        return await self._ask(turn, TextFilterRequest(end=TextPiece(text=text)), text)
+        return await self._ask(turn, TextFilterRequest(end=TextPiece(text=text, reasoning=turn.reasoning)), text)
 
     async def stop(self, turn: FilterTurn) -> None:
         if turn.state is not None and turn.state.call is not None:

@@ -12,6 +12,11 @@ shared by all requests; what it learns about one request lives in that request's
 Token ids: while the released text is the Thinker's text (delayed or not), the session releases the Thinker's own
 token ids, so an empty chain is an exact pass-through; once a filter changes the text, released text is re-encoded
 with the checkpoint's tokenizer (the Talker re-embeds released ids itself, so any text can be spoken).
+
+Reasoning: what a Thinking model writes between `<think>` and `</think>` at the start of an answer (the tokens of
+`services.checkpoint.variant.reasoning_tags`) goes through the same filters first, with `FilterTurn.reasoning`
+set, and ends with its own `on_end`; then the answer follows. It is released as `Released.reasoning`, which the
+client shows apart and the Talker never gets; tool calls count only in the answer.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from services.checkpoint.variant import ReasoningTags
 from services.errors import InvalidInput, OmniError
 from services.hooks.tools import Piece, ToolCall, ToolCallScanner, ToolRegistry, continuation_text, run_tools
 from services.metrics import TTFT_BUCKETS, _Histogram
@@ -102,6 +108,7 @@ class FilterTurn:
         self.ctx = ctx
         self.state: Any = None  # the filter's per-request data; set it in `start`
         self.ahead = ""  # the next pieces, for a link with look-ahead; the verdict is about the text only
+        self.reasoning = False  # the text is the model's reasoning (never spoken), not its answer
         self._events = events
 
     def emit(self, type: str, message: str = "", **data: Any) -> None:
@@ -121,7 +128,8 @@ class TextFilter:
         return Release(text)
 
     async def on_end(self, text: str, turn: FilterTurn) -> Verdict:
-        """The answer is complete; `text` is what this filter still holds (maybe empty)."""
+        """The answer is complete (or, with `turn.reasoning`, the reasoning before it); `text` is what this filter
+        still holds (maybe empty)."""
         return Release(text)
 
     async def stop(self, turn: FilterTurn) -> None:
@@ -149,9 +157,10 @@ class FilterChain:
         self.tools = tools or ToolRegistry()
         self.max_tool_steps = max_tool_steps  # Thinker continuations with tool results per turn
 
-    def session(self, ctx: HookContext, tokenizer, render=None) -> HookSession:
-        """`render`: the chat template for tool continuations (default: the tokenizer's `apply_chat_template`)."""
-        return HookSession(self, ctx, tokenizer, render)
+    def session(self, ctx: HookContext, tokenizer, render=None, reasoning: ReasoningTags | None = None) -> HookSession:
+        """`render`: the chat template for tool continuations (default: the tokenizer's `apply_chat_template`);
+        `reasoning`: the checkpoint's reasoning tags, to release reasoning apart from the answer."""
+        return HookSession(self, ctx, tokenizer, render, reasoning)
 
     def tool_schemas(self) -> list[dict] | None:
         """The tools as the Thinker's chat template declares them; None without tools."""
@@ -180,6 +189,19 @@ class Released:
     stop: bool = False  # blocked: stop the Thinker; `text` is the fallback
     tool_calls: list[ToolCall] = field(default_factory=list)  # completed calls, run at the Thinker's end
     resume: list[int] | None = None  # from `thinker_end`: ids to append for the Thinker to go on (tool results)
+    reasoning: str = ""  # released reasoning, for the client only
+    reasoning_ids: list[int] = field(default_factory=list)  # its Thinker ids (the tags included)
+
+    def extend(self, more: Released) -> Released:
+        """Append what `more` releases (in order) to this."""
+        self.token_ids += more.token_ids
+        self.text += more.text
+        self.reasoning += more.reasoning
+        self.reasoning_ids += more.reasoning_ids
+        self.events += more.events
+        self.tool_calls += more.tool_calls
+        self.stop = self.stop or more.stop
+        return self
 
 
 class _Blocked(Exception):
@@ -193,7 +215,8 @@ class HookSession:
     `await thinker_end(stopped)` each time the Thinker stops (it may answer `resume`), or `await finish()` at the
     end of the answer; `await aclose()` if the request ends otherwise."""
 
-    def __init__(self, chain: FilterChain, ctx: HookContext, tokenizer, render=None):
+    def __init__(self, chain: FilterChain, ctx: HookContext, tokenizer, render=None,
+                 reasoning: ReasoningTags | None = None):
         self.chain, self.ctx = chain, ctx
         self._tokenizer = tokenizer
         self._render = render or tokenizer.apply_chat_template
@@ -206,6 +229,10 @@ class HookSession:
         self._scanner = ToolCallScanner() if len(chain.tools) else None
         self._links = [_LinkRun(link, ctx, self._events) for link in chain.links]
         self._ids = _IdMapper(tokenizer)
+        self._reasoning_ids = _IdMapper(tokenizer)
+        self._tags = reasoning
+        self._phase = ""  # of the current Thinker generation: "start", "reasoning" or "answer"
+        self._begin_generation()
         self._identity = not self._links and self._scanner is None
         self._started = self._closed = self._blocked = False
         self._t_first: float | None = None
@@ -218,13 +245,28 @@ class HookSession:
         if self._t_first is None:
             self._t_first = t0
         self._step_ids.append(token_id)
+        channel = self._channel(token_id)
+        if channel in ("open", "close"):  # a tag is the reasoning's, never text
+            self._decoder = _Decoder(self._tokenizer)
         if self._identity:  # nothing can hold or change the text: the Thinker's ids, as they come
+            if channel in ("open", "close"):
+                return self._done(t0, Released(reasoning_ids=[token_id]))
             piece = self._decoder.push(token_id)
-            return self._done(t0, Released([token_id], piece.text if piece else ""))
+            text = piece.text if piece else ""
+            if channel == "reasoning":
+                return self._done(t0, Released(reasoning=text, reasoning_ids=[token_id]))
+            return self._done(t0, Released([token_id], text))
         if self._closed:
             return Released(stop=self._blocked)
-        piece = self._decoder.push(token_id)
-        released = self._done(t0, await self._run([piece] if piece else [], final=False))
+        if channel == "open":
+            released = Released(reasoning_ids=[token_id])
+        elif channel == "close":  # the reasoning is complete: the filters decide on what they hold of it
+            released = await self._run([], final=True, reasoning=True)
+            released.reasoning_ids.append(token_id)
+        else:
+            piece = self._decoder.push(token_id)
+            released = await self._run([piece] if piece else [], final=False, reasoning=channel == "reasoning")
+        released = self._done(t0, released)
         self._calls += released.tool_calls
         if released.stop:
             await self.aclose()
@@ -245,6 +287,7 @@ class HookSession:
         text = await asyncio.to_thread(continuation_text, self._render, self._messages, results,
                                        self.chain.tool_schemas(), stopped)
         self._messages += results
+        self._begin_generation()  # the continuation is a new assistant turn: it may reason again
         return Released(events=self._take_events(),
                         resume=self._tokenizer.encode(text, add_special_tokens=False))
 
@@ -256,7 +299,13 @@ class HookSession:
             return Released(stop=self._blocked)
         if self._t_first is None:
             self._t_first = t0
-        released = self._done(t0, Released() if self._identity else await self._run([], final=True))
+        released = Released()
+        if not self._identity:
+            if self._phase == "reasoning":  # the token cap came inside the reasoning
+                released = await self._run([], final=True, reasoning=True)
+            if not released.stop:
+                released.extend(await self._run([], final=True))
+        released = self._done(t0, released)
         await self.aclose()
         return released
 
@@ -274,22 +323,44 @@ class HookSession:
             for run in self._links:
                 await run.stop()
 
-    async def _run(self, pieces: list[Piece], final: bool) -> Released:
+    def _begin_generation(self) -> None:
+        opened = self._tags is not None and self._tags.opened_by_prompt
+        self._phase = "reasoning" if opened else "start"
+
+    def _channel(self, token_id: int) -> str:
+        """Where a Thinker token belongs: "open" or "close" (the reasoning's tags), "reasoning" or "answer"."""
+        tags = self._tags
+        if tags is None:
+            return "answer"
+        if self._phase == "start":
+            self._phase = "reasoning" if token_id == tags.open_id else "answer"
+            return "open" if token_id == tags.open_id else "answer"
+        if self._phase == "reasoning" and token_id == tags.close_id:
+            self._phase = "answer"
+            return "close"
+        return self._phase
+
+    async def _run(self, pieces: list[Piece], final: bool, reasoning: bool = False) -> Released:
+        """Pieces of the answer (or of its reasoning) through the chain; `final`: that text is complete."""
         try:
             if not self._started:
                 self._started = True
                 for run in self._links:
                     await run.start()
             calls: list[ToolCall] = []
-            if self._scanner is not None:
+            if self._scanner is not None and not reasoning:
                 pieces, calls = self._scan(pieces, final)
+            ids = self._reasoning_ids if reasoning else self._ids
             text = ""
             for p in pieces:
-                self._ids.add(p)
+                ids.add(p)
                 text += p.text
             for run in self._links:
+                run.turn.reasoning = reasoning
                 text = await (run.end(text) if final else run.push(text))
-            return Released(self._ids.release(text), text, self._take_events(), tool_calls=calls)
+            if reasoning:
+                return Released(events=self._take_events(), reasoning=text, reasoning_ids=ids.release(text))
+            return Released(ids.release(text), text, self._take_events(), tool_calls=calls)
         except _Blocked as b:
             return await self._block(b)
         except FilterFailed:
@@ -335,8 +406,8 @@ class HookSession:
         self._overheads.append(now - t0)
         if released.text:
             self._last_char = released.text[-1]
-            if self.first_release_s is None:
-                self.first_release_s = now - self._t_first
+        if (released.text or released.reasoning) and self.first_release_s is None:
+            self.first_release_s = now - self._t_first
         return released
 
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
+from services.checkpoint.variant import reasoning_tags
 from services.hooks.sdk import FilterChain, HookContext, HookSession, Released
 from services.metrics import StageTimer
 
@@ -38,13 +39,15 @@ class LocalHooks:
     def __init__(self, chain: FilterChain, processor):
         self.chain = chain
         self.processor = processor
+        self.reasoning = reasoning_tags(processor)
 
     async def tool_schemas(self) -> list[dict] | None:
         return self.chain.tool_schemas()
 
     @asynccontextmanager
     async def open(self, ctx: HookContext) -> AsyncIterator[HookTurn]:
-        session = self.chain.session(ctx, self.processor.tokenizer, render=self.processor.apply_chat_template)
+        session = self.chain.session(ctx, self.processor.tokenizer, render=self.processor.apply_chat_template,
+                                     reasoning=self.reasoning)
         with StageTimer("hooks") as timer:
             try:
                 yield _TimedTurn(session, timer)

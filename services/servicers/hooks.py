@@ -68,7 +68,8 @@ class HooksServicer(hooks_pb2_grpc.HooksServicer):
                         for event in released.events:
                             yield FilterResponse(event=hook_event_to_proto(event))
                         yield FilterResponse(released=ReleasedMsg(
-                            token_ids=released.token_ids, text=released.text, blocked=released.stop))
+                            token_ids=released.token_ids, text=released.text, blocked=released.stop,
+                            reasoning=released.reasoning, reasoning_token_ids=released.reasoning_ids))
                         if released.resume is not None:
                             yield FilterResponse(resume=ThinkResume(token_ids=released.resume))
                         elif released.stop or kind == "thinker_end":
@@ -91,10 +92,7 @@ def _context(start) -> HookContext:
 
 
 def _merge(into: Released, more: Released) -> None:
-    into.token_ids += more.token_ids
-    into.text += more.text
-    into.events += more.events
-    into.stop = into.stop or more.stop
+    into.extend(more)
 
 
 def hook_event_to_proto(event: HookEvent) -> common_pb2.HookEvent:

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
+from services.errors import CheckpointError
 from services.hooks.registry import HooksConfig
 from services.metrics import STAGE_ONGOING
 from services.serving.autoscaling import STAGE_CALLS
@@ -319,6 +320,7 @@ class GatewayReplica:
 
     async def __init__(self, args: GatewayArgs):
         from services.checkpoint.loading import Checkpoint
+        from services.checkpoint.variant import detect_variant
         from services.engines.code2wav import SAMPLE_RATE
         from services.gateway import OmniServicer
         from services.hooks import build_chain
@@ -326,9 +328,14 @@ class GatewayReplica:
         from services.sessions import make_session_store
 
         ckpt = Checkpoint.open(args.model)
+        variant = detect_variant(ckpt)
+        if not variant.speech and {"talker", "code2wav"} & set(args.stages):
+            raise CheckpointError(f"{ckpt.path} is {variant.title}, which has no Talker: leave talker and code2wav "
+                                  "out of the gateway's stages (and their applications out of the config)")
+        log.info("gateway for %s: %s", ckpt.path, variant.describe())
         processor = await asyncio.to_thread(_load_processor, ckpt)
         speakers = {name.lower(): sid for name, sid in ckpt.config.talker_config.speaker_id.items()}
-        self.stages = routed_stages(args.stages, processor, speakers, thinker_stop_ids(ckpt), SAMPLE_RATE)
+        self.stages = routed_stages(args.stages, processor, speakers, thinker_stop_ids(ckpt), SAMPLE_RATE, variant)
         self.sessions = make_session_store(args.redis_url)
         limits = args.model_dump(include={"max_request_bytes", "default_deadline_s", "stage_timeout_s"},
                                  exclude_none=True)
@@ -345,7 +352,14 @@ class GatewayReplica:
         async for msg in proxied(self.servicer.Converse, requests, grpc_context):
             yield msg
 
+    async def Describe(self, request, grpc_context):
+        return await self.servicer.Describe(request, _ProxyContext(None, grpc_context))
+
     async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context) -> health_pb2.HealthCheckResponse:
+        # What the deployment serves rides along as trailing metadata (Describe says it in full).
+        variant = self.stages.variant
+        grpc_context.set_trailing_metadata([("omni-variant", variant.kind),
+                                            ("omni-output-modalities", ",".join(self.stages.output_modalities))])
         return _health(request, "Omni", grpc_context)
 
     async def __del__(self):

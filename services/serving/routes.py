@@ -39,6 +39,7 @@ import grpc
 from ray import serve
 from torch import Tensor
 
+from services.checkpoint.variant import INSTRUCT, Variant
 from services.engines.mtp import MTPResult
 from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt
@@ -242,7 +243,7 @@ class RoutedHooks:
 
 
 def routed_stages(apps: Mapping[str, str], processor, speakers: dict[str, int], stop_ids: frozenset[int],
-                  sample_rate: int) -> Stages:
+                  sample_rate: int, variant: Variant = INSTRUCT) -> Stages:
     """Stages whose calls go to the replicas of Serve applications: `apps` maps "audio", "vision", "thinker", and
     for spoken answers "talker" and "code2wav", to application names. The checkpoint facts come from the caller."""
     unknown, missing = set(apps) - set(STAGE_KEYS), {"audio", "vision", "thinker"} - set(apps)
@@ -260,6 +261,7 @@ def routed_stages(apps: Mapping[str, str], processor, speakers: dict[str, int], 
         speakers=speakers if talker else {},
         stop_ids=stop_ids,
         sample_rate=sample_rate,
+        variant=variant,
     )
 
 

@@ -7,6 +7,10 @@ adds what a single machine needs: it starts Ray with `CLUSTER_ENV` (token auth o
 Prometheus metrics on --metrics-port, points every application's `model` at --model (made absolute: replicas read
 it from their own working directory), deploys the applications as `serve run <config>` does, waits until all are
 RUNNING and prints the address clients call.
+
+The checkpoint decides which stages run (`fit_to_checkpoint`): one without a Talker (the Thinking and Captioner
+models) is deployed without the talker, mtp and code2wav applications, and the gateway answers in text only;
+`omni serve` says which model it found.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from services.errors import OmniError
 from services.wire.server import MAX_MESSAGE_BYTES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
+SPEECH_BUILDERS = ("talker_app", "mtp_app", "code2wav_app")  # services.serving.apps builders of the speech stages
 POLL_S = 1.0
 # The environment a local cluster starts with (its processes inherit it); on a real cluster, set it on the nodes.
 CLUSTER_ENV = {
@@ -78,6 +83,27 @@ def load_config(path: str | Path, model: str | Path | None = None, port: int | N
     if port is not None:
         config.grpc_options.port = port
     return config
+
+
+def fit_to_checkpoint(config):
+    """The variant of the gateway's checkpoint (None without a gateway application); if that checkpoint has no
+    Talker, the speech applications are taken out of `config` and the gateway's `stages`. Returns the variant and
+    the names of the applications taken out."""
+    from services.checkpoint.loading import Checkpoint
+    from services.checkpoint.variant import detect_variant
+    from services.serving.apps import STAGES
+
+    gateway = next((app for app in config.applications if app.import_path.endswith(":gateway_app")), None)
+    if gateway is None or "model" not in gateway.args:
+        return None, []
+    variant = detect_variant(Checkpoint.open(gateway.args["model"]))
+    if variant.speech:
+        return variant, []
+    speech = [app for app in config.applications if app.import_path.rsplit(":", 1)[-1] in SPEECH_BUILDERS]
+    config.applications = [app for app in config.applications if app not in speech]
+    stages = gateway.args.get("stages") or {stage: stage for stage in STAGES}
+    gateway.args["stages"] = {k: v for k, v in stages.items() if k not in ("talker", "code2wav")}
+    return variant, [app.name for app in speech]
 
 
 def start_applications(config) -> None:
@@ -146,6 +172,10 @@ def run_serve(args: argparse.Namespace) -> None:
                             f"`omni checkpoint tiny {model}`, or pass --model DIR)")
     _check_free(config.grpc_options.port, "gRPC port (--port)")
     _check_free(config.http_options.port, f"HTTP port (http_options.port in {args.config})")
+    variant, left_out = fit_to_checkpoint(config)
+    if variant is not None:
+        without = f"; deploying without {', '.join(left_out)}" if left_out else ""
+        print(f"omni serve: the checkpoint is {variant.describe()}{without}", flush=True)
     set_cluster_env()
     signal.signal(signal.SIGTERM, _interrupt)
     # address="local": a new cluster, never one that an earlier `ray start` on this machine left recorded

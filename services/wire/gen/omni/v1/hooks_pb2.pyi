@@ -52,14 +52,18 @@ class FilterResponse(_message.Message):
     def __init__(self, released: _Optional[_Union[Released, _Mapping]] = ..., event: _Optional[_Union[_common_pb2.HookEvent, _Mapping]] = ..., resume: _Optional[_Union[_thinker_pb2.ThinkResume, _Mapping]] = ..., end: _Optional[_Union[FilterEnd, _Mapping]] = ...) -> None: ...
 
 class Released(_message.Message):
-    __slots__ = ("token_ids", "text", "blocked")
+    __slots__ = ("token_ids", "text", "blocked", "reasoning", "reasoning_token_ids")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
+    REASONING_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     blocked: bool
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., blocked: _Optional[bool] = ...) -> None: ...
+    reasoning: str
+    reasoning_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., blocked: _Optional[bool] = ..., reasoning: _Optional[str] = ..., reasoning_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FilterEnd(_message.Message):
     __slots__ = ()

@@ -129,18 +129,20 @@ class Cancel(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class ConverseResponse(_message.Message):
-    __slots__ = ("started", "text", "audio", "hook_event", "summary")
+    __slots__ = ("started", "text", "audio", "hook_event", "summary", "reasoning")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     HOOK_EVENT_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
     started: TurnStarted
     text: TextDelta
     audio: AudioChunk
     hook_event: _common_pb2.HookEvent
     summary: TurnSummary
-    def __init__(self, started: _Optional[_Union[TurnStarted, _Mapping]] = ..., text: _Optional[_Union[TextDelta, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., hook_event: _Optional[_Union[_common_pb2.HookEvent, _Mapping]] = ..., summary: _Optional[_Union[TurnSummary, _Mapping]] = ...) -> None: ...
+    reasoning: ReasoningDelta
+    def __init__(self, started: _Optional[_Union[TurnStarted, _Mapping]] = ..., text: _Optional[_Union[TextDelta, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., hook_event: _Optional[_Union[_common_pb2.HookEvent, _Mapping]] = ..., summary: _Optional[_Union[TurnSummary, _Mapping]] = ..., reasoning: _Optional[_Union[ReasoningDelta, _Mapping]] = ...) -> None: ...
 
 class TurnStarted(_message.Message):
     __slots__ = ("request_id", "session_id")
@@ -151,6 +153,14 @@ class TurnStarted(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class TextDelta(_message.Message):
+    __slots__ = ("text", "token_ids")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReasoningDelta(_message.Message):
     __slots__ = ("text", "token_ids")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -169,7 +179,7 @@ class AudioChunk(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., pcm16: _Optional[bytes] = ..., sample_rate: _Optional[int] = ...) -> None: ...
 
 class TurnSummary(_message.Message):
-    __slots__ = ("text", "thinker_token_ids", "codes", "sample_rate", "num_samples", "speaker", "finish_reason", "timings")
+    __slots__ = ("text", "thinker_token_ids", "codes", "sample_rate", "num_samples", "speaker", "finish_reason", "timings", "reasoning")
     class TimingsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -185,6 +195,7 @@ class TurnSummary(_message.Message):
     SPEAKER_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
     text: str
     thinker_token_ids: _containers.RepeatedScalarFieldContainer[int]
     codes: _containers.RepeatedCompositeFieldContainer[_common_pb2.CodecFrame]
@@ -193,4 +204,27 @@ class TurnSummary(_message.Message):
     speaker: str
     finish_reason: _common_pb2.FinishReason
     timings: _containers.ScalarMap[str, float]
-    def __init__(self, text: _Optional[str] = ..., thinker_token_ids: _Optional[_Iterable[int]] = ..., codes: _Optional[_Iterable[_Union[_common_pb2.CodecFrame, _Mapping]]] = ..., sample_rate: _Optional[int] = ..., num_samples: _Optional[int] = ..., speaker: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., timings: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    reasoning: str
+    def __init__(self, text: _Optional[str] = ..., thinker_token_ids: _Optional[_Iterable[int]] = ..., codes: _Optional[_Iterable[_Union[_common_pb2.CodecFrame, _Mapping]]] = ..., sample_rate: _Optional[int] = ..., num_samples: _Optional[int] = ..., speaker: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., timings: _Optional[_Mapping[str, float]] = ..., reasoning: _Optional[str] = ...) -> None: ...
+
+class DescribeDeploymentRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeploymentInfo(_message.Message):
+    __slots__ = ("variant", "model", "input_modalities", "output_modalities", "speakers", "reasoning", "input_rules")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    SPEAKERS_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
+    INPUT_RULES_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    model: str
+    input_modalities: _containers.RepeatedScalarFieldContainer[str]
+    output_modalities: _containers.RepeatedScalarFieldContainer[Modality]
+    speakers: _containers.RepeatedScalarFieldContainer[str]
+    reasoning: bool
+    input_rules: str
+    def __init__(self, variant: _Optional[str] = ..., model: _Optional[str] = ..., input_modalities: _Optional[_Iterable[str]] = ..., output_modalities: _Optional[_Iterable[_Union[Modality, str]]] = ..., speakers: _Optional[_Iterable[str]] = ..., reasoning: _Optional[bool] = ..., input_rules: _Optional[str] = ...) -> None: ...

@@ -39,6 +39,11 @@ class OmniStub:
                 request_serializer=omni_dot_v1_dot_omni__pb2.ConverseRequest.SerializeToString,
                 response_deserializer=omni_dot_v1_dot_omni__pb2.ConverseResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/omni.v1.Omni/Describe',
+                request_serializer=omni_dot_v1_dot_omni__pb2.DescribeDeploymentRequest.SerializeToString,
+                response_deserializer=omni_dot_v1_dot_omni__pb2.DeploymentInfo.FromString,
+                _registered_method=True)
 
 
 class OmniServicer:
@@ -51,6 +56,13 @@ class OmniServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """What this deployment serves: the model variant, its input and output modalities, its voices.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OmniServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +70,11 @@ def add_OmniServicer_to_server(servicer, server):
                     servicer.Converse,
                     request_deserializer=omni_dot_v1_dot_omni__pb2.ConverseRequest.FromString,
                     response_serializer=omni_dot_v1_dot_omni__pb2.ConverseResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=omni_dot_v1_dot_omni__pb2.DescribeDeploymentRequest.FromString,
+                    response_serializer=omni_dot_v1_dot_omni__pb2.DeploymentInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +104,33 @@ class Omni:
             '/omni.v1.Omni/Converse',
             omni_dot_v1_dot_omni__pb2.ConverseRequest.SerializeToString,
             omni_dot_v1_dot_omni__pb2.ConverseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omni.v1.Omni/Describe',
+            omni_dot_v1_dot_omni__pb2.DescribeDeploymentRequest.SerializeToString,
+            omni_dot_v1_dot_omni__pb2.DeploymentInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,12 +40,14 @@ class TextFilterStart(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., conversation: _Optional[_Iterable[_Union[_omni_pb2.ChatMessage, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., params: _Optional[str] = ...) -> None: ...
 
 class TextPiece(_message.Message):
-    __slots__ = ("text", "ahead")
+    __slots__ = ("text", "ahead", "reasoning")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     AHEAD_FIELD_NUMBER: _ClassVar[int]
+    REASONING_FIELD_NUMBER: _ClassVar[int]
     text: str
     ahead: str
-    def __init__(self, text: _Optional[str] = ..., ahead: _Optional[str] = ...) -> None: ...
+    reasoning: bool
+    def __init__(self, text: _Optional[str] = ..., ahead: _Optional[str] = ..., reasoning: _Optional[bool] = ...) -> None: ...
 
 class TextVerdict(_message.Message):
     __slots__ = ("release", "hold", "block", "events")
