@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,41 +38,52 @@ class _Waiting:
     submitted: float = field(default_factory=time.perf_counter)
 
 
+@dataclass
+class _Lane:
+    waiting: deque[_Waiting] = field(default_factory=deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+
 class StepBatcher:
     def __init__(self, stage: str, run: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = 32,
                  max_wait_s: float = 0.0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.stage, self.run, self.max_batch, self.max_wait_s = stage, run, max_batch, max_wait_s
-        self._waiting: deque[_Waiting] = deque()
-        self._ready = asyncio.Event()
-        self._loop_task: asyncio.Task | None = None
+        # One lane per event loop (a replica has one; a test or `omni generate` may run several in turn): futures
+        # and events belong to the loop they were made in. Steps of every lane share the stage's worker thread.
+        self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = weakref.WeakKeyDictionary()
 
     async def submit(self, item: Any, span: trace.Span | None = None) -> Any:
         """The item's result, once a step has run it; the step's error if it failed. `span`: the request's, which
         the step links to (default: the current one)."""
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(item, future, span=(span or trace.get_current_span()).get_span_context()))
-        self._ready.set()
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.create_task(self._steps(), name=f"omni-{self.stage}-steps")
+        loop = asyncio.get_running_loop()
+        lane = self._lanes.get(loop)
+        if lane is None:
+            lane = self._lanes[loop] = _Lane()
+        future = loop.create_future()
+        lane.waiting.append(_Waiting(item, future, span=(span or trace.get_current_span()).get_span_context()))
+        lane.ready.set()
+        if lane.task is None or lane.task.done():
+            lane.task = asyncio.create_task(self._steps(lane), name=f"omni-{self.stage}-steps")
         return await future
 
-    async def _steps(self) -> None:
+    async def _steps(self, lane: _Lane) -> None:
         while True:
-            await self._ready.wait()
-            if self.max_wait_s and len(self._waiting) < self.max_batch:
+            await lane.ready.wait()
+            if self.max_wait_s and len(lane.waiting) < self.max_batch:
                 await asyncio.sleep(self.max_wait_s)
-            batch = self._take()
-            if not self._waiting:
-                self._ready.clear()
+            batch = self._take(lane)
+            if not lane.waiting:
+                lane.ready.clear()
             if batch:
                 await self._step(batch)
 
-    def _take(self) -> list[_Waiting]:
+    def _take(self, lane: _Lane) -> list[_Waiting]:
         batch = []
-        while self._waiting and len(batch) < self.max_batch:
-            waiting = self._waiting.popleft()
+        while lane.waiting and len(batch) < self.max_batch:
+            waiting = lane.waiting.popleft()
             if not waiting.future.done():  # a cancelled request is dropped here
                 batch.append(waiting)
         return batch

@@ -197,6 +197,22 @@ def test_mtp_rows_sample_on_their_own(mtp, talker):
         mtp.predict(hidden, c0, [True])
 
 
+def test_local_mtp_serves_one_event_loop_after_another(mtp, talker):
+    """`omni generate`, tests and a gateway thread each run their own loop over the same stages: the MTP batcher
+    must not stay bound to the first one (its waits would never wake)."""
+    import asyncio
+
+    from services.stages import LocalMTP
+
+    local = LocalMTP(mtp)
+    hidden = torch.randn(1, talker.codec_head.in_features, generator=torch.Generator().manual_seed(2))
+    c0 = torch.tensor([7])
+    want = mtp.predict(hidden, c0).codes
+    for _ in range(2):
+        got = asyncio.run(asyncio.wait_for(local.predict(hidden, c0, True, None), 30))
+        torch.testing.assert_close(got.codes, want, rtol=0, atol=0)
+
+
 def test_invalid_input(talker, mtp):
     ids = torch.tensor([151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198])  # user: "Hello", then assistant
     greedy = default_talker_sampling(greedy=True)

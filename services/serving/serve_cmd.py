@@ -177,9 +177,10 @@ def run_serve(args: argparse.Namespace) -> None:
         without = f"; deploying without {', '.join(left_out)}" if left_out else ""
         print(f"omni serve: the checkpoint is {variant.describe()}{without}", flush=True)
     set_cluster_env()
-    signal.signal(signal.SIGTERM, _interrupt)
     # address="local": a new cluster, never one that an earlier `ray start` on this machine left recorded
     context = ray.init(address="local", _metrics_export_port=args.metrics_port, resources=placement_resources(config))
+    # After ray.init, which installs a crash handler for SIGTERM that aborts (exit 134) and strands Ray's agents.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         start_applications(config)
         wait_until_running(config)
