@@ -41,8 +41,7 @@ class _Waiting:
 @dataclass
 class _Lane:
     waiting: deque[_Waiting] = field(default_factory=deque)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task | None = None
+    task: asyncio.Task | None = None  # the loop's steps, while items wait
 
 
 class StepBatcher:
@@ -52,7 +51,7 @@ class StepBatcher:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.stage, self.run, self.max_batch, self.max_wait_s = stage, run, max_batch, max_wait_s
         # One lane per event loop (a replica has one; a test or `omni generate` may run several in turn): futures
-        # and events belong to the loop they were made in. Steps of every lane share the stage's worker thread.
+        # and tasks belong to the loop they were made in. Steps of every lane share the stage's worker thread.
         self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = weakref.WeakKeyDictionary()
 
     async def submit(self, item: Any, span: trace.Span | None = None) -> Any:
@@ -64,20 +63,17 @@ class StepBatcher:
             lane = self._lanes[loop] = _Lane()
         future = loop.create_future()
         lane.waiting.append(_Waiting(item, future, span=(span or trace.get_current_span()).get_span_context()))
-        lane.ready.set()
         if lane.task is None or lane.task.done():
             lane.task = asyncio.create_task(self._steps(lane), name=f"omni-{self.stage}-steps")
         return await future
 
     async def _steps(self, lane: _Lane) -> None:
-        while True:
-            await lane.ready.wait()
+        """Steps while items wait; then the task ends (an idle stage holds no task), and the next submit starts
+        another."""
+        while lane.waiting:
             if self.max_wait_s and len(lane.waiting) < self.max_batch:
                 await asyncio.sleep(self.max_wait_s)
-            batch = self._take(lane)
-            if not lane.waiting:
-                lane.ready.clear()
-            if batch:
+            if batch := self._take(lane):
                 await self._step(batch)
 
     def _take(self, lane: _Lane) -> list[_Waiting]:
