@@ -2,8 +2,9 @@
 and domain errors into status codes, nothing else. The stage object may be in-process (`Local*`) or itself a gRPC
 client (`services.remote`), so the same servicer runs anywhere: a test, a Ray Serve replica, a bare process.
 
-This package also holds what servicers and stage clients share: the request id (`services.tracing`), sampling params on the wire, the
-reading of a request stream's `start` and tensor pieces, and `serve_stage`, which runs one servicer on its own port.
+This package also holds what servicers and stage clients share: the request id (`services.tracing`), sampling
+params on the wire, the reading of a request stream's `start` and tensor pieces, and `serve_stage`, which runs one
+servicer on its own port (continuing callers' traces).
 """
 
 from __future__ import annotations

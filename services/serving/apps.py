@@ -44,10 +44,10 @@ from services.wire.server import SERVICE_NAMES
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 10.0  # after DRAIN_S, streams in flight get this long; keep graceful_shutdown_timeout_s above both
-STAGES = ("audio", "vision", "thinker", "talker", "code2wav")
+STAGES = ("audio", "vision", "thinker", "talker", "code2wav")  # services.remote.STAGE_KEYS, which imports torch
 # The metrics' stage label of each stage service (services.stages names them so).
 _STAGE_LABELS = {"AudioEncoder": "audio_encoder", "VisionEncoder": "vision_encoder", "Thinker": "thinker",
-                 "Talker": "talker", "MTP": "mtp", "Code2Wav": "code2wav"}  # services.remote.STAGE_KEYS, which imports torch
+                 "Talker": "talker", "MTP": "mtp", "Code2Wav": "code2wav"}
 
 
 # ---- builder arguments (a Serve config's `args`) --------------------------------------------------------------
