@@ -28,7 +28,6 @@ from services.engines.sampling import Sampler, SamplingParams
 from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt
 from services.engines.thinker import ThinkerEngine, ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings, VisionEncoderEngine
-from services.errors import InvalidInput
 from services.metrics import STAGE_QUEUE, StageTimer, stage_executor
 
 
@@ -157,10 +156,7 @@ class LocalMTP:
         self._batcher = StepBatcher("mtp", self._run_rows, max_batch=max_batch, max_wait_s=max_wait_s)
 
     async def predict(self, hidden: Tensor, c0: Tensor, greedy: bool, seed: int | None) -> MTPResult:
-        if hidden.ndim != 2 or tuple(c0.shape) != tuple(hidden.shape[:1]):
-            raise InvalidInput(f"MTP wants hidden [B, H] and c0 [B], got {tuple(hidden.shape)} and {tuple(c0.shape)}")
-        if bool(((c0 < 0) | (c0 >= self.engine.vocab_size)).any()):  # here: a bad row must not fail a whole step
-            raise InvalidInput(f"codebook-0 ids must be in [0, {self.engine.vocab_size}), got {c0.tolist()}")
+        self.engine.check_frames(hidden, c0)  # here: a bad frame must not fail a whole step
         with StageTimer("mtp", first=self._first(tracing.REQUEST_ID.get())) as timer:
             rows = await asyncio.gather(*(self._batcher.submit((h, int(c), greedy, seed), timer.span)
                                           for h, c in zip(hidden, c0)))

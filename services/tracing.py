@@ -175,18 +175,17 @@ def turn_context(session_id: str, parent: context.Context | None = None) -> cont
     return baggage.set_baggage(SESSION_KEY, session_id, ctx) if session_id else ctx
 
 
-def metadata() -> tuple[tuple[str, str], ...]:
-    """The current context as gRPC metadata (W3C `traceparent`, `tracestate`, `baggage`)."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return tuple(carrier.items())
-
-
 def carrier() -> dict[str, str]:
-    """The current context as a string map, for a message that carries its own (MTP frames)."""
+    """The current context as a string map (W3C `traceparent`, `tracestate`, `baggage`): what a message that
+    carries its own context holds (MTP frames)."""
     out: dict[str, str] = {}
     propagate.inject(out)
     return out
+
+
+def metadata() -> tuple[tuple[str, str], ...]:
+    """The current context as gRPC metadata."""
+    return tuple(carrier().items())
 
 
 def extract(pairs) -> context.Context | None:

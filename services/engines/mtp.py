@@ -71,8 +71,7 @@ class MTPEngine:
         row or one per row. A greedy row takes the argmax (as the reference does when the Talker is greedy); a
         sampled row draws from MTP_SAMPLING with its own generator, alone, so its codes do not depend on the rows
         it is batched with. The 15 steps run over a preallocated cache of the batch's size bucket (padded rows)."""
-        if hidden.ndim != 2 or c0.shape != hidden.shape[:1]:
-            raise InvalidInput(f"MTP wants hidden [B, H] and c0 [B], got {tuple(hidden.shape)} and {tuple(c0.shape)}")
+        self.check_frames(hidden, c0)
         rows = hidden.shape[0]
         greedy = [greedy] * rows if isinstance(greedy, bool) else list(greedy)
         generators = list(generator) if isinstance(generator, Sequence) else [generator] * rows
@@ -80,8 +79,6 @@ class MTPEngine:
             raise InvalidInput(f"MTP wants one greedy flag and generator per row, got {len(greedy)} and "
                                f"{len(generators)} for {rows} rows")
         c0 = c0.to(self.device, torch.long)
-        if bool(((c0 < 0) | (c0 >= self.vocab_size)).any()):
-            raise InvalidInput(f"codebook-0 ids must be in [0, {self.vocab_size}), got {c0.tolist()}")
         model = self.predictor.model
         hidden = hidden.to(self.device, self.c0_embedding.weight.dtype)
         size = _bucket(rows)
@@ -106,6 +103,14 @@ class MTPEngine:
         embeds.append(model.codec_embedding[-1](codes[-1]))
         return MTPResult(codes=torch.stack(codes, dim=1)[:rows],
                          embed_sum=torch.stack(embeds, dim=1).sum(dim=1)[:rows])
+
+    def check_frames(self, hidden: Tensor, c0: Tensor) -> None:
+        """hidden [B, H] and c0 [B] of codebook-0 ids in range, or InvalidInput: checked before a frame joins a
+        batch too, so that one request's bad frame never fails a step shared with others."""
+        if hidden.ndim != 2 or tuple(c0.shape) != tuple(hidden.shape[:1]):
+            raise InvalidInput(f"MTP wants hidden [B, H] and c0 [B], got {tuple(hidden.shape)} and {tuple(c0.shape)}")
+        if bool(((c0 < 0) | (c0 >= self.vocab_size)).any()):
+            raise InvalidInput(f"codebook-0 ids must be in [0, {self.vocab_size}), got {c0.tolist()}")
 
     def _draw(self, scores: Tensor, greedy: list[bool], generators: list) -> Tensor:
         ids = scores.argmax(dim=-1)
