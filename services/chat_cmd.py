@@ -26,6 +26,8 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
                    help="conversation id: the server keeps earlier turns of the same id as history")
     add_turn_arguments(p)
     p.add_argument("--deadline", type=float, default=None, metavar="SECONDS", help="give up after this long")
+    p.add_argument("--api-key-file", metavar="FILE", help="file holding the API key (default: $OMNI_API_KEY, else "
+                                                          "the key a local `omni serve` wrote, ~/.config/omni/api-key)")
 
 
 def _video_from_dir(path: str, fps: float) -> Video:
@@ -35,9 +37,18 @@ def _video_from_dir(path: str, fps: float) -> Video:
     return Video(frames=frames, timestamps=[i / fps for i in range(len(frames))])
 
 
+def _api_key(path: str | None) -> str | None:
+    if path is None:
+        return None  # the client's default
+    try:
+        return Path(path).read_text().strip()
+    except OSError as e:
+        raise InvalidInput(f"--api-key-file {path}: {e.strerror}") from None
+
+
 async def _chat(args: argparse.Namespace) -> tuple[TurnSummary, np.ndarray]:
     printer = TextPrinter(sys.stdout)
-    async with OmniClient(args.address) as client:
+    async with OmniClient(args.address, api_key=_api_key(args.api_key_file)) as client:
         result = await client.collect(
             on_text=printer.text, on_reasoning=printer.reasoning, text=args.text, audios=args.audio, images=args.image,
             videos=[_video_from_dir(v, args.video_fps) for v in args.video],

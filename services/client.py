@@ -29,6 +29,10 @@ Inputs: `audios` are file paths, encoded file bytes (WAV, FLAC, OGG) or `(pcm, s
 stops a turn; its summary, with finish_reason "cancelled", still arrives. Failures raise `ConverseError`, whose
 `code` is the gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE...).
 
+Credentials: a deployment with authentication on (the default) wants `authorization: Bearer <key>`; the client
+sends `api_key`, else `OMNI_API_KEY`, else the key a local `omni serve` wrote (`services.auth.local_key`). Bad or
+missing credentials raise ConverseError with code UNAUTHENTICATED.
+
 A client's channel belongs to the event loop that first used it; `converse_sync` runs its own loop and channel.
 """
 
@@ -42,6 +46,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from services import auth
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput, OmniError
 from services.events import AudioChunk, Event, ReasoningDelta, TextDelta, TurnSummary, float_to_pcm16
@@ -152,7 +157,7 @@ class Turn:
     async def _start(self) -> None:
         cancelled_early = self._cancel_reason is not None
         # Serve's gRPC proxy routes by the `application` metadata key (harmless against a bare gateway).
-        self._call = self._client._stub().Converse(timeout=self._deadline_s, metadata=GATEWAY_METADATA)
+        self._call = self._client._stub().Converse(timeout=self._deadline_s, metadata=self._client.metadata)
         self._client._turns.add(self)
         config, *parts = self._requests
         self._requests = []
@@ -196,8 +201,9 @@ class Turn:
 
 
 class OmniClient:
-    def __init__(self, address: str, *, chunk_bytes: int = CHUNK_BYTES):
+    def __init__(self, address: str, *, api_key: str | None = None, chunk_bytes: int = CHUNK_BYTES):
         self.address = address
+        self.api_key = api_key if api_key is not None else auth.local_key()
         self.chunk_bytes = chunk_bytes
         self._channel: grpc.aio.Channel | None = None
         self._stub_: omni_pb2_grpc.OmniStub | None = None
@@ -289,7 +295,7 @@ class OmniClient:
     def converse_sync(self, **kwargs) -> tuple[TurnSummary, np.ndarray]:
         """`collect` for blocking code (not from inside a running event loop)."""
         async def run():
-            async with OmniClient(self.address, chunk_bytes=self.chunk_bytes) as client:
+            async with OmniClient(self.address, api_key=self.api_key, chunk_bytes=self.chunk_bytes) as client:
                 return await client.collect(**kwargs)
 
         return asyncio.run(run())
@@ -298,7 +304,7 @@ class OmniClient:
         """What the deployment serves: its model variant, modalities and voices."""
         try:
             info = await self._stub().Describe(omni_pb2.DescribeDeploymentRequest(), timeout=deadline_s,
-                                               metadata=GATEWAY_METADATA)
+                                               metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
             raise ConverseError(e.code(), e.details()) from None
         names = {omni_pb2.MODALITY_TEXT: "text", omni_pb2.MODALITY_AUDIO: "audio"}
@@ -306,6 +312,11 @@ class OmniClient:
             variant=info.variant, model=info.model, input_modalities=tuple(info.input_modalities),
             output_modalities=tuple(names[m] for m in info.output_modalities if m in names),
             speakers=tuple(info.speakers), reasoning=info.reasoning, input_rules=info.input_rules)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Every call's metadata: the gateway's application (for Serve's proxy) and the credential, if any."""
+        return GATEWAY_METADATA + call_credentials(self.api_key)
 
     async def cancel(self, reason: str = "") -> None:
         """Cancel every turn of this client still open."""
@@ -332,6 +343,11 @@ class OmniClient:
         return [omni_pb2.ConverseRequest(audio=omni_pb2.AudioInput(audio_id=audio_id, encoded=piece,
                                                                    video_id=video_id))
                 for piece in self._pieces(_read_file(audio, "audio"))]
+
+
+def call_credentials(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The bearer metadata for `api_key` (none without one)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
 def _frame_bytes(source: str | Path | bytes, what: str) -> bytes:

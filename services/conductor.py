@@ -66,6 +66,7 @@ class TurnRequest:
     request_id: str = ""  # for logs, traces and the hooks' context
     session_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)  # the client's, passed to the text filters
+    principal: str = ""  # the authenticated tenant (services.auth): logs, traces, the text filters' context
 
 
 @dataclass
@@ -110,7 +111,8 @@ class Conductor:
         turn = _Turn(t0=time.perf_counter())
         out: asyncio.Queue = asyncio.Queue(self.queue_size)
         parent = tracing.turn_context(req.session_id, trace_parent)
-        span = tracing.start_span("omni.turn", ctx=parent, request_id=req.request_id)
+        span = tracing.start_span("omni.turn", ctx=parent, request_id=req.request_id,
+                                  **({"omni.principal": req.principal} if req.principal else {}))
         ctx = contextvars.copy_context()  # the stage tasks' context; this generator's caller keeps its own
         ctx.run(otel_context.attach, otel_trace.set_span_in_context(span, parent))
         ctx.run(tracing.REQUEST_ID.set, req.request_id)
@@ -209,7 +211,7 @@ class Conductor:
     async def _think(self, req: TurnRequest, turn: _Turn, prompt: ThinkerPrompt, inputs: TurnInputs,
                      released: asyncio.Queue, out: asyncio.Queue) -> None:
         ctx = HookContext(request_id=req.request_id, session_id=req.session_id, conversation=inputs.messages,
-                          metadata=req.metadata)
+                          metadata=req.metadata, principal=req.principal)
         talker_queue = released if req.audio_output else None
         async with self.hooks.open(ctx) as hook:
             while True:

@@ -19,3 +19,7 @@ class ResourceExhausted(OmniError):
 
 class DeadlineExceeded(OmniError):
     """A stage waited longer than its deadline for its input."""
+
+
+class Unauthenticated(OmniError):
+    """A client call without valid credentials (gRPC: UNAUTHENTICATED)."""

@@ -24,25 +24,37 @@ Limits:
   server buffers nothing more and the call ends with RESOURCE_EXHAUSTED, so no client makes it hold more than that
   per turn. This also holds where a proxy in front accepts bigger messages than 8 MiB (Ray Serve's gRPC proxy
   accepts up to 2 GiB by default).
-- Time: the client's deadline, capped at `default_deadline_s`; past it the turn ends with DEADLINE_EXCEEDED.
+- Time: the client's deadline, capped at `default_deadline_s`; past it the turn ends with DEADLINE_EXCEEDED. Input
+  must keep coming: no message for `input_idle_s` before end_of_turn ends the call with DEADLINE_EXCEEDED, so a
+  stream that never finishes its turn does not hold a slot.
+- Slots: at most `max_turns` calls at once in this replica and `max_turns_per_principal` per principal; one more is
+  refused at once with RESOURCE_EXHAUSTED and a retry hint (`grpc-retry-pushback-ms` trailing metadata) instead of
+  waiting. Serve's `max_ongoing_requests` for the gateway must stay above `max_turns` (deploy/*.yaml), or Serve's
+  proxy queues the excess before this check sees it.
+
+Who: with an `Authenticator`, every call (Converse and Describe) needs a bearer credential (`services.auth`);
+without one, UNAUTHENTICATED. The principal owns the turn's session (another principal's same `session_id` is
+another conversation) and is on the turn's logs, trace span and text-filter context.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from typing import NoReturn
 
 import grpc
 import numpy as np
 from opentelemetry import trace as otel_trace
 
-from services import metrics, tracing
+from services import auth, metrics, tracing
 from services.conductor import Conductor, TurnRequest, text_only_message
 from services.engines.sampling import SamplingParams
-from services.errors import InvalidInput, OmniError, ResourceExhausted
+from services.errors import DeadlineExceeded, InvalidInput, OmniError, ResourceExhausted
 from services.events import AudioChunk, Event, HookEvent, ReasoningDelta, TextDelta, TurnSummary
 from services.hooks import FilterChain, HookStage
 from services.preprocess import AudioInput, decode_audio, load_video
@@ -59,6 +71,11 @@ DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # 10 min of 48 kHz mono PCM16 is 58 MB
 DEFAULT_DEADLINE_S = 600.0
 DEFAULT_SPEAKER = "ethan"
 HALF_CLOSE_GRACE_S = 5.0  # how long a finished call waits for the client to half-close
+DEFAULT_INPUT_IDLE_S = 30.0
+DEFAULT_MAX_TURNS = 32
+DEFAULT_MAX_TURNS_PER_PRINCIPAL = 16
+RETRY_PUSHBACK_MS = 1000  # the hint a refused call gets: gRPC's retry pushback trailer
+REFUSE_READ_S = 1.0  # how long a refused call waits for the client's config before it ends
 
 _FINISH = {
     "stop": common_pb2.FINISH_REASON_STOP,
@@ -71,24 +88,43 @@ _SAMPLING_FIELDS = ("greedy", "temperature", "top_k", "top_p", "repetition_penal
 
 class OmniServicer(omni_pb2_grpc.OmniServicer):
     def __init__(self, stages: Stages, sessions: SessionStore, *, hooks: FilterChain | HookStage | None = None,
+                 authenticator: auth.Authenticator | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, default_deadline_s: float = DEFAULT_DEADLINE_S,
-                 stage_timeout_s: float = 300.0):
+                 stage_timeout_s: float = 300.0, input_idle_s: float = DEFAULT_INPUT_IDLE_S,
+                 max_turns: int = DEFAULT_MAX_TURNS, max_turns_per_principal: int = DEFAULT_MAX_TURNS_PER_PRINCIPAL):
         self.stages = stages
         self.sessions = sessions
+        self.authenticator = authenticator  # None: no authentication (in-process use, or turned off)
         self.conductor = Conductor(stages, hooks=hooks, stage_timeout_s=stage_timeout_s)
         self.max_request_bytes = max_request_bytes
         self.default_deadline_s = default_deadline_s
+        self.input_idle_s = input_idle_s
+        self.max_turns = max_turns
+        self.max_turns_per_principal = max_turns_per_principal
         self.active_turns = 0  # turns whose handler has not returned yet (their stages may hold state)
+        self._turns_of: dict[str, int] = {}  # principal id -> its active turns
+        self._labelled: set[str] = set()  # principals with their own metrics series
 
     async def Converse(self, request_iterator, context: grpc.aio.ServicerContext) -> None:
         # Requests are read with context.read(), not the iterator: a cancel message may arrive while answering.
+        try:
+            principal = await self._authenticate(context)
+        except OmniError as e:
+            metrics.REFUSALS.inc(reason="unauthenticated")
+            await _refuse(context, *status_of(e))
+        if (refusal := self._admit(principal)) is not None:
+            metrics.REFUSALS.inc(reason=refusal[0])
+            context.set_trailing_metadata([("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS))])
+            await _refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, refusal[1])
+        self._count_principal(principal.id)
         self.active_turns += 1
+        self._turns_of[principal.id] = self._turns_of.get(principal.id, 0) + 1
         metrics.ONGOING_TURNS.set(self.active_turns)
         remaining = context.time_remaining()
         budget = self.default_deadline_s if remaining is None else min(remaining, self.default_deadline_s)
         try:
             async with asyncio.timeout(budget):
-                await self._converse(context)
+                await self._converse(context, principal)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the turn did not finish within {budget:.3g} s")
         except SessionStoreError as e:
@@ -104,17 +140,45 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
         finally:
             self.active_turns -= 1
+            if (left := self._turns_of.pop(principal.id) - 1) > 0:
+                self._turns_of[principal.id] = left
             metrics.ONGOING_TURNS.set(self.active_turns)
 
     async def Describe(self, request: omni_pb2.DescribeDeploymentRequest,
                        context: grpc.aio.ServicerContext) -> omni_pb2.DeploymentInfo:
+        try:
+            await self._authenticate(context)
+        except OmniError as e:
+            await context.abort(*status_of(e))
         return deployment_info(self.stages)
 
-    async def _converse(self, context: grpc.aio.ServicerContext) -> None:
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> auth.Principal:
+        if self.authenticator is None:
+            return auth.ANONYMOUS
+        return await self.authenticator.authenticate(context.invocation_metadata())
+
+    def _admit(self, principal: auth.Principal) -> tuple[str, str] | None:
+        """Why a new call is refused now (a metrics reason and a message), or None to admit it."""
+        if self.active_turns >= self.max_turns:
+            return "gateway_full", (f"the gateway is serving its limit of {self.max_turns} turns at once; retry in a "
+                                    "moment (or ask the operator for more gateway replicas)")
+        if self._turns_of.get(principal.id, 0) >= self.max_turns_per_principal:
+            return "principal_limit", (f"{self.max_turns_per_principal} turns of yours are open at once, the limit; "
+                                       "finish or cancel one first")
+        return None
+
+    def _count_principal(self, principal: str) -> None:
+        if principal not in self._labelled and len(self._labelled) < metrics.MAX_PRINCIPAL_LABELS:
+            self._labelled.add(principal)
+        metrics.PRINCIPAL_TURNS.inc(principal=principal if principal in self._labelled else "other")
+
+    async def _converse(self, context: grpc.aio.ServicerContext, principal: auth.Principal) -> None:
         t0 = time.perf_counter()
-        config, options = await self._read_config(context)
+        config, options = await self._read_config(context, principal)
         try:
             parts = await self._read_parts(context)
+        except DeadlineExceeded:
+            raise  # the client stopped sending: nothing to drain
         except OmniError:
             await _drain(context)
             raise
@@ -129,15 +193,17 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         finally:
             await _finish(inbox.task)
 
-    async def _read_config(self, context: grpc.aio.ServicerContext) -> tuple[omni_pb2.ConverseConfig, TurnRequest]:
-        first = await _read(context)
+    async def _read_config(self, context: grpc.aio.ServicerContext,
+                           principal: auth.Principal) -> tuple[omni_pb2.ConverseConfig, TurnRequest]:
+        first = await self._next(context)
         if first is None or first.WhichOneof("kind") != "config":
             raise InvalidInput("the first message must be config")
         config = first.config
         config.request_id = config.request_id or uuid.uuid4().hex  # before the options: every stage call carries it
-        options = self._options(config)
-        log.info("turn %s (session %r) started; metadata %s", config.request_id, config.session_id,
-                 dict(config.metadata))
+        options = replace(self._options(config), principal=principal.id)
+        otel_trace.get_current_span().set_attribute("omni.principal", principal.id)
+        log.info("turn %s (principal %r, session %r) started; metadata %s", config.request_id, principal.id,
+                 config.session_id, dict(config.metadata))
         await context.write(omni_pb2.ConverseResponse(
             started=omni_pb2.TurnStarted(request_id=config.request_id, session_id=config.session_id)))
         return config, options
@@ -145,14 +211,20 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
     async def _turn(self, context: grpc.aio.ServicerContext, config: omni_pb2.ConverseConfig, options: TurnRequest,
                     parts: _TurnInput, inbox: _Inbox, t0: float) -> TurnSummary:
         """Run a committed turn with its session's history; a finished answer joins the session."""
-        history = await self.sessions.load(config.session_id) if config.session_id else History()
+        # A session belongs to its principal: the same id from another principal is another conversation.
+        owner, sid = options.principal, config.session_id
+        history = await self.sessions.load(sid, owner=owner) if sid else History()
+        if sid and history.nbytes + parts.nbytes > (limit := self.sessions.quotas.max_session_bytes):
+            raise ResourceExhausted(f"session {sid!r} would hold {history.nbytes + parts.nbytes} bytes with this turn, "
+                                    f"over the limit of {limit} bytes per session; start a new session_id (or send "
+                                    "smaller media)")
         extra = [{"role": m.role, "content": m.text} for m in config.history]
         req, user_message = await asyncio.to_thread(parts.request, options, history.conversation() + extra)
         summary = await self._answer(context, req, inbox, t0)
         if summary.finish_reason != "cancelled":  # the conductor has recorded the turn's metrics
             if config.session_id:
                 answer = {"role": "assistant", "content": summary.text}
-                await self.sessions.append(config.session_id, [user_message, answer], system=req.system)
+                await self.sessions.append(sid, [user_message, answer], system=req.system, owner=owner)
         log.info("turn %s finished: %s, %d tokens, %d frames", config.request_id, summary.finish_reason,
                  len(summary.thinker_token_ids), len(summary.codes))
         return summary
@@ -186,7 +258,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
     async def _read_parts(self, context: grpc.aio.ServicerContext) -> _TurnInput | None:
         """Input parts up to end_of_turn; None when the client cancels first."""
         parts = _TurnInput()
-        while (msg := await _read(context)) is not None:
+        while (msg := await self._next(context)) is not None:
             kind = msg.WhichOneof("kind")
             if kind == "end_of_turn":
                 return parts
@@ -198,6 +270,16 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             if parts.nbytes > self.max_request_bytes:
                 raise ResourceExhausted(f"the turn's input passed {self.max_request_bytes} bytes, the limit")
         raise InvalidInput("the stream ended before end_of_turn")
+
+    async def _next(self, context: grpc.aio.ServicerContext) -> omni_pb2.ConverseRequest | None:
+        """The client's next input message, within the input-idle deadline."""
+        try:
+            async with asyncio.timeout(self.input_idle_s):
+                return await _read(context)
+        except TimeoutError:
+            metrics.REFUSALS.inc(reason="input_idle")
+            raise DeadlineExceeded(f"no input for {self.input_idle_s:g} s before end_of_turn: send the turn's parts "
+                                   "without pauses that long, then end_of_turn") from None
 
     async def _answer(self, context: grpc.aio.ServicerContext, req: TurnRequest, inbox: _Inbox,
                       t0: float) -> TurnSummary:
@@ -435,6 +517,15 @@ def _summary_message(s: TurnSummary) -> omni_pb2.ConverseResponse:
 async def _read(context: grpc.aio.ServicerContext) -> omni_pb2.ConverseRequest | None:
     msg = await context.read()
     return None if msg is grpc.aio.EOF else msg
+
+
+async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """End a call before its turn: after the client's first message (its config) has arrived, or a moment, since
+    ending it during that write would turn the client's write into INTERNAL (grpc/grpc#36066)."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(REFUSE_READ_S):
+            await context.read()
+    await context.abort(code, details)
 
 
 async def _drain(context: grpc.aio.ServicerContext) -> None:

@@ -149,6 +149,11 @@ STAGE_ERRORS = _Counter("omni_stage_errors_total", "Requests a stage ended with 
                         ("stage", "code"))
 STAGE_ONGOING = _Gauge("omni_stage_ongoing", "Stage calls in progress on a replica", ("stage",))
 ONGOING_TURNS = _Gauge("omni_ongoing_turns", "Turns in progress on a gateway", ())
+REFUSALS = _Counter("omni_gateway_refusals_total", "Calls a gateway refused before their turn, by reason "
+                    "(unauthenticated, gateway_full, principal_limit, input_idle)", ("reason",))
+PRINCIPAL_TURNS = _Counter("omni_principal_turns_total", "Turns admitted per principal (the first "
+                           "MAX_PRINCIPAL_LABELS principals of a replica; later ones count as 'other')", ("principal",))
+MAX_PRINCIPAL_LABELS = 100  # API-key tenants are few; a JWT issuer's users may be many: bound the series
 SESSION_ERRORS = _Counter("omni_session_errors_total", "Session store operations that failed (e.g. Redis down)",
                           ("op",))
 TIME_TO_FIRST_TEXT = _Histogram("omni_time_to_first_text_seconds", "Turn start to the first text delta",

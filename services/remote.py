@@ -295,7 +295,8 @@ class RemoteHooks:
             turn = _RemoteHookTurn(call)
             await turn.write(FilterRequest(start=FilterStart(
                 request_id=ctx.request_id or request_id(), session_id=ctx.session_id, hooks=self.hooks,
-                metadata=dict(ctx.metadata), conversation_json=json.dumps(plain_conversation(ctx.conversation)))))
+                metadata=dict(ctx.metadata), conversation_json=json.dumps(plain_conversation(ctx.conversation)),
+                principal=ctx.principal)))
             yield turn
         finally:
             call.cancel()  # no-op once the call has ended

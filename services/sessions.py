@@ -8,12 +8,18 @@ would change both. Media are stored as the client sent them (encoded file bytes,
 a later turn decodes exactly what the first one decoded, and an encoded file stays as small as the client made it.
 
 Two stores:
-- `InProcessSessions`: a dict in this process, bounded by a session count (least recently used go first) and a
-  TTL. The local default: one gateway replica.
-- `RedisSessions`: shared by every gateway replica. Each session is two keys, `<prefix><id>:system` (a string) and
-  `<prefix><id>:turns` (a list, one JSON message per element; bytes and arrays as base64). A turn appends its
+- `InProcessSessions`: a dict in this process, bounded by a session count and a byte total (least recently used
+  go first) and a TTL. The local default: one gateway replica.
+- `RedisSessions`: shared by every gateway replica. Each session is two keys, `<prefix><owner>/<id>:system` (a
+  string) and `<prefix><owner>/<id>:turns` (a list, one JSON message per element; bytes and arrays as base64;
+  `<owner>` is the owner's length, a colon and the owner). A turn appends its
   user and assistant messages with one RPUSH, so concurrent turns of one session never interleave half a turn.
   Every append resets both keys' TTL: a session expires `ttl_s` after its last turn, media included.
+
+Sessions are owned: each is stored under (owner, id), the owner being the authenticated principal
+(`services.auth`), so the same id from two tenants names two conversations, and knowing an id gives no access to
+another tenant's (a fresh conversation rather than PERMISSION_DENIED, which would confirm that the id exists).
+Per-owner `Quotas` (sessions, bytes) evict only that owner's oldest sessions.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class History:
 
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
+    nbytes: int = 0  # the stored size (`stored_bytes`), what the quotas count
 
     def conversation(self) -> list[dict]:
         """The chat messages `build_turn` takes as history: the system message first, if any."""
@@ -54,14 +61,27 @@ class History:
         return head + list(self.messages)
 
 
+@dataclass(frozen=True)
+class Quotas:
+    """What one owner (principal) may keep: its least recently used sessions go first beyond these, so one
+    tenant's traffic never evicts another's. `max_session_bytes` is checked by the gateway before a turn runs."""
+
+    max_sessions_per_owner: int = 64
+    max_bytes_per_owner: int = 512 << 20
+    max_session_bytes: int = 128 << 20  # two 10-minute 48 kHz recordings and their answers
+
+
 class SessionStore(Protocol):
-    async def load(self, session_id: str) -> History:
+    quotas: Quotas
+
+    async def load(self, session_id: str, owner: str = "") -> History:
         """The session's history; an unknown (or expired) id is an empty history."""
 
-    async def append(self, session_id: str, messages: Sequence[dict], system: str | None = None) -> None:
+    async def append(self, session_id: str, messages: Sequence[dict], system: str | None = None,
+                     owner: str = "") -> None:
         """Add a finished turn's messages; `system`, if given, becomes the session's system prompt."""
 
-    async def delete(self, session_id: str) -> None: ...
+    async def delete(self, session_id: str, owner: str = "") -> None: ...
 
     async def close(self) -> None: ...
 
@@ -71,91 +91,176 @@ def check_session_id(session_id: str) -> None:
         raise InvalidInput(f"session_id is {len(session_id)} characters, the limit is {MAX_SESSION_ID_CHARS}")
 
 
-class InProcessSessions:
-    """Sessions in this process's memory, least recently used evicted beyond `max_sessions`, expired after `ttl_s`
-    without a turn. Messages are kept as given (media bytes and arrays are not copied)."""
+def stored_bytes(value) -> int:
+    """A message's (or a value's) size as stored: media bytes and arrays, text as UTF-8."""
+    if isinstance(value, dict):
+        return sum(len(k) + stored_bytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(stored_bytes(v) for v in value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return len(value)
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, str):
+        return len(value.encode())
+    return 8
 
-    def __init__(self, max_sessions: int = 1024, ttl_s: float = DEFAULT_TTL_S):
+
+class InProcessSessions:
+    """Sessions in this process's memory: least recently used evicted beyond an owner's `quotas`, and beyond
+    `max_sessions` / `max_bytes` in all; expired after `ttl_s` without a turn. Messages are kept as given (media
+    bytes and arrays are not copied). Keep `max_sessions` and `max_bytes` above the owners' quotas summed over the
+    tenants you serve, or a full store evicts the globally oldest session, whoever owns it."""
+
+    def __init__(self, max_sessions: int = 1024, ttl_s: float = DEFAULT_TTL_S, max_bytes: int = 4 << 30,
+                 quotas: Quotas = Quotas()):
         self.max_sessions = max_sessions
+        self.max_bytes = max_bytes
         self.ttl_s = ttl_s
-        self._sessions: OrderedDict[str, tuple[float, History]] = OrderedDict()  # id -> (expiry, history)
+        self.quotas = quotas
+        # (owner, id) -> (expiry, history), least recently used first
+        self._sessions: OrderedDict[tuple[str, str], tuple[float, History]] = OrderedDict()
+        self._bytes = 0
         self._lock = asyncio.Lock()
 
-    async def load(self, session_id: str) -> History:
+    async def load(self, session_id: str, owner: str = "") -> History:
         check_session_id(session_id)
         async with self._lock:
             self._expire()
-            if (entry := self._sessions.get(session_id)) is None:
+            if (entry := self._sessions.get((owner, session_id))) is None:
                 return History()
-            self._sessions.move_to_end(session_id)
+            self._sessions.move_to_end((owner, session_id))
             history = entry[1]
-            return History(history.system, list(history.messages))
+            return History(history.system, list(history.messages), history.nbytes)
 
-    async def append(self, session_id: str, messages: Sequence[dict], system: str | None = None) -> None:
+    async def append(self, session_id: str, messages: Sequence[dict], system: str | None = None,
+                     owner: str = "") -> None:
         check_session_id(session_id)
+        key = (owner, session_id)
         async with self._lock:
             self._expire()
-            _, history = self._sessions.pop(session_id, (0.0, History()))
-            history = History(history.system if system is None else system, [*history.messages, *messages])
-            self._sessions[session_id] = (time.monotonic() + self.ttl_s, history)
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+            old = self._pop(key) or History()
+            system = old.system if system is None else system
+            nbytes = old.nbytes + stored_bytes(list(messages)) + (len(system.encode()) if system else 0) - (
+                len(old.system.encode()) if old.system else 0)
+            self._sessions[key] = (time.monotonic() + self.ttl_s, History(system, [*old.messages, *messages], nbytes))
+            self._bytes += nbytes
+            self._evict(key)
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str, owner: str = "") -> None:
         async with self._lock:
-            self._sessions.pop(session_id, None)
+            self._pop((owner, session_id))
 
     async def close(self) -> None:
         async with self._lock:
             self._sessions.clear()
+            self._bytes = 0
+
+    def _pop(self, key: tuple[str, str]) -> History | None:
+        entry = self._sessions.pop(key, None)
+        if entry is None:
+            return None
+        self._bytes -= entry[1].nbytes
+        return entry[1]
+
+    def _evict(self, keep: tuple[str, str]) -> None:
+        """Oldest first: the owner's sessions beyond its quotas, then anyone's beyond the store's limits."""
+        q, owner = self.quotas, keep[0]
+        mine = [k for k in self._sessions if k[0] == owner]
+        mine_bytes = sum(self._sessions[k][1].nbytes for k in mine)
+        for k in mine[:-1]:  # the last is `keep`, the most recent
+            if len(mine) <= q.max_sessions_per_owner and mine_bytes <= q.max_bytes_per_owner:
+                break
+            mine_bytes -= self._pop(k).nbytes
+            mine.remove(k)
+        while len(self._sessions) > 1 and (len(self._sessions) > self.max_sessions or self._bytes > self.max_bytes):
+            self._pop(next(iter(self._sessions)))
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for sid in [sid for sid, (expiry, _) in self._sessions.items() if expiry <= now]:
-            del self._sessions[sid]
+        for key in [key for key, (expiry, _) in self._sessions.items() if expiry <= now]:
+            self._pop(key)
 
 
 class RedisSessions:
-    """Sessions in Redis (redis-py's asyncio client), shared by every gateway replica."""
+    """Sessions in Redis (redis-py's asyncio client), shared by every gateway replica. An owner's sessions are
+    indexed in a sorted set by last use, with their sizes in a hash, so its quotas evict its own oldest sessions;
+    the store's total is bounded by Redis's `maxmemory` (set an eviction policy there)."""
 
-    def __init__(self, url: str, ttl_s: float = DEFAULT_TTL_S, prefix: str = "omni:session:"):
+    def __init__(self, url: str, ttl_s: float = DEFAULT_TTL_S, prefix: str = "omni:session:",
+                 quotas: Quotas = Quotas()):
         import redis.asyncio as redis
 
         self.url = url
         self.ttl_s = ttl_s
         self.prefix = prefix
+        self.quotas = quotas
         self._redis = redis.from_url(url)
 
-    async def load(self, session_id: str) -> History:
+    async def load(self, session_id: str, owner: str = "") -> History:
         check_session_id(session_id)
-        system_key, turns_key = self._keys(session_id)
+        system_key, turns_key = self._keys(session_id, owner)
+        index_key, sizes_key = self._owner_keys(owner)
         async with self._errors("load"):
             async with self._redis.pipeline(transaction=True) as pipe:
-                system, turns = await pipe.get(system_key).lrange(turns_key, 0, -1).execute()
-        return History(None if system is None else system.decode(), [decode_message(t) for t in turns])
+                system, turns, size = await pipe.get(system_key).lrange(turns_key, 0, -1).hget(
+                    sizes_key, session_id).execute()
+        if not turns and system is None:
+            return History()
+        return History(None if system is None else system.decode(), [decode_message(t) for t in turns],
+                       int(size or 0))
 
-    async def append(self, session_id: str, messages: Sequence[dict], system: str | None = None) -> None:
+    async def append(self, session_id: str, messages: Sequence[dict], system: str | None = None,
+                     owner: str = "") -> None:
         check_session_id(session_id)
-        system_key, turns_key = self._keys(session_id)
+        system_key, turns_key = self._keys(session_id, owner)
+        index_key, sizes_key = self._owner_keys(owner)
         ttl_ms = int(self.ttl_s * 1000)
         encoded = [encode_message(m) for m in messages]
+        added = stored_bytes(list(messages)) + (len(system.encode()) if system else 0)  # as InProcessSessions counts
         async with self._errors("append to"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 if system is not None:
                     pipe.set(system_key, system)
                 if encoded:
                     pipe.rpush(turns_key, *encoded)
-                await pipe.pexpire(system_key, ttl_ms).pexpire(turns_key, ttl_ms).execute()
+                pipe.pexpire(system_key, ttl_ms).pexpire(turns_key, ttl_ms)
+                pipe.zadd(index_key, {session_id: time.time()}).hincrby(sizes_key, session_id, added)
+                await pipe.pexpire(index_key, ttl_ms).pexpire(sizes_key, ttl_ms).execute()
+            await self._evict(session_id, owner)
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str, owner: str = "") -> None:
+        index_key, sizes_key = self._owner_keys(owner)
         async with self._errors("delete"):
-            await self._redis.delete(*self._keys(session_id))
+            async with self._redis.pipeline(transaction=True) as pipe:
+                await pipe.delete(*self._keys(session_id, owner)).zrem(index_key, session_id).hdel(
+                    sizes_key, session_id).execute()
 
     async def close(self) -> None:
         await self._redis.aclose()
 
-    def _keys(self, session_id: str) -> tuple[str, str]:
-        return f"{self.prefix}{session_id}:system", f"{self.prefix}{session_id}:turns"
+    async def _evict(self, keep: str, owner: str) -> None:
+        """The owner's oldest sessions beyond its quotas (expired ones drop out of the index here too)."""
+        index_key, sizes_key = self._owner_keys(owner)
+        ids = [i.decode() for i in await self._redis.zrange(index_key, 0, -1)]  # oldest first
+        sizes = {k.decode(): int(v) for k, v in (await self._redis.hgetall(sizes_key)).items()}
+        total, q = sum(sizes.get(i, 0) for i in ids), self.quotas
+        for sid in list(ids):
+            if sid == keep:
+                continue
+            alive = await self._redis.exists(self._keys(sid, owner)[1])
+            if alive and len(ids) <= q.max_sessions_per_owner and total <= q.max_bytes_per_owner:
+                break
+            await self.delete(sid, owner)
+            ids.remove(sid)
+            total -= sizes.get(sid, 0)
+
+    def _keys(self, session_id: str, owner: str) -> tuple[str, str]:
+        base = f"{self.prefix}{_owner_tag(owner)}{session_id}"
+        return f"{base}:system", f"{base}:turns"
+
+    def _owner_keys(self, owner: str) -> tuple[str, str]:
+        return f"{self.prefix}{_owner_tag(owner)}:index", f"{self.prefix}{_owner_tag(owner)}:sizes"
 
     @asynccontextmanager
     async def _errors(self, action: str):
@@ -169,9 +274,15 @@ class RedisSessions:
             raise SessionStoreError(f"cannot {action} the session store at {self.url}: {e}") from e
 
 
-def make_session_store(redis_url: str | None, ttl_s: float = DEFAULT_TTL_S) -> SessionStore:
+def _owner_tag(owner: str) -> str:
+    """A key segment for the owner that no (owner, session id) pair shares with another: its length first."""
+    return f"{len(owner)}:{owner}/"
+
+
+def make_session_store(redis_url: str | None, ttl_s: float = DEFAULT_TTL_S, quotas: Quotas = Quotas()) -> SessionStore:
     """Redis when a URL is configured (the cluster mode), this process's memory otherwise (the local default)."""
-    return RedisSessions(redis_url, ttl_s) if redis_url else InProcessSessions(ttl_s=ttl_s)
+    return RedisSessions(redis_url, ttl_s, quotas=quotas) if redis_url else InProcessSessions(ttl_s=ttl_s,
+                                                                                               quotas=quotas)
 
 
 # ---- JSON with media -----------------------------------------------------------------------------------------

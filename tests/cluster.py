@@ -64,10 +64,14 @@ def ray_head(metrics_port: int, timeout_s: float = 120.0, env: dict[str, str] | 
 @contextmanager
 def deployed(config, timeout_s: float = 300.0, env: dict[str, str] | None = None) -> Iterator[SimpleNamespace]:
     """A Serve config (`serve_cmd.load_config`) running on a fresh local cluster (`env`: more environment for its
-    processes), on free ports: yields the gRPC proxy's `address`, the HTTP proxy's `http_port` and Ray's
-    Prometheus `metrics_port`."""
+    processes), on free ports: yields the gRPC proxy's `address`, the HTTP proxy's `http_port`, Ray's
+    Prometheus `metrics_port` and the clients' `api_key` (the local key, as `omni serve` sets it up; None when the
+    config turns authentication off)."""
     from ray import serve
 
+    from services.auth import local_key
+
+    authenticated, _ = serve_cmd.local_auth(config)
     config.grpc_options.port = free_port()
     config.http_options.port = free_port()
     metrics_port = free_port()
@@ -76,6 +80,6 @@ def deployed(config, timeout_s: float = 300.0, env: dict[str, str] | None = None
             serve_cmd.start_applications(config)
             serve_cmd.wait_until_running(config, timeout_s=timeout_s)
             yield SimpleNamespace(address=f"127.0.0.1:{config.grpc_options.port}", http_port=config.http_options.port,
-                                  metrics_port=metrics_port)
+                                  metrics_port=metrics_port, api_key=local_key() if authenticated else None)
         finally:
             serve.shutdown()

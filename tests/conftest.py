@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The local API key that deployed tests' clusters and clients share (services.auth), not the user's own.
+os.environ.setdefault("OMNI_CONFIG_DIR", tempfile.mkdtemp(prefix="omni-config-"))
 warnings.filterwarnings("ignore", category=UserWarning)
 torch.set_num_threads(2)
 

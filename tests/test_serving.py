@@ -4,6 +4,7 @@ checkpoint (one cluster for the module), called over gRPC through Serve's proxy 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import time
@@ -15,6 +16,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services import auth
+from services.client import GATEWAY_METADATA, OmniClient, call_credentials
 from services.errors import OmniError
 from services.serving import serve_cmd
 from services.serving.autoscaling import STAGE_CALLS, stage_load_policy
@@ -181,8 +184,8 @@ def _turn(speaker: str = "ethan", max_new_tokens: int = MAX_NEW_TOKENS, max_audi
 
 
 def _converse_call(channel: grpc.aio.Channel, requests) -> grpc.aio.StreamStreamCall:
-    # Several applications share Serve's proxy: the metadata picks the gateway's.
-    return omni_pb2_grpc.OmniStub(channel).Converse(iter(requests), metadata=(("application", "omni"),), timeout=120)
+    # Several applications share Serve's proxy: the metadata picks the gateway's; the local key authenticates.
+    return omni_pb2_grpc.OmniStub(channel).Converse(iter(requests), metadata=OmniClient("").metadata, timeout=120)
 
 
 async def _converse(address: str) -> tuple[omni_pb2.TurnSummary, bytes]:
@@ -294,6 +297,41 @@ async def test_errors_keep_their_status_through_the_proxy(cluster):
         assert bad_stream.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def test_the_deployed_gateway_authenticates_and_keeps_slots_for_others(cluster, in_process):
+    """Authentication is the deployed default (the local key, as `omni serve` creates it); 17 streams of one
+    principal that never finish their turn take its 16 slots and the 17th is refused at once, while another
+    principal's turn is served (its key added to the key file while the deployment runs)."""
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        for metadata in [GATEWAY_METADATA, GATEWAY_METADATA + call_credentials("omni_wrong")]:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in omni_pb2_grpc.OmniStub(channel).Converse(iter(_turn()), metadata=metadata, timeout=30):
+                    pass
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        stuck = []
+        for _ in range(17):
+            call = omni_pb2_grpc.OmniStub(channel).Converse(metadata=OmniClient("").metadata, timeout=60)
+            await call.write(_turn()[0])  # the config, then silence
+            stuck.append(call)
+        first = [await call.read() for call in stuck[:16]]
+        assert all(msg.WhichOneof("kind") == "started" for msg in first)
+        with pytest.raises(grpc.aio.AioRpcError) as full:
+            await stuck[16].read()
+        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "16 turns of yours" in full.value.details()
+        other = auth.new_key()
+        keys = Path(os.environ[auth.KEYS_FILE_ENV])
+        keys.write_text(keys.read_text() + f"{auth.hash_key(other)} other-tenant\n")
+        await asyncio.sleep(auth.RELOAD_CHECK_S + 0.5)
+        pcm, summary = bytearray(), None
+        async for msg in omni_pb2_grpc.OmniStub(channel).Converse(
+                iter(_turn()), metadata=GATEWAY_METADATA + call_credentials(other), timeout=120):
+            if msg.WhichOneof("kind") == "audio":
+                pcm += msg.audio.pcm16
+            summary = msg.summary if msg.WhichOneof("kind") == "summary" else summary
+        _assert_same_turn((summary, bytes(pcm)), in_process)
+        for call in stuck:
+            call.cancel()
+
+
 async def test_the_proxy_refuses_a_message_over_the_stage_limit(cluster, in_process):
     """Serve's proxy takes 2 GiB messages by default; the cluster env holds it to the stages' limit, so an oversized
     message never reaches a gateway replica (which would answer INVALID_ARGUMENT: a first message that is no config)."""
@@ -346,7 +384,7 @@ async def test_a_served_turn_is_one_trace_across_every_stage(cluster, media):
     request_id, frames = None, 0
     async with grpc.aio.insecure_channel(cluster.address) as channel:
         call = omni_pb2_grpc.OmniStub(channel).Converse(iter(requests), timeout=120, metadata=(
-            ("application", "omni"), ("traceparent", f"00-{client_trace}-{client_span}-01")))
+            *OmniClient("").metadata, ("traceparent", f"00-{client_trace}-{client_span}-01")))
         async for msg in call:
             if msg.WhichOneof("kind") == "started":
                 request_id = msg.started.request_id

@@ -25,6 +25,7 @@ from services.gateway import OmniServicer, start_gateway
 from services.sessions import (
     History,
     InProcessSessions,
+    Quotas,
     RedisSessions,
     SessionStoreError,
     encode_message,
@@ -75,6 +76,10 @@ def make_store(request):
     url = request.getfixturevalue("redis_url")
     prefix = f"test:{uuid.uuid4().hex}:"
     return lambda **kw: RedisSessions(url, prefix=prefix, **kw)
+
+
+def said(i: int) -> dict:
+    return {"role": "user", "content": f"turn {i}"}
 
 
 def user_turn(i: int) -> dict:
@@ -164,6 +169,52 @@ async def test_in_process_store_evicts_the_least_recently_used():
     await store.append("c", [{"role": "user", "content": "c"}])
     assert await store.load("b") == History()
     assert (await store.load("a")).messages and (await store.load("c")).messages
+
+
+async def test_a_session_belongs_to_its_owner(make_store):
+    store = make_store()
+    try:
+        await store.append("shared", [said(0)], system="alice's prompt", owner="alice")
+        assert await store.load("shared", owner="bob") == History()  # same id, another tenant: nothing to read
+        assert await store.load("shared") == History()  # nor without a principal (authentication off)
+        await store.append("shared", [said(1)], owner="bob")
+        alice, bob = await store.load("shared", owner="alice"), await store.load("shared", owner="bob")
+        assert alice.system == "alice's prompt" and len(alice.messages) == 1 and alice.nbytes > 0
+        assert bob.system is None and bob.messages == [said(1)]
+        # Owners whose names would join into the same key: still apart.
+        await store.append("b/c", [said(2)], owner="a")
+        assert await store.load("c", owner="a/b") == History()
+    finally:
+        await store.close()
+
+
+async def test_one_owner_cannot_evict_another(make_store):
+    """The attack of many anonymous one-turn sessions: beyond its quota an owner loses its own oldest sessions
+    (count or bytes), never another owner's."""
+    store = make_store(quotas=Quotas(max_sessions_per_owner=3, max_bytes_per_owner=4000, max_session_bytes=4000))
+    try:
+        await store.append("keep", [said(0)], owner="victim")
+        for i in range(8):
+            await store.append(f"s{i}", [said(i)], owner="flood")
+        assert (await store.load("keep", owner="victim")).messages == [said(0)]
+        kept = [i for i in range(8) if (await store.load(f"s{i}", owner="flood")).messages]
+        assert kept == [5, 6, 7]  # the flooder's newest three
+        big = {"role": "user", "content": [{"type": "audio", "audio": bytes(1500)}]}
+        for sid in ("b0", "b1", "b2"):
+            await store.append(sid, [big], owner="flood")  # 3 x 1500 bytes > 4000: the oldest goes
+        assert [sid for sid in ("b0", "b1", "b2") if (await store.load(sid, owner="flood")).messages] == ["b1", "b2"]
+        assert (await store.load("keep", owner="victim")).messages == [said(0)]
+    finally:
+        await store.close()
+
+
+async def test_in_process_store_bounds_its_bytes():
+    store = InProcessSessions(max_bytes=10_000)
+    media = {"role": "user", "content": [{"type": "image", "image": bytes(4000)}]}
+    for i in range(4):
+        await store.append(f"s{i}", [media], owner=f"tenant{i}")
+    assert [i for i in range(4) if (await store.load(f"s{i}", owner=f"tenant{i}")).messages] == [2, 3]
+    assert sum(h.nbytes for _, h in store._sessions.values()) <= 10_000
 
 
 async def test_unreachable_redis_is_a_session_store_error():

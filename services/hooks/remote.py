@@ -71,7 +71,8 @@ class RemoteFilter(TextFilter):
         state = turn.state = _Stream()
         ctx = turn.ctx
         start = TextFilterStart(request_id=ctx.request_id, session_id=ctx.session_id, metadata=dict(ctx.metadata),
-                                conversation=[_chat_message(m) for m in ctx.conversation], params=self.params)
+                                conversation=[_chat_message(m) for m in ctx.conversation], params=self.params,
+                                principal=ctx.principal)
         try:
             state.call = text_filter_pb2_grpc.TextFilterStub(channel(self.target)).Filter()
             async with asyncio.timeout(self.deadline_s):
@@ -161,7 +162,7 @@ def grpc_tool(target: str, *, name: str, description: str, parameters: dict[str,
     async def call(arguments: dict[str, Any], ctx: HookContext) -> str:
         stub = text_filter_pb2_grpc.ToolStub(channel(target))
         request = ToolRequest(name=name, arguments=json.dumps(arguments), request_id=ctx.request_id,
-                              session_id=ctx.session_id, metadata=dict(ctx.metadata))
+                              session_id=ctx.session_id, metadata=dict(ctx.metadata), principal=ctx.principal)
         try:
             return (await stub.Call(request, timeout=timeout_s)).content
         except grpc.aio.AioRpcError as e:

@@ -60,6 +60,7 @@ class HookContext:
     session_id: str = ""
     conversation: Sequence[dict] = ()  # chat messages up to this answer (the Thinker's prompt)
     metadata: Mapping[str, str] = field(default_factory=dict)  # the client's metadata
+    principal: str = ""  # the authenticated tenant (services.auth); "" when authentication is off
 
 
 @dataclass(frozen=True)

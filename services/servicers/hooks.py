@@ -88,7 +88,7 @@ def _context(start) -> HookContext:
     if not isinstance(conversation, list) or not all(isinstance(m, dict) and "role" in m for m in conversation):
         raise InvalidInput("Filter: conversation_json must be a list of chat messages with a role")
     return HookContext(request_id=start.request_id, session_id=start.session_id, conversation=conversation,
-                       metadata=dict(start.metadata))
+                       metadata=dict(start.metadata), principal=start.principal)
 
 
 def _merge(into: Released, more: Released) -> None:

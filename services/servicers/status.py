@@ -3,6 +3,7 @@ back into the same errors, so a conductor behind gRPC sees what it would see in 
 
     InvalidInput <-> INVALID_ARGUMENT      ResourceExhausted <-> RESOURCE_EXHAUSTED
     DeadlineExceeded <-> DEADLINE_EXCEEDED  CheckpointError <-> FAILED_PRECONDITION
+    Unauthenticated <-> UNAUTHENTICATED
     anything else -> INTERNAL (traceback logged); other statuses come back as StageError with their code
 """
 
@@ -15,7 +16,14 @@ from contextlib import asynccontextmanager
 
 import grpc
 
-from services.errors import CheckpointError, DeadlineExceeded, InvalidInput, OmniError, ResourceExhausted
+from services.errors import (
+    CheckpointError,
+    DeadlineExceeded,
+    InvalidInput,
+    OmniError,
+    ResourceExhausted,
+    Unauthenticated,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +32,7 @@ _CODES: dict[type[OmniError], grpc.StatusCode] = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     CheckpointError: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 _ERRORS = {code: cls for cls, code in _CODES.items()}
 _MAX_DETAILS = 500  # keep an unexpected exception's message short; the traceback goes to the log

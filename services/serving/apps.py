@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 
+from services.auth import AuthConfig
 from services.errors import CheckpointError
 from services.hooks.registry import HooksConfig
 from services.metrics import STAGE_ONGOING
@@ -87,6 +88,23 @@ class HooksArgs(HooksConfig):
     model: str = Field(description="checkpoint directory: the stage reads its processor (tokenizer, chat template)")
 
 
+class SessionQuotas(BaseModel):
+    """`services.sessions.Quotas`: per principal (tenant), so one cannot evict another's sessions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_sessions_per_owner: int = Field(64, gt=0, description="sessions a principal keeps; its oldest go first")
+    max_bytes_per_owner: int = Field(512 << 20, gt=0, description="bytes (media, text) a principal keeps")
+    max_session_bytes: int = Field(128 << 20, gt=0, description="bytes one session may hold; a turn that would "
+                                                                "pass it is refused (RESOURCE_EXHAUSTED)")
+
+    @model_validator(mode="after")
+    def _session_fits_owner(self) -> SessionQuotas:
+        if self.max_session_bytes > self.max_bytes_per_owner:
+            raise ValueError("sessions.max_session_bytes must not exceed max_bytes_per_owner")
+        return self
+
+
 class GatewayArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -100,10 +118,19 @@ class GatewayArgs(BaseModel):
                                                     "between the Thinker and the Talker")
     hooks: dict | None = Field(None, description="instead of hooks_app: a chain run in the gateway itself "
                                                   "(services.hooks.HooksConfig); neither: release everything")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="client authentication (services.auth): on "
+                                                                    "by default; API keys and/or JWTs")
+    sessions: SessionQuotas = Field(default_factory=lambda: SessionQuotas(), description="what each principal may "
+                                                                                        "keep in the session store")
     # Unset: OmniServicer's defaults.
     max_request_bytes: int | None = Field(None, gt=0, description="input bytes accepted per turn")
     default_deadline_s: float | None = Field(None, gt=0, description="cap on a turn's duration")
     stage_timeout_s: float | None = Field(None, gt=0, description="longest wait for a stage's next output")
+    input_idle_s: float | None = Field(None, gt=0, description="longest pause between a turn's input messages "
+                                                               "before end_of_turn")
+    max_turns: int | None = Field(None, gt=0, description="turns at once in a replica; more are refused at once "
+                                                          "(keep the deployment's max_ongoing_requests above it)")
+    max_turns_per_principal: int | None = Field(None, gt=0, description="turns at once per principal in a replica")
 
     @model_validator(mode="after")
     def _one_hook_stage(self) -> GatewayArgs:
@@ -325,7 +352,8 @@ class GatewayReplica:
         from services.gateway import OmniServicer
         from services.hooks import build_chain
         from services.serving.routes import routed_stages
-        from services.sessions import make_session_store
+        from services.auth import build_authenticator
+        from services.sessions import Quotas, make_session_store
 
         ckpt = Checkpoint.open(args.model)
         variant = detect_variant(ckpt)
@@ -336,9 +364,9 @@ class GatewayReplica:
         processor = await asyncio.to_thread(_load_processor, ckpt)
         speakers = {name.lower(): sid for name, sid in ckpt.config.talker_config.speaker_id.items()}
         self.stages = routed_stages(args.stages, processor, speakers, thinker_stop_ids(ckpt), SAMPLE_RATE, variant)
-        self.sessions = make_session_store(args.redis_url)
-        limits = args.model_dump(include={"max_request_bytes", "default_deadline_s", "stage_timeout_s"},
-                                 exclude_none=True)
+        self.sessions = make_session_store(args.redis_url, quotas=Quotas(**args.sessions.model_dump()))
+        limits = args.model_dump(include={"max_request_bytes", "default_deadline_s", "stage_timeout_s", "input_idle_s",
+                                          "max_turns", "max_turns_per_principal"}, exclude_none=True)
         self.hooks = None
         if args.hooks_app:
             from services.remote import RemoteHooks
@@ -346,7 +374,8 @@ class GatewayReplica:
 
             self.hooks = RoutedHooks(ReplicaSet(args.hooks_app, RemoteHooks))
         hooks = self.hooks or (build_chain(args.hooks) if args.hooks else None)
-        self.servicer = OmniServicer(self.stages, self.sessions, hooks=hooks, **limits)
+        self.servicer = OmniServicer(self.stages, self.sessions, hooks=hooks,
+                                     authenticator=build_authenticator(args.auth), **limits)
 
     async def Converse(self, requests, grpc_context) -> AsyncIterator:
         async for msg in proxied(self.servicer.Converse, requests, grpc_context):
@@ -486,6 +515,9 @@ class _ProxyContext:
 
     def invocation_metadata(self):
         return self._grpc_context.invocation_metadata()
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self._grpc_context.set_trailing_metadata(metadata)
 
     def time_remaining(self) -> None:
         # The proxy does not pass the client's deadline on; when it expires the proxy's call ends, which cancels

@@ -1,12 +1,16 @@
 """`omni serve`: a local Ray cluster running every application of a Serve config, until Ctrl-C.
 
-    omni serve [--model DIR] [--config deploy/local.yaml] [--port P] [--metrics-port M]
+    omni serve [--model DIR] [--config deploy/local.yaml] [--port P] [--metrics-port M] [--no-auth]
 
 The config is a plain Serve config (`serve deploy` and KubeRay's serveConfigV2 take it as it is); this command
 adds what a single machine needs: it starts Ray with `CLUSTER_ENV` (token auth off, the proxy's message limit) and
 Prometheus metrics on --metrics-port, points every application's `model` at --model (made absolute: replicas read
 it from their own working directory), deploys the applications as `serve run <config>` does, waits until all are
 RUNNING and prints the address clients call.
+
+Clients authenticate (`services.auth`): unless the config gives the gateway its own API keys or JWT issuer, the
+first start creates a local API key (`~/.config/omni/api-key`, which `omni chat` and `OmniClient` read) and points
+the gateway at its hash; `--no-auth` serves everyone, and says so.
 
 The checkpoint decides which stages run (`fit_to_checkpoint`): one without a Talker (the Thinking and Captioner
 models) is deployed without the talker, mtp and code2wav applications, and the gateway answers in text only;
@@ -65,6 +69,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="gRPC port clients call (default: the config's grpc_options.port)")
     parser.add_argument("--metrics-port", type=int, help="port of Ray's Prometheus endpoint (default: one Ray picks, "
                                                          "printed)")
+    parser.add_argument("--no-auth", action="store_true", help="serve every caller without credentials (the "
+                                                               "gateway's auth.enabled: false)")
 
 
 def load_config(path: str | Path, model: str | Path | None = None, port: int | None = None):
@@ -104,6 +110,29 @@ def fit_to_checkpoint(config):
     stages = gateway.args.get("stages") or {stage: stage for stage in STAGES}
     gateway.args["stages"] = {k: v for k, v in stages.items() if k not in ("talker", "code2wav")}
     return variant, [app.name for app in speech]
+
+
+def local_auth(config, no_auth: bool = False) -> tuple[bool, str | None]:
+    """Client authentication for a cluster on this machine, before it starts: with `no_auth` the gateway's
+    `auth.enabled` is set false; a gateway given no credential source of its own gets the local API key
+    (`auth.ensure_local_key`, created on first start) through OMNI_API_KEYS_FILE. Returns whether clients must
+    authenticate, and what to tell the user."""
+    from services.auth import KEYS_FILE_ENV, AuthConfig, ensure_local_key
+
+    gateway = next((app for app in config.applications if app.import_path.endswith(":gateway_app")), None)
+    if gateway is None:
+        return False, None
+    if no_auth:
+        gateway.args["auth"] = {**(gateway.args.get("auth") or {}), "enabled": False}
+    settings = AuthConfig.model_validate(gateway.args.get("auth") or {})
+    if not settings.enabled:
+        return False, "authentication is OFF: anyone who can reach the port is served"
+    if settings.api_keys_file or settings.jwt or os.environ.get(KEYS_FILE_ENV):
+        return True, None
+    keys, created = ensure_local_key()
+    os.environ[KEYS_FILE_ENV] = str(keys)  # the cluster's processes inherit it
+    return True, (f"{'created' if created else 'using'} the local API key in {keys.parent / 'api-key'}: clients on this "
+            "machine read it; others send it as gRPC metadata 'authorization: Bearer <key>'")
 
 
 def start_applications(config) -> None:
@@ -176,6 +205,8 @@ def run_serve(args: argparse.Namespace) -> None:
     if variant is not None:
         without = f"; deploying without {', '.join(left_out)}" if left_out else ""
         print(f"omni serve: the checkpoint is {variant.describe()}{without}", flush=True)
+    if message := local_auth(config, args.no_auth)[1]:
+        print(f"omni serve: {message}", flush=True)
     set_cluster_env()
     # address="local": a new cluster, never one that an earlier `ray start` on this machine left recorded
     context = ray.init(address="local", _metrics_export_port=args.metrics_port, resources=placement_resources(config))

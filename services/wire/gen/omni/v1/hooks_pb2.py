@@ -26,7 +26,7 @@ from services.wire.gen.omni.v1 import common_pb2 as omni_dot_v1_dot_common__pb2
 from services.wire.gen.omni.v1 import thinker_pb2 as omni_dot_v1_dot_thinker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13omni/v1/hooks.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\x1a\x15omni/v1/thinker.proto\"\x8b\x01\n\rFilterRequest\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.omni.v1.FilterStartH\x00\x12!\n\x06tokens\x18\x02 \x01(\x0b\x32\x0f.omni.v1.TokensH\x00\x12(\n\x0bthinker_end\x18\x03 \x01(\x0b\x32\x11.omni.v1.ThinkEndH\x00\x42\x06\n\x04kind\"\xc6\x01\n\x0b\x46ilterStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05hooks\x18\x03 \x03(\t\x12\x34\n\x08metadata\x18\x04 \x03(\x0b\x32\".omni.v1.FilterStart.MetadataEntry\x12\x19\n\x11\x63onversation_json\x18\x05 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaf\x01\n\x0e\x46ilterResponse\x12%\n\x08released\x18\x01 \x01(\x0b\x32\x11.omni.v1.ReleasedH\x00\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x12.omni.v1.HookEventH\x00\x12&\n\x06resume\x18\x03 \x01(\x0b\x32\x14.omni.v1.ThinkResumeH\x00\x12!\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x12.omni.v1.FilterEndH\x00\x42\x06\n\x04kind\"l\n\x08Released\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07\x62locked\x18\x03 \x01(\x08\x12\x11\n\treasoning\x18\x04 \x01(\t\x12\x1b\n\x13reasoning_token_ids\x18\x05 \x03(\x03\"\x0b\n\tFilterEnd\"\x11\n\x0f\x44\x65scribeRequest\"H\n\tHooksInfo\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\x12\x12\n\ntools_json\x18\x02 \x01(\t\x12\x16\n\x0emax_tool_steps\x18\x03 \x01(\x05\x32\x80\x01\n\x05Hooks\x12=\n\x06\x46ilter\x12\x16.omni.v1.FilterRequest\x1a\x17.omni.v1.FilterResponse(\x01\x30\x01\x12\x38\n\x08\x44\x65scribe\x12\x18.omni.v1.DescribeRequest\x1a\x12.omni.v1.HooksInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13omni/v1/hooks.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\x1a\x15omni/v1/thinker.proto\"\x8b\x01\n\rFilterRequest\x12%\n\x05start\x18\x01 \x01(\x0b\x32\x14.omni.v1.FilterStartH\x00\x12!\n\x06tokens\x18\x02 \x01(\x0b\x32\x0f.omni.v1.TokensH\x00\x12(\n\x0bthinker_end\x18\x03 \x01(\x0b\x32\x11.omni.v1.ThinkEndH\x00\x42\x06\n\x04kind\"\xd9\x01\n\x0b\x46ilterStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\r\n\x05hooks\x18\x03 \x03(\t\x12\x34\n\x08metadata\x18\x04 \x03(\x0b\x32\".omni.v1.FilterStart.MetadataEntry\x12\x19\n\x11\x63onversation_json\x18\x05 \x01(\t\x12\x11\n\tprincipal\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xaf\x01\n\x0e\x46ilterResponse\x12%\n\x08released\x18\x01 \x01(\x0b\x32\x11.omni.v1.ReleasedH\x00\x12#\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x12.omni.v1.HookEventH\x00\x12&\n\x06resume\x18\x03 \x01(\x0b\x32\x14.omni.v1.ThinkResumeH\x00\x12!\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x12.omni.v1.FilterEndH\x00\x42\x06\n\x04kind\"l\n\x08Released\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07\x62locked\x18\x03 \x01(\x08\x12\x11\n\treasoning\x18\x04 \x01(\t\x12\x1b\n\x13reasoning_token_ids\x18\x05 \x03(\x03\"\x0b\n\tFilterEnd\"\x11\n\x0f\x44\x65scribeRequest\"H\n\tHooksInfo\x12\x0f\n\x07\x66ilters\x18\x01 \x03(\t\x12\x12\n\ntools_json\x18\x02 \x01(\t\x12\x16\n\x0emax_tool_steps\x18\x03 \x01(\x05\x32\x80\x01\n\x05Hooks\x12=\n\x06\x46ilter\x12\x16.omni.v1.FilterRequest\x1a\x17.omni.v1.FilterResponse(\x01\x30\x01\x12\x38\n\x08\x44\x65scribe\x12\x18.omni.v1.DescribeRequest\x1a\x12.omni.v1.HooksInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,19 +38,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILTERREQUEST']._serialized_start=78
   _globals['_FILTERREQUEST']._serialized_end=217
   _globals['_FILTERSTART']._serialized_start=220
-  _globals['_FILTERSTART']._serialized_end=418
-  _globals['_FILTERSTART_METADATAENTRY']._serialized_start=371
-  _globals['_FILTERSTART_METADATAENTRY']._serialized_end=418
-  _globals['_FILTERRESPONSE']._serialized_start=421
-  _globals['_FILTERRESPONSE']._serialized_end=596
-  _globals['_RELEASED']._serialized_start=598
-  _globals['_RELEASED']._serialized_end=706
-  _globals['_FILTEREND']._serialized_start=708
-  _globals['_FILTEREND']._serialized_end=719
-  _globals['_DESCRIBEREQUEST']._serialized_start=721
-  _globals['_DESCRIBEREQUEST']._serialized_end=738
-  _globals['_HOOKSINFO']._serialized_start=740
-  _globals['_HOOKSINFO']._serialized_end=812
-  _globals['_HOOKS']._serialized_start=815
-  _globals['_HOOKS']._serialized_end=943
+  _globals['_FILTERSTART']._serialized_end=437
+  _globals['_FILTERSTART_METADATAENTRY']._serialized_start=390
+  _globals['_FILTERSTART_METADATAENTRY']._serialized_end=437
+  _globals['_FILTERRESPONSE']._serialized_start=440
+  _globals['_FILTERRESPONSE']._serialized_end=615
+  _globals['_RELEASED']._serialized_start=617
+  _globals['_RELEASED']._serialized_end=725
+  _globals['_FILTEREND']._serialized_start=727
+  _globals['_FILTEREND']._serialized_end=738
+  _globals['_DESCRIBEREQUEST']._serialized_start=740
+  _globals['_DESCRIBEREQUEST']._serialized_end=757
+  _globals['_HOOKSINFO']._serialized_start=759
+  _globals['_HOOKSINFO']._serialized_end=831
+  _globals['_HOOKS']._serialized_start=834
+  _globals['_HOOKS']._serialized_end=962
 # @@protoc_insertion_point(module_scope)

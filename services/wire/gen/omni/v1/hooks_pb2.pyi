@@ -19,7 +19,7 @@ class FilterRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[FilterStart, _Mapping]] = ..., tokens: _Optional[_Union[_common_pb2.Tokens, _Mapping]] = ..., thinker_end: _Optional[_Union[_thinker_pb2.ThinkEnd, _Mapping]] = ...) -> None: ...
 
 class FilterStart(_message.Message):
-    __slots__ = ("request_id", "session_id", "hooks", "metadata", "conversation_json")
+    __slots__ = ("request_id", "session_id", "hooks", "metadata", "conversation_json", "principal")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,12 +32,14 @@ class FilterStart(_message.Message):
     HOOKS_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_JSON_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     session_id: str
     hooks: _containers.RepeatedScalarFieldContainer[str]
     metadata: _containers.ScalarMap[str, str]
     conversation_json: str
-    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., hooks: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., conversation_json: _Optional[str] = ...) -> None: ...
+    principal: str
+    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., hooks: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., conversation_json: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class FilterResponse(_message.Message):
     __slots__ = ("released", "event", "resume", "end")

@@ -26,7 +26,7 @@ from services.wire.gen.omni.v1 import common_pb2 as omni_dot_v1_dot_common__pb2
 from services.wire.gen.omni.v1 import omni_pb2 as omni_dot_v1_dot_omni__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19omni/v1/text_filter.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\x1a\x12omni/v1/omni.proto\"\x8d\x01\n\x11TextFilterRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.omni.v1.TextFilterStartH\x00\x12\"\n\x04text\x18\x02 \x01(\x0b\x32\x12.omni.v1.TextPieceH\x00\x12!\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x12.omni.v1.TextPieceH\x00\x42\x06\n\x04kind\"\xe0\x01\n\x0fTextFilterStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12*\n\x0c\x63onversation\x18\x03 \x03(\x0b\x32\x14.omni.v1.ChatMessage\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.omni.v1.TextFilterStart.MetadataEntry\x12\x0e\n\x06params\x18\x05 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\tTextPiece\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x61head\x18\x02 \x01(\t\x12\x11\n\treasoning\x18\x03 \x01(\x08\"\xaa\x01\n\x0bTextVerdict\x12\'\n\x07release\x18\x01 \x01(\x0b\x32\x14.omni.v1.TextReleaseH\x00\x12!\n\x04hold\x18\x02 \x01(\x0b\x32\x11.omni.v1.TextHoldH\x00\x12#\n\x05\x62lock\x18\x03 \x01(\x0b\x32\x12.omni.v1.TextBlockH\x00\x12\"\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x12.omni.v1.HookEventB\x06\n\x04kind\")\n\x0bTextRelease\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\t\"\n\n\x08TextHold\"?\n\tTextBlock\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\x08\x66\x61llback\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_fallback\"\xbd\x01\n\x0bToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x34\n\x08metadata\x18\x05 \x03(\x0b\x32\".omni.v1.ToolRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1d\n\nToolResult\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t2L\n\nTextFilter\x12>\n\x06\x46ilter\x12\x1a.omni.v1.TextFilterRequest\x1a\x14.omni.v1.TextVerdict(\x01\x30\x01\x32\x39\n\x04Tool\x12\x31\n\x04\x43\x61ll\x12\x14.omni.v1.ToolRequest\x1a\x13.omni.v1.ToolResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19omni/v1/text_filter.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\x1a\x12omni/v1/omni.proto\"\x8d\x01\n\x11TextFilterRequest\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.omni.v1.TextFilterStartH\x00\x12\"\n\x04text\x18\x02 \x01(\x0b\x32\x12.omni.v1.TextPieceH\x00\x12!\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x12.omni.v1.TextPieceH\x00\x42\x06\n\x04kind\"\xf3\x01\n\x0fTextFilterStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12*\n\x0c\x63onversation\x18\x03 \x03(\x0b\x32\x14.omni.v1.ChatMessage\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.omni.v1.TextFilterStart.MetadataEntry\x12\x0e\n\x06params\x18\x05 \x01(\t\x12\x11\n\tprincipal\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\tTextPiece\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x61head\x18\x02 \x01(\t\x12\x11\n\treasoning\x18\x03 \x01(\x08\"\xaa\x01\n\x0bTextVerdict\x12\'\n\x07release\x18\x01 \x01(\x0b\x32\x14.omni.v1.TextReleaseH\x00\x12!\n\x04hold\x18\x02 \x01(\x0b\x32\x11.omni.v1.TextHoldH\x00\x12#\n\x05\x62lock\x18\x03 \x01(\x0b\x32\x12.omni.v1.TextBlockH\x00\x12\"\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x12.omni.v1.HookEventB\x06\n\x04kind\")\n\x0bTextRelease\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\t\"\n\n\x08TextHold\"?\n\tTextBlock\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x15\n\x08\x66\x61llback\x18\x02 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_fallback\"\xd0\x01\n\x0bToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\targuments\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x34\n\x08metadata\x18\x05 \x03(\x0b\x32\".omni.v1.ToolRequest.MetadataEntry\x12\x11\n\tprincipal\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1d\n\nToolResult\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t2L\n\nTextFilter\x12>\n\x06\x46ilter\x12\x1a.omni.v1.TextFilterRequest\x1a\x14.omni.v1.TextVerdict(\x01\x30\x01\x32\x39\n\x04Tool\x12\x31\n\x04\x43\x61ll\x12\x14.omni.v1.ToolRequest\x1a\x13.omni.v1.ToolResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,27 +40,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TEXTFILTERREQUEST']._serialized_start=81
   _globals['_TEXTFILTERREQUEST']._serialized_end=222
   _globals['_TEXTFILTERSTART']._serialized_start=225
-  _globals['_TEXTFILTERSTART']._serialized_end=449
-  _globals['_TEXTFILTERSTART_METADATAENTRY']._serialized_start=402
-  _globals['_TEXTFILTERSTART_METADATAENTRY']._serialized_end=449
-  _globals['_TEXTPIECE']._serialized_start=451
-  _globals['_TEXTPIECE']._serialized_end=510
-  _globals['_TEXTVERDICT']._serialized_start=513
-  _globals['_TEXTVERDICT']._serialized_end=683
-  _globals['_TEXTRELEASE']._serialized_start=685
-  _globals['_TEXTRELEASE']._serialized_end=726
-  _globals['_TEXTHOLD']._serialized_start=728
-  _globals['_TEXTHOLD']._serialized_end=738
-  _globals['_TEXTBLOCK']._serialized_start=740
-  _globals['_TEXTBLOCK']._serialized_end=803
-  _globals['_TOOLREQUEST']._serialized_start=806
-  _globals['_TOOLREQUEST']._serialized_end=995
-  _globals['_TOOLREQUEST_METADATAENTRY']._serialized_start=402
-  _globals['_TOOLREQUEST_METADATAENTRY']._serialized_end=449
-  _globals['_TOOLRESULT']._serialized_start=997
-  _globals['_TOOLRESULT']._serialized_end=1026
-  _globals['_TEXTFILTER']._serialized_start=1028
-  _globals['_TEXTFILTER']._serialized_end=1104
-  _globals['_TOOL']._serialized_start=1106
-  _globals['_TOOL']._serialized_end=1163
+  _globals['_TEXTFILTERSTART']._serialized_end=468
+  _globals['_TEXTFILTERSTART_METADATAENTRY']._serialized_start=421
+  _globals['_TEXTFILTERSTART_METADATAENTRY']._serialized_end=468
+  _globals['_TEXTPIECE']._serialized_start=470
+  _globals['_TEXTPIECE']._serialized_end=529
+  _globals['_TEXTVERDICT']._serialized_start=532
+  _globals['_TEXTVERDICT']._serialized_end=702
+  _globals['_TEXTRELEASE']._serialized_start=704
+  _globals['_TEXTRELEASE']._serialized_end=745
+  _globals['_TEXTHOLD']._serialized_start=747
+  _globals['_TEXTHOLD']._serialized_end=757
+  _globals['_TEXTBLOCK']._serialized_start=759
+  _globals['_TEXTBLOCK']._serialized_end=822
+  _globals['_TOOLREQUEST']._serialized_start=825
+  _globals['_TOOLREQUEST']._serialized_end=1033
+  _globals['_TOOLREQUEST_METADATAENTRY']._serialized_start=421
+  _globals['_TOOLREQUEST_METADATAENTRY']._serialized_end=468
+  _globals['_TOOLRESULT']._serialized_start=1035
+  _globals['_TOOLRESULT']._serialized_end=1064
+  _globals['_TEXTFILTER']._serialized_start=1066
+  _globals['_TEXTFILTER']._serialized_end=1142
+  _globals['_TOOL']._serialized_start=1144
+  _globals['_TOOL']._serialized_end=1201
 # @@protoc_insertion_point(module_scope)

@@ -19,7 +19,7 @@ class TextFilterRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[TextFilterStart, _Mapping]] = ..., text: _Optional[_Union[TextPiece, _Mapping]] = ..., end: _Optional[_Union[TextPiece, _Mapping]] = ...) -> None: ...
 
 class TextFilterStart(_message.Message):
-    __slots__ = ("request_id", "session_id", "conversation", "metadata", "params")
+    __slots__ = ("request_id", "session_id", "conversation", "metadata", "params", "principal")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,12 +32,14 @@ class TextFilterStart(_message.Message):
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     session_id: str
     conversation: _containers.RepeatedCompositeFieldContainer[_omni_pb2.ChatMessage]
     metadata: _containers.ScalarMap[str, str]
     params: str
-    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., conversation: _Optional[_Iterable[_Union[_omni_pb2.ChatMessage, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., params: _Optional[str] = ...) -> None: ...
+    principal: str
+    def __init__(self, request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., conversation: _Optional[_Iterable[_Union[_omni_pb2.ChatMessage, _Mapping]]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., params: _Optional[str] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class TextPiece(_message.Message):
     __slots__ = ("text", "ahead", "reasoning")
@@ -82,7 +84,7 @@ class TextBlock(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., fallback: _Optional[str] = ...) -> None: ...
 
 class ToolRequest(_message.Message):
-    __slots__ = ("name", "arguments", "request_id", "session_id", "metadata")
+    __slots__ = ("name", "arguments", "request_id", "session_id", "metadata", "principal")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,12 +97,14 @@ class ToolRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
     name: str
     arguments: str
     request_id: str
     session_id: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., arguments: _Optional[str] = ..., request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    principal: str
+    def __init__(self, name: _Optional[str] = ..., arguments: _Optional[str] = ..., request_id: _Optional[str] = ..., session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., principal: _Optional[str] = ...) -> None: ...
 
 class ToolResult(_message.Message):
     __slots__ = ("content",)
