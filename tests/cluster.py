@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 from services.serving import serve_cmd
+from services.wire import cluster_tls
+from services.wire.server import GRPC_OPTIONS
 
 
 def free_port() -> int:
@@ -32,7 +34,7 @@ def ray_head(metrics_port: int, timeout_s: float = 120.0, env: dict[str, str] | 
     hang on a lock another thread held at the fork; CI once saw the raylet never register that way."""
     import ray
 
-    serve_cmd.set_cluster_env()  # inherited by `ray start` and every Ray process
+    serve_cmd.set_cluster_env()  # inherited by `ray start` and every Ray process; a cluster credential included
     gcs_port = free_port()
     env = {**os.environ, "RAY_metrics_report_interval_ms": "1000", **(env or {})}  # a RayConfig entry: RAY_<name>
     env.update(serve_cmd.cluster_env(env))
@@ -65,7 +67,7 @@ def ray_head(metrics_port: int, timeout_s: float = 120.0, env: dict[str, str] | 
 def deployed(config, timeout_s: float = 300.0, env: dict[str, str] | None = None) -> Iterator[SimpleNamespace]:
     """A Serve config (`serve_cmd.load_config`) running on a fresh local cluster (`env`: more environment for its
     processes), on free ports: yields the gRPC proxy's `address`, the HTTP proxy's `http_port` and Ray's
-    Prometheus `metrics_port`."""
+    Prometheus `metrics_port`. The stages talk mutual TLS with a fresh cluster credential (`ray_head`)."""
     from ray import serve
 
     config.grpc_options.port = free_port()
@@ -79,3 +81,16 @@ def deployed(config, timeout_s: float = 300.0, env: dict[str, str] | None = None
                                   metrics_port=metrics_port)
         finally:
             serve.shutdown()
+
+
+def replica_addresses(app: str) -> list[str]:
+    """The own-port addresses of a running stage application's replicas, as peers get them."""
+    from ray import serve
+
+    return serve.get_app_handle(app).broadcast("grpc_address").results(timeout_s=30)
+
+
+def stage_channel(address: str):
+    """A channel to a stage replica's own port as a peer opens it: mutual TLS with the cluster credential that
+    `ray_head` gave the cluster (`serve_cmd.set_cluster_env`, as `omni serve` does)."""
+    return cluster_tls.channel(address, cluster_tls.from_env(), GRPC_OPTIONS)
