@@ -6,6 +6,7 @@ loopback), then on a real local Ray cluster running deploy/local.yaml with the c
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import stat
 
@@ -21,8 +22,15 @@ from services.servicers import serve_stage
 from services.servicers.mtp import MTPServicer
 from services.serving import serve_cmd
 from services.wire import cluster_tls
-from services.wire.gen.omni.v1 import common_pb2, hooks_pb2, hooks_pb2_grpc, omni_pb2, omni_pb2_grpc, thinker_pb2
-from services.wire.gen.omni.v1 import thinker_pb2_grpc
+from services.wire.gen.omni.v1 import (
+    common_pb2,
+    hooks_pb2,
+    hooks_pb2_grpc,
+    omni_pb2,
+    omni_pb2_grpc,
+    thinker_pb2,
+    thinker_pb2_grpc,
+)
 from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES
 from tests.cluster import deployed, replica_addresses, stage_channel
 
@@ -68,6 +76,37 @@ def test_omni_serve_makes_a_credential_only_when_none_is_configured():
     assert cluster_tls.for_replica(made) is not None
     assert serve_cmd.cluster_credential_env({cluster_tls.TLS_DIR_ENV: "/etc/omni/cluster-tls"}) == {}
     assert serve_cmd.cluster_credential_env({cluster_tls.TLS_SWITCH_ENV: "off"}) == {}
+
+
+# Serve awaits a replica's `async __del__`; Python's own finalizer, called on the bare objects here, cannot.
+@pytest.mark.filterwarnings("ignore:coroutine '_StageReplica.__del__' was never awaited:RuntimeWarning")
+async def test_a_stage_replica_refuses_to_start_without_the_credential(tiny_ckpt, monkeypatch, caplog):
+    """The replica code Serve runs (its constructor, in this process): no credential, no server; with
+    OMNI_CLUSTER_TLS=off it serves plaintext and says so."""
+    from services.serving.apps import HooksArgs, HooksReplica
+    from services.serving.routes import ReplicaSet
+
+    monkeypatch.delenv(cluster_tls.TLS_DIR_ENV, raising=False)
+    monkeypatch.delenv(cluster_tls.TLS_SWITCH_ENV, raising=False)
+    cls = HooksReplica.func_or_class
+    refused = cls.__new__(cls)
+    with pytest.raises(cluster_tls.ClusterTLSError, match="OMNI_CLUSTER_TLS_DIR"):
+        await refused.__init__(HooksArgs(model=str(tiny_ckpt)))
+    assert not hasattr(refused, "_server")
+    with pytest.raises(cluster_tls.ClusterTLSError):  # a peer's stage channels (the gateway's, the Talker's)
+        ReplicaSet("mtp", RemoteMTP)
+    monkeypatch.setenv(cluster_tls.TLS_SWITCH_ENV, "off")
+    insecure = cls.__new__(cls)
+    await insecure.__init__(HooksArgs(model=str(tiny_ckpt)))
+    try:
+        assert "OMNI_CLUSTER_TLS=off" in caplog.text
+        async with grpc.aio.insecure_channel(insecure.grpc_address()) as channel:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await insecure._server.stop(None)
+        del refused, insecure
+        gc.collect()  # their finalizers run here, under the filter above
 
 
 # ---- a stage port in this process -----------------------------------------------------------------------------

@@ -19,11 +19,12 @@ from services import tracing
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput
 from services.tracing import REQUEST_ID, request_id  # noqa: F401  (re-exported for the servicers and clients)
-from services.wire.gen.omni.v1 import common_pb2
 from services.wire import cluster_tls
 from services.wire.cluster_tls import ClusterCredential
+from services.wire.gen.omni.v1 import common_pb2
 from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES, add_standard_services
 from services.wire.tensors import PieceAssembler
+
 
 async def serve_stage(servicer, port: int = 0, host: str = "[::]", options: list[tuple[str, int]] = GRPC_OPTIONS,
                       credential: ClusterCredential | None = None) -> tuple[grpc.aio.Server, int]:

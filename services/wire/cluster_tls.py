@@ -113,7 +113,7 @@ def generate(directory: str | Path, valid_days: int = VALID_DAYS) -> Path:
 
     directory = Path(directory)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     until = now + datetime.timedelta(days=valid_days)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "omni-serve cluster CA")])
