@@ -59,6 +59,14 @@ def test_generate_writes_a_private_directory_and_key(tmp_path):
     assert sorted(p.name for p in directory.iterdir()) == ["ca.crt", "tls.crt", "tls.key"]  # no CA key kept
 
 
+def test_omni_cluster_tls_writes_a_credential_that_loads(tmp_path, capsys):
+    from services.cli import main
+
+    assert main(["cluster-tls", str(tmp_path / "out"), "--days", "30"]) == 0
+    assert "kubectl create secret generic omni-cluster-tls" in capsys.readouterr().out
+    assert cluster_tls.for_replica({cluster_tls.TLS_DIR_ENV: str(tmp_path / "out")}) is not None
+
+
 def test_a_replica_refuses_to_start_without_the_credential_unless_told_to_run_insecure(tmp_path):
     with pytest.raises(cluster_tls.ClusterTLSError, match="OMNI_CLUSTER_TLS_DIR"):
         cluster_tls.for_replica({})
