@@ -32,6 +32,14 @@ def _chat(args: argparse.Namespace) -> None:
     run_chat(args)
 
 
+def _cluster_tls(args: argparse.Namespace) -> None:
+    from services.wire.cluster_tls import TLS_DIR_ENV, generate
+
+    out = generate(args.dir, valid_days=args.days)
+    print(f"wrote the cluster credential (ca.crt, tls.crt, tls.key) to {out}; set {TLS_DIR_ENV}={out} on every "
+          f"node, or: kubectl create secret generic omni-cluster-tls --from-file={out}")
+
+
 def _serve(args: argparse.Namespace) -> None:
     from services.serving.serve_cmd import run_serve
 
@@ -98,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start a local Ray cluster and every stage as a Ray Serve application")
     add_serve_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    tls = sub.add_parser("cluster-tls", help="write a fresh cluster credential (a CA and the stages' certificate) "
+                                             "for mutual TLS between stages")
+    tls.add_argument("dir", help="output directory (created 0700; tls.key is written 0600)")
+    tls.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
+    tls.set_defaults(func=_cluster_tls)
 
     bench = sub.add_parser("bench", help="benchmarks that print tables")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

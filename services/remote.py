@@ -35,6 +35,8 @@ from services.servicers.status import StageError, error_of
 from services.servicers.talker import prompt_tensors as talker_prompt_tensors
 from services.servicers.thinker import prompt_tensors as thinker_prompt_tensors
 from services.stages import Stages, ThinkerToken
+from services.wire import cluster_tls
+from services.wire.cluster_tls import ClusterCredential
 from services.wire.gen.omni.v1 import (
     audio_encoder_pb2_grpc,
     code2wav_pb2_grpc,
@@ -352,10 +354,12 @@ class _RemoteHookTurn:
 
 
 def remote_stages(addresses: Mapping[str, str], processor, speakers: dict[str, int], stop_ids: frozenset[int],
-                  sample_rate: int = 24000, channel_options: list[tuple[str, int]] = GRPC_OPTIONS) -> Stages:
+                  sample_rate: int = 24000, channel_options: list[tuple[str, int]] = GRPC_OPTIONS,
+                  credential: ClusterCredential | None = None) -> Stages:
     """Stages over gRPC. `addresses` maps "audio", "vision", "thinker", and for spoken answers "talker" and
     "code2wav", to "host:port" (stages at one address share a channel). The checkpoint facts (processor, speakers,
-    stop ids, sample rate) come from the caller, who reads them from the same checkpoint as the stages."""
+    stop ids, sample rate) come from the caller, who reads them from the same checkpoint as the stages.
+    `credential`: the cluster credential the stages' servers were started with (mutual TLS); None: plaintext."""
     unknown = set(addresses) - set(STAGE_KEYS)
     missing = {"audio", "vision", "thinker"} - set(addresses)
     if unknown or missing or ("talker" in addresses) != ("code2wav" in addresses):
@@ -368,7 +372,7 @@ def remote_stages(addresses: Mapping[str, str], processor, speakers: dict[str, i
         if address is None:
             return None
         if address not in channels:
-            channels[address] = grpc.aio.insecure_channel(address, options=channel_options)
+            channels[address] = cluster_tls.channel(address, credential, channel_options)
         return cls(channels[address])
 
     talker = client("talker", RemoteTalker)

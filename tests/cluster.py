@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 from services.serving import serve_cmd
+from services.wire import cluster_tls
+from services.wire.server import GRPC_OPTIONS
 
 
 def free_port() -> int:
@@ -32,7 +34,7 @@ def ray_head(metrics_port: int, timeout_s: float = 120.0, env: dict[str, str] | 
     hang on a lock another thread held at the fork; CI once saw the raylet never register that way."""
     import ray
 
-    serve_cmd.set_cluster_env()  # inherited by `ray start` and every Ray process
+    serve_cmd.set_cluster_env()  # inherited by `ray start` and every Ray process; a cluster credential included
     gcs_port = free_port()
     env = {**os.environ, "RAY_metrics_report_interval_ms": "1000", **(env or {})}  # a RayConfig entry: RAY_<name>
     env.update(serve_cmd.cluster_env(env))
@@ -66,7 +68,7 @@ def deployed(config, timeout_s: float = 300.0, env: dict[str, str] | None = None
     """A Serve config (`serve_cmd.load_config`) running on a fresh local cluster (`env`: more environment for its
     processes), on free ports: yields the gRPC proxy's `address`, the HTTP proxy's `http_port`, Ray's
     Prometheus `metrics_port` and the clients' `api_key` (the local key, as `omni serve` sets it up; None when the
-    config turns authentication off)."""
+    config turns authentication off). The stages talk mutual TLS with a fresh cluster credential (`ray_head`)."""
     from ray import serve
 
     from services.auth import local_key
@@ -83,3 +85,16 @@ def deployed(config, timeout_s: float = 300.0, env: dict[str, str] | None = None
                                   metrics_port=metrics_port, api_key=local_key() if authenticated else None)
         finally:
             serve.shutdown()
+
+
+def replica_addresses(app: str) -> list[str]:
+    """The own-port addresses of a running stage application's replicas, as peers get them."""
+    from ray import serve
+
+    return serve.get_app_handle(app).broadcast("grpc_address").results(timeout_s=30)
+
+
+def stage_channel(address: str):
+    """A channel to a stage replica's own port as a peer opens it: mutual TLS with the cluster credential that
+    `ray_head` gave the cluster (`serve_cmd.set_cluster_env`, as `omni serve` does)."""
+    return cluster_tls.channel(address, cluster_tls.from_env(), GRPC_OPTIONS)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from services.bench import hops
+from services.wire import cluster_tls
 
 ROUTES = ["grpc.aio bytes echo (baseline)", "MTP.Predict stub, to/from_proto", "Talker->MTP: RemoteMTP",
           "->Code2Wav: RemoteCode2Wav", "->AudioEncoder: call per tensor"]
@@ -12,9 +15,16 @@ HOOKS = "gateway->Hooks: one token"  # its messages are one token: "token" for a
 SIZES = ["64 B", "4 KiB", "1 MiB"]
 
 
-def test_bench_prints_every_route_at_every_size(capsys):
-    hops.main(["--messages", "6", "--window", "4"])
-    lines = capsys.readouterr().out.splitlines()
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_bench_prints_every_route_at_every_size(capsys, monkeypatch, tls):
+    monkeypatch.delenv(cluster_tls.TLS_DIR_ENV, raising=False)
+    monkeypatch.delenv(cluster_tls.TLS_SWITCH_ENV, raising=False)
+    hops.main(["--messages", "6", "--window", "4", *(["--tls"] if tls else [])])
+    # The bench's stage-TLS environment is its own: a test (or cluster) after it sees what was there before.
+    assert cluster_tls.TLS_DIR_ENV not in os.environ and cluster_tls.TLS_SWITCH_ENV not in os.environ
+    out = capsys.readouterr().out
+    assert ("stage routes (baseline included) mutual TLS" if tls else "(baseline included) plaintext") in out
+    lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("route"))
     rows, section = {}, 0
     for line in lines[header + 1:]:

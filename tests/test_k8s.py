@@ -21,6 +21,7 @@ import yaml
 from services import metrics
 from services.serving import k8s
 from services.serving.apps import _STAGE_LABELS
+from services.wire import cluster_tls
 from services.wire.server import MAX_MESSAGE_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +29,7 @@ K8S = ROOT / "k8s"
 KUBERAY_CRDS = ROOT.parent / "shared" / "data" / "kuberay"  # KubeRay v1.7.0-rc.0+5's CRDs (shared/data/README.md)
 K8S_VERSION = "1.33"  # the Kubernetes schemas of kubernetes-validate the core resources are checked against
 CUSTOM_KINDS = {"RayService", "PodMonitor", "PrometheusRule"}  # not Kubernetes' own: checked otherwise
+CLUSTER_TLS_SECRET = "omni-cluster-tls"  # docs/security.md: what to create before applying
 DASHBOARD_AGENT_PORT = 52365  # Ray's default dashboard-agent-listen-port, which KubeRay keeps
 
 
@@ -301,9 +303,30 @@ def test_every_ray_pod_has_the_environment_ports_probes_and_weights_the_serve_co
             assert (ready["path"], ready["port"]) == ("/-/healthz", http_port), name
         volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
         for mount in container["volumeMounts"]:
-            assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] in claims, name
+            volume = volumes[mount["name"]]
+            assert "secret" in volume or volume["persistentVolumeClaim"]["claimName"] in claims, name
         mounted = {m["mountPath"] for m in container["volumeMounts"]}
         assert all(any(Path(d).is_relative_to(m) for m in mounted) for d in model_dirs), f"{name}: weights unmounted"
+
+
+def test_every_worker_group_mounts_the_cluster_credential_where_the_stages_look():
+    """Stage replicas (on the worker groups) refuse to start without the cluster credential
+    (`cluster_tls.for_replica`): each worker container names the mounted Secret's directory in OMNI_CLUSTER_TLS_DIR,
+    and nothing turns stage TLS off."""
+    for name, group in ray_groups():
+        container = ray_container(group)
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert cluster_tls.TLS_SWITCH_ENV not in env, name
+        if name == "head":  # no replicas there (num-cpus 0, no placement resources)
+            assert group["rayStartParams"]["num-cpus"] == "0" and "resources" not in group
+            continue
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == env[cluster_tls.TLS_DIR_ENV]]
+        assert mount.get("readOnly") is True, name
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == CLUSTER_TLS_SECRET, name
+        assert "items" not in secret, f"{name}: every key of the secret (ca.crt, tls.crt, tls.key) is needed"
+        assert secret.get("defaultMode", 0o644) & 0o002 == 0, f"{name}: the key must not be world-writable"
 
 
 def test_the_serve_service_publishes_the_grpc_proxy_only():

@@ -23,7 +23,10 @@ Per route and size: round trip p50/p90 over `--messages` messages with one in fl
 load from other processes hits all alike; "p50 x" and "tput x" say how many times slower than the baseline a route
 is. Goal: per-frame routes (MTP, Code2Wav) within 3x of plain grpc.aio.
 
-    python -m services.bench.hops [--messages 200] [--window 32] [--sizes 64,4KiB,1MiB] [--ray]
+With `--tls` every stage route (the baseline too) runs mutual TLS with a fresh cluster credential, as a deployment's
+stages do (`services.wire.cluster_tls`); without it, plaintext. Run both to see what TLS costs per message.
+
+    python -m services.bench.hops [--messages 200] [--window 32] [--sizes 64,4KiB,1MiB] [--ray] [--tls]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, nullcontext
@@ -48,6 +52,7 @@ from torch import Tensor
 
 from services.engines.mtp import MTPResult
 from services.remote import RemoteAudioEncoder, RemoteCode2Wav, RemoteMTP
+from services.wire import cluster_tls
 from services.wire.gen.omni.v1 import hooks_pb2_grpc, mtp_pb2_grpc
 from services.wire.gen.omni.v1.common_pb2 import Tokens
 from services.wire.gen.omni.v1.hooks_pb2 import FilterRequest, FilterStart
@@ -74,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ray", action="store_true",
                         help="also measure Serve replicas' own ports and Serve's gRPC proxy (starts a local Ray "
                              "cluster)")
+    parser.add_argument("--tls", action="store_true",
+                        help="the stage routes with mutual TLS, as deployed (a fresh cluster credential); default: "
+                             "plaintext")
     args = parser.parse_args(argv)
     if args.messages < 2 * ROUNDS or args.window < 1:
         parser.error(f"--messages must be at least {2 * ROUNDS} and --window at least 1")
@@ -82,12 +90,41 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         parser.error(str(e))
 
-    with echo_server() as address, echo_replicas() if args.ray else nullcontext() as proxy_address:
+    with stage_tls(args.tls), echo_server() as address, \
+            echo_replicas() if args.ray else nullcontext() as proxy_address:
         rows = asyncio.run(measure_all(address, proxy_address, sizes, args.messages, args.window))
+    security = "mutual TLS" if args.tls else "plaintext"
     print(f"\nOne hop per message, float32 tensors, {args.messages} messages per route and size; throughput with "
-          f"{args.window} in flight; server in another process. p50 x: p50 / the baseline's; tput x: the "
-          f"baseline's msg/s / msg/s (both > 1: slower)")
+          f"{args.window} in flight; server in another process; stage routes (baseline included) {security}, "
+          f"Serve's proxy plaintext. p50 x: p50 / the baseline's; tput x: the baseline's msg/s / msg/s (both > 1: "
+          f"slower)")
     print_table(rows)
+
+
+@contextmanager
+def stage_tls(on: bool) -> Iterator[None]:
+    """While it lasts, the environment that the echo server, the echo replicas and this process's stage channels
+    read (`cluster_tls.from_env` / `for_replica`) says: a fresh credential, or stage TLS off. Restored after."""
+    names = (cluster_tls.TLS_DIR_ENV, cluster_tls.TLS_SWITCH_ENV)
+    saved = {name: os.environ.get(name) for name in names}
+    with tempfile.TemporaryDirectory(prefix="omni-hops-tls-") as directory:
+        if on:
+            values = {cluster_tls.TLS_DIR_ENV: str(cluster_tls.generate(directory)), cluster_tls.TLS_SWITCH_ENV: None}
+        else:
+            values = {cluster_tls.TLS_DIR_ENV: None, cluster_tls.TLS_SWITCH_ENV: "off"}
+        try:
+            _set_env(values)
+            yield
+        finally:
+            _set_env(saved)
+
+
+def _set_env(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def parse_size(text: str) -> int:
@@ -186,7 +223,7 @@ async def _serve_echo() -> None:
     for servicer in (MTPServicer(EchoMTP()), Code2WavServicer(EchoCode2Wav()),
                      AudioEncoderServicer(EchoAudioEncoder()), HooksServicer(FilterChain([]), processor)):
         servicer.add_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = cluster_tls.add_port(server, "127.0.0.1:0", cluster_tls.from_env())  # as the parent chose (--tls)
     await server.start()
     print(port, flush=True)
     await asyncio.to_thread(sys.stdin.read)
@@ -425,7 +462,7 @@ async def measure_all(address: str, proxy_address: str | None, sizes: list[int],
 @asynccontextmanager
 async def _routes(address: str, proxy_address: str | None) -> AsyncIterator[list[Route]]:
     async with AsyncExitStack() as stack:
-        channel = await stack.enter_async_context(grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+        channel = await stack.enter_async_context(cluster_tls.channel(address, cluster_tls.from_env(), GRPC_OPTIONS))
         mtp, code2wav, encoder = RemoteMTP(channel), RemoteCode2Wav(channel), RemoteAudioEncoder(channel)
         stack.push_async_callback(mtp.close)
         routes = [

@@ -19,21 +19,29 @@ from services import tracing
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput
 from services.tracing import REQUEST_ID, request_id  # noqa: F401  (re-exported for the servicers and clients)
+from services.wire import cluster_tls
+from services.wire.cluster_tls import ClusterCredential
 from services.wire.gen.omni.v1 import common_pb2
 from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES, add_standard_services
 from services.wire.tensors import PieceAssembler
 
-async def serve_stage(servicer, port: int = 0, host: str = "[::]",
-                      options: list[tuple[str, int]] = GRPC_OPTIONS) -> tuple[grpc.aio.Server, int]:
-    """Start a gRPC server for one stage servicer (with health and reflection); return it and its bound port.
-    `port=0` picks a free port. Stop it with `await server.stop(grace)`."""
+
+async def serve_stage(servicer, port: int = 0, host: str = "[::]", options: list[tuple[str, int]] = GRPC_OPTIONS,
+                      credential: ClusterCredential | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start a gRPC server for one stage servicer (with health, without reflection: the port is internal); return
+    it and its bound port. `port=0` picks a free port; `credential` (`services.wire.cluster_tls`): mutual TLS,
+    only peers holding it get through the handshake; None: plaintext. Stop it with `await server.stop(grace)`."""
     tracing.setup()
     server = grpc.aio.server(options=options, interceptors=tracing.server_interceptors())
     servicer.add_to_server(servicer, server)
-    await add_standard_services(server, [SERVICE_NAMES[servicer.service]])
-    bound = server.add_insecure_port(f"{host}:{port}")
+    await add_standard_services(server, [SERVICE_NAMES[servicer.service]], reflection_on=False)
+    bound = cluster_tls.add_port(server, _host_port(host, port), credential)
     await server.start()
     return server, bound
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # a bare IPv6
 
 
 def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:

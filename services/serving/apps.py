@@ -6,12 +6,13 @@ below with its `args` and sets each deployment's resources, replicas and autosca
         audio: AudioEncoder   vision: VisionEncoder   thinker: Thinker   hooks: Hooks       <┤ replica's own port
         talker: Talker ── direct gRPC, every frame ──> mtp: MTP        code2wav: Code2Wav   <┘ (routes.py)
 
-Every application's ingress implements its gRPC service, so Serve's proxy serves each one (the `application`
-metadata picks the app: `grpcurl -H 'application: thinker' ...`), `grpc.health.v1.Health/Check` included. The
-client's Converse takes that route: a turn sends a few messages in and ~13 audio packets a second out, so the
-proxy's ~2 ms per message is noise, and in return every turn is a Serve request (one address for all replicas,
-`max_ongoing_requests` backpressure, Serve's request metrics and autoscaling). Stage replicas serve the same
-servicer on their own port too, and that is the route peers take (`services.serving.routes` says why).
+Serve's proxy serves the gateway's Omni service only (the configs' `grpc_servicer_functions` list Omni and
+Health): the client's Converse takes that route: a turn sends a few messages in and ~13 audio packets a second out,
+so the proxy's ~2 ms per message is noise, and in return every turn is a Serve request (one address for all
+replicas, `max_ongoing_requests` backpressure, Serve's request metrics and autoscaling). Stage replicas answer
+only `grpc.health.v1.Health/Check` through the proxy (the `application` metadata picks the app); their servicer
+runs on their own port, with mutual TLS, and that is the route peers take (`services.serving.routes` says why;
+docs/security.md why nothing else reaches it).
 
 Builders only bind; weights load in the replicas (`model` is read there: `omni serve` makes it absolute). Serve
 imports this module to run a builder, in a task per application: the replicas import torch and the engines in
@@ -181,8 +182,9 @@ class CountedStage:
 
 
 class _StageReplica:
-    """A stage replica: its servicer on its own port (the peers' route), its address for them (`grpc_address`,
-    asked by `routes.ReplicaSet`), its load for Serve, health through the proxy, and a drained shutdown."""
+    """A stage replica: its servicer on its own port (the peers' route, mutual TLS with the cluster credential),
+    its address for them (`grpc_address`, asked by `routes.ReplicaSet`), its load for Serve, health through the
+    proxy, and a drained shutdown. It serves no stage method through Serve's proxy: stages are internal."""
 
     servicer: Any
     stage: CountedStage
@@ -194,11 +196,16 @@ class _StageReplica:
 
     async def _start(self, servicer) -> None:
         from services.servicers import serve_stage
+        from services.wire import cluster_tls
 
         self.servicer = servicer
-        self._server, port = await serve_stage(self.servicer)
-        self._address = f"{ray.util.get_node_ip_address()}:{port}"
-        log.info("%s replica serving on %s", self.servicer.service, self._address)
+        credential = cluster_tls.for_replica()  # none (and no OMNI_CLUSTER_TLS=off): the replica fails to start
+        # Only the address peers are given: not every interface of the node.
+        host = ray.util.get_node_ip_address()
+        self._server, port = await serve_stage(self.servicer, host=host, credential=credential)
+        self._address = f"{host}:{port}"
+        log.info("%s replica serving on %s (%s)", self.servicer.service, self._address,
+                 "mutual TLS" if credential else "plaintext: OMNI_CLUSTER_TLS=off")
 
     def grpc_address(self) -> str:
         return self._address
@@ -230,10 +237,6 @@ class AudioEncoderReplica(_StageReplica):
         engine = await asyncio.to_thread(AudioEncoderEngine.from_checkpoint, args.model, args.engine_config())
         await self._serve(LocalAudioEncoder(engine), AudioEncoderServicer)
 
-    async def EncodeAudio(self, requests, grpc_context) -> AsyncIterator:
-        async for msg in proxied(self.servicer.EncodeAudio, requests, grpc_context):
-            yield msg
-
 
 @serve.deployment(name="VisionEncoder")
 class VisionEncoderReplica(_StageReplica):
@@ -244,10 +247,6 @@ class VisionEncoderReplica(_StageReplica):
 
         engine = await asyncio.to_thread(VisionEncoderEngine.from_checkpoint, args.model, args.engine_config())
         await self._serve(LocalVisionEncoder(engine), VisionEncoderServicer)
-
-    async def EncodeVision(self, requests, grpc_context) -> AsyncIterator:
-        async for msg in proxied(self.servicer.EncodeVision, requests, grpc_context):
-            yield msg
 
 
 @serve.deployment(name="Thinker")
@@ -261,10 +260,6 @@ class ThinkerReplica(_StageReplica):
         ckpt = Checkpoint.open(args.model)
         engine = await asyncio.to_thread(ThinkerEngine.from_checkpoint, ckpt, args.engine_config())
         await self._serve(LocalThinker(engine), ThinkerServicer, thinker_stop_ids(ckpt))
-
-    async def Think(self, requests, grpc_context) -> AsyncIterator:
-        async for msg in proxied(self.servicer.Think, requests, grpc_context):
-            yield msg
 
 
 @serve.deployment(name="Talker")
@@ -281,10 +276,6 @@ class TalkerReplica(_StageReplica):
         self.peers = (mtp,)
         await self._serve(LocalTalker(engine, RoutedMTP(mtp)), TalkerServicer)
 
-    async def Speak(self, requests, grpc_context) -> AsyncIterator:
-        async for msg in proxied(self.servicer.Speak, requests, grpc_context):
-            yield msg
-
 
 @serve.deployment(name="MTP")
 class MTPReplica(_StageReplica):
@@ -296,10 +287,6 @@ class MTPReplica(_StageReplica):
         engine = await asyncio.to_thread(MTPEngine.from_checkpoint, args.model, args.engine_config())
         await self._serve(LocalMTP(engine, args.max_batch, args.batch_wait_ms / 1000), MTPServicer)
 
-    async def Predict(self, requests, grpc_context) -> AsyncIterator:
-        async for msg in proxied(self.servicer.Predict, requests, grpc_context):
-            yield msg
-
 
 @serve.deployment(name="Code2Wav")
 class Code2WavReplica(_StageReplica):
@@ -310,10 +297,6 @@ class Code2WavReplica(_StageReplica):
 
         engine = await asyncio.to_thread(Code2WavEngine.from_checkpoint, args.model, args.engine_config())
         await self._serve(LocalCode2Wav(engine), Code2WavServicer, engine.sample_rate)
-
-    async def Decode(self, requests, grpc_context) -> AsyncIterator:
-        async for msg in proxied(self.servicer.Decode, requests, grpc_context):
-            yield msg
 
 
 @serve.deployment(name="Hooks")
@@ -332,13 +315,6 @@ class HooksReplica(_StageReplica):
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {STAGE_CALLS: self.servicer.active}
-
-    async def Filter(self, requests, grpc_context) -> AsyncIterator:
-        async for msg in proxied(self.servicer.Filter, requests, grpc_context):
-            yield msg
-
-    async def Describe(self, request, grpc_context):
-        return await self.servicer.Describe(request, _ProxyContext(None, grpc_context))
 
 
 @serve.deployment(name="Gateway")

@@ -58,6 +58,7 @@ from services.remote import (
 )
 from services.servicers.status import StageError
 from services.stages import Stages, ThinkerToken
+from services.wire import cluster_tls
 from services.wire.server import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,15 @@ C = TypeVar("C")
 
 class ReplicaSet(Generic[C]):
     """The replicas of one stage application as seen from this process: one channel and one stage client
-    (`client_cls(channel)`) per replica, and a choice of replica per call. Use it from one event loop."""
+    (`client_cls(channel)`) per replica, and a choice of replica per call. Use it from one event loop.
+
+    Channels use the cluster credential (`cluster_tls.for_replica`: mutual TLS, as the replicas serve), so a
+    process without one, and without `OMNI_CLUSTER_TLS=off`, cannot make a ReplicaSet."""
 
     def __init__(self, app: str, client_cls: Callable[[grpc.aio.Channel], C],
                  channel_options: list[tuple[str, int]] = GRPC_OPTIONS):
         self.app = app
+        self._credential = cluster_tls.for_replica()
         self._client_cls = client_cls
         self._channel_options = channel_options
         self._handle = None  # the app's DeploymentHandle, fetched on first use: the app may deploy after us
@@ -117,7 +122,7 @@ class ReplicaSet(Generic[C]):
 
     def _client(self, address: str) -> C:
         if address not in self._clients:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=self._channel_options)
+            self._channels[address] = cluster_tls.channel(address, self._credential, self._channel_options)
             self._clients[address] = self._client_cls(self._channels[address])
         return self._clients[address]
 

@@ -3,10 +3,11 @@
     omni serve [--model DIR] [--config deploy/local.yaml] [--port P] [--metrics-port M] [--no-auth]
 
 The config is a plain Serve config (`serve deploy` and KubeRay's serveConfigV2 take it as it is); this command
-adds what a single machine needs: it starts Ray with `CLUSTER_ENV` (token auth off, the proxy's message limit) and
-Prometheus metrics on --metrics-port, points every application's `model` at --model (made absolute: replicas read
-it from their own working directory), deploys the applications as `serve run <config>` does, waits until all are
-RUNNING and prints the address clients call.
+adds what a single machine needs: it starts Ray with `CLUSTER_ENV` (token auth off, the proxy's message limit), a
+fresh cluster credential for the stages' mutual TLS unless OMNI_CLUSTER_TLS_DIR names one (`cluster_credential_env`,
+docs/security.md) and Prometheus metrics on --metrics-port, points every application's `model` at --model (made
+absolute: replicas read it from their own working directory), deploys the applications as `serve run <config>`
+does, waits until all are RUNNING and prints the address clients call.
 
 Clients authenticate (`services.auth`): unless the config gives the gateway its own API keys or JWT issuer, the
 first start creates a local API key (`~/.config/omni/api-key`, which `omni chat` and `OmniClient` read) and points
@@ -20,9 +21,12 @@ models) is deployed without the talker, mtp and code2wav applications, and the g
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import NoReturn
@@ -31,6 +35,7 @@ import yaml
 
 from services import tracing
 from services.errors import OmniError
+from services.wire import cluster_tls
 from services.wire.server import MAX_MESSAGE_BYTES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
@@ -57,9 +62,23 @@ def cluster_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in extra.items() if k not in env}
 
 
+def cluster_credential_env(env: dict[str, str]) -> dict[str, str]:
+    """`OMNI_CLUSTER_TLS_DIR` for a cluster whose processes start with `env`, when `env` names no credential (and
+    does not turn stage TLS off): a fresh one (`cluster_tls.generate`) in a private temporary directory (0700, the
+    key 0600), removed when this process exits. The stages of a local cluster thus always talk mutual TLS."""
+    if env.get(cluster_tls.TLS_DIR_ENV) or env.get(cluster_tls.TLS_SWITCH_ENV, "").lower() == "off":
+        return {}
+    directory = tempfile.mkdtemp(prefix="omni-cluster-tls-")  # mode 0700
+    atexit.register(shutil.rmtree, directory, True)
+    cluster_tls.generate(directory)
+    return {cluster_tls.TLS_DIR_ENV: directory}
+
+
 def set_cluster_env() -> None:
-    """`cluster_env` into this process's environment (before `ray.init` starts a cluster)."""
+    """`cluster_env` and `cluster_credential_env` into this process's environment (before `ray.init` starts a
+    cluster, whose processes inherit it; this process's own stage clients then use the same credential)."""
     os.environ.update(cluster_env(dict(os.environ)))
+    os.environ.update(cluster_credential_env(dict(os.environ)))
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -37,14 +37,17 @@ SERVICE_NAMES: dict[str, str] = {
 }
 
 
-async def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
-    """Serve `grpc.health.v1.Health` (SERVING for the server, "", and each given full service name) and server
-    reflection for those services. Call before `server.start()`; returns the health servicer, e.g. for
-    `enter_graceful_shutdown()` when draining."""
+async def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str],
+                                reflection_on: bool = True) -> health.aio.HealthServicer:
+    """Serve `grpc.health.v1.Health` (SERVING for the server, "", and each given full service name) and, with
+    `reflection_on`, server reflection for those services (the public API has it; internal stage ports do not:
+    it would describe them to whoever reaches one). Call before `server.start()`; returns the health servicer,
+    e.g. for `enter_graceful_shutdown()` when draining."""
     names = list(service_names)
     servicer = health.aio.HealthServicer()
     for name in ["", *names]:
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if reflection_on:
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return servicer
