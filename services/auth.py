@@ -245,6 +245,19 @@ class JWTVerifier:
 # ---- the local key (omni serve, clients on the same machine) ---------------------------------------------------
 
 
+def add_key(keys_file: Path, principal: str) -> str:
+    """A new API key for `principal`, its hash appended to `keys_file` (created 0600 if missing)."""
+    if not principal or len(principal) > MAX_PRINCIPAL_CHARS or any(c.isspace() for c in principal):
+        raise OmniError(f"a principal is 1 to {MAX_PRINCIPAL_CHARS} characters without spaces")
+    if keys_file.exists():
+        parse_keys(keys_file.read_text(), str(keys_file))  # append to a valid file only
+    key = new_key()
+    fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(f"{hash_key(key)} {principal}\n")
+    return key
+
+
 def config_dir() -> Path:
     return Path(os.environ.get(CONFIG_DIR_ENV) or Path.home() / ".config" / "omni")
 
@@ -257,12 +270,11 @@ def ensure_local_key(principal: str = "local") -> tuple[Path, bool]:
     if key_path.exists() and keys_path.exists():
         return keys_path, False
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = new_key()
+    keys_path.unlink(missing_ok=True)
+    key = add_key(keys_path, principal)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
-    keys_path.write_text(f"# omni API keys: '<sha256 of the key> <principal>' per line\n"
-                         f"{hash_key(key)} {principal}\n")
     return keys_path, True
 
 

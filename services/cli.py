@@ -40,6 +40,17 @@ def _cluster_tls(args: argparse.Namespace) -> None:
           f"node, or: kubectl create secret generic omni-cluster-tls --from-file={out}")
 
 
+def _new_key(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from services.auth import add_key
+
+    key = add_key(Path(args.keys_file), args.principal)
+    print(key)  # stdout: the key alone, for `KEY=$(omni auth new-key ...)`
+    print(f"added the hash of a new API key for {args.principal!r} to {args.keys_file}; the key above is shown once",
+          file=sys.stderr)
+
+
 def _serve(args: argparse.Namespace) -> None:
     from services.serving.serve_cmd import run_serve
 
@@ -112,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("dir", help="output directory (created 0700; tls.key is written 0600)")
     tls.add_argument("--days", type=int, default=365, help="validity in days (default: %(default)s)")
     tls.set_defaults(func=_cluster_tls)
+
+    auth = sub.add_parser("auth", help="client credentials")
+    auth_sub = auth.add_subparsers(dest="auth_command", required=True)
+    new_key = auth_sub.add_parser("new-key", help="make an API key for a principal: print it, append its hash to "
+                                                  "the gateway's key file")
+    new_key.add_argument("principal", help="the tenant the key works for (owns its sessions)")
+    new_key.add_argument("--keys-file", required=True, help="the hashed key file (auth.api_keys_file); created if "
+                                                            "missing")
+    new_key.set_defaults(func=_new_key)
 
     bench = sub.add_parser("bench", help="benchmarks that print tables")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -318,3 +318,16 @@ def test_the_principal_reaches_the_text_filters_through_the_hook_stage(stages, k
         for coro in (server.stop(None), hooks.channel.close(), hooks_server.stop(None)):
             loop.run(coro)
         loop.stop()
+
+
+def test_omni_auth_new_key_prints_a_key_that_the_gateway_accepts(tmp_path):
+    keys = tmp_path / "keys"
+    run = [".venv/bin/omni", "auth", "new-key"]
+    first = subprocess.run([*run, "tenant-a", "--keys-file", str(keys)], capture_output=True, text=True, check=True)
+    second = subprocess.run([*run, "tenant-b", "--keys-file", str(keys)], capture_output=True, text=True, check=True)
+    verifier = ApiKeys(keys)
+    assert verifier.verify(first.stdout.strip()).id == "tenant-a" and verifier.verify(second.stdout.strip()).id == \
+        "tenant-b"
+    assert "shown once" in first.stderr and oct(keys.stat().st_mode & 0o777) == "0o600"
+    bad = subprocess.run([*run, "two words", "--keys-file", str(keys)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "without spaces" in bad.stderr

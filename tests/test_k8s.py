@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from services import metrics
+from services.auth import AuthConfig
 from services.serving import k8s
 from services.serving.apps import _STAGE_LABELS
 from services.wire import cluster_tls
@@ -327,6 +328,22 @@ def test_every_worker_group_mounts_the_cluster_credential_where_the_stages_look(
         assert secret["secretName"] == CLUSTER_TLS_SECRET, name
         assert "items" not in secret, f"{name}: every key of the secret (ca.crt, tls.crt, tls.key) is needed"
         assert secret.get("defaultMode", 0o644) & 0o002 == 0, f"{name}: the key must not be world-writable"
+
+
+def test_the_gateway_group_mounts_the_api_keys_where_its_auth_reads_them():
+    """Authentication is on in deploy/gpu.yaml: the gateway's key file lies in the Secret omni-api-keys, mounted
+    read-only on the worker group that hosts the gateway (the group advertising its placement resource)."""
+    (gateway,) = [app for app in gpu_config()["applications"] if app["name"] == "omni"]
+    auth_config = AuthConfig.model_validate(gateway["args"]["auth"])
+    assert auth_config.enabled and auth_config.api_keys_file
+    wanted = set(gateway["deployments"][0]["ray_actor_options"]["resources"])
+    (group,) = [g for _, g in ray_groups() if wanted <= set(g.get("resources", {}))]
+    container = ray_container(group)
+    volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if Path(auth_config.api_keys_file).parent == Path(m["mountPath"])]
+    assert mount.get("readOnly") is True and "subPath" not in mount  # a subPath mount never sees a rotated Secret
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == "omni-api-keys" and Path(auth_config.api_keys_file).name == "keys"
 
 
 def test_the_serve_service_publishes_the_grpc_proxy_only():
