@@ -148,6 +148,8 @@ STAGE_BATCH = _Histogram("omni_stage_batch_size", "Items per engine call", [1, 2
 STAGE_ERRORS = _Counter("omni_stage_errors_total", "Requests a stage ended with an error, by gRPC status name",
                         ("stage", "code"))
 STAGE_ONGOING = _Gauge("omni_stage_ongoing", "Stage calls in progress on a replica", ("stage",))
+STAGE_FAILOVERS = _Counter("omni_stage_failovers_total", "Stage calls run again on another replica after theirs "
+                           "became unavailable, by stage application", ("app",))
 ONGOING_TURNS = _Gauge("omni_ongoing_turns", "Turns in progress on a gateway", ())
 REFUSALS = _Counter("omni_gateway_refusals_total", "Calls a gateway refused before their turn, by reason "
                     "(unauthenticated, gateway_full, principal_limit, input_idle)", ("reason",))

@@ -17,6 +17,10 @@ message and nothing else:
 - One replica per call: the fewest calls in flight from this process, round robin among ties, so two replicas
   share even sequential calls. A call is one stream (one turn's Thinker, Talker or Code2Wav work); MTP is called
   per frame, each frame going to the least busy MTP replica over one stream per replica (`RemoteMTP`).
+- A replica that dies (UNAVAILABLE: killed, its node gone) is not picked again for FAILED_S, and a call that
+  holds no state across messages (an encoder's call, one MTP frame: seeded per frame) runs again on another live
+  replica (`ReplicaSet.call`): the turn sees a hiccup and the same result, not an error. Streams that hold a
+  turn's state (Thinker, Talker, Code2Wav, hooks) still fail with UNAVAILABLE.
 - Serve still sees the load: each replica counts the stage calls it runs and reports them with
   `record_autoscaling_stats`, which `services.serving.autoscaling.stage_load_policy` adds to Serve's own count.
 Rejected (docs/serving.md has the measurements and Serve's source): Serve routing each stage call (a lease method
@@ -31,7 +35,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from typing import Generic, TypeVar
 
@@ -56,6 +60,7 @@ from services.remote import (
     RemoteThinker,
     RemoteVisionEncoder,
 )
+from services.metrics import STAGE_FAILOVERS
 from services.servicers.status import StageError
 from services.stages import Stages, ThinkerToken
 from services.wire import cluster_tls
@@ -66,10 +71,12 @@ log = logging.getLogger(__name__)
 REFRESH_S = 2.0  # refresh the replica list in the background this often
 MAX_AGE_S = 4.0  # wait for a refresh when the list is older than this (the first call, or refreshes failing)
 DRAIN_S = MAX_AGE_S + 1.0  # a stopping replica serves this long first: every peer has dropped it by then
+FAILED_S = DRAIN_S  # a replica whose call failed UNAVAILABLE is passed over this long (refreshes drop a dead one)
 FETCH_TIMEOUT_S = 10.0
 ADDRESS_METHOD = "grpc_address"  # the replica method answering "host:port" of its own gRPC server
 
 C = TypeVar("C")
+R = TypeVar("R")
 
 
 class ReplicaSet(Generic[C]):
@@ -94,17 +101,45 @@ class ReplicaSet(Generic[C]):
         self._clients: dict[str, C] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._busy: Counter[str] = Counter()  # calls in flight by address
+        self._failed: dict[str, float] = {}  # address -> time.monotonic() of its last UNAVAILABLE
         self._turn = 0
 
     @asynccontextmanager
     async def client(self) -> AsyncIterator[C]:
         """The stage client of the least busy replica, held for one call (the whole stream of a streaming call)."""
-        address = self._pick(await self._live())
+        address = self._pick(self._usable(await self._live()) or await self._live())
         self._busy[address] += 1
         try:
             yield self._client(address)
+        except StageError as e:
+            if e.code == grpc.StatusCode.UNAVAILABLE:
+                self._failed[address] = time.monotonic()
+            raise
         finally:
             self._busy[address] -= 1
+
+    async def call(self, fn: Callable[[C], Awaitable[R]]) -> R:
+        """`await fn(client)` on the least busy replica, for a call that keeps no state on the replica: when that
+        replica is gone (UNAVAILABLE), the call runs again on another live one, until none is left untried."""
+        tried: set[str] = set()
+        while True:
+            untried = [a for a in self._usable(await self._live()) if a not in tried]
+            if not untried and tried:
+                raise error
+            address = self._pick(untried or await self._live())
+            self._busy[address] += 1
+            try:
+                return await fn(self._client(address))
+            except StageError as e:
+                if e.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                error = e
+                self._failed[address] = time.monotonic()
+                tried.add(address)
+                STAGE_FAILOVERS.inc(app=self.app)
+                log.warning("%s replica %s is unavailable (%s); trying another", self.app, address, e)
+            finally:
+                self._busy[address] -= 1
 
     async def close(self) -> None:
         if self._refresh is not None:
@@ -113,6 +148,11 @@ class ReplicaSet(Generic[C]):
             await channel.close()
         self._channels.clear()
         self._clients.clear()
+
+    def _usable(self, addresses: list[str]) -> list[str]:
+        """The addresses without an UNAVAILABLE in the last FAILED_S."""
+        now = time.monotonic()
+        return [a for a in addresses if now - self._failed.get(a, -FAILED_S) >= FAILED_S]
 
     def _pick(self, addresses: list[str]) -> str:
         fewest = min(self._busy[a] for a in addresses)
@@ -171,8 +211,7 @@ class RoutedAudioEncoder:
         self.replicas = replicas
 
     async def encode(self, input_features: Tensor, feature_attention_mask: Tensor) -> Tensor:
-        async with self.replicas.client() as encoder:
-            return await encoder.encode(input_features, feature_attention_mask)
+        return await self.replicas.call(lambda encoder: encoder.encode(input_features, feature_attention_mask))
 
 
 class RoutedVisionEncoder:
@@ -180,8 +219,7 @@ class RoutedVisionEncoder:
         self.replicas = replicas
 
     async def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> VisionEmbeddings:
-        async with self.replicas.client() as encoder:
-            return await encoder.encode(pixel_values, grid_thw)
+        return await self.replicas.call(lambda encoder: encoder.encode(pixel_values, grid_thw))
 
 
 class RoutedThinker:
@@ -210,14 +248,13 @@ class RoutedTalker:
 
 class RoutedMTP:
     """Per frame: MTP keeps no state across frames, and frames are seeded per frame (`services.stages.mtp_seed`),
-    so any replica may answer any frame with the same codes."""
+    so any replica may answer any frame with the same codes, and a frame whose replica died is asked again."""
 
     def __init__(self, replicas: ReplicaSet[RemoteMTP]):
         self.replicas = replicas
 
     async def predict(self, hidden: Tensor, c0: Tensor, greedy: bool, seed: int | None) -> MTPResult:
-        async with self.replicas.client() as mtp:
-            return await mtp.predict(hidden, c0, greedy, seed)
+        return await self.replicas.call(lambda mtp: mtp.predict(hidden, c0, greedy, seed))
 
 
 class RoutedCode2Wav:
