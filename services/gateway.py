@@ -45,12 +45,14 @@ from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput, OmniError, ResourceExhausted
 from services.events import AudioChunk, Event, HookEvent, ReasoningDelta, TextDelta, TurnSummary
 from services.hooks import FilterChain, HookStage
+from services.media_budget import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_DECODED_SAMPLES, MediaBudget
 from services.preprocess import AudioInput, decode_audio, load_video
 from services.sessions import History, SessionStore, SessionStoreError
 from services.servicers.hooks import hook_event_to_proto
 from services.servicers.status import status_of
 from services.stages import Stages
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
+from services.wire.omni_api import Undecodable, add_OmniServicer_to_server
 from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES, add_standard_services
 
 log = logging.getLogger(__name__)
@@ -72,11 +74,13 @@ _SAMPLING_FIELDS = ("greedy", "temperature", "top_k", "top_p", "repetition_penal
 class OmniServicer(omni_pb2_grpc.OmniServicer):
     def __init__(self, stages: Stages, sessions: SessionStore, *, hooks: FilterChain | HookStage | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, default_deadline_s: float = DEFAULT_DEADLINE_S,
-                 stage_timeout_s: float = 300.0):
+                 stage_timeout_s: float = 300.0, max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
+                 max_decoded_samples: int = DEFAULT_MAX_DECODED_SAMPLES):
         self.stages = stages
         self.sessions = sessions
         self.conductor = Conductor(stages, hooks=hooks, stage_timeout_s=stage_timeout_s)
         self.max_request_bytes = max_request_bytes
+        self.max_decoded_pixels, self.max_decoded_samples = max_decoded_pixels, max_decoded_samples
         self.default_deadline_s = default_deadline_s
         self.active_turns = 0  # turns whose handler has not returned yet (their stages may hold state)
 
@@ -185,7 +189,8 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
 
     async def _read_parts(self, context: grpc.aio.ServicerContext) -> _TurnInput | None:
         """Input parts up to end_of_turn; None when the client cancels first."""
-        parts = _TurnInput()
+        parts = _TurnInput(budget=MediaBudget.for_processor(self.stages.processor, self.max_decoded_pixels,
+                                                            self.max_decoded_samples))
         while (msg := await _read(context)) is not None:
             kind = msg.WhichOneof("kind")
             if kind == "end_of_turn":
@@ -255,7 +260,7 @@ async def start_gateway(servicer: OmniServicer, address: str = "127.0.0.1:0") ->
     """A started grpc.aio server with Omni, health and reflection (outside Ray: tests, single-process use);
     returns it and its port."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    omni_pb2_grpc.add_OmniServicer_to_server(servicer, server)
+    add_OmniServicer_to_server(servicer, server)  # ours: an undecodable message is INVALID_ARGUMENT
     await add_standard_services(server, [SERVICE_NAMES["Omni"]])
     port = server.add_insecure_port(address)
     await server.start()
@@ -290,6 +295,13 @@ class _Audio:
         pcm = pcm.reshape(-1, self.channels) if self.channels > 1 else pcm
         return {"audio": pcm, "sample_rate": self.sample_rate}, decode_audio(pcm, self.sample_rate)
 
+    def charge(self, where: str, budget: MediaBudget) -> None:
+        """Count the samples this audio decodes to against the turn's budget, from its header or byte count."""
+        if self.kind == "encoded":
+            budget.charge_audio_file(where, self.data)
+        else:
+            budget.charge_pcm(where, len(self.data), self.channels, self.sample_rate)
+
 
 @dataclass
 class _TurnInput:
@@ -300,6 +312,7 @@ class _TurnInput:
     images: dict[str, bytearray] = field(default_factory=dict)
     videos: dict[str, tuple[list[bytes], list[float]]] = field(default_factory=dict)
     nbytes: int = 0
+    budget: MediaBudget = field(default_factory=MediaBudget)  # decoded pixels and samples: checked before decoding
 
     def add(self, kind: str, part) -> None:
         if kind == "text":
@@ -333,7 +346,10 @@ class _TurnInput:
 
     def request(self, options: TurnRequest, history: list[dict]) -> tuple[TurnRequest, dict]:
         """Decode the media (CPU work: run in a thread) into the TurnRequest, and the user message to store in the
-        session, in the chat-message format of `build_turn`'s history and the same part order as its new turn."""
+        session, in the chat-message format of `build_turn`'s history and the same part order as its new turn.
+        Every input is charged against the turn's media budget first, from headers: nothing is decoded when the turn
+        would pass it."""
+        self._charge()
         audios, stored = [], []
         tracks: dict[str, tuple[dict, AudioInput]] = {}
         for audio_id, audio in self.audios.items():
@@ -351,7 +367,8 @@ class _TurnInput:
         videos = []
         for video_id, (frames, times) in self.videos.items():
             raw, decoded = tracks.get(video_id, ({}, None))
-            videos.append(_at(f"video {video_id!r}", load_video, frames, times, decoded))
+            videos.append(_at(f"video {video_id!r}", load_video, frames, times, decoded,
+                              target_pixels=self.budget.frame_target))
             video = {"frames": frames, "timestamps": times}
             if raw:
                 video["audio"] = raw["audio"]
@@ -365,11 +382,20 @@ class _TurnInput:
                       videos=videos, history=history)
         return req, {"role": "user", "content": stored}
 
+    def _charge(self) -> None:
+        for audio_id, audio in self.audios.items():
+            _at(f"audio {audio_id!r}", audio.charge, "it", self.budget)
+        for image_id, data in self.images.items():
+            _at(f"image {image_id!r}", self.budget.charge_image, "it", data)
+        for video_id, (frames, _) in self.videos.items():
+            for i, frame in enumerate(frames):
+                _at(f"video {video_id!r} frame {i}", self.budget.charge_image, "it", frame, frame=True)
 
-def _at(where: str, fn, *args):
+
+def _at(where: str, fn, *args, **kwargs):
     """Call a decoder; prefix its domain error with which input it was."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except (InvalidInput, ResourceExhausted) as e:
         raise type(e)(f"{where}: {e}") from e
 
@@ -434,6 +460,8 @@ def _summary_message(s: TurnSummary) -> omni_pb2.ConverseResponse:
 
 async def _read(context: grpc.aio.ServicerContext) -> omni_pb2.ConverseRequest | None:
     msg = await context.read()
+    if isinstance(msg, Undecodable):  # services.wire.omni_api's deserializer
+        raise InvalidInput(msg.reason)
     return None if msg is grpc.aio.EOF else msg
 
 
