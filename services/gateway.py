@@ -47,9 +47,9 @@ from services.events import AudioChunk, Event, HookEvent, ReasoningDelta, TextDe
 from services.hooks import FilterChain, HookStage
 from services.media_budget import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_DECODED_SAMPLES, MediaBudget
 from services.preprocess import AudioInput, decode_audio, load_video
-from services.sessions import History, SessionStore, SessionStoreError
+from services.sessions import History, SessionStore, SessionStoreError, check_session_id
 from services.servicers.hooks import hook_event_to_proto
-from services.servicers.status import status_of
+from services.servicers.status import error_of, status_of
 from services.stages import Stages
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
 from services.wire.omni_api import Undecodable, add_OmniServicer_to_server
@@ -100,7 +100,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         except OmniError as e:  # the same mapping as every stage servicer; a stage's own status passes through
             await context.abort(*status_of(e))
         except grpc.aio.AioRpcError as e:  # a stage's gRPC client surfaced its call's status: pass it on
-            await context.abort(e.code(), f"a stage failed: {e.details()}")
+            await context.abort(*status_of(error_of(e, "a")))  # logged there; no internal addresses
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -163,6 +163,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
 
     def _options(self, config: omni_pb2.ConverseConfig) -> TurnRequest:
         """The config as a TurnRequest without input; checked here so that a bad config fails before any upload."""
+        _check_config_limits(config)
         if config.talker_style:
             raise InvalidInput("talker_style is not supported yet; leave it empty")
         modalities = set(config.output_modalities) - {omni_pb2.MODALITY_UNSPECIFIED}
@@ -224,10 +225,10 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         return self._cancelled_summary(req, progress, t0)
 
     def _cancelled_summary(self, req: TurnRequest, progress: _Progress, t0: float) -> TurnSummary:
-        # The conductor's record of the turn (codes, unreleased tokens) ends with its task; the client has what it
-        # was sent.
+        # The conductor's record of the turn (unreleased tokens, frames not yet heard) ends with its task; the client
+        # has what it was sent: the codes are those of the frames whose audio it got.
         return TurnSummary(
-            text="".join(progress.texts), thinker_token_ids=progress.token_ids, codes=[],
+            text="".join(progress.texts), thinker_token_ids=progress.token_ids, codes=progress.codes,
             sample_rate=self.stages.sample_rate, num_samples=progress.num_samples,
             speaker=req.speaker.lower() if req.audio_output else None, finish_reason="cancelled",
             timings={"total_s": round(time.perf_counter() - t0, 6)}, reasoning="".join(progress.reasoning),
@@ -392,6 +393,34 @@ class _TurnInput:
                 _at(f"video {video_id!r} frame {i}", self.budget.charge_image, "it", frame, frame=True)
 
 
+# What any config may ask for, checked when it arrives (`_check_config_limits`): past these a turn could only fail
+# later, after its upload. Qwen3-Omni's Thinker and Talker hold 65536 positions (max_position_embeddings), prompt
+# included, so no answer can be longer.
+MAX_NEW_TOKENS = 65536
+MAX_AUDIO_FRAMES = 65536
+MAX_REQUEST_ID_CHARS = 256
+MAX_METADATA_ENTRIES, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 64, 128, 1024
+
+
+def _check_config_limits(config: omni_pb2.ConverseConfig) -> None:
+    """Refuse a config that passes a fixed limit, before the turn starts and before any upload."""
+    check_session_id(config.session_id)
+    if len(config.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(f"request_id is {len(config.request_id)} characters, the limit is {MAX_REQUEST_ID_CHARS}")
+    for name, value, limit, what in (
+            ("max_new_tokens", config.max_new_tokens, MAX_NEW_TOKENS, "the Thinker's positions"),
+            ("max_audio_frames", config.max_audio_frames, MAX_AUDIO_FRAMES, "the Talker's positions")):
+        if value > limit:
+            raise InvalidInput(f"{name} is {value}, more than {what} can ever hold ({limit}); ask for at most "
+                               f"{limit}, or 0 for the default")
+    if len(config.metadata) > MAX_METADATA_ENTRIES:
+        raise InvalidInput(f"metadata has {len(config.metadata)} entries, the limit is {MAX_METADATA_ENTRIES}")
+    for key, value in config.metadata.items():
+        if len(key) > MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidInput(f"metadata entry {key[:40]!r}: keys may have {MAX_METADATA_KEY_CHARS} characters and "
+                               f"values {MAX_METADATA_VALUE_CHARS}, this one {len(key)} and {len(value)}")
+
+
 def _at(where: str, fn, *args, **kwargs):
     """Call a decoder; prefix its domain error with which input it was."""
     try:
@@ -423,6 +452,7 @@ class _Progress:
     reasoning: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     num_samples: int = 0
+    codes: list[list[int]] = field(default_factory=list)  # the frames of the audio sent
 
     def add(self, event: Event) -> None:
         if isinstance(event, TextDelta):
@@ -433,6 +463,7 @@ class _Progress:
             self.token_ids.extend(event.token_ids)
         elif isinstance(event, AudioChunk):
             self.num_samples += len(event.samples)
+            self.codes.extend(list(frame) for frame in event.codes)
 
 
 def _event_message(event: TextDelta | ReasoningDelta | AudioChunk | HookEvent) -> omni_pb2.ConverseResponse:
