@@ -24,6 +24,9 @@ Limits:
   server buffers nothing more and the call ends with RESOURCE_EXHAUSTED, so no client makes it hold more than that
   per turn. This also holds where a proxy in front accepts bigger messages than 8 MiB (Ray Serve's gRPC proxy
   accepts up to 2 GiB by default).
+- Decoded media: `max_decoded_pixels` and `max_decoded_samples` per turn, charged from each input's header before
+  anything is decoded (`services.media_budget`); past either, RESOURCE_EXHAUSTED naming the input.
+- A config: fixed caps (`_check_config_limits`) checked when it arrives, before TurnStarted.
 - Time: the client's deadline, capped at `default_deadline_s`; past it the turn ends with DEADLINE_EXCEEDED.
 """
 

@@ -82,7 +82,8 @@ def serve_processes() -> dict[int, str]:
         cmdline = proc.info["cmdline"] or []
         head = cmdline[0].split()[0] if cmdline and cmdline[0].strip() else ""  # Ray's title may hold spaces
         if head.startswith(PROCESS_PREFIXES):
-            found[proc.info["pid"]] = head.removeprefix("ray::").removeprefix("ServeReplica:")
+            # A busy actor's title names its method too ("ray::ServeReplica:omni:Gateway.handle_request"): drop it.
+            found[proc.info["pid"]] = head.removeprefix("ray::").removeprefix("ServeReplica:").split(".")[0]
         elif "serve" in cmdline and any(a.endswith("omni") for a in cmdline[:2]):
             found[proc.info["pid"]] = "omni serve"
     return found
@@ -124,6 +125,7 @@ async def soak(args: argparse.Namespace) -> list[tuple[Window, dict[str, float]]
     end = time.monotonic() + args.minutes * 60
     window = [Window()]
     rows = []
+    started = time.monotonic()
     loops = [asyncio.create_task(client_loop(args, end, window)) for _ in range(args.concurrency)]
     try:
         i = 0
@@ -132,7 +134,10 @@ async def soak(args: argparse.Namespace) -> list[tuple[Window, dict[str, float]]
             i += 1
             done, window[0] = window[0], Window()
             memory = rss_mb(processes | serve_processes())  # replicas Serve restarted are new pids
-            rows.append((done, memory))
+            now = time.monotonic()
+            if now - started >= 0.9 * args.interval_s:  # the tail after the last full interval is printed only
+                rows.append((done, memory))
+            started = now
             print(report_row(i, done, memory), flush=True)
         for t in loops:
             t.result()
