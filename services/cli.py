@@ -75,6 +75,12 @@ def _bench_mtp(args: argparse.Namespace) -> None:
     mtp.main(args.rest)
 
 
+def _bench_soak(args: argparse.Namespace) -> None:
+    from services.bench import soak
+
+    soak.main(args.rest)
+
+
 def _bench_hops(args: argparse.Namespace) -> None:
     from services.bench import hops
 
@@ -140,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("latency", _bench_latency, "reference generate vs the streaming conductor: TTFT, first audio, RTF"),
         ("hops", _bench_hops, "per-message round trip and throughput of each inter-stage gRPC route"),
         ("mtp", _bench_mtp, "one MTP step at batch 1, 8, 32: ours vs the reference code predictor's generate"),
+        ("soak", _bench_soak, "client loops against a deployment for M minutes: latency percentiles and every "
+                              "omni-serve process's memory per minute"),
     ):
         p = bench_sub.add_parser(name, help=help_text, add_help=False)
         p.set_defaults(func=func)

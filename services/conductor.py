@@ -312,8 +312,11 @@ class Conductor:
         await frames.put(_END)
 
     async def _vocode(self, turn: _Turn, frames: asyncio.Queue, out: asyncio.Queue) -> None:
+        handed: list[tuple[int, ...]] = []  # frames given to Code2Wav since the last packet
+
         async def frame_stream():
             while (codes := await self._get(frames, "code2wav")) is not _END:
+                handed.append(tuple(codes.tolist()))
                 yield codes
 
         t_start = time.perf_counter()
@@ -322,7 +325,9 @@ class Conductor:
             turn.mark("code2wav_ttft", t_start)
             turn.mark("time_to_first_audio")
             turn.num_samples += samples.numel()
-            chunk = AudioChunk(seq=seq, samples=samples.float().cpu().numpy(), sample_rate=self.stages.sample_rate)
+            chunk = AudioChunk(seq=seq, samples=samples.float().cpu().numpy(), sample_rate=self.stages.sample_rate,
+                               codes=tuple(handed))
+            handed.clear()
             await self._put(out, chunk, "client")
             seq += 1
 

@@ -36,6 +36,9 @@ class AudioChunk:
     seq: int
     samples: np.ndarray  # float32 in [-1, 1], before PCM16 quantization
     sample_rate: int
+    # The codec frames (16 codes each) handed to Code2Wav since the previous packet: the packets so far carry the
+    # codes of every frame whose audio has started to reach the client (a cancelled turn's summary has them).
+    codes: tuple[tuple[int, ...], ...] = ()
 
     @property
     def pcm16(self) -> bytes:

@@ -24,6 +24,9 @@ Limits:
   server buffers nothing more and the call ends with RESOURCE_EXHAUSTED, so no client makes it hold more than that
   per turn. This also holds where a proxy in front accepts bigger messages than 8 MiB (Ray Serve's gRPC proxy
   accepts up to 2 GiB by default).
+- Decoded media: `max_decoded_pixels` and `max_decoded_samples` per turn, charged from each input's header before
+  anything is decoded (`services.media_budget`); past either, RESOURCE_EXHAUSTED naming the input.
+- A config: fixed caps (`_check_config_limits`) checked when it arrives, before TurnStarted.
 - Time: the client's deadline, capped at `default_deadline_s`; past it the turn ends with DEADLINE_EXCEEDED. Input
   must keep coming: no message for `input_idle_s` before end_of_turn ends the call with DEADLINE_EXCEEDED, so a
   stream that never finishes its turn does not hold a slot.
@@ -57,12 +60,14 @@ from services.engines.sampling import SamplingParams
 from services.errors import DeadlineExceeded, InvalidInput, OmniError, ResourceExhausted
 from services.events import AudioChunk, Event, HookEvent, ReasoningDelta, TextDelta, TurnSummary
 from services.hooks import FilterChain, HookStage
+from services.media_budget import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_DECODED_SAMPLES, MediaBudget
 from services.preprocess import AudioInput, decode_audio, load_video
-from services.sessions import History, SessionStore, SessionStoreError
+from services.sessions import History, SessionStore, SessionStoreError, check_session_id
 from services.servicers.hooks import hook_event_to_proto
-from services.servicers.status import status_of
+from services.servicers.status import error_of, status_of
 from services.stages import Stages
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
+from services.wire.omni_api import Undecodable, add_OmniServicer_to_server
 from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES, add_standard_services
 
 log = logging.getLogger(__name__)
@@ -91,12 +96,15 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
                  authenticator: auth.Authenticator | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, default_deadline_s: float = DEFAULT_DEADLINE_S,
                  stage_timeout_s: float = 300.0, input_idle_s: float = DEFAULT_INPUT_IDLE_S,
-                 max_turns: int = DEFAULT_MAX_TURNS, max_turns_per_principal: int = DEFAULT_MAX_TURNS_PER_PRINCIPAL):
+                 max_turns: int = DEFAULT_MAX_TURNS, max_turns_per_principal: int = DEFAULT_MAX_TURNS_PER_PRINCIPAL,
+                 max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
+                 max_decoded_samples: int = DEFAULT_MAX_DECODED_SAMPLES):
         self.stages = stages
         self.sessions = sessions
         self.authenticator = authenticator  # None: no authentication (in-process use, or turned off)
         self.conductor = Conductor(stages, hooks=hooks, stage_timeout_s=stage_timeout_s)
         self.max_request_bytes = max_request_bytes
+        self.max_decoded_pixels, self.max_decoded_samples = max_decoded_pixels, max_decoded_samples
         self.default_deadline_s = default_deadline_s
         self.input_idle_s = input_idle_s
         self.max_turns = max_turns
@@ -132,7 +140,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         except OmniError as e:  # the same mapping as every stage servicer; a stage's own status passes through
             await context.abort(*status_of(e))
         except grpc.aio.AioRpcError as e:  # a stage's gRPC client surfaced its call's status: pass it on
-            await context.abort(e.code(), f"a stage failed: {e.details()}")
+            await context.abort(*status_of(error_of(e, "a")))  # logged there; no internal addresses
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -231,6 +239,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
 
     def _options(self, config: omni_pb2.ConverseConfig) -> TurnRequest:
         """The config as a TurnRequest without input; checked here so that a bad config fails before any upload."""
+        _check_config_limits(config)
         if config.talker_style:
             raise InvalidInput("talker_style is not supported yet; leave it empty")
         modalities = set(config.output_modalities) - {omni_pb2.MODALITY_UNSPECIFIED}
@@ -257,7 +266,8 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
 
     async def _read_parts(self, context: grpc.aio.ServicerContext) -> _TurnInput | None:
         """Input parts up to end_of_turn; None when the client cancels first."""
-        parts = _TurnInput()
+        parts = _TurnInput(budget=MediaBudget.for_processor(self.stages.processor, self.max_decoded_pixels,
+                                                            self.max_decoded_samples))
         while (msg := await self._next(context)) is not None:
             kind = msg.WhichOneof("kind")
             if kind == "end_of_turn":
@@ -301,10 +311,10 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         return self._cancelled_summary(req, progress, t0)
 
     def _cancelled_summary(self, req: TurnRequest, progress: _Progress, t0: float) -> TurnSummary:
-        # The conductor's record of the turn (codes, unreleased tokens) ends with its task; the client has what it
-        # was sent.
+        # The conductor's record of the turn (unreleased tokens, frames not yet heard) ends with its task; the client
+        # has what it was sent: the codes are those of the frames whose audio it got.
         return TurnSummary(
-            text="".join(progress.texts), thinker_token_ids=progress.token_ids, codes=[],
+            text="".join(progress.texts), thinker_token_ids=progress.token_ids, codes=progress.codes,
             sample_rate=self.stages.sample_rate, num_samples=progress.num_samples,
             speaker=req.speaker.lower() if req.audio_output else None, finish_reason="cancelled",
             timings={"total_s": round(time.perf_counter() - t0, 6)}, reasoning="".join(progress.reasoning),
@@ -337,7 +347,7 @@ async def start_gateway(servicer: OmniServicer, address: str = "127.0.0.1:0") ->
     """A started grpc.aio server with Omni, health and reflection (outside Ray: tests, single-process use);
     returns it and its port."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    omni_pb2_grpc.add_OmniServicer_to_server(servicer, server)
+    add_OmniServicer_to_server(servicer, server)  # ours: an undecodable message is INVALID_ARGUMENT
     await add_standard_services(server, [SERVICE_NAMES["Omni"]])
     port = server.add_insecure_port(address)
     await server.start()
@@ -372,6 +382,13 @@ class _Audio:
         pcm = pcm.reshape(-1, self.channels) if self.channels > 1 else pcm
         return {"audio": pcm, "sample_rate": self.sample_rate}, decode_audio(pcm, self.sample_rate)
 
+    def charge(self, where: str, budget: MediaBudget) -> None:
+        """Count the samples this audio decodes to against the turn's budget, from its header or byte count."""
+        if self.kind == "encoded":
+            budget.charge_audio_file(where, self.data)
+        else:
+            budget.charge_pcm(where, len(self.data), self.channels, self.sample_rate)
+
 
 @dataclass
 class _TurnInput:
@@ -382,6 +399,7 @@ class _TurnInput:
     images: dict[str, bytearray] = field(default_factory=dict)
     videos: dict[str, tuple[list[bytes], list[float]]] = field(default_factory=dict)
     nbytes: int = 0
+    budget: MediaBudget = field(default_factory=MediaBudget)  # decoded pixels and samples: checked before decoding
 
     def add(self, kind: str, part) -> None:
         if kind == "text":
@@ -415,7 +433,10 @@ class _TurnInput:
 
     def request(self, options: TurnRequest, history: list[dict]) -> tuple[TurnRequest, dict]:
         """Decode the media (CPU work: run in a thread) into the TurnRequest, and the user message to store in the
-        session, in the chat-message format of `build_turn`'s history and the same part order as its new turn."""
+        session, in the chat-message format of `build_turn`'s history and the same part order as its new turn.
+        Every input is charged against the turn's media budget first, from headers: nothing is decoded when the turn
+        would pass it."""
+        self._charge()
         audios, stored = [], []
         tracks: dict[str, tuple[dict, AudioInput]] = {}
         for audio_id, audio in self.audios.items():
@@ -433,7 +454,8 @@ class _TurnInput:
         videos = []
         for video_id, (frames, times) in self.videos.items():
             raw, decoded = tracks.get(video_id, ({}, None))
-            videos.append(_at(f"video {video_id!r}", load_video, frames, times, decoded))
+            videos.append(_at(f"video {video_id!r}", load_video, frames, times, decoded,
+                              target_pixels=self.budget.frame_target))
             video = {"frames": frames, "timestamps": times}
             if raw:
                 video["audio"] = raw["audio"]
@@ -447,11 +469,48 @@ class _TurnInput:
                       videos=videos, history=history)
         return req, {"role": "user", "content": stored}
 
+    def _charge(self) -> None:
+        for audio_id, audio in self.audios.items():
+            _at(f"audio {audio_id!r}", audio.charge, "it", self.budget)
+        for image_id, data in self.images.items():
+            _at(f"image {image_id!r}", self.budget.charge_image, "it", data)
+        for video_id, (frames, _) in self.videos.items():
+            for i, frame in enumerate(frames):
+                _at(f"video {video_id!r} frame {i}", self.budget.charge_image, "it", frame, frame=True)
 
-def _at(where: str, fn, *args):
+
+# What any config may ask for, checked when it arrives (`_check_config_limits`): past these a turn could only fail
+# later, after its upload. Qwen3-Omni's Thinker and Talker hold 65536 positions (max_position_embeddings), prompt
+# included, so no answer can be longer.
+MAX_NEW_TOKENS = 65536
+MAX_AUDIO_FRAMES = 65536
+MAX_REQUEST_ID_CHARS = 256
+MAX_METADATA_ENTRIES, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 64, 128, 1024
+
+
+def _check_config_limits(config: omni_pb2.ConverseConfig) -> None:
+    """Refuse a config that passes a fixed limit, before the turn starts and before any upload."""
+    check_session_id(config.session_id)
+    if len(config.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidInput(f"request_id is {len(config.request_id)} characters, the limit is {MAX_REQUEST_ID_CHARS}")
+    for name, value, limit, what in (
+            ("max_new_tokens", config.max_new_tokens, MAX_NEW_TOKENS, "the Thinker's positions"),
+            ("max_audio_frames", config.max_audio_frames, MAX_AUDIO_FRAMES, "the Talker's positions")):
+        if value > limit:
+            raise InvalidInput(f"{name} is {value}, more than {what} can ever hold ({limit}); ask for at most "
+                               f"{limit}, or 0 for the default")
+    if len(config.metadata) > MAX_METADATA_ENTRIES:
+        raise InvalidInput(f"metadata has {len(config.metadata)} entries, the limit is {MAX_METADATA_ENTRIES}")
+    for key, value in config.metadata.items():
+        if len(key) > MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidInput(f"metadata entry {key[:40]!r}: keys may have {MAX_METADATA_KEY_CHARS} characters and "
+                               f"values {MAX_METADATA_VALUE_CHARS}, this one {len(key)} and {len(value)}")
+
+
+def _at(where: str, fn, *args, **kwargs):
     """Call a decoder; prefix its domain error with which input it was."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except (InvalidInput, ResourceExhausted) as e:
         raise type(e)(f"{where}: {e}") from e
 
@@ -479,6 +538,7 @@ class _Progress:
     reasoning: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     num_samples: int = 0
+    codes: list[list[int]] = field(default_factory=list)  # the frames of the audio sent
 
     def add(self, event: Event) -> None:
         if isinstance(event, TextDelta):
@@ -489,6 +549,7 @@ class _Progress:
             self.token_ids.extend(event.token_ids)
         elif isinstance(event, AudioChunk):
             self.num_samples += len(event.samples)
+            self.codes.extend(list(frame) for frame in event.codes)
 
 
 def _event_message(event: TextDelta | ReasoningDelta | AudioChunk | HookEvent) -> omni_pb2.ConverseResponse:
@@ -516,6 +577,8 @@ def _summary_message(s: TurnSummary) -> omni_pb2.ConverseResponse:
 
 async def _read(context: grpc.aio.ServicerContext) -> omni_pb2.ConverseRequest | None:
     msg = await context.read()
+    if isinstance(msg, Undecodable):  # services.wire.omni_api's deserializer
+        raise InvalidInput(msg.reason)
     return None if msg is grpc.aio.EOF else msg
 
 

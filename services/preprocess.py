@@ -139,14 +139,8 @@ def _pcm_to_float(data: np.ndarray) -> np.ndarray:
 
 
 def _read_audio_file(data: bytes | bytearray | memoryview | str | Path, max_seconds: float) -> tuple[np.ndarray, int]:
-    if isinstance(data, (str, Path)):
-        if not Path(data).is_file():
-            raise InvalidInput(f"audio file not found: {data}")
-        source = data
-    else:
-        source = io.BytesIO(bytes(data))
     try:
-        with sf.SoundFile(source) as f:
+        with open_audio_file(data) as f:
             _check_rate(f.samplerate)
             # The header's length bounds the work before decoding anything.
             if f.frames / f.samplerate > max_seconds:
@@ -155,28 +149,43 @@ def _read_audio_file(data: bytes | bytearray | memoryview | str | Path, max_seco
                 )
             return f.read(dtype="float32", always_2d=True), f.samplerate
     except sf.SoundFileError as e:
-        raise InvalidInput(f"cannot decode audio: {e}") from e
+        raise InvalidInput(f"cannot decode audio: {_soundfile_reason(e)}") from e
+
+
+def open_audio_file(data: bytes | bytearray | memoryview | str | Path) -> sf.SoundFile:
+    """The file opened for reading: its header (frames, channels, rate) is read, no samples yet."""
+    if isinstance(data, (str, Path)):
+        if not Path(data).is_file():
+            raise InvalidInput(f"audio file not found: {data}")
+        return sf.SoundFile(data)
+    try:
+        return sf.SoundFile(io.BytesIO(bytes(data)))
+    except sf.SoundFileError as e:
+        raise InvalidInput(f"cannot decode audio: {_soundfile_reason(e)}") from e
+
+
+def _soundfile_reason(e: sf.SoundFileError) -> str:
+    # libsndfile's own words; str(e) names the file object ("<_io.BytesIO object at 0x...>"), useless to a client.
+    return getattr(e, "error_string", None) or "not a WAV, FLAC or OGG file soundfile can read"
 
 
 # ---- images and video ----------------------------------------------------------------------------------
 
 
-def load_image(data: bytes | str | Path | PIL.Image.Image, *, max_pixels: int = 50_000_000) -> PIL.Image.Image:
-    """Decode fully (a truncated file fails here, not in the processor), apply EXIF rotation, convert to RGB."""
+def load_image(data: bytes | str | Path | PIL.Image.Image, *, max_pixels: int = 50_000_000,
+               target_pixels: int | None = None) -> PIL.Image.Image:
+    """Decode fully (a truncated file fails here, not in the processor), apply EXIF rotation, convert to RGB.
+
+    `target_pixels`: the most pixels the processor resizes to (its `size["longest_edge"]`); an image of 4x that
+    or more is decoded smaller (JPEG's DCT scaling, `draft`) or reduced right after decoding (other formats, which
+    PIL decodes only at full size), by an integer factor that keeps it above the target, so the processor never
+    holds a full-size copy. Smaller images reach the processor untouched, exactly as in the reference."""
     from transformers.image_transforms import convert_to_rgb
 
     if isinstance(data, PIL.Image.Image):
         image = data
     elif isinstance(data, (bytes, bytearray, memoryview, str, Path)):
-        if isinstance(data, (str, Path)) and not Path(data).is_file():
-            raise InvalidInput(f"image file not found: {data}")
-        source = data if isinstance(data, (str, Path)) else io.BytesIO(bytes(data))
-        try:
-            image = PIL.Image.open(source)
-        except PIL.Image.DecompressionBombError as e:
-            raise ResourceExhausted(f"image is too large: {e}") from e
-        except (PIL.UnidentifiedImageError, OSError, ValueError) as e:
-            raise InvalidInput(f"not a readable image: {e}") from e
+        image = open_image(data)
     else:
         raise InvalidInput(f"image must be file bytes, a path or a PIL image, got {type(data).__name__}")
 
@@ -188,7 +197,10 @@ def load_image(data: bytes | str | Path | PIL.Image.Image, *, max_pixels: int = 
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
         raise InvalidInput(f"image aspect ratio {width}x{height} exceeds {MAX_ASPECT_RATIO}:1")
     try:
+        draft_for(image, target_pixels)
         image.load()
+        if (factor := reduction(*image.size, target_pixels)) > 1:
+            image = image.reduce(factor)
         image = PIL.ImageOps.exif_transpose(image)
         # transformers' conversion: transparency composited onto white.
         return PIL.Image.fromarray(convert_to_rgb(image, return_numpy=True))
@@ -196,6 +208,39 @@ def load_image(data: bytes | str | Path | PIL.Image.Image, *, max_pixels: int = 
         raise ResourceExhausted(f"image is too large: {e}") from e
     except (OSError, ValueError, SyntaxError) as e:
         raise InvalidInput(f"corrupt or truncated image: {e}") from e
+
+
+def open_image(data: bytes | bytearray | memoryview | str | Path) -> PIL.Image.Image:
+    """The image opened lazily: format and size are read from its header, no pixels are decoded. PIL's own
+    decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, 2x of it raises here) stays as a backstop above the
+    gateway's budget (`services.media_budget`)."""
+    if isinstance(data, (str, Path)) and not Path(data).is_file():
+        raise InvalidInput(f"image file not found: {data}")
+    source = data if isinstance(data, (str, Path)) else io.BytesIO(bytes(data))
+    try:
+        return PIL.Image.open(source)
+    except PIL.Image.DecompressionBombError as e:
+        raise ResourceExhausted(f"image is too large: {e}") from e
+    except PIL.UnidentifiedImageError as e:
+        # PIL's message names the file object ("<_io.BytesIO object at 0x...>"), useless to a client.
+        raise InvalidInput("not a readable image: not a format Pillow can decode (PNG, JPEG, WebP, GIF, ...)") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InvalidInput(f"not a readable image: {e}") from e
+
+
+def reduction(width: int, height: int, target_pixels: int | None) -> int:
+    """The integer factor an image can shrink by and keep at least `target_pixels` (1: none)."""
+    if not target_pixels or width * height < 4 * target_pixels:
+        return 1
+    return math.isqrt(width * height // target_pixels)
+
+
+def draft_for(image: PIL.Image.Image, target_pixels: int | None) -> None:
+    """Ask a lazily opened JPEG to decode at 1/2, 1/4 or 1/8 scale where that stays above `target_pixels`
+    (`image.size` then says the reduced size); a no-op for other formats."""
+    if (factor := reduction(*image.size, target_pixels)) > 1 and image.format == "JPEG":
+        width, height = image.size
+        image.draft("RGB", (-(-width // factor), -(-height // factor)))
 
 
 @dataclass
@@ -224,8 +269,10 @@ def load_video(
     max_frames: int = 768,
     max_pixels: int = 50_000_000,
     max_seconds: float = 600.0,
+    target_pixels: int | None = None,
 ) -> VideoInput:
-    """Decode and check frames (images), timestamps and the optional audio track (anything `decode_audio` takes)."""
+    """Decode and check frames (images), timestamps and the optional audio track (anything `decode_audio` takes).
+    `target_pixels`: the video processor's largest frame size (see `load_image`)."""
     if isinstance(frames, (str, bytes)) or not isinstance(frames, Sequence):
         raise InvalidInput(f"video frames must be a list of images, got {type(frames).__name__}")
     if len(frames) == 0:
@@ -253,7 +300,7 @@ def load_video(
 
     decoded = []
     for i, frame in enumerate(frames):
-        image = _located(f"frame {i}", load_image, frame, max_pixels=max_pixels)
+        image = _located(f"frame {i}", load_image, frame, max_pixels=max_pixels, target_pixels=target_pixels)
         if decoded and image.size != decoded[0].size:
             raise InvalidInput(f"frame {i} is {image.size[0]}x{image.size[1]}, frame 0 is "
                                f"{decoded[0].size[0]}x{decoded[0].size[1]}: all frames must have one size")
@@ -382,7 +429,7 @@ def build_turn(
     `audios` items: AudioInput or encoded files (bytes/path); raw PCM goes through `decode_audio(pcm, rate)` first.
     `system`, if given, replaces the history's system message or is prepended.
     """
-    messages = [_load_media(m, f"messages[{i}]") for i, m in enumerate(validate_conversation(history))]
+    messages = [_load_media(m, f"messages[{i}]", processor) for i, m in enumerate(validate_conversation(history))]
     if system is not None:
         if not isinstance(system, str):
             raise InvalidInput("system prompt must be a string")
@@ -394,7 +441,9 @@ def build_turn(
         raise InvalidInput(f"text must be a string, got {type(text).__name__}")
 
     parts = [{"type": "audio", "audio": _located(f"audio {i}", decode_audio, a)} for i, a in enumerate(audios)]
-    parts += [{"type": "image", "image": _located(f"image {i}", load_image, im)} for i, im in enumerate(images)]
+    target = processed_pixels(processor, "image")
+    parts += [{"type": "image", "image": _located(f"image {i}", load_image, im, target_pixels=target)}
+              for i, im in enumerate(images)]
     for i, video in enumerate(videos):
         if not isinstance(video, VideoInput):
             raise InvalidInput(f"video {i}: expected a VideoInput (see load_video), got {type(video).__name__}")
@@ -460,7 +509,13 @@ def _shared_fps(videos: list[VideoInput]) -> float | None:
     return rates[0] if rates else None
 
 
-def _load_media(message: dict, where: str) -> dict:
+def processed_pixels(processor, kind: str) -> int | None:
+    """The most pixels the processor resizes an image ("image") or a video frame ("video") to; None if unknown."""
+    size = getattr(getattr(processor, f"{kind}_processor", None), "size", None)
+    return getattr(size, "longest_edge", None) or (size.get("longest_edge") if isinstance(size, Mapping) else None)
+
+
+def _load_media(message: dict, where: str, processor) -> dict:
     if isinstance(message["content"], str):
         return message
     parts = []
@@ -469,9 +524,12 @@ def _load_media(message: dict, where: str) -> dict:
         if kind == "audio":
             part = {"type": "audio", "audio": _located(at, decode_audio, part["audio"], part.get("sample_rate"))}
         elif kind == "image":
-            part = {"type": "image", "image": _located(at, load_image, part["image"])}
+            part = {"type": "image", "image": _located(at, load_image, part["image"],
+                                                       target_pixels=processed_pixels(processor, "image"))}
         elif kind == "video" and not isinstance(part["video"], VideoInput):
-            part = {"type": "video", "video": _located(at, lambda v: load_video(**v), part["video"])}
+            target = processed_pixels(processor, "video")
+            part = {"type": "video", "video": _located(at, lambda v: load_video(**v, target_pixels=target),
+                                                       part["video"])}
         parts.append(part)
     return {**message, "content": parts}
 

@@ -26,7 +26,7 @@ from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt
 from services.engines.thinker import ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings
-from services.errors import InvalidInput
+from services.errors import InvalidInput, ResourceExhausted
 from services.hooks import HookContext, Released
 from services.hooks.stage import plain_conversation
 from services.servicers import request_id, required, sampling_to_proto
@@ -54,7 +54,7 @@ from services.wire.gen.omni.v1.mtp_pb2 import PredictRequest, PredictResponse
 from services.wire.gen.omni.v1.talker_pb2 import SpeakRequest, SpeakStart, TextEnd
 from services.wire.gen.omni.v1.thinker_pb2 import PromptEnd, ThinkEnd, ThinkRequest, ThinkStart
 from services.wire.gen.omni.v1.vision_encoder_pb2 import EncodeVisionRequest, EncodeVisionStart
-from services.wire.server import GRPC_OPTIONS
+from services.wire.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 from services.wire.tensors import PieceAssembler, from_proto, to_pieces, to_proto
 
 STAGE_KEYS = ("audio", "vision", "thinker", "talker", "code2wav")  # `remote_stages` addresses, as Stages names them
@@ -318,6 +318,7 @@ class _RemoteHookTurn:
         return await self._ask(FilterRequest(thinker_end=ThinkEnd(finish_reason=reason)), final=True)
 
     async def write(self, request: FilterRequest) -> None:
+        check_size(request, "hooks")
         try:
             await self._call.write(request)
         except grpc.aio.AioRpcError as e:
@@ -401,7 +402,7 @@ async def _exchange(method: Callable[..., grpc.aio.StreamStreamCall], requests: 
     """One bidirectional call: a task writes `requests` (then half-closes) while this yields the responses.
     Leaving early cancels the call; a failed call raises its domain error, or what the requests raised."""
     call = method(metadata=tracing.metadata())  # the caller's trace context, continued by the stage's server
-    writer = asyncio.create_task(_write(call, requests))
+    writer = asyncio.create_task(_write(call, requests, stage))
     writer.add_done_callback(lambda t: t.cancelled() or t.exception())  # read below, or not needed
     try:
         while (resp := await call.read()) is not grpc.aio.EOF:
@@ -417,9 +418,21 @@ async def _exchange(method: Callable[..., grpc.aio.StreamStreamCall], requests: 
         writer.cancel()
 
 
-async def _write(call: grpc.aio.StreamStreamCall, requests: AsyncIterator) -> None:
+def check_size(msg, stage: str) -> None:
+    """Refuse a request message the stage would refuse for its size (its `grpc.max_receive_message_length`), before
+    writing it: grpc.aio reports a write the server refused as INTERNAL "Internal error from Core" (grpc/grpc#36066),
+    not the server's RESOURCE_EXHAUSTED. Tensors cross in pieces well below the limit; what can pass it is text: the
+    hooks stage's conversation (a turn's text, a session's history)."""
+    if (size := msg.ByteSize()) > MAX_MESSAGE_BYTES:
+        raise ResourceExhausted(f"the request to the {stage} stage would be one message of {size:,} bytes, more than "
+                                f"a stage accepts ({MAX_MESSAGE_BYTES:,}): the turn's text and the session's history "
+                                "are too long; send less text or start a new session")
+
+
+async def _write(call: grpc.aio.StreamStreamCall, requests: AsyncIterator, stage: str) -> None:
     try:
         async for msg in requests:
+            check_size(msg, stage)
             await call.write(msg)
         await call.done_writing()
     except Exception:

@@ -5,12 +5,19 @@ concurrent streams; bad input ends with the right status and the server keeps se
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
 import socket
+import threading
 import time
 
 import grpc
 import numpy as np
+import PIL.Image
+import PIL.ImageFile
+import psutil
 import pytest
+import soundfile as sf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.client import ConverseError, OmniClient, Video
@@ -19,7 +26,8 @@ from services.engines.bundle import Engines
 from services.errors import InvalidInput, OmniError
 from services.events import AudioChunk, TextDelta, TurnSummary, float_to_pcm16
 from services.gateway import OmniServicer, start_gateway
-from services.preprocess import load_video
+from services.preprocess import load_image, load_video
+from services.remote import RemoteThinker
 from services.sessions import InProcessSessions
 from services.stages import Stages
 from services.wire.gen.omni.v1 import omni_pb2, omni_pb2_grpc
@@ -206,7 +214,7 @@ def test_cancel_message_ends_with_a_cancelled_summary(gateway):
 
     events = asyncio.run(cancel_after_first_audio())
     summary = events[-1]
-    assert summary.finish_reason == "cancelled" and summary.codes == []
+    assert summary.finish_reason == "cancelled" and summary.codes  # the frames heard (see the test below)
     assert summary.text == "".join(e.text for e in events if isinstance(e, TextDelta))
     assert summary.num_samples == sum(e.samples.size for e in events if isinstance(e, AudioChunk)) > 0
     assert len(summary.thinker_token_ids) < 200
@@ -255,3 +263,252 @@ def test_video_with_its_sound_track(gateway, stages, media):
         text="What happens?", videos=[video], max_new_tokens=8, max_audio_frames=24)))
     assert summary.thinker_token_ids == ref.thinker_token_ids and summary.codes == ref.codes
     np.testing.assert_array_equal(float_to_pcm16(samples), float_to_pcm16(ref_samples))
+
+
+# ---- bounded decoding, precise errors (issue 11) --------------------------------------------------------------
+
+
+async def responses_and_error(address: str, requests: list) -> tuple[list, grpc.aio.AioRpcError | None]:
+    """The responses of a call that sends `requests` as given, and its error (None if it ended OK)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = omni_pb2_grpc.OmniStub(channel).Converse(iter(requests), timeout=30)
+        got = []
+        try:
+            async for response in call:
+                got.append(response)
+        except grpc.aio.AioRpcError as e:
+            return got, e
+        return got, None
+
+
+def image_part(data: bytes, image_id: str = "img") -> omni_pb2.ConverseRequest:
+    return omni_pb2.ConverseRequest(image=omni_pb2.ImageInput(image_id=image_id, data=data))
+
+
+def encoded(image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bomb_png() -> bytes:
+    """The issue's case: a 7070x7070 PNG of a few tens of KB (1-bit, so writing it here is cheap too)."""
+    data = encoded(PIL.Image.new("1", (7070, 7070)), "PNG", optimize=True)
+    assert len(data) < 100_000
+    return data
+
+
+class LoadSpy:
+    """Records the size of every image PIL decodes (its real `ImageFile.load`, wrapped) and the peak RSS of this
+    process (the gateway's) while it is active, sampled every 2 ms."""
+
+    def __init__(self, monkeypatch):
+        self.sizes, self.peak = [], 0
+        real = PIL.ImageFile.ImageFile.load
+
+        def load(image):
+            self.sizes.append(image.size)
+            return real(image)
+
+        monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", load)
+        self.base = psutil.Process().memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, process.memory_info().rss)
+
+    def stop(self) -> int:
+        """Peak RSS growth in bytes."""
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak - self.base, 0)
+
+
+def test_a_7070x7070_png_is_refused_before_decoding(gateway, bomb_png, monkeypatch):
+    spy = LoadSpy(monkeypatch)
+    got, error = asyncio.run(responses_and_error(gateway[0], [config(), image_part(bomb_png, "bomb"), END]))
+    growth = spy.stop()
+    assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    assert "image 'bomb'" in error.details() and "7070x7070 = 49,984,900 pixels" in error.details()
+    assert "budget of 40,000,000 decoded pixels" in error.details() and "max_decoded_pixels" in error.details()
+    assert spy.sizes == []  # nothing was decoded
+    assert growth < 60 << 20, f"the gateway grew by {growth >> 20} MB"  # decoding it costs 150 MB as RGB alone
+    assert_serving(gateway[0])
+
+
+def test_a_big_jpeg_is_decoded_at_a_fraction_of_its_size(gateway, processor, monkeypatch):
+    """A 4000x3000 JPEG is 12 MP; the processor uses at most 1.31 MP of it, so PIL decodes it at 1/2 scale."""
+    rng = np.random.default_rng(1)
+    small = PIL.Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    jpeg = encoded(small.resize((4000, 3000)), "JPEG", quality=50)
+    assert len(jpeg) < MAX_REQUEST_BYTES
+    spy = LoadSpy(monkeypatch)
+    summary, _ = OmniClient(gateway[0]).converse_sync(text="What is it?", images=[jpeg], greedy=True,
+                                                      max_new_tokens=3, audio_output=False)
+    spy.stop()
+    assert len(summary.thinker_token_ids) == 3
+    assert (2000, 1500) in spy.sizes and (4000, 3000) not in spy.sizes, spy.sizes
+
+
+def test_load_image_reduces_what_the_processor_would_shrink():
+    target = 1280 * 32 * 32
+    png = encoded(PIL.Image.new("RGB", (4000, 3000), "red"), "PNG")
+    assert load_image(png, target_pixels=target).size == (1334, 1000)  # reduce(3), rounding up: still >= target
+    assert load_image(png).size == (4000, 3000)  # no target: as the reference
+    small = encoded(PIL.Image.new("RGB", (2000, 1500), "red"), "PNG")  # under 4x the target: untouched
+    assert load_image(small, target_pixels=target).size == (2000, 1500)
+
+
+@pytest.fixture(scope="module")
+def small_budget(stages):
+    """A gateway whose media budget is small: 100,000 pixels, 10 s of 16 kHz mono."""
+    loop = LoopThread()
+    servicer = OmniServicer(stages, InProcessSessions(), max_request_bytes=MAX_REQUEST_BYTES, default_deadline_s=60,
+                            max_decoded_pixels=100_000, max_decoded_samples=160_000)
+    server, port = loop.run(start_gateway(servicer))
+    yield f"127.0.0.1:{port}"
+    loop.run(server.stop(None))
+    loop.stop()
+
+
+def flac(seconds: float, rate: int = 16000, channels: int = 1) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((int(seconds * rate), channels), np.int16), rate, format="FLAC")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("parts, message", [
+    ([omni_pb2.AudioInput(audio_id="long", encoded=flac(12))],
+     "audio 'long': it is 12.0 s at 16000 Hz x 1 channel(s) = 192,000 samples, which takes the turn's audio past its "
+     "budget of 160,000 decoded samples"),
+    # Two audios within budget each, not together; the 48 kHz stereo one counts both channels at its own rate.
+    ([omni_pb2.AudioInput(audio_id="a", encoded=flac(6)),
+      omni_pb2.AudioInput(audio_id="b", encoded=flac(1, 48000, 2))], "audio 'b': it is 1.0 s at 48000 Hz x 2"),
+    ([omni_pb2.AudioInput(audio_id="pcm", pcm16=bytes(2 * 170_000), sample_rate=16000)],
+     "audio 'pcm': it is 10.6 s at 16000 Hz x 1 channel(s) = 170,000 samples"),
+    ([omni_pb2.ImageInput(image_id="a", data=encoded(PIL.Image.new("RGB", (200, 200)), "PNG")),
+      omni_pb2.ImageInput(image_id="b", data=encoded(PIL.Image.new("RGB", (300, 300)), "PNG"))],
+     "image 'b': it decodes to 300x300 = 90,000 pixels, which takes the turn's images and video frames past their "
+     "budget of 100,000 decoded pixels"),
+    ([omni_pb2.VideoFrame(video_id="v", image=encoded(PIL.Image.new("RGB", (200, 100)), "PNG"), timestamp_s=t)
+      for t in range(6)], "video 'v' frame 5: it decodes to 200x100"),
+], ids=["long-flac", "two-audios", "pcm-bytes", "two-images", "video-frames"])
+def test_media_over_the_budget_is_refused_naming_the_input(small_budget, parts, message):
+    requests = [config(), *[omni_pb2.ConverseRequest(**{_kind(p): p}) for p in parts], END]
+    _, error = asyncio.run(responses_and_error(small_budget, requests))
+    assert error is not None and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    assert message in error.details(), error.details()
+    assert_serving(small_budget)
+
+
+def _kind(part) -> str:
+    return {"AudioInput": "audio", "ImageInput": "image", "VideoFrame": "video_frame"}[type(part).__name__]
+
+
+def test_media_within_the_budget_is_answered(small_budget, media):
+    summary, _ = OmniClient(small_budget).converse_sync(text="Hi", audios=[media["audio"]], images=[media["image"]],
+                                                        greedy=True, max_new_tokens=2, audio_output=False)
+    assert len(summary.thinker_token_ids) == 2
+
+
+def test_invalid_utf8_in_a_text_part_is_invalid_argument(gateway):
+    """proto3 strings must be UTF-8: such a message fails to parse. Sent as raw bytes, as a client in another
+    language (or a broken one) could."""
+    good = omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text="ab")).SerializeToString()
+    bad_config = config(session_id="zz", request_id="r").SerializeToString().replace(b"zz", b"\xc3\x28")
+
+    async def send(messages: list[bytes]) -> grpc.aio.AioRpcError:
+        async with grpc.aio.insecure_channel(gateway[0]) as channel:
+            call = channel.stream_stream("/omni.v1.Omni/Converse", request_serializer=bytes,
+                                         response_deserializer=omni_pb2.ConverseResponse.FromString)(iter(messages),
+                                                                                                     timeout=30)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in call:
+                    pass
+            return info.value
+
+    error = asyncio.run(send([config().SerializeToString(), good.replace(b"ab", b"\xff\xfe"), END.SerializeToString()]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "a text part is not valid UTF-8: field text.text (protobuf strings must be UTF-8)"
+    error = asyncio.run(send([bad_config]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "field config.session_id" in error.details()
+    error = asyncio.run(send([config().SerializeToString(), b"\xff\xff\xff", END.SerializeToString()]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid omni.v1.ConverseRequest" in error.details()
+    assert_serving(gateway[0])
+
+
+@pytest.mark.parametrize("part, message", [
+    (omni_pb2.ConverseRequest(audio=omni_pb2.AudioInput(audio_id="q", encoded=b"RIFF not really a wave file")),
+     "audio 'q': cannot decode audio: Format not recognised."),
+    (image_part(b"GIF89a but then nothing", "pic"), "image 'pic': not a readable image"),
+    (image_part(b"\x00" * 64, "zeros"), "image 'zeros': not a readable image: not a format Pillow can decode"),
+], ids=["audio", "truncated-gif", "unknown-format"])
+def test_decode_errors_name_the_input_without_python_reprs(gateway, part, message):
+    _, error = asyncio.run(responses_and_error(gateway[0], [config(), part, END]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details(), error.details()
+    assert "0x" not in error.details() and "object at" not in error.details()
+
+
+def test_an_unreachable_stage_is_named_without_its_address(stages, caplog):
+    """A Thinker whose replica is gone: UNAVAILABLE naming the stage; the address only in the gateway's log."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"
+    loop = LoopThread()
+
+    async def start():
+        thinker = RemoteThinker(grpc.aio.insecure_channel(closed))
+        return await start_gateway(OmniServicer(dataclasses.replace(stages, thinker=thinker), InProcessSessions()))
+
+    server, port = loop.run(start())
+    try:
+        with caplog.at_level("WARNING", logger="services.servicers.status"):
+            _, error = asyncio.run(responses_and_error(f"127.0.0.1:{port}", [
+                config(output_modalities=[omni_pb2.MODALITY_TEXT]),
+                omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text="hi")), END]))
+    finally:
+        loop.run(server.stop(None))
+        loop.stop()
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+    assert error.details().startswith("thinker stage: UNAVAILABLE: no replica could be reached"), error.details()
+    assert closed.split(":")[1] not in error.details() and "127.0.0.1" not in error.details()
+    assert closed.split(":")[1] in caplog.text  # the operator still sees where it tried
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(max_audio_frames=2**31 - 1), "max_audio_frames is 2147483647, more than the Talker's positions"),
+    (dict(max_new_tokens=10**6), "max_new_tokens is 1000000"),
+    (dict(session_id="s" * 257), "session_id is 257 characters, the limit is 256"),
+    (dict(request_id="r" * 300), "request_id is 300 characters"),
+    (dict(metadata={f"k{i}": "v" for i in range(65)}), "metadata has 65 entries"),
+    (dict(metadata={"k": "v" * 2000}), "metadata entry 'k'"),
+], ids=["max-audio-frames", "max-new-tokens", "session-id", "request-id", "metadata-entries", "metadata-value"])
+def test_config_limits_are_checked_before_the_turn_starts(gateway, cfg, message):
+    got, error = asyncio.run(responses_and_error(gateway[0], [config(**cfg)]))
+    assert error is not None and error.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.details(), error
+    assert got == []  # refused at the config: no TurnStarted, nothing uploaded
+
+
+def test_a_cancelled_turn_summary_has_the_codes_of_the_audio_sent(gateway):
+    turn_args = dict(text="Tell me a story.", greedy=True, max_new_tokens=40, max_audio_frames=60)
+    full, _ = OmniClient(gateway[0]).converse_sync(**turn_args)
+
+    async def cancel_after_two_chunks():
+        async with OmniClient(gateway[0]) as client:
+            turn = client.converse(**turn_args)
+            events = []
+            async for event in turn:
+                events.append(event)
+                if isinstance(event, AudioChunk) and event.seq == 1:
+                    await turn.cancel()
+            return events
+
+    events = asyncio.run(cancel_after_two_chunks())
+    summary = events[-1]
+    assert summary.finish_reason == "cancelled" and len(full.codes) > len(summary.codes) >= 2
+    assert summary.codes == full.codes[:len(summary.codes)]  # greedy: the same frames, in order

@@ -260,3 +260,23 @@ def test_a_failing_filter_fails_its_turn_only(engines, processor):
     assert getattr(error, "code", None) == grpc.StatusCode.INTERNAL
     assert "text filter 'boom' failed: RuntimeError: it went boom" in str(error)
     assert kinds == ["released", "end"]
+
+
+def test_a_conversation_over_the_message_limit_is_resource_exhausted(processor):
+    """10 MB of text in a turn (or a session's history) would be one FilterStart over the stage's 8 MiB: refused
+    before it is written, as RESOURCE_EXHAUSTED saying why (grpc.aio would report the refused write as INTERNAL)."""
+    from services.errors import ResourceExhausted
+    from services.hooks import HookContext
+
+    async def body(hooks, _):
+        ctx = HookContext(request_id="r", session_id="", metadata={},
+                          conversation=[{"role": "user", "content": "a" * (9 << 20)}])
+        with pytest.raises(ResourceExhausted, match=r"hooks stage would be one message of 9,4\d\d,\d\d\d bytes") as e:
+            async with hooks.open(ctx):
+                pass
+        async with hooks.open(dataclasses.replace(ctx, conversation=[{"role": "user", "content": "hi"}])) as turn:
+            released = await turn.thinker_end(stopped=True)  # the stage still serves
+        return str(e.value), released
+
+    message, released = asyncio.run(with_stage(FilterChain([]), processor, body))
+    assert "send less text or start a new session" in message and released.text == ""

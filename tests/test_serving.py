@@ -331,6 +331,31 @@ async def test_the_proxy_refuses_a_message_over_the_stage_limit(cluster, in_proc
     _assert_same_turn(await _converse(cluster.address), in_process)  # still serving
 
 
+async def test_invalid_utf8_and_ten_mb_of_text_get_their_status_through_the_proxy(cluster, in_process):
+    """The proxy deserializes before the gateway sees a message: invalid UTF-8 in a text part is still
+    INVALID_ARGUMENT naming it (services.wire.omni_api). Ten 1 MiB text parts pass every per-message limit; their
+    conversation would reach the hooks stage as one message over its limit: RESOURCE_EXHAUSTED saying so."""
+    config = _turn()[0]
+    bad = omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text="ab")).SerializeToString().replace(b"ab", b"\xff\xfe")
+    end = omni_pb2.ConverseRequest(end_of_turn=omni_pb2.EndOfTurn())
+    text_mb = omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text="a" * (1 << 20)))
+    async with grpc.aio.insecure_channel(cluster.address) as channel:
+        raw = channel.stream_stream("/omni.v1.Omni/Converse", request_serializer=bytes,
+                                    response_deserializer=omni_pb2.ConverseResponse.FromString)
+        with pytest.raises(grpc.aio.AioRpcError) as utf8:
+            async for _ in raw(iter([config.SerializeToString(), bad, end.SerializeToString()]),
+                               metadata=(("application", "omni"),), timeout=60):
+                pass
+        with pytest.raises(grpc.aio.AioRpcError) as ten_mb:
+            async for _ in _converse_call(channel, [config, *[text_mb] * 10, end]):
+                pass
+    assert utf8.value.code() == grpc.StatusCode.INVALID_ARGUMENT, utf8.value
+    assert utf8.value.details().startswith("a text part is not valid UTF-8: field text.text")
+    assert ten_mb.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ten_mb.value
+    assert "the request to the hooks stage would be one message of" in ten_mb.value.details()
+    _assert_same_turn(await _converse(cluster.address), in_process)  # still serving
+
+
 async def test_a_client_that_disconnects_frees_every_stage(cluster):
     async with grpc.aio.insecure_channel(cluster.address) as channel:
         call = _converse_call(channel, _turn(max_new_tokens=64, max_audio_frames=2000))

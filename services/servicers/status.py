@@ -5,12 +5,17 @@ back into the same errors, so a conductor behind gRPC sees what it would see in 
     DeadlineExceeded <-> DEADLINE_EXCEEDED  CheckpointError <-> FAILED_PRECONDITION
     Unauthenticated <-> UNAUTHENTICATED
     anything else -> INTERNAL (traceback logged); other statuses come back as StageError with their code
+
+Details that reach a client never carry internal addresses: grpc's own UNAVAILABLE text ("failed to connect to all
+addresses; last error: ... ipv4:10.0.0.5:12345 ...") is logged here and replaced by which stage could not be
+reached, and any address left in a message is masked (`public_details`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -36,6 +41,9 @@ _CODES: dict[type[OmniError], grpc.StatusCode] = {
 }
 _ERRORS = {code: cls for cls, code in _CODES.items()}
 _MAX_DETAILS = 500  # keep an unexpected exception's message short; the traceback goes to the log
+# A socket address as grpc and Ray write them: ipv4:/ipv6:/unix: URIs, IPv4 or bracketed IPv6 with an optional port.
+_ADDRESS = re.compile(r"\b(?:ipv4|ipv6|unix|unix-abstract|vsock):[^\s,;'\"()]+"
+                      r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b|\[[0-9a-fA-F.]*:[0-9a-fA-F:.]*\](?::\d+)?")
 
 
 class StageError(OmniError):
@@ -49,7 +57,7 @@ class StageError(OmniError):
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and details a servicer answers for `error`."""
     if isinstance(error, StageError):  # a stage behind this one failed: pass its code on (UNAVAILABLE stays so)
-        return error.code, str(error)
+        return error.code, public_details(str(error))
     for cls, code in _CODES.items():
         if isinstance(error, cls):
             return code, str(error)
@@ -61,8 +69,17 @@ def error_of(error: grpc.aio.AioRpcError, stage: str) -> OmniError:
     code, details = error.code(), error.details() or ""
     cls = _ERRORS.get(code)
     if cls is not None:
-        return cls(details)
-    return StageError(code, f"{stage} stage: {code.name}: {details}")
+        return cls(public_details(details))
+    log.warning("%s stage: %s: %s", stage, code.name, details)
+    public = public_details(details)
+    if code == grpc.StatusCode.UNAVAILABLE and public != details:  # grpc's connection failure, naming addresses
+        public = "no replica could be reached (connection failed; the gateway's log has the details)"
+    return StageError(code, f"{stage} stage: {code.name}: {public}")
+
+
+def public_details(details: str) -> str:
+    """`details` with every socket address masked: fit for a client."""
+    return _ADDRESS.sub("<internal address>", details)
 
 
 @asynccontextmanager

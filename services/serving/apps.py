@@ -125,6 +125,10 @@ class GatewayArgs(BaseModel):
                                                                                         "keep in the session store")
     # Unset: OmniServicer's defaults.
     max_request_bytes: int | None = Field(None, gt=0, description="input bytes accepted per turn")
+    max_decoded_pixels: int | None = Field(None, gt=0, description="pixels a turn's images and video frames may "
+                                                                   "decode to, checked before decoding")
+    max_decoded_samples: int | None = Field(None, gt=0, description="audio samples a turn's audio may decode to "
+                                                                    "(frames x channels), checked before decoding")
     default_deadline_s: float | None = Field(None, gt=0, description="cap on a turn's duration")
     stage_timeout_s: float | None = Field(None, gt=0, description="longest wait for a stage's next output")
     input_idle_s: float | None = Field(None, gt=0, description="longest pause between a turn's input messages "
@@ -342,7 +346,8 @@ class GatewayReplica:
         self.stages = routed_stages(args.stages, processor, speakers, thinker_stop_ids(ckpt), SAMPLE_RATE, variant)
         self.sessions = make_session_store(args.redis_url, quotas=Quotas(**args.sessions.model_dump()))
         limits = args.model_dump(include={"max_request_bytes", "default_deadline_s", "stage_timeout_s", "input_idle_s",
-                                          "max_turns", "max_turns_per_principal"}, exclude_none=True)
+                                          "max_turns", "max_turns_per_principal", "max_decoded_pixels",
+                                          "max_decoded_samples"}, exclude_none=True)
         self.hooks = None
         if args.hooks_app:
             from services.remote import RemoteHooks
