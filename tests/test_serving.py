@@ -344,7 +344,7 @@ async def test_invalid_utf8_and_ten_mb_of_text_get_their_status_through_the_prox
                                     response_deserializer=omni_pb2.ConverseResponse.FromString)
         with pytest.raises(grpc.aio.AioRpcError) as utf8:
             async for _ in raw(iter([config.SerializeToString(), bad, end.SerializeToString()]),
-                               metadata=(("application", "omni"),), timeout=60):
+                               metadata=OmniClient("").metadata, timeout=60):
                 pass
         with pytest.raises(grpc.aio.AioRpcError) as ten_mb:
             async for _ in _converse_call(channel, [config, *[text_mb] * 10, end]):

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.bench.hops import EchoMTP
+from services.client import OmniClient
 from services.remote import RemoteMTP
 from services.servicers import serve_stage
 from services.servicers.mtp import MTPServicer
@@ -253,7 +254,7 @@ async def test_a_spoken_turn_through_the_proxy_crosses_every_stage_over_mutual_t
                 omni_pb2.ConverseRequest(end_of_turn=omni_pb2.EndOfTurn())]
     pcm, summary = bytearray(), None
     async with grpc.aio.insecure_channel(cluster.address) as proxy:
-        async for msg in omni_pb2_grpc.OmniStub(proxy).Converse(iter(requests), metadata=(("application", "omni"),),
+        async for msg in omni_pb2_grpc.OmniStub(proxy).Converse(iter(requests), metadata=OmniClient("").metadata,
                                                                 timeout=120):
             if msg.WhichOneof("kind") == "audio":
                 pcm += msg.audio.pcm16
