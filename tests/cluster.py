@@ -71,8 +71,10 @@ def deployed(config, timeout_s: float = 300.0, env: dict[str, str] | None = None
     config turns authentication off). The stages talk mutual TLS with a fresh cluster credential (`ray_head`)."""
     from ray import serve
 
+    from services import auth
     from services.auth import local_key
 
+    os.environ.pop(auth.KEYS_FILE_ENV, None)  # the local key of OMNI_CONFIG_DIR (tests/conftest.py), as omni serve's
     authenticated, _ = serve_cmd.local_auth(config)
     config.grpc_options.port = free_port()
     config.http_options.port = free_port()

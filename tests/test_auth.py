@@ -160,7 +160,8 @@ def test_authentication_on_without_a_credential_source_refuses_to_start(monkeypa
 
 def test_omni_serve_creates_one_local_key_and_the_client_reads_it(tmp_path, monkeypatch):
     monkeypatch.setenv(auth.CONFIG_DIR_ENV, str(tmp_path / "omni"))
-    monkeypatch.delenv(auth.KEYS_FILE_ENV, raising=False)
+    # Set (empty) through monkeypatch, so that what local_auth writes there is undone after the test.
+    monkeypatch.setenv(auth.KEYS_FILE_ENV, "")
     monkeypatch.delenv(auth.KEY_ENV, raising=False)
     config = serve_cmd.load_config(serve_cmd.DEFAULT_CONFIG)
     authenticated, message = serve_cmd.local_auth(config)
@@ -170,7 +171,7 @@ def test_omni_serve_creates_one_local_key_and_the_client_reads_it(tmp_path, monk
     assert ApiKeys(tmp_path / "omni" / "api-keys").verify(key).id == "local"
     assert OmniClient("x").api_key == key
     assert auth.os.environ[auth.KEYS_FILE_ENV] == str(tmp_path / "omni" / "api-keys")  # the cluster inherits it
-    monkeypatch.delenv(auth.KEYS_FILE_ENV)
+    auth.os.environ[auth.KEYS_FILE_ENV] = ""  # as on a second start
     assert serve_cmd.local_auth(config)[1].startswith("using the local API key")  # a second start keeps it
     assert (tmp_path / "omni" / "api-key").read_text().strip() == key
     monkeypatch.setenv(auth.KEY_ENV, "omni_from_env")
