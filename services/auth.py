@@ -113,9 +113,10 @@ class Authenticator:
 
     async def authenticate(self, metadata) -> Principal:
         credential = bearer(metadata)
-        if credential.count(".") == 2 and self.jwt is not None:
+        is_jwt = credential.count(".") == 2
+        if is_jwt and self.jwt is not None:
             return await self.jwt.verify(credential)
-        if self.api_keys is not None and credential.count(".") != 2:
+        if not is_jwt and self.api_keys is not None:
             return self.api_keys.verify(credential)
         raise Unauthenticated("this kind of credential is not accepted here (the deployment takes "
                               f"{' or '.join(self._kinds())})")

@@ -200,7 +200,7 @@ class RedisSessions:
     async def load(self, session_id: str, owner: str = "") -> History:
         check_session_id(session_id)
         system_key, turns_key = self._keys(session_id, owner)
-        index_key, sizes_key = self._owner_keys(owner)
+        _, sizes_key = self._owner_keys(owner)
         async with self._errors("load"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 system, turns, size = await pipe.get(system_key).lrange(turns_key, 0, -1).hget(

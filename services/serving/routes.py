@@ -50,6 +50,7 @@ from services.engines.talker import TalkerPrompt
 from services.engines.thinker import ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings
 from services.hooks import HookContext, HookTurn
+from services.metrics import STAGE_FAILOVERS
 from services.remote import (
     STAGE_KEYS,
     RemoteAudioEncoder,
@@ -60,7 +61,6 @@ from services.remote import (
     RemoteThinker,
     RemoteVisionEncoder,
 )
-from services.metrics import STAGE_FAILOVERS
 from services.servicers.status import StageError
 from services.stages import Stages, ThinkerToken
 from services.wire import cluster_tls
@@ -107,7 +107,35 @@ class ReplicaSet(Generic[C]):
     @asynccontextmanager
     async def client(self) -> AsyncIterator[C]:
         """The stage client of the least busy replica, held for one call (the whole stream of a streaming call)."""
-        address = self._pick(self._usable(await self._live()) or await self._live())
+        live = await self._live()
+        async with self._held(self._pick(self._usable(live) or live)) as client:
+            yield client
+
+    async def call(self, fn: Callable[[C], Awaitable[R]]) -> R:
+        """`await fn(client)` on the least busy replica, for a call that keeps no state on the replica: when that
+        replica is gone (UNAVAILABLE), the call runs again on another live one, until none is left untried."""
+        tried: set[str] = set()
+        error: StageError | None = None  # the last replica's, raised once every live one has failed
+        while True:
+            live = await self._live()
+            untried = [a for a in self._usable(live) if a not in tried]
+            if not untried and error is not None:
+                raise error
+            address = self._pick(untried or live)
+            try:
+                async with self._held(address) as client:
+                    return await fn(client)
+            except StageError as e:
+                if e.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                error = e
+                tried.add(address)
+                STAGE_FAILOVERS.inc(app=self.app)
+                log.warning("%s replica %s is unavailable (%s); trying another", self.app, address, e)
+
+    @asynccontextmanager
+    async def _held(self, address: str) -> AsyncIterator[C]:
+        """The replica's client, counted busy while held; an UNAVAILABLE from it passes it over for FAILED_S."""
         self._busy[address] += 1
         try:
             yield self._client(address)
@@ -117,29 +145,6 @@ class ReplicaSet(Generic[C]):
             raise
         finally:
             self._busy[address] -= 1
-
-    async def call(self, fn: Callable[[C], Awaitable[R]]) -> R:
-        """`await fn(client)` on the least busy replica, for a call that keeps no state on the replica: when that
-        replica is gone (UNAVAILABLE), the call runs again on another live one, until none is left untried."""
-        tried: set[str] = set()
-        while True:
-            untried = [a for a in self._usable(await self._live()) if a not in tried]
-            if not untried and tried:
-                raise error
-            address = self._pick(untried or await self._live())
-            self._busy[address] += 1
-            try:
-                return await fn(self._client(address))
-            except StageError as e:
-                if e.code != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                error = e
-                self._failed[address] = time.monotonic()
-                tried.add(address)
-                STAGE_FAILOVERS.inc(app=self.app)
-                log.warning("%s replica %s is unavailable (%s); trying another", self.app, address, e)
-            finally:
-                self._busy[address] -= 1
 
     async def close(self) -> None:
         if self._refresh is not None:
