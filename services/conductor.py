@@ -21,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from opentelemetry import context as otel_context
@@ -108,6 +109,7 @@ class Conductor:
         The turn is one trace (`services.tracing`): its span is the child of `trace_parent` (a client's context)
         or of the current one, and every stage call runs in its context, with the turn's request id."""
         self._validate(req)
+        req = _seeded(req)
         turn = _Turn(t0=time.perf_counter())
         out: asyncio.Queue = asyncio.Queue(self.queue_size)
         parent = tracing.turn_context(req.session_id, trace_parent)
@@ -372,6 +374,17 @@ class Conductor:
             speaker=req.speaker.lower() if req.audio_output else None, finish_reason=turn.finish_reason,
             timings=timings, reasoning=turn.reasoning,
         )
+
+
+def _seeded(req: TurnRequest) -> TurnRequest:
+    """`req` with a random seed for each sampled stage that has none: the same draws as unseeded, and a turn that a
+    stage replica's death interrupts can be computed again on another exactly (`services.serving.resume`)."""
+    thinker, talker = req.thinker_sampling, req.talker_sampling
+    if not thinker.greedy and thinker.seed is None:
+        thinker = replace(thinker, seed=secrets.randbits(63))
+    if talker is not None and not talker.greedy and talker.seed is None:
+        talker = replace(talker, seed=secrets.randbits(63))
+    return replace(req, thinker_sampling=thinker, talker_sampling=talker)
 
 
 def text_only_message(stages: Stages) -> str:

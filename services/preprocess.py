@@ -52,6 +52,7 @@ import soxr
 import torch
 
 from services.errors import InvalidInput, ResourceExhausted
+from services.media_cache import HISTORY
 
 log = logging.getLogger(__name__)
 
@@ -521,15 +522,19 @@ def _load_media(message: dict, where: str, processor) -> dict:
     parts = []
     for j, part in enumerate(message["content"]):
         at, kind = f"{where}.content[{j}]", part["type"]
+        # History media arrive as stored (the client's bytes): each is decoded once per process (media_cache).
         if kind == "audio":
-            part = {"type": "audio", "audio": _located(at, decode_audio, part["audio"], part.get("sample_rate"))}
+            source, rate = part["audio"], part.get("sample_rate")
+            part = {"type": "audio", "audio": HISTORY.get("audio", source, {"rate": rate}, lambda: _located(
+                at, decode_audio, source, rate))}
         elif kind == "image":
-            part = {"type": "image", "image": _located(at, load_image, part["image"],
-                                                       target_pixels=processed_pixels(processor, "image"))}
+            source, target = part["image"], processed_pixels(processor, "image")
+            part = {"type": "image", "image": HISTORY.get("image", source, {"target": target}, lambda: _located(
+                at, load_image, source, target_pixels=target))}
         elif kind == "video" and not isinstance(part["video"], VideoInput):
-            target = processed_pixels(processor, "video")
-            part = {"type": "video", "video": _located(at, lambda v: load_video(**v, target_pixels=target),
-                                                       part["video"])}
+            source, target = part["video"], processed_pixels(processor, "video")
+            part = {"type": "video", "video": HISTORY.get("video", source, {"target": target}, lambda: _located(
+                at, lambda v: load_video(**v, target_pixels=target), source))}
         parts.append(part)
     return {**message, "content": parts}
 

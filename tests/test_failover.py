@@ -1,6 +1,7 @@
-"""A stage replica killed mid-turn (SIGKILL, on a real local Ray cluster) while a second replica runs: calls that
-hold no state on a replica (MTP frames, encoder calls) go to the survivor, and the turn completes with the codes
-and samples of an undisturbed run (services/serving/routes.py, `ReplicaSet.call`)."""
+"""A stage replica killed mid-turn (SIGKILL, on a real local Ray cluster) while a second replica runs: the turn
+completes with the ids, codes and samples of an undisturbed run. Calls that hold no state on a replica (MTP frames)
+go to the survivor (`ReplicaSet.call`); streams that hold a turn's state (Thinker, Talker, Code2Wav, hooks) run
+again there, their inputs replayed (`ReplicaSet.stream`, services/serving/resume.py)."""
 
 from __future__ import annotations
 
@@ -14,21 +15,25 @@ import numpy as np
 import pytest
 
 from services.client import OmniClient
-from services.events import AudioChunk, TurnSummary
+from services.events import AudioChunk, TextDelta, TurnSummary
 from services.serving import serve_cmd
 from tests.cluster import deployed
 from tests.test_serving import CONFIGS
 
 TEXT = "Tell me a long story about the sea."
-TURN = dict(max_new_tokens=24, max_audio_frames=60)
+# Long enough that the Thinker is still writing when the first text arrives, and the Talker and Code2Wav are still
+# at work when the first audio does.
+TURN = dict(max_new_tokens=200, max_audio_frames=60)
+TWO_REPLICAS = ("mtp", "thinker", "hooks", "talker", "code2wav")
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_ckpt):
-    """deploy/local.yaml with two MTP replicas."""
+    """deploy/local.yaml with two replicas of every stage that a turn streams through."""
     config = serve_cmd.load_config(CONFIGS[0], model=tiny_ckpt)
-    mtp = next(app for app in config.applications if app.name == "mtp")
-    mtp.deployments[0].num_replicas = 2
+    for app in config.applications:
+        if app.name in TWO_REPLICAS:
+            app.deployments[0].num_replicas = 2
     with deployed(config) as running:
         yield running
 
@@ -50,7 +55,7 @@ def undisturbed(tiny_ckpt):
                 pcm += event.pcm16
             elif isinstance(event, TurnSummary):
                 summary = event
-        return summary.codes, np.frombuffer(bytes(pcm), "<i2").astype(np.float32) / 32767.0
+        return summary, np.frombuffer(bytes(pcm), "<i2").astype(np.float32) / 32767.0
 
     return asyncio.run(run())
 
@@ -89,14 +94,62 @@ async def test_a_killed_mtp_replica_costs_the_turn_nothing(cluster, undisturbed)
                     killed = True
             elif isinstance(event, TurnSummary):
                 summary = event
-    codes, samples = undisturbed
-    assert killed and summary.finish_reason in ("stop", "length")
+    assert killed
+    _assert_undisturbed(chunks, summary, undisturbed)
+    await _assert_failed_over(cluster, "mtp", 1)  # counted by the Talker replica that asked the frames again
+
+
+def _assert_undisturbed(chunks: list[AudioChunk], summary: TurnSummary, undisturbed) -> None:
+    expected, samples = undisturbed
+    assert summary.finish_reason == expected.finish_reason
+    assert summary.thinker_token_ids == expected.thinker_token_ids and summary.text == expected.text
     assert [c.seq for c in chunks] == list(range(len(chunks)))  # nothing repeated, nothing missing
-    assert summary.codes == codes
+    assert summary.codes == expected.codes
     got = np.concatenate([c.samples for c in chunks])
     assert got.shape == samples.shape and np.abs(got - samples).max() <= 1e-4
+
+
+async def _assert_failed_over(cluster, app: str, at_least: float) -> None:
     deadline, seen = time.monotonic() + 30, 0.0
-    while seen < 1 and time.monotonic() < deadline:  # the Talker replica counted the frames it asked again
+    while seen < at_least and time.monotonic() < deadline:  # Ray exports the gateway's metrics every second
         await asyncio.sleep(1)
-        seen = await asyncio.to_thread(_failovers, cluster.metrics_port, "mtp")
-    assert seen >= 1
+        seen = await asyncio.to_thread(_failovers, cluster.metrics_port, app)
+    assert seen >= at_least
+
+
+async def _two_turns_killing(cluster, app: str, when) -> list[list]:
+    """Two identical turns at once (the gateway gives each its own replica of `app`: the least busy), and one of the
+    two replicas killed once `when(events)` holds for both turns' events so far: one turn loses its replica."""
+    pids = _replica_pids(app)
+    assert len(pids) == 2, f"{app}: {pids}"
+    events: list[list] = [[], []]
+    killed = asyncio.Event()
+
+    async def turn(i: int, client: OmniClient) -> None:
+        async for event in client.converse(text=TEXT, greedy=True, **TURN):
+            events[i].append(event)
+            if not killed.is_set() and all(when(e) for e in events):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.set()
+
+    async with OmniClient(cluster.address) as client:
+        await asyncio.gather(turn(0, client), turn(1, client))
+    assert killed.is_set()
+    return events
+
+
+def _writing(events: list) -> bool:
+    return any(isinstance(e, TextDelta) for e in events)
+
+
+def _speaking(events: list) -> bool:
+    return any(isinstance(e, AudioChunk) for e in events)
+
+
+@pytest.mark.parametrize("app, when", [("thinker", _writing), ("hooks", _writing), ("talker", _speaking),
+                                       ("code2wav", _speaking)])
+async def test_a_killed_stream_replica_costs_the_turn_nothing(cluster, undisturbed, app, when):
+    before = await asyncio.to_thread(_failovers, cluster.metrics_port, app)
+    for events in await _two_turns_killing(cluster, app, when):
+        _assert_undisturbed([e for e in events if isinstance(e, AudioChunk)], events[-1], undisturbed)
+    await _assert_failed_over(cluster, app, before + 1)

@@ -17,10 +17,12 @@ message and nothing else:
 - One replica per call: the fewest calls in flight from this process, round robin among ties, so two replicas
   share even sequential calls. A call is one stream (one turn's Thinker, Talker or Code2Wav work); MTP is called
   per frame, each frame going to the least busy MTP replica over one stream per replica (`RemoteMTP`).
-- A replica that dies (UNAVAILABLE: killed, its node gone) is not picked again for FAILED_S, and a call that
-  holds no state across messages (an encoder's call, one MTP frame: seeded per frame) runs again on another live
-  replica (`ReplicaSet.call`): the turn sees a hiccup and the same result, not an error. Streams that hold a
-  turn's state (Thinker, Talker, Code2Wav, hooks) still fail with UNAVAILABLE.
+- A replica that dies (UNAVAILABLE: killed, its node gone) is not picked again for FAILED_S, and its calls go on
+  on another live replica: the turn sees a hiccup and the same result, not an error. A call that holds no state
+  across messages (an encoder's call, one MTP frame: seeded per frame) simply runs again (`ReplicaSet.call`); a
+  stream that holds a turn's state (Thinker, Talker, Code2Wav) runs again from its start, its inputs replayed and
+  the outputs the caller has had dropped (`ReplicaSet.stream`, `services.serving.resume`); a hook stream is sent
+  the turn's calls again (`_ResumedHookTurn`). With no replica left, the call fails UNAVAILABLE at once.
 - Serve still sees the load: each replica counts the stage calls it runs and reports them with
   `record_autoscaling_stats`, which `services.serving.autoscaling.stage_load_policy` adds to Serve's own count.
 Rejected (docs/serving.md has the measurements and Serve's source): Serve routing each stage call (a lease method
@@ -36,7 +38,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import aclosing, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from typing import Generic, TypeVar
 
 import grpc
@@ -49,7 +51,7 @@ from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt
 from services.engines.thinker import ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings
-from services.hooks import HookContext, HookTurn
+from services.hooks import HookContext, HookTurn, Released
 from services.metrics import STAGE_FAILOVERS
 from services.remote import (
     STAGE_KEYS,
@@ -61,6 +63,7 @@ from services.remote import (
     RemoteThinker,
     RemoteVisionEncoder,
 )
+from services.serving.resume import Replay, SeenItems, SeenSamples, past
 from services.servicers.status import StageError
 from services.stages import Stages, ThinkerToken
 from services.wire import cluster_tls
@@ -77,6 +80,7 @@ ADDRESS_METHOD = "grpc_address"  # the replica method answering "host:port" of i
 
 C = TypeVar("C")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class ReplicaSet(Generic[C]):
@@ -104,45 +108,64 @@ class ReplicaSet(Generic[C]):
         self._failed: dict[str, float] = {}  # address -> time.monotonic() of its last UNAVAILABLE
         self._turn = 0
 
-    @asynccontextmanager
-    async def client(self) -> AsyncIterator[C]:
-        """The stage client of the least busy replica, held for one call (the whole stream of a streaming call)."""
-        live = await self._live()
-        async with self._held(self._pick(self._usable(live) or live)) as client:
-            yield client
-
     async def call(self, fn: Callable[[C], Awaitable[R]]) -> R:
         """`await fn(client)` on the least busy replica, for a call that keeps no state on the replica: when that
         replica is gone (UNAVAILABLE), the call runs again on another live one, until none is left untried."""
         tried: set[str] = set()
         error: StageError | None = None  # the last replica's, raised once every live one has failed
         while True:
-            live = await self._live()
-            untried = [a for a in self._usable(live) if a not in tried]
-            if not untried and error is not None:
-                raise error
-            address = self._pick(untried or live)
+            address = await self._choose(tried, error)
             try:
                 async with self._held(address) as client:
                     return await fn(client)
             except StageError as e:
-                if e.code != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                error = e
-                tried.add(address)
-                STAGE_FAILOVERS.inc(app=self.app)
-                log.warning("%s replica %s is unavailable (%s); trying another", self.app, address, e)
+                error = self._failover(address, e, tried)
+
+    async def stream(self, open_call: Callable[[C], AsyncIterator[T]],
+                     seen: SeenItems | SeenSamples) -> AsyncIterator[T]:
+        """The items of `open_call(client)`, a stream holding a turn's state, from the least busy replica. When
+        that replica dies (UNAVAILABLE) the call runs again on another, from its start (`services.serving.resume`:
+        `open_call` must replay its inputs), and `seen` drops the items already yielded."""
+        tried: set[str] = set()
+        error: StageError | None = None
+        while True:
+            address = await self._choose(tried, error)
+            seen.rewind()
+            try:
+                async with self._held(address) as client, aclosing(open_call(client)) as items:
+                    async for item in items:
+                        if (item := seen.new(item)) is not None:
+                            yield item
+                return
+            except StageError as e:
+                error = self._failover(address, e, tried)
+
+    async def _choose(self, tried: set[str], error: StageError | None) -> str:
+        """The least busy live replica not in `tried` and not failed lately (any live one on a first try, when all
+        have failed lately); `error` once every usable one has been tried."""
+        live = await self._live()
+        untried = [a for a in self._usable(live) if a not in tried]
+        if not untried and error is not None:
+            raise error
+        return self._pick(untried or live)
+
+    def _failover(self, address: str, error: StageError, tried: set[str]) -> StageError:
+        """After `error` from `address`: re-raise it unless the replica is gone (UNAVAILABLE); else pass the replica
+        over for FAILED_S and return the error, for the caller to try another."""
+        if error.code != grpc.StatusCode.UNAVAILABLE:
+            raise error
+        self._failed[address] = time.monotonic()
+        tried.add(address)
+        STAGE_FAILOVERS.inc(app=self.app)
+        log.warning("%s replica %s is unavailable (%s); trying another", self.app, address, error)
+        return error
 
     @asynccontextmanager
     async def _held(self, address: str) -> AsyncIterator[C]:
-        """The replica's client, counted busy while held; an UNAVAILABLE from it passes it over for FAILED_S."""
+        """The replica's client, counted busy while held."""
         self._busy[address] += 1
         try:
             yield self._client(address)
-        except StageError as e:
-            if e.code == grpc.StatusCode.UNAVAILABLE:
-                self._failed[address] = time.monotonic()
-            raise
         finally:
             self._busy[address] -= 1
 
@@ -231,12 +254,12 @@ class RoutedThinker:
     def __init__(self, replicas: ReplicaSet[RemoteThinker]):
         self.replicas = replicas
 
-    async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
-                       stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
-        async with self.replicas.client() as thinker, \
-                aclosing(thinker.generate(prompt, sampling, max_new_tokens, stop_ids)) as tokens:
-            async for token in tokens:
-                yield token
+    def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
+                 stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
+        # Resumed on another replica, the same prompt and seed give the same tokens (mm_hidden comes again with the
+        # first, which the caller has had).
+        return self.replicas.stream(lambda thinker: thinker.generate(prompt, sampling, max_new_tokens, stop_ids),
+                                    SeenItems("thinker", key=lambda token: token.token_id))
 
 
 class RoutedTalker:
@@ -245,10 +268,15 @@ class RoutedTalker:
 
     async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
                     text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
-        async with self.replicas.client() as talker, \
-                aclosing(talker.speak(prompt, sampling, max_frames, text)) as frames:
-            async for frame in frames:
-                yield frame
+        text = Replay(text)  # a resumed Talker is sent the released text again from its first token
+        try:
+            frames = self.replicas.stream(lambda talker: talker.speak(prompt, sampling, max_frames, text.reader()),
+                                          SeenItems("talker", key=lambda codes: tuple(codes.tolist())))
+            async with aclosing(frames):
+                async for frame in frames:
+                    yield frame
+        finally:
+            await text.close()
 
 
 class RoutedMTP:
@@ -267,26 +295,96 @@ class RoutedCode2Wav:
         self.replicas = replicas
 
     async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
-        async with self.replicas.client() as code2wav, aclosing(code2wav.decode(frames)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        # A resumed Code2Wav is sent every frame again, one per message as before, so that it computes exactly the
+        # samples the first one did; the caller gets those past the ones it has.
+        frames = Replay(frames)
+        try:
+            chunks = self.replicas.stream(lambda code2wav: code2wav.decode(frames.reader()), SeenSamples())
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            await frames.close()
 
 
 class RoutedHooks:
     """A turn holds one replica's Filter stream from the Thinker's first token to the end of the text: filters keep
-    per-turn state there."""
+    per-turn state there. When that replica dies, the turn goes on with a new stream on another (`_ResumedHookTurn`)."""
 
     def __init__(self, replicas: ReplicaSet[RemoteHooks]):
         self.replicas = replicas
 
     async def tool_schemas(self) -> list[dict] | None:
-        async with self.replicas.client() as hooks:
-            return await hooks.tool_schemas()
+        return await self.replicas.call(lambda hooks: hooks.tool_schemas())
 
     @asynccontextmanager
     async def open(self, ctx: HookContext) -> AsyncIterator[HookTurn]:
-        async with self.replicas.client() as hooks, hooks.open(ctx) as turn:
+        turn = _ResumedHookTurn(self.replicas, ctx)
+        try:
+            await turn.ask(None)
             yield turn
+        finally:
+            await turn.close()
+
+
+class _ResumedHookTurn:
+    """One turn's hook stream, kept across a replica's death: every call is logged, and a new stream on another
+    replica is sent the turn's calls again (its filters rebuild their state from the same tokens); what it releases
+    beyond what the turn has released answers the call that failed. A tool the Thinker called before runs again
+    there: tools should be safe to repeat (docs/serving.md)."""
+
+    def __init__(self, replicas: ReplicaSet[RemoteHooks], ctx: HookContext):
+        self._replicas, self._ctx = replicas, ctx
+        self._calls: list[tuple[str, int | bool]] = []
+        self._given = Released()  # everything released to the turn so far
+        self._stack: AsyncExitStack | None = None  # the current replica's stream (held, open)
+        self._turn: HookTurn | None = None
+        self._address = ""  # the current stream's replica
+        self._tried: set[str] = set()
+        self._error: StageError | None = None
+
+    async def feed(self, token_id: int) -> Released:
+        return await self.ask(("feed", token_id))
+
+    async def thinker_end(self, stopped: bool) -> Released:
+        return await self.ask(("thinker_end", stopped))
+
+    async def ask(self, call: tuple[str, int | bool] | None) -> Released:
+        """Make `call` (None: just open the stream) and answer it, resuming on another replica when needed."""
+        if call is not None:
+            self._calls.append(call)
+        while True:
+            fresh = self._turn is None  # a new stream: it is sent every call of the turn
+            address = await self._replicas._choose(self._tried, self._error) if fresh else None
+            try:
+                if fresh:
+                    await self._open(address)
+                answer = Released()
+                for method, arg in self._calls if fresh else self._calls[-1:]:
+                    r = await getattr(self._turn, method)(arg)
+                    answer.extend(r)
+                    answer.resume = r.resume
+                answer = past(self._given, answer) if fresh else answer
+                self._given.extend(answer)
+                return answer
+            except StageError as e:
+                await self.close()
+                self._error = self._replicas._failover(self._address, e, self._tried)
+
+    async def _open(self, address: str) -> None:
+        self._address, stack = address, AsyncExitStack()
+        try:
+            hooks = await stack.enter_async_context(self._replicas._held(address))
+            self._turn = await stack.enter_async_context(hooks.open(self._ctx))
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+
+    async def close(self) -> None:
+        stack, self._stack, self._turn = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
 
 
 def routed_stages(apps: Mapping[str, str], processor, speakers: dict[str, int], stop_ids: frozenset[int],
