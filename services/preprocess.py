@@ -1,8 +1,8 @@
 """User input -> what the engines take: decoded media, a validated conversation, and the processor's tensors.
 
-`build_turn` renders the chat template over the whole conversation (history + the new user turn, whose parts are
-audio, image, video, then text, as in Qwen's examples) and runs `Qwen3OmniMoeProcessor` once over the prompt and
-the media of every turn, in order. Its `processor_outputs` go to `Qwen3OmniMoeForConditionalGeneration.generate`
+`build_turn` renders the chat template over the whole conversation (history + the new user turn, its parts in the
+order given: `services.turn_parts`) and runs `Qwen3OmniMoeProcessor` once over the prompt and the media of every
+turn, in prompt order. Its `processor_outputs` go to `Qwen3OmniMoeForConditionalGeneration.generate`
 unchanged. Bad input raises `InvalidInput`, input over a limit `ResourceExhausted`, each with a one-line message.
 
 What the transformers 5.23 processor does with video (checked against its source):
@@ -52,6 +52,7 @@ import soxr
 import torch
 
 from services.errors import InvalidInput, ResourceExhausted
+from services.turn_parts import is_blank
 
 log = logging.getLogger(__name__)
 
@@ -418,16 +419,13 @@ def build_turn(
     *,
     history: Sequence[dict] = (),
     system: str | None = None,
-    text: str | None = None,
-    audios: Sequence = (),
-    images: Sequence = (),
-    videos: Sequence[VideoInput] = (),
+    parts: Sequence[dict] = (),
     tools: list[dict] | None = None,
 ) -> TurnInputs:
-    """Append the user turn (audio, image, video parts, then text) and process the whole conversation.
+    """Append the user turn (`parts`, in their order: `services.turn_parts`) and process the whole conversation.
 
-    `audios` items: AudioInput or encoded files (bytes/path); raw PCM goes through `decode_audio(pcm, rate)` first.
-    `system`, if given, replaces the history's system message or is prepended.
+    The prompt is the chat template over the history and the new turn's parts as given; blank text parts are left
+    out. `system`, if given, replaces the history's system message or is prepended.
     """
     messages = [_load_media(m, f"messages[{i}]", processor) for i, m in enumerate(validate_conversation(history))]
     if system is not None:
@@ -437,22 +435,15 @@ def build_turn(
         messages = [head, *messages[1:]] if messages and messages[0]["role"] == "system" else [head, *messages]
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
         raise InvalidInput("tools must be a list of JSON schema objects")
-    if text is not None and not isinstance(text, str):
-        raise InvalidInput(f"text must be a string, got {type(text).__name__}")
+    if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence):
+        raise InvalidInput(f"parts must be a list of content parts, got {type(parts).__name__}")
 
-    parts = [{"type": "audio", "audio": _located(f"audio {i}", decode_audio, a)} for i, a in enumerate(audios)]
-    target = processed_pixels(processor, "image")
-    parts += [{"type": "image", "image": _located(f"image {i}", load_image, im, target_pixels=target)}
-              for i, im in enumerate(images)]
-    for i, video in enumerate(videos):
-        if not isinstance(video, VideoInput):
-            raise InvalidInput(f"video {i}: expected a VideoInput (see load_video), got {type(video).__name__}")
-        parts.append({"type": "video", "video": video})
-    if text and text.strip():
-        parts.append({"type": "text", "text": text})
-    if not parts:
-        raise InvalidInput("empty turn")
-    messages.append({"role": "user", "content": parts})
+    turn = [_load_part(_validate_part(p, f"parts[{j}]", media=True), f"parts[{j}]", processor)
+            for j, p in enumerate(parts)]
+    turn = [p for p in turn if not is_blank(p)]
+    if not turn:
+        raise InvalidInput("empty turn: send at least one text, audio, image or video part")
+    messages.append({"role": "user", "content": turn})
 
     prompt = processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     return TurnInputs(_run_processor(processor, prompt, messages), messages, prompt)
@@ -518,20 +509,23 @@ def processed_pixels(processor, kind: str) -> int | None:
 def _load_media(message: dict, where: str, processor) -> dict:
     if isinstance(message["content"], str):
         return message
-    parts = []
-    for j, part in enumerate(message["content"]):
-        at, kind = f"{where}.content[{j}]", part["type"]
-        if kind == "audio":
-            part = {"type": "audio", "audio": _located(at, decode_audio, part["audio"], part.get("sample_rate"))}
-        elif kind == "image":
-            part = {"type": "image", "image": _located(at, load_image, part["image"],
-                                                       target_pixels=processed_pixels(processor, "image"))}
-        elif kind == "video" and not isinstance(part["video"], VideoInput):
-            target = processed_pixels(processor, "video")
-            part = {"type": "video", "video": _located(at, lambda v: load_video(**v, target_pixels=target),
-                                                       part["video"])}
-        parts.append(part)
-    return {**message, "content": parts}
+    return {**message, "content": [_load_part(part, f"{where}.content[{j}]", processor)
+                                   for j, part in enumerate(message["content"])]}
+
+
+def _load_part(part: dict, at: str, processor) -> dict:
+    """A validated part with its media decoded (AudioInput, RGB PIL image, VideoInput); text as it is."""
+    kind = part["type"]
+    if kind == "audio":
+        return {"type": "audio", "audio": _located(at, decode_audio, part["audio"], part.get("sample_rate"))}
+    if kind == "image":
+        return {"type": "image", "image": _located(at, load_image, part["image"],
+                                                   target_pixels=processed_pixels(processor, "image"))}
+    if kind == "video" and not isinstance(part["video"], VideoInput):
+        target = processed_pixels(processor, "video")
+        return {"type": "video", "video": _located(at, lambda v: load_video(**v, target_pixels=target),
+                                                   part["video"])}
+    return part
 
 
 def _located(where: str, fn, *args, **kwargs):
