@@ -34,8 +34,9 @@ or encoded bytes; a video a `Video(frames, timestamps[, audio])` (or a mapping w
 beside a raw track). The shorthand `text=`, `audios=`, `images=`, `videos=` stands for the parts in one fixed
 order: every audio, then every image, every video, then the text (Qwen's examples' order); it cannot be mixed with
 `parts=`. The same `session_id` on later turns continues the conversation (the server keeps the earlier turns, media
-included). `turn.cancel()` (or `client.cancel()` for every open turn) stops a turn; its summary, with finish_reason "cancelled", still arrives. Failures raise `ConverseError`, whose
-`code` is the gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE...).
+included). `turn.cancel()` (or `client.cancel()` for every open turn) stops a turn; its summary, with finish_reason
+"cancelled", still arrives. Failures raise `ConverseError`, whose `code` is the gRPC status (INVALID_ARGUMENT,
+RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE...).
 
 Credentials: a deployment with authentication on (the default) wants `authorization: Bearer <key>`; the client
 sends `api_key`, else `OMNI_API_KEY`, else the key a local `omni serve` wrote (`services.auth.local_key`). Bad or

@@ -4,11 +4,11 @@
     client <── started, text deltas, audio chunks..., summary ── OmniServicer <── events ───────────┘
 
 The servicer only translates (protos/omni/v1/omni.proto defines the message flow): it assembles the input parts into
-a `TurnRequest`, in arrival order (`_TurnInput`; the session's history in front), runs the conductor, and turns its events into responses and its
-domain errors into status codes; `Describe` says what the deployment serves (`deployment_info`). On every exit path
-(answer, error, cancel message, client disconnect, deadline) the conductor's event iterator is closed before the
-handler returns, which cancels every stage and frees the request's state; other streams never see one stream's
-failure.
+a `TurnRequest`, in arrival order (`_TurnInput`; the session's history in front), runs the conductor, and turns its
+events into responses and its domain errors into status codes; `Describe` says what the deployment serves
+(`deployment_info`). On every exit path (answer, error, cancel message, client disconnect, deadline) the conductor's
+event iterator is closed before the handler returns, which cancels every stage and frees the request's state; other
+streams never see one stream's failure.
 
 Call lifetime: a rejected config ends the call at once, so a client sends its parts after TurnStarted (the client
 library does). A part that fails (over the limit, malformed) ends the call only after the client's end_of_turn,

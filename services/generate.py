@@ -83,7 +83,7 @@ def _split_last_user_turn(history: list[dict]) -> tuple[list[dict], list[dict]]:
     return history[:-1], [text_part(last["content"])] if isinstance(last["content"], str) else list(last["content"])
 
 
-def turn_parts(args: argparse.Namespace, video) -> list[dict]:
+def parts_from_args(args: argparse.Namespace, video) -> list[dict]:
     """The command line's parts in order; `video(dir, fps)` makes a video part's value."""
     from services.turn_parts import audio_part, image_part, text_part, video_part
 
@@ -107,7 +107,7 @@ def build_request(args: argparse.Namespace):
     if not args.no_audio and not args.output:
         raise InvalidInput("--output WAV is required unless --no-audio is given")
     history: list[dict] = _load_conversation(args.conversation) if args.conversation else []
-    parts = turn_parts(args, _video_from_dir)
+    parts = parts_from_args(args, _video_from_dir)
     if history and history[-1]["role"] == "user" and not parts:
         history, parts = _split_last_user_turn(history)
     greedy = args.greedy
