@@ -138,7 +138,7 @@ def test_tool_call_through_the_stage(engines, processor):
     chain = FilterChain([], tools=ToolRegistry([python_tool(
         weather, parameters={"type": "object", "properties": {"city": {"type": "string"}}})]))
     stop_id = min(Stages.local(engines).stop_ids)
-    req = dataclasses.replace(ASK, text="What's the weather in Lisbon?", max_new_tokens=64)
+    req = dataclasses.replace(ASK, parts=[text_part("What's the weather in Lisbon?")], max_new_tokens=64)
     (local, _, local_thinker), (remote, remote_spy, remote_thinker) = both(
         engines, processor, chain, req, lambda: ScriptedThinker(processor.tokenizer, [CALL, ANSWER], stop_id))
     assert_same_turn(local, remote)
