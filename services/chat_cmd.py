@@ -17,7 +17,7 @@ import numpy as np
 from services.client import OmniClient, Video
 from services.errors import InvalidInput
 from services.events import TurnSummary
-from services.generate import TextPrinter, add_turn_arguments, write_outputs
+from services.generate import TextPrinter, add_turn_arguments, parts_from_args, write_outputs
 
 
 def add_chat_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,8 +50,7 @@ async def _chat(args: argparse.Namespace) -> tuple[TurnSummary, np.ndarray]:
     printer = TextPrinter(sys.stdout)
     async with OmniClient(args.address, api_key=_api_key(args.api_key_file)) as client:
         result = await client.collect(
-            on_text=printer.text, on_reasoning=printer.reasoning, text=args.text, audios=args.audio, images=args.image,
-            videos=[_video_from_dir(v, args.video_fps) for v in args.video],
+            on_text=printer.text, on_reasoning=printer.reasoning, parts=parts_from_args(args, _video_from_dir),
             speaker=args.speaker, session_id=args.session, system_prompt=args.system,
             audio_output=not args.no_audio, greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
             top_k=args.top_k, seed=args.seed, max_new_tokens=args.max_new_tokens,

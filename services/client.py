@@ -22,12 +22,21 @@ Or in blocking code, the whole answer at once:
 A Thinking model's reasoning arrives as `ReasoningDelta` events before its text (the summary keeps it apart as
 `reasoning`); `await client.describe()` says what a deployment serves (its variant, modalities, voices).
 
-Inputs: `audios` are file paths, encoded file bytes (WAV, FLAC, OGG) or `(pcm, sample_rate)` with `pcm` an int16
-(or float, quantized to int16) array of [samples] or [samples, channels]; `images` are paths or encoded bytes;
-`videos` are `Video(frames, timestamps[, audio])`. The same `session_id` on later turns continues the conversation
-(the server keeps the earlier turns, media included). `turn.cancel()` (or `client.cancel()` for every open turn)
-stops a turn; its summary, with finish_reason "cancelled", still arrives. Failures raise `ConverseError`, whose
-`code` is the gRPC status (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE...).
+Inputs: a turn is an ordered list of parts, sent and heard in that order (`services.turn_parts`):
+
+    from services.turn_parts import audio_part, image_part, text_part
+    client.converse(parts=[text_part("This one:"), image_part("a.png"), text_part("and this one:"),
+                           image_part("b.png"), audio_part("question.wav")])
+
+An audio is a file path, encoded file bytes (WAV, FLAC, OGG), `(pcm, sample_rate)`, or a PCM array with the part's
+`sample_rate`, `pcm` being int16 (or float, quantized to int16) of [samples] or [samples, channels]; an image a path
+or encoded bytes; a video a `Video(frames, timestamps[, audio])` (or a mapping with those keys, `audio_sample_rate`
+beside a raw track). The shorthand `text=`, `audios=`, `images=`, `videos=` stands for the parts in one fixed
+order: every audio, then every image, every video, then the text (Qwen's examples' order); it cannot be mixed with
+`parts=`. The same `session_id` on later turns continues the conversation (the server keeps the earlier turns, media
+included). `turn.cancel()` (or `client.cancel()` for every open turn) stops a turn; its summary, with finish_reason
+"cancelled", still arrives. Failures raise `ConverseError`, whose `code` is the gRPC status (INVALID_ARGUMENT,
+RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, UNAVAILABLE...).
 
 Credentials: a deployment with authentication on (the default) wants `authorization: Bearer <key>`; the client
 sends `api_key`, else `OMNI_API_KEY`, else the key a local `omni serve` wrote (`services.auth.local_key`). Bad or
@@ -51,6 +60,7 @@ from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput, OmniError
 from services.events import AudioChunk, Event, ReasoningDelta, TextDelta, TurnSummary, float_to_pcm16
 from services.servicers.hooks import hook_event_from_proto
+from services.turn_parts import audio_part, image_part, kind_counts, text_part, video_part
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
 from services.wire.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 
@@ -227,6 +237,7 @@ class OmniClient:
         images: Sequence[Image] = (),
         videos: Sequence[Video] = (),
         *,
+        parts: Sequence[Mapping] | None = None,
         speaker: str = "",
         session_id: str = "",
         request_id: str = "",
@@ -243,9 +254,17 @@ class OmniClient:
         metadata: Mapping[str, str] | None = None,
         deadline_s: float | None = None,
     ) -> Turn:
-        """One turn; iterate the result for its events. `greedy` (argmax everywhere) or sampling with the given
+        """One turn; iterate the result for its events. The turn's content is `parts`, in order (see the module
+        docstring), or the `text`/`audios`/`images`/`videos` shorthand, which is the parts every audio, then every
+        image, every video, then the text; not both. `greedy` (argmax everywhere) or sampling with the given
         temperature/top_p/top_k/seed in the Thinker (the Talker then samples with the reference's defaults).
         `history`: earlier turns as {"role", "content"} text messages, for conversations kept by the client."""
+        if parts is None:
+            parts = [*(audio_part(a) for a in audios), *(image_part(i) for i in images),
+                     *(video_part(v) for v in videos), *([text_part(text)] if text is not None else [])]
+        elif text is not None or audios or images or videos:
+            raise InvalidInput("give the turn as parts= or as text=/audios=/images=/videos=, not both: the parts "
+                               "say the order, the shorthand has its own")
         thinker = SamplingParams(greedy=True) if greedy else SamplingParams(
             greedy=False, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         modalities = [omni_pb2.MODALITY_TEXT, omni_pb2.MODALITY_AUDIO] if audio_output else [omni_pb2.MODALITY_TEXT]
@@ -256,23 +275,38 @@ class OmniClient:
             history=[omni_pb2.ChatMessage(role=m["role"], text=m["content"]) for m in history],
         )
         requests = [omni_pb2.ConverseRequest(config=config)]
-        for i, audio in enumerate(audios):
-            requests += self._audio_messages(audio, f"a{i}")
-        for i, image in enumerate(images):
-            requests += [omni_pb2.ConverseRequest(image=omni_pb2.ImageInput(image_id=f"i{i}", data=piece))
-                         for piece in self._pieces(_read_file(image, "image"))]
-        for i, video in enumerate(videos):
-            if len(video.frames) != len(video.timestamps):
-                raise InvalidInput(f"video {i}: {len(video.frames)} frames but {len(video.timestamps)} timestamps")
-            requests += [omni_pb2.ConverseRequest(video_frame=omni_pb2.VideoFrame(
-                video_id=f"v{i}", timestamp_s=t, image=_frame_bytes(frame, f"video {i} frame {j}")))
-                for j, (frame, t) in enumerate(zip(video.frames, video.timestamps))]
-            if video.audio is not None:
-                requests += self._audio_messages(video.audio, f"v{i}.audio", video_id=f"v{i}")
-        if text is not None:
-            requests.append(omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text=text)))
+        kind_counts(parts)  # the list's shape; each value is checked as its messages are made
+        for j, part in enumerate(parts):
+            requests += self._part_messages(part, j)
         requests.append(omni_pb2.ConverseRequest(end_of_turn=omni_pb2.EndOfTurn()))
         return Turn(self, requests, deadline_s)
+
+    def _part_messages(self, part: Mapping, j: int) -> list[omni_pb2.ConverseRequest]:
+        """One part's messages, in the order the server reads them: media ids are the part's index."""
+        kind, value = part["type"], part.get(part["type"])
+        if kind == "text":
+            if not isinstance(value, str):
+                raise InvalidInput(f"parts[{j}]: text must be a string, got {type(value).__name__}")
+            return [omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text=value))]
+        if kind == "audio":
+            if isinstance(value, np.ndarray):
+                if "sample_rate" not in part:
+                    raise InvalidInput(f"parts[{j}]: a raw audio array needs 'sample_rate'")
+                value = (value, part["sample_rate"])
+            return self._audio_messages(value, f"a{j}")
+        if kind == "image":
+            return [omni_pb2.ConverseRequest(image=omni_pb2.ImageInput(image_id=f"i{j}", data=piece))
+                    for piece in self._pieces(_read_file(value, f"image (parts[{j}])"))]
+        video = _as_video(value, j)
+        if len(video.frames) != len(video.timestamps):
+            raise InvalidInput(f"parts[{j}]: video has {len(video.frames)} frames but {len(video.timestamps)} "
+                               "timestamps")
+        messages = [omni_pb2.ConverseRequest(video_frame=omni_pb2.VideoFrame(
+            video_id=f"v{j}", timestamp_s=t, image=_frame_bytes(frame, f"parts[{j}] video frame {k}")))
+            for k, (frame, t) in enumerate(zip(video.frames, video.timestamps))]
+        if video.audio is not None:
+            messages += self._audio_messages(video.audio, f"v{j}.audio", video_id=f"v{j}")
+        return messages
 
     async def collect(self, on_text: Callable[[str], None] | None = None,
                       on_reasoning: Callable[[str], None] | None = None, **kwargs) -> tuple[TurnSummary, np.ndarray]:
@@ -358,6 +392,19 @@ def _frame_bytes(source: str | Path | bytes, what: str) -> bytes:
         raise InvalidInput(f"{what}: {len(data)} bytes; an encoded frame must be under "
                            f"{(MAX_MESSAGE_BYTES >> 20) - 1} MiB (compress it or lower its resolution)")
     return data
+
+
+def _as_video(value, j: int) -> Video:
+    if isinstance(value, Video):
+        return value
+    if isinstance(value, Mapping) and {"frames", "timestamps"} <= set(value):
+        audio = value.get("audio")
+        if isinstance(audio, np.ndarray):
+            if "audio_sample_rate" not in value:
+                raise InvalidInput(f"parts[{j}]: a raw audio track needs 'audio_sample_rate'")
+            audio = (audio, value["audio_sample_rate"])
+        return Video(frames=value["frames"], timestamps=value["timestamps"], audio=audio)
+    raise InvalidInput(f"parts[{j}]: a video must be a Video or an object with 'frames' and 'timestamps'")
 
 
 def _read_file(source: str | Path | bytes, what: str) -> bytes:

@@ -41,6 +41,7 @@ from services.hooks import FilterChain, HookContext, HookStage, HookTurn, LocalH
 from services.metrics import record_turn
 from services.preprocess import TurnInputs, build_turn
 from services.stages import Stages
+from services.turn_parts import kind_counts
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,9 @@ HOOK_LATE = "no answer from the hook stage within {s} s"
 class TurnRequest:
     """One user turn plus the options that shape the answer."""
 
-    text: str | None = None
-    audios: Sequence = ()  # paths, encoded bytes or services.preprocess.AudioInput; resampled to 16 kHz
-    images: Sequence = ()  # paths, encoded bytes or PIL images
-    videos: Sequence = ()  # services.preprocess.VideoInput
+    # The turn's content parts in the order the user gave them (`services.turn_parts`: chat-message content dicts
+    # of text, audio, image, video); the prompt renders them in this order.
+    parts: Sequence[dict] = ()
     history: Sequence[dict] = ()  # earlier turns, chat-message format
     system: str | None = None  # the Thinker's system prompt
     speaker: str = "ethan"
@@ -179,8 +179,8 @@ class Conductor:
         # The Captioner's prompt is the audio alone: no tools are declared to it.
         tools = None if st.variant.kind == "captioner" else await self.hooks.tool_schemas()
         inputs = await asyncio.to_thread(
-            build_turn, st.processor, history=list(req.history), system=req.system, text=req.text,
-            audios=req.audios, images=req.images, videos=req.videos, tools=tools,
+            build_turn, st.processor, history=list(req.history), system=req.system, parts=list(req.parts),
+            tools=tools,
         )
         turn.mark("preprocess")
         po = inputs.processor_outputs
@@ -396,14 +396,15 @@ def text_only_message(stages: Stages) -> str:
 
 def _check_caption_request(req: TurnRequest, variant) -> None:
     """The Captioner was trained on one audio and nothing else: refuse what it would answer untrained."""
+    counts = kind_counts(req.parts)
     extra = []
-    if len(req.audios) != 1:
-        extra.append(f"{len(req.audios)} audios")
-    if req.text and req.text.strip():
+    if counts["audio"] != 1:
+        extra.append(f"{counts['audio']} audios")
+    if counts["text"]:
         extra.append("text")
-    if req.images:
+    if counts["image"]:
         extra.append("images")
-    if req.videos:
+    if counts["video"]:
         extra.append("videos")
     if req.system is not None:
         extra.append("a system prompt")

@@ -4,11 +4,11 @@
     client <── started, text deltas, audio chunks..., summary ── OmniServicer <── events ───────────┘
 
 The servicer only translates (protos/omni/v1/omni.proto defines the message flow): it assembles the input parts into
-a `TurnRequest` (the session's history in front), runs the conductor, and turns its events into responses and its
-domain errors into status codes; `Describe` says what the deployment serves (`deployment_info`). On every exit path
-(answer, error, cancel message, client disconnect, deadline) the conductor's event iterator is closed before the
-handler returns, which cancels every stage and frees the request's state; other streams never see one stream's
-failure.
+a `TurnRequest`, in arrival order (`_TurnInput`; the session's history in front), runs the conductor, and turns its
+events into responses and its domain errors into status codes; `Describe` says what the deployment serves
+(`deployment_info`). On every exit path (answer, error, cancel message, client disconnect, deadline) the conductor's
+event iterator is closed before the handler returns, which cancels every stage and frees the request's state; other
+streams never see one stream's failure.
 
 Call lifetime: a rejected config ends the call at once, so a client sends its parts after TurnStarted (the client
 library does). A part that fails (over the limit, malformed) ends the call only after the client's end_of_turn,
@@ -66,6 +66,7 @@ from services.sessions import History, SessionStore, SessionStoreError, check_se
 from services.servicers.hooks import hook_event_to_proto
 from services.servicers.status import error_of, status_of
 from services.stages import Stages
+from services.turn_parts import audio_part, image_part, text_part, video_part
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
 from services.wire.omni_api import Undecodable, add_OmniServicer_to_server
 from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES, add_standard_services
@@ -392,9 +393,12 @@ class _Audio:
 
 @dataclass
 class _TurnInput:
-    """A turn's input parts as they arrive: text pieces, and media by client id in order of their first chunk."""
+    """A turn's input parts as they arrive, in order: a part's place is where its first chunk arrived. Consecutive
+    text messages are one text part; a media part's first chunk ends it, so text may stand between media. Media
+    are kept by client id; a video's sound track is part of its video."""
 
-    texts: list[str] = field(default_factory=list)
+    order: list[tuple[str, str | int]] = field(default_factory=list)  # ("text", index) or (kind, client id)
+    texts: list[list[str]] = field(default_factory=list)
     audios: dict[str, _Audio] = field(default_factory=dict)
     images: dict[str, bytearray] = field(default_factory=dict)
     videos: dict[str, tuple[list[bytes], list[float]]] = field(default_factory=dict)
@@ -403,14 +407,24 @@ class _TurnInput:
 
     def add(self, kind: str, part) -> None:
         if kind == "text":
-            self.texts.append(part.text)
+            if self.order and self.order[-1][0] == "text":
+                self.texts[-1].append(part.text)
+            else:
+                self.order.append(("text", len(self.texts)))
+                self.texts.append([part.text])
             self.nbytes += len(part.text.encode())
         elif kind == "audio":
+            if part.audio_id not in self.audios and not part.video_id:  # a track goes where its video is
+                self.order.append(("audio", part.audio_id))
             self._add_audio(part)
         elif kind == "image":
+            if part.image_id not in self.images:
+                self.order.append(("image", part.image_id))
             self.images.setdefault(part.image_id, bytearray()).extend(part.data)
             self.nbytes += len(part.data)
         elif kind == "video_frame":
+            if part.video_id not in self.videos:
+                self.order.append(("video", part.video_id))
             frames, times = self.videos.setdefault(part.video_id, ([], []))
             frames.append(part.image)
             times.append(part.timestamp_s)
@@ -432,42 +446,51 @@ class _TurnInput:
         self.nbytes += len(data)
 
     def request(self, options: TurnRequest, history: list[dict]) -> tuple[TurnRequest, dict]:
-        """Decode the media (CPU work: run in a thread) into the TurnRequest, and the user message to store in the
-        session, in the chat-message format of `build_turn`'s history and the same part order as its new turn.
-        Every input is charged against the turn's media budget first, from headers: nothing is decoded when the turn
-        would pass it."""
+        """Decode the media (CPU work: run in a thread) into the TurnRequest's parts, and the user message to store
+        in the session: the same parts in the same order, in the chat-message format of `build_turn`'s history,
+        media as the client sent them. Every input is charged against the turn's media budget first, from headers:
+        nothing is decoded when the turn would pass it."""
         self._charge()
-        audios, stored = [], []
+        tracks = self._tracks()
+        parts, stored = [], []
+        for kind, key in self.order:
+            if kind == "text":
+                text = "".join(self.texts[key])
+                if text.strip():  # blank text is left out of the prompt (services.turn_parts)
+                    parts.append(text_part(text))
+                    stored.append(text_part(text))
+            elif kind == "audio":
+                raw, decoded = _at(f"audio {key!r}", self.audios[key].decode)
+                parts.append(audio_part(decoded))
+                stored.append({"type": "audio", **raw})
+            elif kind == "image":
+                parts.append(image_part(bytes(self.images[key])))
+                stored.append(image_part(bytes(self.images[key])))
+            else:
+                frames, times = self.videos[key]
+                raw, decoded = tracks.get(key, ({}, None))
+                parts.append(video_part(_at(f"video {key!r}", load_video, frames, times, decoded,
+                                            target_pixels=self.budget.frame_target)))
+                video = {"frames": frames, "timestamps": times}
+                if raw:
+                    video["audio"] = raw["audio"]
+                    if "sample_rate" in raw:
+                        video["audio_sample_rate"] = raw["sample_rate"]
+                stored.append(video_part(video))
+        return replace(options, parts=parts, history=history), {"role": "user", "content": stored}
+
+    def _tracks(self) -> dict[str, tuple[dict, AudioInput]]:
+        """The videos' sound tracks, decoded: video id -> (stored form, audio)."""
         tracks: dict[str, tuple[dict, AudioInput]] = {}
         for audio_id, audio in self.audios.items():
-            raw, decoded = _at(f"audio {audio_id!r}", audio.decode)
             if not audio.video_id:
-                audios.append(decoded)
-                stored.append({"type": "audio", **raw})
-            elif audio.video_id not in self.videos:
+                continue
+            if audio.video_id not in self.videos:
                 raise InvalidInput(f"audio {audio_id!r} is the track of video {audio.video_id!r}, which has no frames")
-            elif audio.video_id in tracks:
+            if audio.video_id in tracks:
                 raise InvalidInput(f"video {audio.video_id!r} has more than one audio track")
-            else:
-                tracks[audio.video_id] = raw, decoded
-        stored += [{"type": "image", "image": bytes(data)} for data in self.images.values()]
-        videos = []
-        for video_id, (frames, times) in self.videos.items():
-            raw, decoded = tracks.get(video_id, ({}, None))
-            videos.append(_at(f"video {video_id!r}", load_video, frames, times, decoded,
-                              target_pixels=self.budget.frame_target))
-            video = {"frames": frames, "timestamps": times}
-            if raw:
-                video["audio"] = raw["audio"]
-                if "sample_rate" in raw:
-                    video["audio_sample_rate"] = raw["sample_rate"]
-            stored.append({"type": "video", "video": video})
-        text = "".join(self.texts) or None
-        if text and text.strip():
-            stored.append({"type": "text", "text": text})
-        req = replace(options, text=text, audios=audios, images=[bytes(d) for d in self.images.values()],
-                      videos=videos, history=history)
-        return req, {"role": "user", "content": stored}
+            tracks[audio.video_id] = _at(f"audio {audio_id!r}", audio.decode)
+        return tracks
 
     def _charge(self) -> None:
         for audio_id, audio in self.audios.items():

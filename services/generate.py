@@ -18,13 +18,23 @@ from services.errors import InvalidInput
 from services.events import AudioChunk, ReasoningDelta, TextDelta, TurnSummary
 
 
+class _Part(argparse.Action):
+    """Appends (kind, value) to `parts`: the turn's parts in their order on the command line."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.parts = [*(getattr(namespace, "parts", None) or []), (self.const, value)]
+
+
 def add_turn_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of one turn, shared by `omni generate` (in process) and `omni chat` (over gRPC)."""
-    p.add_argument("--text", help="the user's text for this turn")
-    p.add_argument("--audio", action="append", default=[], metavar="WAV", help="audio input (any rate; repeatable)")
-    p.add_argument("--image", action="append", default=[], metavar="IMG", help="image input (repeatable)")
-    p.add_argument("--video", action="append", default=[], metavar="DIR",
-                   help="video input: a directory of frame images whose names sort in time order (repeatable)")
+    """The options of one turn, shared by `omni generate` (in process) and `omni chat` (over gRPC). The turn's
+    parts are --text, --audio, --image and --video in the order given (`--image a.png --text "and" --image b.png`)."""
+    p.set_defaults(parts=[])
+    p.add_argument("--text", action=_Part, const="text", metavar="TEXT",
+                   help="a text part of this turn (repeatable; parts keep their command-line order)")
+    p.add_argument("--audio", action=_Part, const="audio", metavar="WAV", help="an audio part (any rate; repeatable)")
+    p.add_argument("--image", action=_Part, const="image", metavar="IMG", help="an image part (repeatable)")
+    p.add_argument("--video", action=_Part, const="video", metavar="DIR",
+                   help="a video part: a directory of frame images whose names sort in time order (repeatable)")
     p.add_argument("--video-fps", type=float, default=2.0, help="frame rate of --video frames (timestamps = i/fps)")
     p.add_argument("--system", help="the Thinker's system prompt")
     p.add_argument("--speaker", default="ethan", help="voice, one of the checkpoint's talker_config.speaker_id names")
@@ -45,7 +55,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (e.g. one written by `omni checkpoint tiny`)")
     p.add_argument("--conversation", metavar="FILE",
                    help="earlier turns as chat-message JSON (a list of {role, content}); if it ends with a user "
-                        "message and no other input is given, that message is the turn")
+                        "message and no other input is given, that message is the turn, its parts in order")
     add_turn_arguments(p)
     p.add_argument("--device", default="cpu", help="torch device for every stage")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -65,16 +75,21 @@ def _load_conversation(path: str) -> list[dict]:
     return validate_conversation(raw)
 
 
-def _split_last_user_turn(history: list[dict]) -> tuple[list[dict], dict]:
-    """A conversation ending with a user message: that message becomes this turn's input."""
+def _split_last_user_turn(history: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A conversation ending with a user message: that message's parts, in order, are this turn."""
+    from services.turn_parts import text_part
+
     last = history[-1]
-    parts = [{"type": "text", "text": last["content"]}] if isinstance(last["content"], str) else last["content"]
-    turn = {"text": None, "audios": [], "images": []}
-    texts = [p["text"] for p in parts if p.get("type") == "text"]
-    turn["text"] = "".join(texts) or None
-    turn["audios"] = [p.get("audio") or p.get("path") for p in parts if p.get("type") == "audio"]
-    turn["images"] = [p.get("image") or p.get("path") for p in parts if p.get("type") == "image"]
-    return history[:-1], turn
+    return history[:-1], [text_part(last["content"])] if isinstance(last["content"], str) else list(last["content"])
+
+
+def parts_from_args(args: argparse.Namespace, video) -> list[dict]:
+    """The command line's parts in order; `video(dir, fps)` makes a video part's value."""
+    from services.turn_parts import audio_part, image_part, text_part, video_part
+
+    make = {"text": text_part, "audio": audio_part, "image": image_part,
+            "video": lambda d: video_part(video(d, args.video_fps))}
+    return [make[kind](value) for kind, value in args.parts]
 
 
 def _video_from_dir(path: str, fps: float):
@@ -92,16 +107,14 @@ def build_request(args: argparse.Namespace):
     if not args.no_audio and not args.output:
         raise InvalidInput("--output WAV is required unless --no-audio is given")
     history: list[dict] = _load_conversation(args.conversation) if args.conversation else []
-    text, audios, images = args.text, list(args.audio), list(args.image)
-    videos = [_video_from_dir(v, args.video_fps) for v in args.video]
-    if history and history[-1]["role"] == "user" and not (text or audios or images or videos):
-        history, turn = _split_last_user_turn(history)
-        text, audios, images = turn["text"], turn["audios"], turn["images"]
+    parts = parts_from_args(args, _video_from_dir)
+    if history and history[-1]["role"] == "user" and not parts:
+        history, parts = _split_last_user_turn(history)
     greedy = args.greedy
     thinker_sampling = SamplingParams(greedy=True) if greedy else SamplingParams(
         greedy=False, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return TurnRequest(
-        text=text, audios=audios, images=images, videos=videos, history=history, system=args.system,
+        parts=parts, history=history, system=args.system,
         speaker=args.speaker, audio_output=not args.no_audio, max_new_tokens=args.max_new_tokens,
         max_audio_frames=args.max_audio_frames, thinker_sampling=thinker_sampling,
     )

@@ -1,4 +1,4 @@
-"""Decoded history media, by content: a session's later turns decode none of its earlier media again.
+"""Decoded media, by content: a session's later turns decode none of its earlier media again.
 
 The session store keeps media compact, as the bytes the client sent (`services.sessions`), and every turn renders
 the whole conversation, so without this each turn would decode and resample all of its history's media again
@@ -56,7 +56,7 @@ class DecodedMedia:
         return value
 
 
-HISTORY = DecodedMedia()  # the history media of every session this process serves
+HISTORY = DecodedMedia()  # the media, given as bytes, of every turn and session history this process renders
 
 
 def _by_content(x: object) -> bool:

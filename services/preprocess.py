@@ -1,8 +1,8 @@
 """User input -> what the engines take: decoded media, a validated conversation, and the processor's tensors.
 
-`build_turn` renders the chat template over the whole conversation (history + the new user turn, whose parts are
-audio, image, video, then text, as in Qwen's examples) and runs `Qwen3OmniMoeProcessor` once over the prompt and
-the media of every turn, in order. Its `processor_outputs` go to `Qwen3OmniMoeForConditionalGeneration.generate`
+`build_turn` renders the chat template over the whole conversation (history + the new user turn, its parts in the
+order given: `services.turn_parts`) and runs `Qwen3OmniMoeProcessor` once over the prompt and the media of every
+turn, in prompt order. Its `processor_outputs` go to `Qwen3OmniMoeForConditionalGeneration.generate`
 unchanged. Bad input raises `InvalidInput`, input over a limit `ResourceExhausted`, each with a one-line message.
 
 What the transformers 5.23 processor does with video (checked against its source):
@@ -53,6 +53,7 @@ import torch
 
 from services.errors import InvalidInput, ResourceExhausted
 from services.media_cache import HISTORY
+from services.turn_parts import is_blank
 
 log = logging.getLogger(__name__)
 
@@ -419,16 +420,13 @@ def build_turn(
     *,
     history: Sequence[dict] = (),
     system: str | None = None,
-    text: str | None = None,
-    audios: Sequence = (),
-    images: Sequence = (),
-    videos: Sequence[VideoInput] = (),
+    parts: Sequence[dict] = (),
     tools: list[dict] | None = None,
 ) -> TurnInputs:
-    """Append the user turn (audio, image, video parts, then text) and process the whole conversation.
+    """Append the user turn (`parts`, in their order: `services.turn_parts`) and process the whole conversation.
 
-    `audios` items: AudioInput or encoded files (bytes/path); raw PCM goes through `decode_audio(pcm, rate)` first.
-    `system`, if given, replaces the history's system message or is prepended.
+    The prompt is the chat template over the history and the new turn's parts as given; blank text parts are left
+    out. `system`, if given, replaces the history's system message or is prepended.
     """
     messages = [_load_media(m, f"messages[{i}]", processor) for i, m in enumerate(validate_conversation(history))]
     if system is not None:
@@ -438,22 +436,15 @@ def build_turn(
         messages = [head, *messages[1:]] if messages and messages[0]["role"] == "system" else [head, *messages]
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, Mapping) for t in tools)):
         raise InvalidInput("tools must be a list of JSON schema objects")
-    if text is not None and not isinstance(text, str):
-        raise InvalidInput(f"text must be a string, got {type(text).__name__}")
+    if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence):
+        raise InvalidInput(f"parts must be a list of content parts, got {type(parts).__name__}")
 
-    parts = [{"type": "audio", "audio": _located(f"audio {i}", decode_audio, a)} for i, a in enumerate(audios)]
-    target = processed_pixels(processor, "image")
-    parts += [{"type": "image", "image": _located(f"image {i}", load_image, im, target_pixels=target)}
-              for i, im in enumerate(images)]
-    for i, video in enumerate(videos):
-        if not isinstance(video, VideoInput):
-            raise InvalidInput(f"video {i}: expected a VideoInput (see load_video), got {type(video).__name__}")
-        parts.append({"type": "video", "video": video})
-    if text and text.strip():
-        parts.append({"type": "text", "text": text})
-    if not parts:
-        raise InvalidInput("empty turn")
-    messages.append({"role": "user", "content": parts})
+    turn = [_load_part(_validate_part(p, f"parts[{j}]", media=True), f"parts[{j}]", processor)
+            for j, p in enumerate(parts)]
+    turn = [p for p in turn if not is_blank(p)]
+    if not turn:
+        raise InvalidInput("empty turn: send at least one text, audio, image or video part")
+    messages.append({"role": "user", "content": turn})
 
     prompt = processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     return TurnInputs(_run_processor(processor, prompt, messages), messages, prompt)
@@ -519,24 +510,28 @@ def processed_pixels(processor, kind: str) -> int | None:
 def _load_media(message: dict, where: str, processor) -> dict:
     if isinstance(message["content"], str):
         return message
-    parts = []
-    for j, part in enumerate(message["content"]):
-        at, kind = f"{where}.content[{j}]", part["type"]
-        # History media arrive as stored (the client's bytes): each is decoded once per process (media_cache).
-        if kind == "audio":
-            source, rate = part["audio"], part.get("sample_rate")
-            part = {"type": "audio", "audio": HISTORY.get("audio", source, {"rate": rate}, lambda: _located(
-                at, decode_audio, source, rate))}
-        elif kind == "image":
-            source, target = part["image"], processed_pixels(processor, "image")
-            part = {"type": "image", "image": HISTORY.get("image", source, {"target": target}, lambda: _located(
-                at, load_image, source, target_pixels=target))}
-        elif kind == "video" and not isinstance(part["video"], VideoInput):
-            source, target = part["video"], processed_pixels(processor, "video")
-            part = {"type": "video", "video": HISTORY.get("video", source, {"target": target}, lambda: _located(
-                at, lambda v: load_video(**v, target_pixels=target), source))}
-        parts.append(part)
-    return {**message, "content": parts}
+    return {**message, "content": [_load_part(part, f"{where}.content[{j}]", processor)
+                                   for j, part in enumerate(message["content"])]}
+
+
+def _load_part(part: dict, at: str, processor) -> dict:
+    """A validated part with its media decoded (AudioInput, RGB PIL image, VideoInput); text as it is. Media given
+    as bytes are decoded once per process (media_cache): a session's history comes back as the client's bytes on
+    every turn."""
+    kind = part["type"]
+    if kind == "audio":
+        source, rate = part["audio"], part.get("sample_rate")
+        return {"type": "audio", "audio": HISTORY.get("audio", source, {"rate": rate}, lambda: _located(
+            at, decode_audio, source, rate))}
+    if kind == "image":
+        source, target = part["image"], processed_pixels(processor, "image")
+        return {"type": "image", "image": HISTORY.get("image", source, {"target": target}, lambda: _located(
+            at, load_image, source, target_pixels=target))}
+    if kind == "video" and not isinstance(part["video"], VideoInput):
+        source, target = part["video"], processed_pixels(processor, "video")
+        return {"type": "video", "video": HISTORY.get("video", source, {"target": target}, lambda: _located(
+            at, lambda v: load_video(**v, target_pixels=target), source))}
+    return part
 
 
 def _located(where: str, fn, *args, **kwargs):

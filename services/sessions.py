@@ -2,9 +2,10 @@
 
 A session is an optional system prompt plus the chat messages of its finished turns, in the chat-message format
 `services.preprocess.build_turn` takes as history (the format of `omni generate --conversation`). User messages
-keep their media: the Thinker's prompt of a later turn holds every earlier turn's audio and images, and the Talker
-takes the user parts of every turn, multimodal positions included (DESIGN.md section 1), so a text-only history
-would change both. Media are stored as the client sent them (encoded file bytes, or raw PCM16 with its rate), so
+keep their parts in the order the user sent them (`services.turn_parts`), media included: the Thinker's prompt of a
+later turn holds every earlier turn's audio and images where they stood, and the Talker takes the user parts of
+every turn, multimodal positions included (DESIGN.md section 1), so a text-only or regrouped history would change
+both. Media are stored as the client sent them (encoded file bytes, or raw PCM16 with its rate), so
 a later turn decodes exactly what the first one decoded, and an encoded file stays as small as the client made it.
 
 Two stores:

@@ -22,6 +22,8 @@ INPUTS = {
     "audio": ["--text", "What do you hear?", "--audio", "{audio}"],
     "image": ["--text", "Describe it.", "--image", "{image}", "--speaker", "chelsie"],
     "video": ["--text", "And this?", "--video", "{video}", "--video-fps", "2"],
+    # The parts keep their command-line order: text between media, an image before an audio.
+    "interleaved": ["--image", "{image}", "--text", "Is this what ", "--audio", "{audio}", "--text", " sounds like?"],
 }
 
 
@@ -74,9 +76,9 @@ def check_two_turn_session(address: str, stages, media: dict, out, session: str)
     first = ["--text", "Listen to this.", "--audio", media["audio"], *SHORT]
     turn1 = assert_same(chat(address, ["--session", session, *first], out), generate(stages, first, out))
     conversation = out / "conversation.json"
-    conversation.write_text(json.dumps([
-        {"role": "user", "content": [{"type": "audio", "audio": media["audio"]},
-                                     {"type": "text", "text": "Listen to this."}]},
+    conversation.write_text(json.dumps([  # turn 1's parts in their order on the command line
+        {"role": "user", "content": [{"type": "text", "text": "Listen to this."},
+                                     {"type": "audio", "audio": media["audio"]}]},
         {"role": "assistant", "content": turn1["text"]},
     ]))
     second = ["--text", "Once more, please.", *SHORT]

@@ -57,3 +57,61 @@ def assert_rejected_for_size(error: grpc.RpcError) -> None:
         assert "SendMessageOperation" in (error.debug_error_string() or ""), error
     else:
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+
+
+def reference_inputs(processor, messages: list[dict]) -> dict:
+    """What a user of the reference passes to `generate` for a conversation, built without our preprocessing: the
+    chat template over the messages exactly as given, and the processor over their media in the order they stand
+    in the prompt. Media: 16 kHz WAV paths, bytes or arrays (or `AudioInput`); image paths, bytes or PIL images;
+    videos as {"frames": [PIL], "timestamps", "audio": 16 kHz array, ...}. Videos with sound tracks follow the
+    processor's own `load_audio_from_video` route (one audio slot per track, in prompt order)."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+    import soundfile as sf
+    import torch
+
+    def audio(value) -> np.ndarray:
+        if hasattr(value, "samples"):  # services.preprocess.AudioInput
+            return value.samples
+        if isinstance(value, np.ndarray):
+            return value.astype(np.float32)
+        samples, rate = sf.read(io.BytesIO(value) if isinstance(value, bytes) else value, dtype="float32")
+        assert rate == 16000 and samples.ndim == 1, "reference_inputs takes 16 kHz mono audio"
+        return samples
+
+    def image(value) -> PIL.Image.Image:
+        return value if isinstance(value, PIL.Image.Image) else PIL.Image.open(
+            io.BytesIO(value) if isinstance(value, bytes) else value).convert("RGB")
+
+    audios, slots, images, videos, fps = [], [], [], [], None
+    for message in messages:
+        for part in message["content"] if isinstance(message["content"], list) else ():
+            if part["type"] == "audio":
+                audios.append(audio(part["audio"]))
+                slots.append(None)
+            elif part["type"] == "image":
+                images.append(image(part["image"]))
+            elif part["type"] == "video":
+                video = part["video"]
+                if video.get("audio") is not None:
+                    audios.append(audio(video["audio"]))
+                    slots.append(len(videos))
+                times = video["timestamps"]
+                fps = (len(times) - 1) / (times[-1] - times[0])
+                videos.append([image(f) for f in video["frames"]])
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    kwargs = {}
+    if videos:
+        kwargs["videos_kwargs"] = {"do_sample_frames": False, "cap_pixels_per_frame": True, "fps": fps}
+    with_track = any(s is not None for s in slots)
+    if with_track:
+        kwargs.update(load_audio_from_video=True, audio_from_video_indices=slots)
+    out = dict(processor(text=prompt, audio=audios or None, images=images or None, videos=videos or None,
+                         return_tensors="pt", **kwargs))
+    if "video_second_per_grid" in out:
+        out["video_second_per_grid"] = torch.as_tensor(out["video_second_per_grid"])
+    if with_track:
+        out["use_audio_in_video"] = True
+    return out

@@ -14,9 +14,9 @@ from services.engines.bundle import Engines
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput
 from services.events import AudioChunk, TextDelta, TurnSummary
-from services.preprocess import build_turn
 from services.stages import Stages, ThinkerToken
-from tests.helpers import SpyTalker, a_word
+from services.turn_parts import audio_part, image_part, text_part, video_part
+from tests.helpers import SpyTalker, a_word, reference_inputs
 
 GREEDY = SamplingParams(greedy=True)
 
@@ -41,10 +41,18 @@ def collect(conductor: Conductor, req: TurnRequest):
     return events
 
 
+def conversation(req: TurnRequest) -> list[dict]:
+    """The request as the chat messages a reference user writes: system, history, then the turn's parts as given."""
+    history = list(req.history)
+    if req.system is not None:
+        history = [{"role": "system", "content": req.system}] + [m for m in history if m["role"] != "system"]
+    return history + [{"role": "user", "content": list(req.parts)}]
+
+
 def reference_run(reference, processor, req: TurnRequest):
-    """The reference's greedy output on the same processor outputs: (generated ids, codes [T, 16] or None)."""
-    inputs = build_turn(processor, history=list(req.history), system=req.system, text=req.text,
-                        audios=req.audios, images=req.images).processor_outputs
+    """The reference's greedy output on the conversation, preprocessed by the reference's own processor (not by
+    `build_turn`): (generated ids, codes [T, 16] or None)."""
+    inputs = reference_inputs(processor, conversation(req))
     captured = {}
     original = reference.code2wav.chunked_decode if reference.has_talker else None  # a Thinking checkpoint's has none
 
@@ -55,10 +63,13 @@ def reference_run(reference, processor, req: TurnRequest):
     if original is not None:
         reference.code2wav.chunked_decode = capture
     try:
+        # The reference hands `use_audio_in_video` to its Thinker only, so its Talker would place a video's
+        # interleaved audio and frames as if they were separate (issue 9's notes); its talker_ kwargs pass it on.
+        track = {"talker_use_audio_in_video": True} if inputs.get("use_audio_in_video") else {}
         out = reference.generate(
             **inputs, speaker=req.speaker, return_audio=req.audio_output,
             thinker_max_new_tokens=req.max_new_tokens, talker_max_new_tokens=req.max_audio_frames,
-            thinker_do_sample=False, talker_do_sample=False,
+            thinker_do_sample=False, talker_do_sample=False, **track,
         )
     finally:
         if original is not None:
@@ -91,7 +102,7 @@ def assert_parity(reference, processor, events, req):
 
 
 def test_text_only_input(reference, processor, conductor):
-    req = TurnRequest(text="Hello world, this is Qwen.", max_new_tokens=12, max_audio_frames=40,
+    req = TurnRequest(parts=[text_part("Hello world, this is Qwen.")], max_new_tokens=12, max_audio_frames=40,
                       thinker_sampling=GREEDY)
     events = collect(conductor, req)
     summary = assert_parity(reference, processor, events, req)
@@ -101,20 +112,20 @@ def test_text_only_input(reference, processor, conductor):
 
 
 def test_audio_input(reference, processor, conductor, media):
-    req = TurnRequest(text="What do you hear?", audios=[media["audio"]], max_new_tokens=10, max_audio_frames=30,
-                      thinker_sampling=GREEDY)
+    req = TurnRequest(parts=[audio_part(media["audio"]), text_part("What do you hear?")], max_new_tokens=10,
+                      max_audio_frames=30, thinker_sampling=GREEDY)
     assert_parity(reference, processor, collect(conductor, req), req)
 
 
 def test_image_input(reference, processor, conductor, media):
-    req = TurnRequest(text="Describe it.", images=[media["image"]], max_new_tokens=10, max_audio_frames=30,
-                      thinker_sampling=GREEDY)
+    req = TurnRequest(parts=[image_part(media["image"]), text_part("Describe it.")], max_new_tokens=10,
+                      max_audio_frames=30, thinker_sampling=GREEDY)
     assert_parity(reference, processor, collect(conductor, req), req)
 
 
 def test_audio_and_image_input(reference, processor, conductor, media):
-    req = TurnRequest(text="Both?", audios=[media["audio"]], images=[media["image"]], max_new_tokens=10,
-                      max_audio_frames=30, thinker_sampling=GREEDY)
+    req = TurnRequest(parts=[audio_part(media["audio"]), image_part(media["image"]), text_part("Both?")],
+                      max_new_tokens=10, max_audio_frames=30, thinker_sampling=GREEDY)
     assert_parity(reference, processor, collect(conductor, req), req)
 
 
@@ -126,33 +137,102 @@ def test_three_turn_conversation_with_system_prompt(reference, processor, conduc
         {"role": "user", "content": "Is it loud?"},
         {"role": "assistant", "content": "Not very."},
     ]
-    req = TurnRequest(text="Thanks, describe it once more.", history=history, system="You are terse.",
+    req = TurnRequest(parts=[text_part("Thanks, describe it once more.")], history=history, system="You are terse.",
                       max_new_tokens=10, max_audio_frames=30, thinker_sampling=GREEDY)
+    assert_parity(reference, processor, collect(conductor, req), req)
+
+
+# ---- a turn's parts in the order given (issue 9): the prompt is the chat template over exactly those parts ----
+
+
+def tone(seconds: float, freq: float) -> dict:
+    """A second audio, unlike the chirp: a raw 16 kHz PCM part."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    return audio_part((0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), sample_rate=16000)
+
+
+def test_image_before_audio(reference, processor, conductor, media):
+    """The issue's case: a system prompt and a user turn of image, audio, text, which regrouping (audio first)
+    answered differently from the reference."""
+    parts = [image_part(media["image"]), audio_part(media["audio"]), text_part("What do these show?")]
+    req = TurnRequest(parts=parts, system="You are terse.", max_new_tokens=10, max_audio_frames=30,
+                      thinker_sampling=GREEDY)
+    summary = assert_parity(reference, processor, collect(conductor, req), req)
+    regrouped = TurnRequest(parts=[parts[1], parts[0], parts[2]], system="You are terse.", max_new_tokens=10,
+                            max_audio_frames=30, thinker_sampling=GREEDY)
+    assert reference_run(reference, processor, regrouped)[0] != summary.thinker_token_ids  # the order matters
+
+
+def test_text_between_two_images(reference, processor, conductor, media):
+    from PIL import Image
+
+    wide = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 128, 3), dtype=np.uint8))
+    req = TurnRequest(parts=[text_part("This one: "), image_part(media["image"]), text_part(" and this one: "),
+                             image_part(wide), text_part(". Which is wider?")],
+                      max_new_tokens=10, max_audio_frames=30, thinker_sampling=GREEDY)
+    assert_parity(reference, processor, collect(conductor, req), req)
+
+
+def test_two_audios_around_an_image(reference, processor, conductor, media):
+    req = TurnRequest(parts=[audio_part(media["audio"]), image_part(media["image"]), tone(0.8, 330.0),
+                             text_part("Which sound fits the picture?")],
+                      max_new_tokens=10, max_audio_frames=30, thinker_sampling=GREEDY)
+    assert_parity(reference, processor, collect(conductor, req), req)
+
+
+def test_a_video_with_its_sound_track_after_text(reference, processor, conductor, media):
+    from pathlib import Path
+
+    from PIL import Image
+
+    frames = [Image.open(f).convert("RGB") for f in sorted(Path(media["video"]).iterdir())]
+    t = np.arange(16000) / 16000
+    track = (0.3 * np.sin(2 * np.pi * 250 * t)).astype(np.float32)
+    video = {"frames": frames, "timestamps": [0.0, 0.5], "audio": track, "audio_sample_rate": 16000}
+    req = TurnRequest(parts=[text_part("What happens here? "), video_part(video)], max_new_tokens=10,
+                      max_audio_frames=30, thinker_sampling=GREEDY)
+    summary = assert_parity(reference, processor, collect(conductor, req), req)
+    assert len(summary.codes) > 0
+
+
+def test_multi_turn_history_with_media_in_several_orders(reference, processor, conductor, media):
+    history = [
+        {"role": "user", "content": [image_part(media["image"]), text_part("Remember this picture, then "),
+                                     audio_part(media["audio"])]},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": [text_part("And this: "), tone(0.6, 500.0), text_part(" too.")]},
+        {"role": "assistant", "content": "Noted as well."},
+    ]
+    req = TurnRequest(parts=[audio_part(media["audio"]), text_part("Is it the first sound? Look again: "),
+                             image_part(media["image"])],
+                      history=history, system="You are terse.", max_new_tokens=10, max_audio_frames=30,
+                      thinker_sampling=GREEDY)
     assert_parity(reference, processor, collect(conductor, req), req)
 
 
 @pytest.mark.parametrize("speaker", ["chelsie", "ethan", "aiden"])
 def test_every_speaker(reference, processor, conductor, speaker):
-    req = TurnRequest(text="Say something.", speaker=speaker, max_new_tokens=6, max_audio_frames=20,
+    req = TurnRequest(parts=[text_part("Say something.")], speaker=speaker, max_new_tokens=6, max_audio_frames=20,
                       thinker_sampling=GREEDY)
     assert_parity(reference, processor, collect(conductor, req), req)
 
 
 def test_long_answer_beyond_300_frames(reference, processor, conductor):
-    req = TurnRequest(text="Tell me a long story.", max_new_tokens=40, max_audio_frames=330,
+    req = TurnRequest(parts=[text_part("Tell me a long story.")], max_new_tokens=40, max_audio_frames=330,
                       thinker_sampling=GREEDY)
     summary = assert_parity(reference, processor, collect(conductor, req), req)
     assert len(summary.codes) > 300
 
 
 def test_text_only_output(reference, processor, conductor):
-    req = TurnRequest(text="Just text, please.", audio_output=False, max_new_tokens=12, thinker_sampling=GREEDY)
+    req = TurnRequest(parts=[text_part("Just text, please.")], audio_output=False, max_new_tokens=12,
+                      thinker_sampling=GREEDY)
     assert_parity(reference, processor, collect(conductor, req), req)
 
 
 def test_audio_starts_before_the_thinker_finishes(conductor):
     """Streaming: the first audio packet leaves before the last text delta."""
-    req = TurnRequest(text="Stream it.", max_new_tokens=40, max_audio_frames=60, thinker_sampling=GREEDY)
+    req = TurnRequest(parts=[text_part("Stream it.")], max_new_tokens=40, max_audio_frames=60, thinker_sampling=GREEDY)
     events = collect(conductor, req)
     kinds = [type(e) for e in events]
     first_audio = kinds.index(AudioChunk)
@@ -161,8 +241,8 @@ def test_audio_starts_before_the_thinker_finishes(conductor):
 
 
 @pytest.mark.parametrize("req, message", [
-    (TurnRequest(text="hi", speaker="nobody"), "unknown speaker"),
-    (TurnRequest(text="hi", max_new_tokens=0), "max_new_tokens"),
+    (TurnRequest(parts=[text_part("hi")], speaker="nobody"), "unknown speaker"),
+    (TurnRequest(parts=[text_part("hi")], max_new_tokens=0), "max_new_tokens"),
     (TurnRequest(), "empty turn"),
 ])
 def test_bad_requests_are_clear_errors(conductor, req, message):
@@ -172,7 +252,7 @@ def test_bad_requests_are_clear_errors(conductor, req, message):
 
 def test_cancel_frees_state_and_next_turn_is_unaffected(reference, processor, conductor):
     async def cancel_after_first_audio():
-        agen = conductor.run(TurnRequest(text="Long one.", max_new_tokens=40, max_audio_frames=200,
+        agen = conductor.run(TurnRequest(parts=[text_part("Long one.")], max_new_tokens=40, max_audio_frames=200,
                                          thinker_sampling=GREEDY))
         async for event in agen:
             if isinstance(event, AudioChunk):
@@ -183,7 +263,7 @@ def test_cancel_frees_state_and_next_turn_is_unaffected(reference, processor, co
 
     leftover = asyncio.run(cancel_after_first_audio())
     assert leftover == []
-    req = TurnRequest(text="Hello world, this is Qwen.", max_new_tokens=8, max_audio_frames=20,
+    req = TurnRequest(parts=[text_part("Hello world, this is Qwen.")], max_new_tokens=8, max_audio_frames=20,
                       thinker_sampling=GREEDY)
     assert_parity(reference, processor, collect(conductor, req), req)
 
@@ -197,8 +277,8 @@ def test_stage_and_turn_metrics_are_recorded(conductor, media):
     stages = ["audio_encoder", "vision_encoder", "thinker", "talker", "mtp", "code2wav"]
     before = {s: count("omni_stage_ttft_seconds_count", stage=s) for s in stages}
     first_audio = count("omni_time_to_first_audio_seconds_count")
-    req = TurnRequest(text="Both?", audios=[media["audio"]], images=[media["image"]], max_new_tokens=6,
-                      max_audio_frames=10, thinker_sampling=GREEDY)
+    req = TurnRequest(parts=[audio_part(media["audio"]), image_part(media["image"]), text_part("Both?")],
+                      max_new_tokens=6, max_audio_frames=10, thinker_sampling=GREEDY)
     collect(conductor, req)
     for s in stages:
         assert count("omni_stage_ttft_seconds_count", stage=s) > before[s], s
@@ -207,7 +287,8 @@ def test_stage_and_turn_metrics_are_recorded(conductor, media):
     assert count("omni_time_to_first_audio_seconds_count") == first_audio + 1
     errors = count("omni_stage_errors_total", stage="talker", code="InvalidInput")
     with pytest.raises(InvalidInput):
-        collect(conductor, TurnRequest(text="x" * 10, images=[b"not an image"], thinker_sampling=GREEDY))
+        collect(conductor, TurnRequest(parts=[image_part(b"not an image"), text_part("x" * 10)],
+                                       thinker_sampling=GREEDY))
     assert count("omni_stage_errors_total", stage="talker", code="InvalidInput") == errors  # rejected before
 
 
@@ -222,7 +303,8 @@ def _with_spy(engines, hooks=None):
 def test_redacted_word_is_neither_read_nor_heard(engines, processor):
     from services.hooks import FilterChain, HookEvent, Link, Redact
 
-    req = TurnRequest(text="Tell me something.", max_new_tokens=20, max_audio_frames=40, thinker_sampling=GREEDY)
+    req = TurnRequest(parts=[text_part("Tell me something.")], max_new_tokens=20, max_audio_frames=40,
+                      thinker_sampling=GREEDY)
     plain, spy = _with_spy(engines)
     before = collect(plain, req)
     word = a_word(before[-1].text)
@@ -243,7 +325,8 @@ def test_redacted_word_is_neither_read_nor_heard(engines, processor):
 def test_blocked_answer_speaks_the_fallback(engines, processor):
     from services.hooks import Blocklist, FilterChain, Link
 
-    req = TurnRequest(text="Tell me something.", max_new_tokens=20, max_audio_frames=40, thinker_sampling=GREEDY)
+    req = TurnRequest(parts=[text_part("Tell me something.")], max_new_tokens=20, max_audio_frames=40,
+                      thinker_sampling=GREEDY)
     plain, _ = _with_spy(engines)
     word = a_word(collect(plain, req)[-1].text)
     chain = FilterChain([Link(Blocklist(words=[word], fallback="I can't talk about that."), name="block")])
@@ -301,4 +384,5 @@ def test_a_stalled_stage_fails_the_turn_at_its_deadline(engines, stalled, messag
         conductor = Conductor(dataclasses.replace(stages, thinker=_OneToken()), hooks=_Hangs(), stage_timeout_s=0.3)
     with pytest.raises(DeadlineExceeded, match=message):
         # text only: a waiting Talker would hit its own deadline at about the same time
-        collect(conductor, TurnRequest(text="Hi", max_new_tokens=4, audio_output=False, thinker_sampling=GREEDY))
+        collect(conductor, TurnRequest(parts=[text_part("Hi")], max_new_tokens=4, audio_output=False,
+                                       thinker_sampling=GREEDY))

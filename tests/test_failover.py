@@ -45,12 +45,13 @@ def undisturbed(tiny_ckpt):
     from services.engines.bundle import Engines
     from services.engines.sampling import SamplingParams
     from services.stages import Stages
+    from services.turn_parts import text_part
 
     async def run():
         conductor = Conductor(Stages.local(Engines.load(tiny_ckpt)))
         pcm, summary = bytearray(), None
-        async for event in conductor.run(TurnRequest(text=TEXT, thinker_sampling=SamplingParams(greedy=True),
-                                                     **TURN)):
+        async for event in conductor.run(TurnRequest(parts=[text_part(TEXT)],
+                                                     thinker_sampling=SamplingParams(greedy=True), **TURN)):
             if isinstance(event, AudioChunk):
                 pcm += event.pcm16
             elif isinstance(event, TurnSummary):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import json
 import socket
 import threading
 import time
@@ -26,11 +27,13 @@ from services.engines.bundle import Engines
 from services.errors import InvalidInput, OmniError
 from services.events import AudioChunk, TextDelta, TurnSummary, float_to_pcm16
 from services.gateway import OmniServicer, start_gateway
+from services.generate import add_generate_arguments
 from services.preprocess import load_image, load_video
 from services.remote import RemoteThinker
 from services.sessions import InProcessSessions
 from services.stages import Stages
-from services.wire.gen.omni.v1 import omni_pb2, omni_pb2_grpc
+from services.turn_parts import text_part, video_part
+from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
 from services.wire.server import MAX_MESSAGE_BYTES
 from tests.api_contract import (
     INPUTS,
@@ -42,8 +45,10 @@ from tests.api_contract import (
     check_two_turn_session,
     collect,
     generate,
+    parse,
 )
 from tests.helpers import LoopThread, assert_rejected_for_size
+from tests.test_conductor import reference_run
 
 MAX_REQUEST_BYTES = 2 << 20  # small, so the per-turn cap is cheap to hit
 
@@ -162,7 +167,7 @@ def test_a_message_over_the_receive_limit_is_rejected_by_grpc(gateway):
 
 def test_the_client_refuses_a_video_frame_over_the_message_limit():
     frame = bytes(MAX_MESSAGE_BYTES)
-    with pytest.raises(InvalidInput, match="video 0 frame 1: 8388608 bytes"):
+    with pytest.raises(InvalidInput, match=r"parts\[0\] video frame 1: 8388608 bytes"):
         OmniClient("127.0.0.1:1").converse(text="hi", videos=[Video(frames=[b"x", frame], timestamps=[0.0, 0.5])])
 
 
@@ -260,9 +265,82 @@ def test_video_with_its_sound_track(gateway, stages, media):
         greedy=True, max_new_tokens=8, max_audio_frames=24)
     video = load_video([str(f) for f in frames], [0.0, 0.5], audio=media["audio"])
     ref, ref_samples = asyncio.run(collect(Conductor(stages), TurnRequest(
-        text="What happens?", videos=[video], max_new_tokens=8, max_audio_frames=24)))
+        parts=[video_part(video), text_part("What happens?")], max_new_tokens=8, max_audio_frames=24)))
     assert summary.thinker_token_ids == ref.thinker_token_ids and summary.codes == ref.codes
     np.testing.assert_array_equal(float_to_pcm16(samples), float_to_pcm16(ref_samples))
+
+
+# ---- a turn's parts in arrival order (issue 9) ---------------------------------------------------------------
+
+
+def test_converse_parts_keep_their_arrival_order_and_the_session_keeps_them(gateway, reference, processor, media):
+    """Chunks of several parts interleaved on the wire: each part stands where its first chunk arrived, text
+    between media stays there, and greedy output equals the reference `generate` on the conversation as sent.
+    The session keeps the parts in that order: the next turn, media in another order, equals the reference on
+    the whole conversation."""
+    address, servicer = gateway
+    session = "s-ordered-parts"
+    t = np.arange(16000) / 16000
+    pcm = (0.3 * 32767 * np.sin(2 * np.pi * 330 * t)).astype("<i2")
+    wide = encoded(PIL.Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 128, 3), dtype=np.uint8)),
+                   "PNG")
+    small = (media["dir"] / "noise.png").read_bytes()
+    wav = (media["dir"] / "chirp.wav").read_bytes()
+
+    def text(value: str) -> omni_pb2.ConverseRequest:
+        return omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text=value))
+
+    def audio(audio_id: str, **data) -> omni_pb2.ConverseRequest:
+        return omni_pb2.ConverseRequest(audio=omni_pb2.AudioInput(audio_id=audio_id, **data))
+
+    def turn(*parts) -> TurnSummary:
+        requests = [config(session_id=session, thinker_sampling=common_pb2.SamplingParams(greedy=True),
+                           max_new_tokens=8, max_audio_frames=24), *parts, END]
+        responses, error = asyncio.run(responses_and_error(address, requests))
+        assert error is None, error
+        s = responses[-1].summary
+        return TurnSummary(text=s.text, thinker_token_ids=list(s.thinker_token_ids),
+                           codes=[list(f.codes) for f in s.codes], sample_rate=s.sample_rate,
+                           num_samples=s.num_samples, speaker=s.speaker, finish_reason="", timings={})
+
+    half = len(wide) // 2
+    first = turn(text("This one: "), image_part(wide[:half], "w"), audio("x", pcm16=pcm[:8000].tobytes(),
+                                                                        sample_rate=16000),
+                 text(" and "), text("this one: "), image_part(wide[half:], "w"), image_part(small, "s"),
+                 audio("x", pcm16=pcm[8000:].tobytes()), text("?"))
+    sent = [{"type": "text", "text": "This one: "}, {"type": "image", "image": wide},
+            {"type": "audio", "audio": pcm.astype(np.float32) / 32768},
+            {"type": "text", "text": " and this one: "}, {"type": "image", "image": small},
+            {"type": "text", "text": "?"}]
+    want = TurnRequest(parts=sent, max_new_tokens=8, max_audio_frames=24)
+    ids, codes = reference_run(reference, processor, want)
+    assert first.thinker_token_ids == ids and first.codes == codes.tolist()
+    stored = asyncio.run(servicer.sessions.load(session)).messages
+    assert [p["type"] for p in stored[0]["content"]] == ["text", "image", "audio", "text", "image", "text"]
+
+    second = turn(text("Now compare "), audio("y", encoded=wav), text(" with "), image_part(small, "s2"))
+    history = [{"role": "user", "content": sent}, {"role": "assistant", "content": first.text}]
+    want = TurnRequest(parts=[{"type": "text", "text": "Now compare "}, {"type": "audio", "audio": wav},
+                              {"type": "text", "text": " with "}, {"type": "image", "image": small}],
+                       history=history, max_new_tokens=8, max_audio_frames=24)
+    ids, codes = reference_run(reference, processor, want)
+    assert second.thinker_token_ids == ids and second.codes == codes.tolist()
+
+
+def test_command_line_parts_keep_their_order(media, tmp_path):
+    from services.generate import build_request
+
+    args = parse(add_generate_arguments, ["--model", "unused", "--no-audio", "--image", media["image"], "--text",
+                                          "and", "--audio", media["audio"], "--image", media["image"]])
+    assert [(p["type"], p[p["type"]]) for p in build_request(args).parts] == [
+        ("image", media["image"]), ("text", "and"), ("audio", media["audio"]), ("image", media["image"])]
+    conversation = tmp_path / "conversation.json"
+    last = [{"type": "image", "image": media["image"]}, {"type": "text", "text": "and"},
+            {"type": "audio", "audio": media["audio"]}]
+    conversation.write_text(json.dumps([{"role": "user", "content": last}]))
+    args = parse(add_generate_arguments, ["--model", "unused", "--no-audio", "--conversation", str(conversation)])
+    request = build_request(args)
+    assert request.parts == last and request.history == []  # the file's last user message is the turn, in order
 
 
 # ---- bounded decoding, precise errors (issue 11) --------------------------------------------------------------

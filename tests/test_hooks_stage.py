@@ -20,14 +20,15 @@ from services.remote import RemoteHooks
 from services.servicers import serve_stage
 from services.servicers.hooks import HooksServicer
 from services.stages import Stages
+from services.turn_parts import text_part
 from services.wire.gen.omni.v1 import common_pb2, hooks_pb2, hooks_pb2_grpc, thinker_pb2
 from services.wire.server import GRPC_OPTIONS
 from tests.helpers import SpyTalker, a_word
 from tests.test_tool_flow import ANSWER, CALL, ScriptedThinker
 
 GREEDY = SamplingParams(greedy=True)
-ASK = TurnRequest(text="Tell me something.", max_new_tokens=20, max_audio_frames=40, thinker_sampling=GREEDY,
-                  request_id="r1", session_id="s1", metadata={"user": "u1"})
+ASK = TurnRequest(parts=[text_part("Tell me something.")], max_new_tokens=20, max_audio_frames=40,
+                  thinker_sampling=GREEDY, request_id="r1", session_id="s1", metadata={"user": "u1"})
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_tool_call_through_the_stage(engines, processor):
     chain = FilterChain([], tools=ToolRegistry([python_tool(
         weather, parameters={"type": "object", "properties": {"city": {"type": "string"}}})]))
     stop_id = min(Stages.local(engines).stop_ids)
-    req = dataclasses.replace(ASK, text="What's the weather in Lisbon?", max_new_tokens=64)
+    req = dataclasses.replace(ASK, parts=[text_part("What's the weather in Lisbon?")], max_new_tokens=64)
     (local, _, local_thinker), (remote, remote_spy, remote_thinker) = both(
         engines, processor, chain, req, lambda: ScriptedThinker(processor.tokenizer, [CALL, ANSWER], stop_id))
     assert_same_turn(local, remote)

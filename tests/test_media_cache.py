@@ -10,6 +10,7 @@ import torch
 
 from services.media_cache import HISTORY, DecodedMedia
 from services.preprocess import AudioInput, build_turn
+from services.turn_parts import text_part
 
 
 def _history(media) -> list[dict]:
@@ -21,9 +22,9 @@ def _history(media) -> list[dict]:
 
 def test_a_later_turn_decodes_none_of_the_history_again_and_renders_the_same(processor, media):
     history = _history(media)
-    first = build_turn(processor, history=history, text="and now?")
+    first = build_turn(processor, history=history, parts=[text_part("and now?")])
     hits, misses = HISTORY.hits, HISTORY.misses
-    again = build_turn(processor, history=_history(media), text="and now?")  # the store gives new bytes objects
+    again = build_turn(processor, history=_history(media), parts=[text_part("and now?")])  # the store gives new bytes objects
     assert (HISTORY.hits - hits, HISTORY.misses - misses) == (2, 0)
     for name in ("input_ids", "input_features", "pixel_values"):
         assert torch.equal(first.processor_outputs[name], again.processor_outputs[name])
@@ -33,7 +34,7 @@ def test_paths_are_decoded_every_time(processor, media):
     history = [{"role": "user", "content": [{"type": "audio", "audio": media["audio"]}]},
                {"role": "assistant", "content": "a chirp"}]
     misses, hits = HISTORY.misses, HISTORY.hits
-    build_turn(processor, history=history, text="again")
+    build_turn(processor, history=history, parts=[text_part("again")])
     assert (HISTORY.misses, HISTORY.hits) == (misses, hits)  # a file may change: not cached by its name
 
 

@@ -20,6 +20,7 @@ from services.preprocess import (
     load_video,
     validate_conversation,
 )
+from services.turn_parts import audio_part, image_part, text_part, video_part
 
 AUDIO_PAD, IMAGE_PAD, VIDEO_PAD = 151675, 151655, 151656
 VISION_START, AUDIO_START = 151652, 151669
@@ -257,28 +258,32 @@ def test_invalid_conversations(conversation, message):
 
 
 def test_text_turn_prompt_and_system(processor):
-    turn = build_turn(processor, text="Hello")
+    turn = build_turn(processor, parts=[text_part("Hello")])
     assert turn.prompt_text == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
     assert turn.processor_outputs["input_ids"].shape == (1, len(processor.tokenizer(turn.prompt_text).input_ids))
     history = [{"role": "system", "content": "old"}, {"role": "user", "content": "hi"},
                {"role": "assistant", "content": "hey"}]
-    replaced = build_turn(processor, history=history, system="new", text="x")
+    replaced = build_turn(processor, history=history, system="new", parts=[text_part("x")])
     assert replaced.prompt_text.startswith("<|im_start|>system\nnew<|im_end|>\n<|im_start|>user\nhi<|im_end|>")
     assert replaced.prompt_text.count("system") == 1 and [m["role"] for m in replaced.messages][-1] == "user"
-    prepended = build_turn(processor, history=history[1:], system="new", text="x")
+    prepended = build_turn(processor, history=history[1:], system="new", parts=[text_part("x")])
     assert prepended.prompt_text == replaced.prompt_text
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
-    assert '"name": "weather"' in build_turn(processor, text="x", tools=tools).prompt_text
+    assert '"name": "weather"' in build_turn(processor, parts=[text_part("x")], tools=tools).prompt_text
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "empty turn"), ({"text": "  \n"}, "empty turn"), ({"text": 3}, "text must be a string"),
-    ({"text": "x", "videos": [frames(1)]}, "video 0: expected a VideoInput"),
-    ({"audios": [b"junk"]}, "audio 0: cannot decode audio"),
-    ({"images": [image_bytes(), b"junk"]}, "image 1: not a readable image"),
-    ({"text": "x", "history": [{"role": "user", "content": [{"type": "audio", "audio": b"junk"}]}]},
+    ({}, "empty turn"), ({"parts": [text_part("  \n"), text_part("")]}, "empty turn"),
+    ({"parts": [text_part(3)]}, r"parts\[0\]: text must be a string"),
+    ({"parts": "hello"}, "parts must be a list of content parts, got str"),
+    ({"parts": [text_part("x"), video_part(frames(1))]}, r"parts\[1\]: video must be a VideoInput or an object"),
+    ({"parts": [audio_part(b"junk")]}, r"parts\[0\]: cannot decode audio"),
+    ({"parts": [image_part(image_bytes()), text_part("and"), image_part(b"junk")]},
+     r"parts\[2\]: not a readable image"),
+    ({"parts": [{"type": "sound", "sound": b""}]}, r"parts\[0\]: unknown part type 'sound'"),
+    ({"parts": [text_part("x")], "history": [{"role": "user", "content": [{"type": "audio", "audio": b"junk"}]}]},
      r"messages\[0\].content\[0\]: cannot decode audio"),
-    ({"text": "x", "tools": {"name": "f"}}, "tools must be a list"),
+    ({"parts": [text_part("x")], "tools": {"name": "f"}}, "tools must be a list"),
 ])
 def test_bad_turns(processor, kwargs, message):
     with pytest.raises(InvalidInput, match=message):
@@ -288,13 +293,13 @@ def test_bad_turns(processor, kwargs, message):
 def test_audio_placeholders_match_the_length_formula(processor):
     clips = [sine(16000, 1.0), sine(16000, 1.5), sine(44100, 0.77)]
     assert [audio_tokens(16000), audio_tokens(24000)] == [13, 20]
-    turn = build_turn(processor, text="hi", audios=[wav_bytes(c, r) for c, r in zip(clips, (16000, 16000, 44100))])
+    turn = build_turn(processor, parts=[*(audio_part(wav_bytes(c, r)) for c, r in zip(clips, (16000, 16000, 44100))),
+                                        text_part("hi")])
     lengths = [len(p["audio"].samples) for p in turn.messages[-1]["content"] if p["type"] == "audio"]
     out = turn.processor_outputs
     assert lengths[:2] == [16000, 24000] and abs(lengths[2] - 0.77 * 16000) <= 1
     assert count(out, AUDIO_PAD) == sum(audio_tokens(n) for n in lengths)
     assert out["feature_attention_mask"].sum(-1).tolist() == [n // 160 for n in lengths]
-    # Parts come audio, image, video, then text, as in Qwen's examples.
     assert turn.prompt_text.endswith("<|audio_end|>hi<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -306,23 +311,52 @@ def test_history_media_are_processed_in_order(processor, tmp_path):
                                      {"type": "text", "text": "what is this?"}]},
         {"role": "assistant", "content": "a beep"},
     ]
-    turn = build_turn(processor, history=history, text="and this?", audios=[AudioInput(sine(16000, 0.5), 16000)],
-                      images=[image_bytes((128, 64))])
+    turn = build_turn(processor, history=history, parts=[
+        audio_part(AudioInput(sine(16000, 0.5), 16000)), image_part(image_bytes((128, 64))), text_part("and this?")])
     out = turn.processor_outputs
     assert out["feature_attention_mask"].sum(-1).tolist() == [200, 50]  # history first
     assert out["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 8]]
     assert count(out, IMAGE_PAD) == int(out["image_grid_thw"].prod(-1).sum()) // 4
     assert count(out, AUDIO_PAD) == audio_tokens(32000) + audio_tokens(8000)
     assert isinstance(turn.messages[0]["content"][0]["audio"], AudioInput)  # reusable as the next history
-    again = build_turn(processor, history=turn.messages, text="more")
+    again = build_turn(processor, history=turn.messages, parts=[text_part("more")])
     assert torch.equal(again.processor_outputs["input_features"], out["input_features"])
+
+
+IMAGE, AUDIO = "<|vision_start|><|image_pad|><|vision_end|>", "<|audio_start|><|audio_pad|><|audio_end|>"
+VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def test_parts_keep_their_order_in_the_prompt(processor):
+    small, wide = image_bytes((64, 64)), image_bytes((128, 64))
+    turn = build_turn(processor, parts=[text_part("This one: "), image_part(wide), text_part(" and this one: "),
+                                        image_part(small), text_part("  "), audio_part(AudioInput(sine(16000, 0.5),
+                                                                                                  16000))])
+    assert turn.prompt_text == (f"<|im_start|>user\nThis one: {IMAGE} and this one: {IMAGE}{AUDIO}<|im_end|>\n"
+                                "<|im_start|>assistant\n")  # the blank part is left out
+    assert [p["type"] for p in turn.messages[-1]["content"]] == ["text", "image", "text", "image", "audio"]
+    out = turn.processor_outputs
+    assert out["image_grid_thw"].tolist() == [[1, 4, 8], [1, 4, 4]]  # the images in the order given
+    ids = out["input_ids"][0].tolist()
+    assert ids.index(AUDIO_START) > len(ids) - 1 - ids[::-1].index(IMAGE_PAD)  # the audio after both images
+
+
+def test_a_video_with_its_track_stays_one_part_where_it_stands(processor):
+    track = sine(16000, 1.0)
+    video = load_video(frames(4), [0.0, 0.25, 0.5, 0.75], audio=track, audio_sample_rate=16000)
+    turn = build_turn(processor, parts=[text_part("Watch: "), video_part(video), audio_part(AudioInput(sine(16000, 0.5),
+                                                                                                     16000))])
+    assert turn.prompt_text == f"<|im_start|>user\nWatch: {VIDEO}{AUDIO}<|im_end|>\n<|im_start|>assistant\n"
+    out = turn.processor_outputs
+    assert out["feature_attention_mask"].sum(-1).tolist() == [100, 50]  # the track first: its video comes first
 
 
 def test_video_grid_odd_frames_and_per_video_fps(processor):
     three = load_video(frames(3), [0.0, 0.25, 0.5])  # 4 fps, odd count: the processor repeats the last frame
     two = load_video(frames(2), [10.0, 11.0])  # 1 fps
     one = load_video(frames(1), [5.0])
-    out = build_turn(processor, text="hi", videos=[three, two, one]).processor_outputs
+    out = build_turn(processor, parts=[video_part(three), video_part(two), video_part(one), text_part("hi")])
+    out = out.processor_outputs
     assert out["video_grid_thw"][:, 0].tolist() == [2, 1, 1]
     assert out["video_second_per_grid"].tolist() == pytest.approx([0.5, 2.0, 2.0])  # temporal_patch_size / fps
     assert count(out, VIDEO_PAD) == int(out["video_grid_thw"].prod(-1).sum()) // 4
@@ -331,7 +365,8 @@ def test_video_grid_odd_frames_and_per_video_fps(processor):
 
 def test_video_with_audio_track_interleaves(processor):
     video = load_video(frames(4), [0.0, 0.25, 0.5, 0.75], audio=sine(16000, 1.0), audio_sample_rate=16000)
-    out = build_turn(processor, text="hi", audios=[AudioInput(sine(16000, 0.5), 16000)], videos=[video])
+    out = build_turn(processor, parts=[audio_part(AudioInput(sine(16000, 0.5), 16000)), video_part(video),
+                                       text_part("hi")])
     out = out.processor_outputs
     assert out["use_audio_in_video"] is True
     assert out["feature_attention_mask"].sum(-1).tolist() == [50, 100]  # standalone audio, then the track
@@ -352,22 +387,22 @@ def test_video_audio_rules(processor):
     loud = load_video(frames(2), [0.0, 0.5], audio=track, audio_sample_rate=16000)
     loud_fast = load_video(frames(2), [0.0, 0.25], audio=track, audio_sample_rate=16000)
     with pytest.raises(InvalidInput, match="every video in the conversation has an audio track or none"):
-        build_turn(processor, text="x", videos=[silent, loud])
+        build_turn(processor, parts=[video_part(silent), video_part(loud)])
     with pytest.raises(InvalidInput, match=r"share one frame rate, got \[2.0, 4.0\] fps"):
-        build_turn(processor, text="x", videos=[loud, loud_fast])
+        build_turn(processor, parts=[video_part(loud), video_part(loud_fast)])
 
 
 @pytest.mark.parametrize("media", ["text", "audio", "image", "audio+image", "video", "video+track"])
 def test_reference_generate_accepts_processor_outputs(processor, reference, media):
-    kwargs: dict = {"text": "Describe."}
+    parts = []
     if "audio" in media:
-        kwargs["audios"] = [wav_bytes(sine(48000, 0.6, channels=2), 48000)]
+        parts.append(audio_part(wav_bytes(sine(48000, 0.6, channels=2), 48000)))
     if "image" in media:
-        kwargs["images"] = [image_bytes((64, 64))]
+        parts.append(image_part(image_bytes((64, 64))))
     if "video" in media:
         track = dict(audio=sine(16000, 0.5), audio_sample_rate=16000) if "track" in media else {}
-        kwargs["videos"] = [load_video(frames(2), [0.0, 0.5], **track)]
-    inputs = build_turn(processor, **kwargs).processor_outputs
+        parts.append(video_part(load_video(frames(2), [0.0, 0.5], **track)))
+    inputs = build_turn(processor, parts=[*parts, text_part("Describe.")]).processor_outputs
     with torch.inference_mode():
         sequences = reference.generate(**inputs, thinker_max_new_tokens=3, thinker_do_sample=False,
                                        return_audio=False)

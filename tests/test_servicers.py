@@ -33,6 +33,7 @@ from services.servicers.talker import TalkerServicer
 from services.servicers.thinker import ThinkerServicer
 from services.servicers.vision_encoder import VisionEncoderServicer
 from services.stages import LocalTalker, Stages
+from services.turn_parts import audio_part, image_part, text_part
 from services.wire.gen.omni.v1 import talker_pb2_grpc, thinker_pb2_grpc
 from services.wire.gen.omni.v1.common_pb2 import Tokens
 from services.wire.gen.omni.v1.talker_pb2 import SpeakRequest, SpeakStart, TextEnd
@@ -114,9 +115,9 @@ def assert_same_events(ours: list, expected: list) -> None:
 
 
 def request(kind: str, media: dict) -> TurnRequest:
-    inputs = {"text": {}, "audio": {"audios": [media["audio"]]}, "image": {"images": [media["image"]]}}[kind]
-    return TurnRequest(text="Describe what you get.", max_new_tokens=10, max_audio_frames=30,
-                       thinker_sampling=GREEDY, **inputs)
+    inputs = {"text": [], "audio": [audio_part(media["audio"])], "image": [image_part(media["image"])]}[kind]
+    return TurnRequest(parts=[*inputs, text_part("Describe what you get.")], max_new_tokens=10, max_audio_frames=30,
+                       thinker_sampling=GREEDY)
 
 
 async def test_health_serving_on_every_stage(cluster):

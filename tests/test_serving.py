@@ -200,11 +200,12 @@ def in_process(tiny_ckpt):
     from services.engines.bundle import Engines
     from services.events import AudioChunk, TurnSummary
     from services.stages import Stages
+    from services.turn_parts import text_part
 
     async def run():
         conductor = Conductor(Stages.local(Engines.load(tiny_ckpt)))
         pcm, summary = bytearray(), None
-        async for event in conductor.run(TurnRequest(text=TEXT, max_new_tokens=MAX_NEW_TOKENS,
+        async for event in conductor.run(TurnRequest(parts=[text_part(TEXT)], max_new_tokens=MAX_NEW_TOKENS,
                                                      max_audio_frames=MAX_FRAMES)):
             if isinstance(event, AudioChunk):
                 pcm += event.pcm16

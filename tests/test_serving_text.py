@@ -18,6 +18,7 @@ from services.client import ConverseError, OmniClient
 from services.conductor import TurnRequest
 from services.engines.sampling import SamplingParams
 from services.serving import serve_cmd
+from services.turn_parts import audio_part, image_part, text_part
 from services.wire.server import SERVICE_NAMES
 from tests.api_contract import parse
 from tests.cluster import deployed
@@ -63,11 +64,11 @@ def test_no_speech_application_runs(cluster):
 def test_chat_through_serve_equals_the_reference(cluster, reference_thinking, thinking_processor, media, tmp_path,
                                                  inputs):
     argv = ["--text", "What is it?", "--max-new-tokens", "8"]
-    req = TurnRequest(text="What is it?", audio_output=False, max_new_tokens=8,
+    req = TurnRequest(parts=[text_part("What is it?")], audio_output=False, max_new_tokens=8,
                       thinker_sampling=SamplingParams(greedy=True))
-    if inputs == "audio_and_image":
+    if inputs == "audio_and_image":  # after the text: the parts keep their command-line order
         argv += ["--audio", media["audio"], "--image", media["image"]]
-        req.audios, req.images = [media["audio"]], [media["image"]]
+        req.parts = [*req.parts, audio_part(media["audio"]), image_part(media["image"])]
     run_chat(parse(add_chat_arguments, ["--address", cluster.address, "--greedy", "--no-audio", "--json",
                                         str(tmp_path / "chat.json"), *argv]))
     result = json.loads((tmp_path / "chat.json").read_text())

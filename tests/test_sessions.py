@@ -32,6 +32,7 @@ from services.sessions import (
     make_session_store,
 )
 from services.stages import Stages
+from services.turn_parts import audio_part, text_part
 from tests.helpers import LoopThread
 
 
@@ -279,8 +280,8 @@ def test_a_session_continues_on_another_gateway(gateways, stages, tmp_path):
     for address, turn in turns:
         summary, samples = OmniClient(address).converse_sync(session_id=session, **turn, **greedy)
         ids, codes, pcm, text = reference(stages, TurnRequest(
-            history=list(history), text=turn["text"], audios=turn.get("audios", ()), thinker_sampling=sampling,
-            max_new_tokens=8, max_audio_frames=24))
+            history=list(history), parts=[*map(audio_part, turn.get("audios", ())), text_part(turn["text"])],
+            thinker_sampling=sampling, max_new_tokens=8, max_audio_frames=24))
         assert summary.thinker_token_ids == ids and summary.codes == codes and summary.text == text
         np.testing.assert_array_equal(float_to_pcm16(samples), pcm)
         media = [{"type": "audio", "audio": w} for w in turn.get("audios", ())]

@@ -15,6 +15,7 @@ from services.engines.sampling import SamplingParams
 from services.events import TextDelta, TurnSummary
 from services.hooks import FilterChain, ToolRegistry, python_tool
 from services.stages import Stages, ThinkerToken
+from services.turn_parts import text_part
 from tests.helpers import SpyTalker
 
 CALL = '<tool_call>\n{"name": "weather", "arguments": {"city": "Lisbon"}}\n</tool_call>'
@@ -58,7 +59,7 @@ def test_tool_call_runs_and_the_thinker_continues_with_its_result(engines):
 
     async def run():
         return [e async for e in conductor.run(TurnRequest(
-            text="What's the weather in Lisbon?", max_new_tokens=64, max_audio_frames=30,
+            parts=[text_part("What's the weather in Lisbon?")], max_new_tokens=64, max_audio_frames=30,
             thinker_sampling=SamplingParams(greedy=True)))]
 
     events = asyncio.run(run())

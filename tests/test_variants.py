@@ -33,6 +33,7 @@ from services.servicers import serve_stage
 from services.servicers.hooks import HooksServicer
 from services.sessions import InProcessSessions
 from services.stages import Stages
+from services.turn_parts import audio_part, image_part, text_part
 from services.wire.gen.omni.v1 import text_filter_pb2_grpc
 from services.wire.gen.omni.v1.text_filter_pb2 import TextRelease, TextVerdict
 from services.wire.server import GRPC_OPTIONS
@@ -121,15 +122,16 @@ def test_audio_output_enabled_without_talker_tensors_is_a_clear_error(tiny_think
 @pytest.mark.parametrize("inputs", ["text", "audio_and_image"])
 def test_thinking_equals_the_reference(reference_thinking, thinking, media, inputs):
     assert thinking.talker is None
-    media_args = {"audios": [media["audio"]], "images": [media["image"]]} if inputs == "audio_and_image" else {}
-    req = TurnRequest(text="What is the answer?", audio_output=False, max_new_tokens=12, thinker_sampling=GREEDY,
-                      **media_args)
+    given = [audio_part(media["audio"]), image_part(media["image"])] if inputs == "audio_and_image" else []
+    req = TurnRequest(parts=[*given, text_part("What is the answer?")], audio_output=False, max_new_tokens=12,
+                      thinker_sampling=GREEDY)
     summary = assert_parity(reference_thinking, thinking.processor, collect(Conductor(thinking), req), req)
     assert summary.reasoning == ""  # random weights write no <think>
 
 
 def test_captioner_equals_the_reference_on_one_audio(reference_captioner, captioner, media):
-    req = TurnRequest(audios=[media["audio"]], audio_output=False, max_new_tokens=12, thinker_sampling=GREEDY)
+    req = TurnRequest(parts=[audio_part(media["audio"])], audio_output=False, max_new_tokens=12,
+                      thinker_sampling=GREEDY)
     assert_parity(reference_captioner, captioner.processor, collect(Conductor(captioner), req), req)
     prompt = captioner.processor.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}],
                                                      add_generation_prompt=True, tokenize=False)
@@ -141,7 +143,7 @@ def test_generate_command_on_the_thinking_checkpoint(reference_thinking, thinkin
     assert omni(["generate", "--model", str(tiny_thinking), "--text", "Hi!", "--greedy", "--max-new-tokens", "8",
                  "--json", str(out)]) == 0  # no --no-audio needed: the checkpoint answers in text only
     assert "Qwen3-Omni Thinking: text, audio, image, video in; text out" in capsys.readouterr().err
-    req = TurnRequest(text="Hi!", audio_output=False, max_new_tokens=8, thinker_sampling=GREEDY)
+    req = TurnRequest(parts=[text_part("Hi!")], audio_output=False, max_new_tokens=8, thinker_sampling=GREEDY)
     result = json.loads(out.read_text())
     assert result["thinker_token_ids"] == reference_run(reference_thinking, thinking.processor, req)[0]
     assert result["codes"] == [] and result["reasoning"] == ""
@@ -154,22 +156,23 @@ def test_generate_command_on_the_thinking_checkpoint(reference_thinking, thinkin
 
 def test_audio_output_from_a_text_only_checkpoint_names_the_variant(thinking):
     with pytest.raises(InvalidInput, match=r"Qwen3-Omni Thinking serves text only \(the checkpoint has no Talker\)"):
-        collect(Conductor(thinking), TurnRequest(text="Say it.", max_new_tokens=2, thinker_sampling=GREEDY))
+        collect(Conductor(thinking), TurnRequest(parts=[text_part("Say it.")], max_new_tokens=2,
+                                                 thinker_sampling=GREEDY))
 
 
-@pytest.mark.parametrize("extra, found", [
-    (dict(text="What is this?"), "text"),
-    (dict(images=["{image}"]), "images"),
-    (dict(audios=["{audio}", "{audio}"]), "2 audios"),
-    (dict(audios=[]), "0 audios"),
-    (dict(history=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]), "earlier turns"),
-    (dict(system="Be brief."), "a system prompt"),
+@pytest.mark.parametrize("kinds, extra, found", [
+    (["audio", "text"], {}, "text"),
+    (["image", "audio"], {}, "images"),
+    (["audio", "audio"], {}, "2 audios"),
+    ([], {}, "0 audios"),
+    (["audio"], dict(history=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]),
+     "earlier turns"),
+    (["audio"], dict(system="Be brief."), "a system prompt"),
 ])
-def test_captioner_refuses_requests_outside_its_contract(captioner, media, extra, found):
-    fields = {"audios": ["{audio}"], **extra}
-    fields = {k: [x.format(**media) if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
-              for k, v in fields.items()}
-    req = TurnRequest(audio_output=False, max_new_tokens=4, thinker_sampling=GREEDY, **fields)
+def test_captioner_refuses_requests_outside_its_contract(captioner, media, kinds, extra, found):
+    make = {"audio": audio_part(media["audio"]), "image": image_part(media["image"]), "text": text_part("What?")}
+    req = TurnRequest(parts=[make[k] for k in kinds], audio_output=False, max_new_tokens=4, thinker_sampling=GREEDY,
+                      **extra)
     with pytest.raises(InvalidInput) as e:
         collect(Conductor(captioner), req)
     assert str(e.value) == f"Qwen3-Omni Captioner takes {CAPTIONER_RULES}; this request has {found}"
@@ -207,7 +210,7 @@ def test_reasoning_streams_apart_through_the_filters_and_is_never_spoken(instruc
     recorder = Recorder()
     chain = FilterChain([Link(recorder, "recorder"), Link(Redact(words=["greets"]), "redact")]) if filtered else None
     conductor = Conductor(dataclasses.replace(instruct, thinker=thinker, talker=talker), hooks=chain)
-    events = collect(conductor, TurnRequest(text="Hi!", max_new_tokens=64, max_audio_frames=30,
+    events = collect(conductor, TurnRequest(parts=[text_part("Hi!")], max_new_tokens=64, max_audio_frames=30,
                                             thinker_sampling=GREEDY))
     summary = events[-1]
     reasoning = REASONING.replace("greets", "[redacted]") if filtered else REASONING
@@ -400,6 +403,6 @@ def test_statuses_name_the_variant_and_unset_modalities_mean_text(gateways, medi
 
     messages = asyncio.run(raw_turn())
     summary = messages[-1].summary
-    req = TurnRequest(audios=[media["audio"]], audio_output=False, max_new_tokens=6, thinker_sampling=GREEDY)
+    req = TurnRequest(parts=[audio_part(media["audio"])], audio_output=False, max_new_tokens=6, thinker_sampling=GREEDY)
     assert list(summary.thinker_token_ids) == reference_run(reference_captioner, captioner.processor, req)[0]
     assert summary.speaker == "" and not any(m.WhichOneof("kind") == "audio" for m in messages)

@@ -83,7 +83,7 @@ async def _served(address: str, req) -> dict:
     t0 = time.perf_counter()
     marks, summary = {}, None
     async with OmniClient(address) as client:
-        async for event in client.converse(text=req.text, audios=req.audios, greedy=True,
+        async for event in client.converse(parts=req.parts, greedy=True,
                                            max_new_tokens=req.max_new_tokens, max_audio_frames=req.max_audio_frames):
             now = time.perf_counter() - t0
             if isinstance(event, TextDelta):
@@ -106,6 +106,7 @@ def bench_checkpoint(name: str, model_dir: Path, args, tmp: Path, address: str |
     from services.engines.sampling import SamplingParams
     from services.preprocess import build_turn
     from services.stages import Stages
+    from services.turn_parts import audio_part, text_part
 
     reference = Qwen3OmniMoeForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     reference.talker.config.audio_config = reference.config.thinker_config.audio_config  # DESIGN.md s4 bug
@@ -114,20 +115,20 @@ def bench_checkpoint(name: str, model_dir: Path, args, tmp: Path, address: str |
     audio = _media(tmp)
     rows = []
     # Warm both paths up once (first-call allocations, lazy imports) so neither pays it in the table.
-    warm = TurnRequest(text="warm up", max_new_tokens=3, max_audio_frames=3,
+    warm = TurnRequest(parts=[text_part("warm up")], max_new_tokens=3, max_audio_frames=3,
                        thinker_sampling=SamplingParams(greedy=True))
     with torch.inference_mode():
-        reference.generate(**build_turn(engines.processor, text=warm.text).processor_outputs,
+        reference.generate(**build_turn(engines.processor, parts=warm.parts).processor_outputs,
                            thinker_max_new_tokens=3, talker_max_new_tokens=3,
                            thinker_do_sample=False, talker_do_sample=False)
     asyncio.run(_conduct(conductor, warm))
     if address:
         asyncio.run(_served(address, warm))
     for prompt_name, spec in PROMPTS:
-        req = TurnRequest(text=spec["text"], audios=[audio] if spec.get("audio") else [],
-                          max_new_tokens=args.tokens, max_audio_frames=args.frames,
-                          thinker_sampling=SamplingParams(greedy=True))
-        inputs = build_turn(engines.processor, text=req.text, audios=req.audios).processor_outputs
+        parts = [audio_part(audio)] if spec.get("audio") else []
+        req = TurnRequest(parts=[*parts, text_part(spec["text"])], max_new_tokens=args.tokens,
+                          max_audio_frames=args.frames, thinker_sampling=SamplingParams(greedy=True))
+        inputs = build_turn(engines.processor, parts=req.parts).processor_outputs
         t = time.perf_counter()
         with torch.inference_mode():
             seq, _ = reference.generate(**inputs, thinker_max_new_tokens=args.tokens,
