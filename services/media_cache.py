@@ -45,7 +45,7 @@ class DecodedMedia:
                 return entry[0]
             self.misses += 1
         value = decode()  # outside the lock: other turns' hits need not wait for it
-        size = _nbytes(_freeze(value))
+        size = _frozen_size(value)
         with self._lock:
             if size <= self.max_bytes and key not in self._entries:
                 self._entries[key] = (value, size)
@@ -95,30 +95,24 @@ def _feed(h, x: object) -> None:
         h.update(r)
 
 
-def _freeze(value: object) -> object:
-    for array in _arrays(value):
-        array.flags.writeable = False
-    return value
+def _frozen_size(value: object) -> int:
+    """The decoded bytes of `value` (arrays, PIL images, in dataclasses and lists), its arrays made read-only."""
+    size = 0
+    for leaf in _leaves(value):
+        if isinstance(leaf, np.ndarray):
+            leaf.flags.writeable = False
+            size += leaf.nbytes
+        elif isinstance(leaf, PIL.Image.Image):
+            size += leaf.width * leaf.height * len(leaf.getbands())
+    return size  # numbers and the like count nothing next to the samples and pixels
 
 
-def _arrays(value: object):
-    if isinstance(value, np.ndarray):
-        yield value
-    elif hasattr(value, "__dataclass_fields__"):
+def _leaves(value: object):
+    if hasattr(value, "__dataclass_fields__"):
         for name in value.__dataclass_fields__:
-            yield from _arrays(getattr(value, name))
+            yield from _leaves(getattr(value, name))
     elif isinstance(value, (list, tuple)):
         for item in value:
-            yield from _arrays(item)
-
-
-def _nbytes(value: object) -> int:
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, PIL.Image.Image):
-        return value.width * value.height * len(value.getbands())
-    if hasattr(value, "__dataclass_fields__"):
-        return sum(_nbytes(getattr(value, name)) for name in value.__dataclass_fields__)
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(item) for item in value)
-    return 0  # numbers and the like: nothing next to the samples and pixels
+            yield from _leaves(item)
+    else:
+        yield value
