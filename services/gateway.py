@@ -464,8 +464,9 @@ class _TurnInput:
                 parts.append(audio_part(decoded))
                 stored.append({"type": "audio", **raw})
             elif kind == "image":
-                parts.append(image_part(bytes(self.images[key])))
-                stored.append(image_part(bytes(self.images[key])))
+                data = bytes(self.images[key])  # one copy, for the turn and the session
+                parts.append(image_part(data))
+                stored.append(image_part(data))
             else:
                 frames, times = self.videos[key]
                 raw, decoded = tracks.get(key, ({}, None))
