@@ -107,6 +107,10 @@ def stored_bytes(value) -> int:
     return 8
 
 
+def _text_bytes(text: str | None) -> int:
+    return len(text.encode()) if text else 0
+
+
 class InProcessSessions:
     """Sessions in this process's memory: least recently used evicted beyond an owner's `quotas`, and beyond
     `max_sessions` / `max_bytes` in all; expired after `ttl_s` without a turn. Messages are kept as given (media
@@ -142,8 +146,7 @@ class InProcessSessions:
             self._expire()
             old = self._pop(key) or History()
             system = old.system if system is None else system
-            nbytes = old.nbytes + stored_bytes(list(messages)) + (len(system.encode()) if system else 0) - (
-                len(old.system.encode()) if old.system else 0)
+            nbytes = old.nbytes + stored_bytes(list(messages)) + _text_bytes(system) - _text_bytes(old.system)
             self._sessions[key] = (time.monotonic() + self.ttl_s, History(system, [*old.messages, *messages], nbytes))
             self._bytes += nbytes
             self._evict(key)
@@ -218,7 +221,7 @@ class RedisSessions:
         index_key, sizes_key = self._owner_keys(owner)
         ttl_ms = int(self.ttl_s * 1000)
         encoded = [encode_message(m) for m in messages]
-        added = stored_bytes(list(messages)) + (len(system.encode()) if system else 0)  # as InProcessSessions counts
+        added = stored_bytes(list(messages)) + _text_bytes(system)  # as InProcessSessions counts
         async with self._errors("append to"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 if system is not None:
