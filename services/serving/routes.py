@@ -121,24 +121,30 @@ class ReplicaSet(Generic[C]):
             except StageError as e:
                 error = self._failover(address, e, tried)
 
-    async def stream(self, open_call: Callable[[C], AsyncIterator[T]],
-                     seen: SeenItems | SeenSamples) -> AsyncIterator[T]:
-        """The items of `open_call(client)`, a stream holding a turn's state, from the least busy replica. When
-        that replica dies (UNAVAILABLE) the call runs again on another, from its start (`services.serving.resume`:
-        `open_call` must replay its inputs), and `seen` drops the items already yielded."""
+    async def stream(self, open_call: Callable[[C, AsyncIterator | None], AsyncIterator[T]],
+                     seen: SeenItems | SeenSamples, inputs: AsyncIterator | None = None) -> AsyncIterator[T]:
+        """The items of `open_call(client, inputs)`, a stream holding a turn's state, from the least busy replica.
+        When that replica dies (UNAVAILABLE) the call runs again on another, from its start: it is given `inputs`
+        again from their first item (`services.serving.resume.Replay`), and `seen` drops the items already yielded."""
+        replay = Replay(inputs) if inputs is not None else None
         tried: set[str] = set()
         error: StageError | None = None
-        while True:
-            address = await self._choose(tried, error)
-            seen.rewind()
-            try:
-                async with self._held(address) as client, aclosing(open_call(client)) as items:
-                    async for item in items:
-                        if (item := seen.new(item)) is not None:
-                            yield item
-                return
-            except StageError as e:
-                error = self._failover(address, e, tried)
+        try:
+            while True:
+                address = await self._choose(tried, error)
+                seen.rewind()
+                try:
+                    async with self._held(address) as client, \
+                            aclosing(open_call(client, None if replay is None else replay.reader())) as items:
+                        async for item in items:
+                            if (item := seen.new(item)) is not None:
+                                yield item
+                    return
+                except StageError as e:
+                    error = self._failover(address, e, tried)
+        finally:
+            if replay is not None:
+                await replay.close()
 
     async def _choose(self, tried: set[str], error: StageError | None) -> str:
         """The least busy live replica not in `tried` and not failed lately (any live one on a first try, when all
@@ -258,7 +264,7 @@ class RoutedThinker:
                  stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
         # Resumed on another replica, the same prompt and seed give the same tokens (mm_hidden comes again with the
         # first, which the caller has had).
-        return self.replicas.stream(lambda thinker: thinker.generate(prompt, sampling, max_new_tokens, stop_ids),
+        return self.replicas.stream(lambda thinker, _: thinker.generate(prompt, sampling, max_new_tokens, stop_ids),
                                     SeenItems("thinker", key=lambda token: token.token_id))
 
 
@@ -266,17 +272,11 @@ class RoutedTalker:
     def __init__(self, replicas: ReplicaSet[RemoteTalker]):
         self.replicas = replicas
 
-    async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
-                    text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
-        text = Replay(text)  # a resumed Talker is sent the released text again from its first token
-        try:
-            frames = self.replicas.stream(lambda talker: talker.speak(prompt, sampling, max_frames, text.reader()),
-                                          SeenItems("talker", key=lambda codes: tuple(codes.tolist())))
-            async with aclosing(frames):
-                async for frame in frames:
-                    yield frame
-        finally:
-            await text.close()
+    def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
+              text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
+        # A resumed Talker is sent the released text again from its first token.
+        return self.replicas.stream(lambda talker, text: talker.speak(prompt, sampling, max_frames, text),
+                                    SeenItems("talker", key=lambda codes: tuple(codes.tolist())), inputs=text)
 
 
 class RoutedMTP:
@@ -294,17 +294,10 @@ class RoutedCode2Wav:
     def __init__(self, replicas: ReplicaSet[RemoteCode2Wav]):
         self.replicas = replicas
 
-    async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
+    def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
         # A resumed Code2Wav is sent every frame again, one per message as before, so that it computes exactly the
         # samples the first one did; the caller gets those past the ones it has.
-        frames = Replay(frames)
-        try:
-            chunks = self.replicas.stream(lambda code2wav: code2wav.decode(frames.reader()), SeenSamples())
-            async with aclosing(chunks):
-                async for chunk in chunks:
-                    yield chunk
-        finally:
-            await frames.close()
+        return self.replicas.stream(lambda code2wav, frames: code2wav.decode(frames), SeenSamples(), inputs=frames)
 
 
 class RoutedHooks:
