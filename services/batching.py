@@ -3,14 +3,16 @@
 Concurrent requests `submit` items; one loop per stage takes every item that is ready (up to `max_batch`) and runs
 them as one engine step on the stage's worker thread, then hands each request its result. Items that arrive while
 a step runs wait for the next one, so under load batches fill by themselves; `max_wait_s` can hold a step back a
-little to let a batch grow when the stage is idle. A request that gives up (cancelled, its client gone) is dropped
+little for the requests in progress whose items are not there yet (`expected`), e.g. the Talker's requests, whose
+MTP results come back one by one. A request that gives up (cancelled, its client gone) is dropped
 before the next step and never holds a row.
 
     batcher = StepBatcher("mtp", run_rows, max_batch=32)   # run_rows(list of items) -> list of results, in order
     result = await batcher.submit(item)
 
 Each step is one span ("<stage>.step") linked to the span of every request in it, and records the real batch size
-(`omni_stage_batch_size`) and each item's wait for its step (`omni_stage_queue_seconds`).
+(`omni_stage_batch_size`, and `omni_stage_batch_rows_total` for an exact mean), the step's time
+(`omni_stage_step_seconds`) and each item's wait for its step (`omni_stage_queue_seconds`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services import tracing
-from services.metrics import STAGE_BATCH, STAGE_QUEUE, stage_executor
+from services.metrics import STAGE_BATCH, STAGE_QUEUE, STAGE_ROWS, STAGE_STEP, stage_executor
 
 
 @dataclass
@@ -42,14 +44,19 @@ class _Waiting:
 class _Lane:
     waiting: deque[_Waiting] = field(default_factory=deque)
     task: asyncio.Task | None = None  # the loop's steps, while items wait
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set by each submit
 
 
 class StepBatcher:
     def __init__(self, stage: str, run: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = 32,
-                 max_wait_s: float = 0.0):
+                 max_wait_s: float = 0.0, expected: Callable[[], int] | None = None):
+        """`expected`: how many requests could have an item in the next step (those in progress on the stage); a
+        step waits up to `max_wait_s` for that many, and not at all when they are all there. Without it, a step
+        waits `max_wait_s` for a full batch."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.stage, self.run, self.max_batch, self.max_wait_s = stage, run, max_batch, max_wait_s
+        self.expected = expected or (lambda: max_batch)
         # One lane per event loop (a replica has one; a test or `omni generate` may run several in turn): futures
         # and tasks belong to the loop they were made in. Steps of every lane share the stage's worker thread.
         self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = weakref.WeakKeyDictionary()
@@ -63,6 +70,7 @@ class StepBatcher:
             lane = self._lanes[loop] = _Lane()
         future = loop.create_future()
         lane.waiting.append(_Waiting(item, future, span=(span or trace.get_current_span()).get_span_context()))
+        lane.arrived.set()
         if lane.task is None or lane.task.done():
             lane.task = asyncio.create_task(self._steps(lane), name=f"omni-{self.stage}-steps")
         return await future
@@ -71,10 +79,25 @@ class StepBatcher:
         """Steps while items wait; then the task ends (an idle stage holds no task), and the next submit starts
         another."""
         while lane.waiting:
-            if self.max_wait_s and len(lane.waiting) < self.max_batch:
-                await asyncio.sleep(self.max_wait_s)
+            if self.max_wait_s:
+                await self._gather(lane)
             if batch := self._take(lane):
                 await self._step(batch)
+
+    async def _gather(self, lane: _Lane) -> None:
+        """Wait up to max_wait_s for the items of every request expected in this step (a request whose previous
+        result has just arrived sends its next item a moment later)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while len(lane.waiting) < min(self.max_batch, self.expected()):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            lane.arrived.clear()
+            try:
+                await asyncio.wait_for(lane.arrived.wait(), remaining)
+            except TimeoutError:
+                return
 
     def _take(self, lane: _Lane) -> list[_Waiting]:
         batch = []
@@ -89,10 +112,11 @@ class StepBatcher:
         for waiting in batch:
             STAGE_QUEUE.observe(started - waiting.submitted, stage=self.stage)
         STAGE_BATCH.observe(len(batch), stage=self.stage)
+        STAGE_ROWS.inc(len(batch), stage=self.stage)
         span = self._step_span(batch)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                stage_executor(self.stage), self.run, [w.item for w in batch])
+                stage_executor(self.stage), self._timed_run, [w.item for w in batch])
         except Exception as e:  # every request in the step gets the step's error
             tracing.end_span(span, e)
             for waiting in batch:
@@ -103,6 +127,13 @@ class StepBatcher:
         for waiting, result in zip(batch, results, strict=True):
             if not waiting.future.done():
                 waiting.future.set_result(result)
+
+    def _timed_run(self, items: list) -> Sequence[Any]:
+        started = time.perf_counter()
+        try:
+            return self.run(items)
+        finally:
+            STAGE_STEP.observe(time.perf_counter() - started, stage=self.stage)
 
     def _step_span(self, batch: list[_Waiting]) -> trace.Span:
         """The step's span: in the trace of its first sampled request (a step of unsampled requests records

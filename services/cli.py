@@ -69,6 +69,12 @@ def _bench_latency(args: argparse.Namespace) -> None:
     latency.main(args.rest)
 
 
+def _bench_load(args: argparse.Namespace) -> None:
+    from services.bench import load
+
+    load.main(args.rest)
+
+
 def _bench_mtp(args: argparse.Namespace) -> None:
     from services.bench import mtp
 
@@ -145,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("code2wav", _bench_code2wav, "streaming Code2Wav vs full forward vs re-decoding left context"),
         ("latency", _bench_latency, "reference generate vs the streaming conductor: TTFT, first audio, RTF"),
         ("hops", _bench_hops, "per-message round trip and throughput of each inter-stage gRPC route"),
+        ("load", _bench_load, "N conversations at once for several N: first audio, RTF, audio per second, batch "
+                              "sizes"),
         ("mtp", _bench_mtp, "one MTP step at batch 1, 8, 32: ours vs the reference code predictor's generate"),
         ("soak", _bench_soak, "client loops against a deployment for M minutes: latency percentiles and every "
                               "omni-serve process's memory per minute"),

@@ -1,11 +1,11 @@
-"""Engine placement settings shared by every stage: where the weights live and in what precision."""
+"""Engine settings: where a stage's weights live and in what precision (every stage), and how a decoding stage keeps
+and batches its requests (Thinker, Talker). Imports no torch, so deployment configs validate without it."""
 
 from __future__ import annotations
 
-import torch
 from pydantic import BaseModel, Field, field_validator
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")  # torch's names; torch is imported only when one is used
 
 
 class EngineConfig(BaseModel):
@@ -22,5 +22,18 @@ class EngineConfig(BaseModel):
         return v
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+
+class KVConfig(BaseModel):
+    """A decoding stage's request state (Thinker, Talker): one replica's KV cache, shared by its requests
+    (`services.engines.kv_pages`; DESIGN.md section 7)."""
+
+    kv_tokens: int = Field(65536, ge=1, description="positions of KV cache the replica preallocates for all its "
+                                                    "requests together; a request reserves prompt + new tokens")
+    page_size: int = Field(16, ge=1, le=4096, description="positions per page of the KV cache")
+    prefill_chunk: int = Field(512, ge=1, description="prompt tokens per prefill call: the longest a new request's "
+                                                      "prefill holds back the decode steps of the others")

@@ -22,7 +22,7 @@ from services import tracing
 from services.batching import StepBatcher
 from services.checkpoint.variant import INSTRUCT, Variant
 from services.engines.audio_encoder import AudioEncoderEngine
-from services.engines.code2wav import Code2WavEngine
+from services.engines.code2wav import Code2WavEngine, push_batch
 from services.engines.mtp import MTPEngine, MTPResult
 from services.engines.sampling import Sampler, SamplingParams
 from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt
@@ -110,20 +110,31 @@ class LocalVisionEncoder:
 
 
 class LocalThinker:
-    def __init__(self, engine: ThinkerEngine):
+    """Each call is one request's generation. Its prompt prefills in chunks on the stage's worker thread, between
+    the decode steps of the requests already running; its decode steps join theirs (`services.batching`), each
+    request sampled by its own sampler."""
+
+    def __init__(self, engine: ThinkerEngine, max_batch: int = 64, max_wait_s: float = 0.0):
         self.engine = engine
+        self._decoding = 0  # requests past their prefill: the rows a step may wait for
+        self._batcher = StepBatcher("thinker", self._decode_rows, max_batch=max_batch, max_wait_s=max_wait_s,
+                                    expected=lambda: self._decoding)
 
     async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
                        stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
-        session = decode = None
+        job = decode = None
         with StageTimer("thinker") as timer:
             try:
                 span = tracing.start_span("thinker.prefill", parent=timer.span,
                                           prompt_tokens=int(prompt.input_ids.numel()))
                 try:
-                    session, prefill = await run_engine("thinker", self.engine.prefill, prompt, max_new_tokens)
+                    job = await run_engine("thinker", self.engine.start, prompt, max_new_tokens)
+                    while (prefill := await run_engine("thinker", self.engine.prefill_step, job)) is None:
+                        pass
                 finally:
                     span.end()
+                session = job.session
+                self._decoding += 1
                 decode = tracing.start_span("thinker.decode", parent=timer.span)
                 sampler = Sampler(sampling)
                 logits, mm_hidden = prefill.logits, prefill.mm_hidden
@@ -134,13 +145,19 @@ class LocalThinker:
                     mm_hidden = None
                     if token in stop_ids or step + 1 == max_new_tokens:
                         return
-                    logits = await run_engine("thinker", self.engine.decode, session, token)
+                    self.engine.check_decode(session, token)
+                    logits = await self._batcher.submit((session, token), timer.span)
             finally:
                 if decode is not None:
+                    self._decoding -= 1
                     decode.set_attribute("omni.tokens", timer.items)
                     decode.end()
-                if session is not None:
-                    session.close()
+                if job is not None:
+                    job.session.close()
+
+    def _decode_rows(self, rows: list[tuple]) -> list[Tensor]:
+        """One decode step over requests' next tokens (on the stage's worker thread)."""
+        return list(self.engine.decode_batch([s for s, _ in rows], [t for _, t in rows]))
 
 
 class LocalMTP:
@@ -184,9 +201,16 @@ class LocalMTP:
 
 
 class LocalTalker:
-    def __init__(self, engine: TalkerEngine, mtp: MTPStage):
+    """Each call is one request's speech. Its prompt prefills in chunks between the steps of the requests already
+    speaking, and its steps join theirs (`services.batching`); a request waiting for its next released text token
+    sits the steps out. Each request samples its c0s with its own sampler."""
+
+    def __init__(self, engine: TalkerEngine, mtp: MTPStage, max_batch: int = 64, max_wait_s: float = 0.0):
         self.engine = engine
         self.mtp = mtp  # the Talker calls MTP itself every frame (in process or over gRPC)
+        self._speaking = 0  # requests past their prefill: the rows a step may wait for
+        self._batcher = StepBatcher("talker", self._step_rows, max_batch=max_batch, max_wait_s=max_wait_s,
+                                    expected=lambda: self._speaking)
 
     async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
                     text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
@@ -195,10 +219,16 @@ class LocalTalker:
         if first is None:  # nothing was released: nothing to say
             return
         engine = self.engine
-        session = None
+        job = None
+        speaking = False
         with StageTimer("talker") as timer:
             try:
-                session, frame = await run_engine("talker", engine.prefill, prompt, first, sampling, max_frames)
+                job = await run_engine("talker", engine.start, prompt, first, sampling, max_frames)
+                while (frame := await run_engine("talker", engine.prefill_step, job)) is None:
+                    pass
+                session = job.session
+                self._speaking += 1
+                speaking = True
                 text_ended = False
                 # A frame's residual codes come from the step after its c0, so the last c0 (EOS, or the one that
                 # hits the cap) never becomes a frame: the reference's talker_codes.
@@ -214,28 +244,60 @@ class LocalTalker:
                         token = await anext(text, None)
                         if token is None:
                             text_ended, token = True, TEXT_END
-                    frame = await run_engine("talker", engine.step, session, result.embed_sum[0], token)
+                    engine.check_step(session, token)
+                    frame = await self._batcher.submit((session, result.embed_sum[0], token), timer.span)
                     generated += 1
             finally:
-                if session is not None:
-                    session.close()
+                self._speaking -= speaking
+                if job is not None:
+                    job.session.close()
+
+    def _step_rows(self, rows: list[tuple]) -> list:
+        """One Talker step over requests' next inputs (on the stage's worker thread)."""
+        return self.engine.step_batch([s for s, _, _ in rows], torch.stack([e for _, e, _ in rows]),
+                                      [t for _, _, t in rows])
 
 
 class LocalCode2Wav:
-    def __init__(self, engine: Code2WavEngine):
+    """Each call is one utterance's stream. Its frames share forwards with the other streams' (`services.batching`,
+    `code2wav.push_batch`), each stream with its own convolution and attention state; a stream's first frame, or a
+    push of several frames, runs alone."""
+
+    def __init__(self, engine: Code2WavEngine, max_batch: int = 64, max_wait_s: float = 0.0):
         self.engine = engine
+        self._streams = 0  # open streams: the rows a step may wait for
+        self._batcher = StepBatcher("code2wav", self._push_rows, max_batch=max_batch, max_wait_s=max_wait_s,
+                                    expected=lambda: self._streams)
 
     async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
         stream = self.engine.stream()
+        self._streams += 1
         with StageTimer("code2wav") as timer:
-            async for codes in frames:
-                samples = await run_engine("code2wav", stream.push, codes.reshape(1, -1))
-                if samples.numel():
-                    timer.output()
-                    yield samples
-            tail = await run_engine("code2wav", stream.finish)
+            try:
+                async for codes in frames:
+                    codes = self.engine.check_codes(codes.reshape(1, -1))  # one frame per message
+                    samples = await self._batcher.submit((stream, codes), timer.span)
+                    if samples.numel():
+                        timer.output()
+                        yield samples
+            finally:
+                self._streams -= 1
+            tail = stream.finish()
         if tail.numel():
             yield tail
+
+    def _push_rows(self, rows: list[tuple]) -> list[Tensor]:
+        """One step over streams' next frames (on the stage's worker thread)."""
+        out: list[Tensor | None] = [None] * len(rows)
+        together = [i for i, (stream, codes) in enumerate(rows) if stream.steady and codes.shape[0] == 1]
+        for i, (stream, codes) in enumerate(rows):
+            if i not in together:
+                out[i] = stream.push(codes)
+        if together:
+            pushed = push_batch([rows[i][0] for i in together], torch.cat([rows[i][1] for i in together]))
+            for i, samples in zip(together, pushed):
+                out[i] = samples
+        return out
 
 
 @dataclass

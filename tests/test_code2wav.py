@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from services.checkpoint.loading import Checkpoint
-from services.engines.code2wav import Code2WavEngine
+from services.engines.code2wav import Code2WavEngine, push_batch
 from services.errors import InvalidInput
 
 FRAMES = 310  # beyond the 72-frame attention window, many times over
@@ -116,7 +116,7 @@ def test_state_stays_bounded(loud):
     for i in range(150):
         stream.push(codes[i : i + 1])
         sizes.append(
-            [layer.keys.shape[-2] for layer in stream._kv.layers]
+            [keys.shape[-2] for keys in stream._window.keys]
             + [s.context.shape[-1] if hasattr(s, "context") else s.overlap.shape[-1] for s in stream._state.values()]
         )
     assert max(size[0] for size in sizes) == 71  # sliding window 72, minus the current frame
@@ -133,6 +133,32 @@ def test_interleaved_streams_are_independent(loud):
         b_out.append(b.push(b_codes[i + 3 : i + 9]))
     torch.testing.assert_close(torch.cat(a_out), loud.decode(a_codes), rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.cat(b_out), loud.decode(b_codes), rtol=0, atol=1e-4)
+
+
+def test_batched_streams_equal_each_stream_alone(loud):
+    """Streams that join at different frames (so their windows hold different lengths, some full, some not) share
+    `push_batch` forwards, one frame each, and leave at different frames: each gets its own full decode."""
+    starts, lengths = [0, 0, 5, 30, 80], [150, 40, 120, 90, 20]
+    codes = [random_codes(n, seed=20 + i) for i, n in enumerate(lengths)]
+    streams = [loud.stream() for _ in starts]
+    outs = [[] for _ in starts]
+    batch_sizes = []
+    for t in range(max(s + n for s, n in zip(starts, lengths))):
+        ready = [i for i, (s, n) in enumerate(zip(starts, lengths)) if s <= t < s + n]
+        first = [i for i in ready if streams[i].frames == 0]
+        for i in first:  # a stream's first frame runs alone
+            outs[i].append(streams[i].push(codes[i][:1]))
+        rows = [i for i in ready if i not in first]
+        if rows:
+            frames = torch.stack([codes[i][streams[i].frames] for i in rows])
+            for i, samples in zip(rows, push_batch([streams[i] for i in rows], frames)):
+                outs[i].append(samples)
+            batch_sizes.append(len(rows))
+    assert max(batch_sizes) == 4
+    for i, c in enumerate(codes):
+        torch.testing.assert_close(torch.cat(outs[i]), loud.decode(c), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="past their first frame"):
+        push_batch([loud.stream(), streams[0]], random_codes(2, seed=1))
 
 
 def test_loads_only_code2wav_tensors(tiny_ckpt_sharded):

@@ -298,12 +298,12 @@ async def test_cancelled_turn_frees_server_state_and_next_turn_is_right(cluster,
     for stage in ("thinker", "talker"):
         engine = getattr(cluster.engines, stage)
 
-        def prefill(*args, _stage=stage, _prefill=engine.prefill, **kwargs):
-            session, first = _prefill(*args, **kwargs)
-            sessions[_stage] = session
-            return session, first
+        def start(*args, _stage=stage, _start=engine.start, **kwargs):
+            job = _start(*args, **kwargs)
+            sessions[_stage] = job.session
+            return job
 
-        monkeypatch.setattr(engine, "prefill", prefill)
+        monkeypatch.setattr(engine, "start", start)
 
     req = replace(request("text", media), max_new_tokens=40, max_audio_frames=400)
     chunks = 0
@@ -312,12 +312,15 @@ async def test_cancelled_turn_frees_server_state_and_next_turn_is_right(cluster,
             chunks += isinstance(event, AudioChunk)
             if chunks == 2:
                 break
-    assert chunks == 2 and sessions["talker"].cache is not None  # cancelled while the Talker was speaking
+    assert chunks == 2 and not sessions["talker"].closed  # cancelled while the Talker was speaking
     mtp_stream = cluster.talker_mtp._stream
     deadline = time.monotonic() + 10
-    while any(s.cache is not None for s in sessions.values()) and time.monotonic() < deadline:
+    while not all(s.closed for s in sessions.values()) and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
-    assert all(s.cache is None for s in sessions.values()), "a server kept a cancelled request's session"
+    assert all(s.closed for s in sessions.values()), "a server kept a cancelled request's session"
+    for stage in sessions:  # and its pages of the KV cache went back
+        kv = getattr(cluster.engines, stage).kv
+        assert kv.free_positions == kv.capacity, stage
 
     req = request("audio", media)
     assert_same_events(await run(cluster.remote, req), await run(cluster.local, req))

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services import auth
 from services.client import GATEWAY_METADATA, OmniClient, call_credentials
 from services.errors import OmniError
+from services.bench.load import batch_counts
 from services.serving import serve_cmd
 from services.serving.autoscaling import STAGE_CALLS, stage_load_policy
 from services.wire.gen.omni.v1 import (
@@ -181,10 +182,10 @@ def _converse_call(channel: grpc.aio.Channel, requests) -> grpc.aio.StreamStream
     return omni_pb2_grpc.OmniStub(channel).Converse(iter(requests), metadata=OmniClient("").metadata, timeout=120)
 
 
-async def _converse(address: str) -> tuple[omni_pb2.TurnSummary, bytes]:
+async def _converse(address: str, **turn) -> tuple[omni_pb2.TurnSummary, bytes]:
     pcm, summary = bytearray(), None
     async with grpc.aio.insecure_channel(address) as channel:
-        async for msg in _converse_call(channel, _turn()):
+        async for msg in _converse_call(channel, _turn(**turn)):
             kind = msg.WhichOneof("kind")
             if kind == "audio":
                 pcm += msg.audio.pcm16
@@ -269,6 +270,38 @@ async def test_two_talker_replicas_share_turns_with_unchanged_results(cluster, i
                     if line.startswith("ray_omni_stage_ttft_seconds_count") and 'stage="talker"' in line
                     and (m := re.search(r'replica="([^"]+)"', line))}
     assert len(replicas) == 2, replicas
+
+
+async def test_concurrent_turns_share_engine_steps_with_unchanged_results(cluster):
+    """Six turns at once through the deployment equal the same turn alone, and the Thinker's, the Talkers' and
+    Code2Wav's steps carried several of them at a time (on Ray's Prometheus endpoint)."""
+    turn = dict(max_new_tokens=24, max_audio_frames=60)
+    alone = await _converse(cluster.address, **turn)
+    assert len(alone[0].codes) > 10
+    before = await _settled_batch_sizes(cluster.metrics_port)
+    for got in await asyncio.gather(*(_converse(cluster.address, **turn) for _ in range(6))):
+        assert list(got[0].thinker_token_ids) == list(alone[0].thinker_token_ids)
+        assert [list(f.codes) for f in got[0].codes] == [list(f.codes) for f in alone[0].codes] and got[1] == alone[1]
+    after = await _settled_batch_sizes(cluster.metrics_port, changed_from=before)
+    for stage in ("thinker", "talker", "code2wav"):  # the talker's two replicas summed: ~3 turns each
+        rows, steps = (after[stage][i] - before[stage][i] for i in (0, 1))
+        assert steps > 0 and rows / steps > 1.2, (stage, rows, steps)
+
+
+async def _settled_batch_sizes(port: int, changed_from: dict | None = None) -> dict[str, tuple[float, float]]:
+    """stage -> (rows, steps) of the batching stages over every replica, once Ray's export has caught up: two
+    scrapes a report interval apart agree (and differ from `changed_from`)."""
+    def read() -> dict[str, tuple[float, float]]:
+        return batch_counts(_scrape(port))
+
+    deadline, last = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
+        now = await asyncio.to_thread(read)
+        if now == last and now != changed_from:
+            return now
+        last = now
+        await asyncio.sleep(2)
+    raise AssertionError(f"the batch-size metrics did not settle: {last}")
 
 
 def _scrape(port: int) -> str:

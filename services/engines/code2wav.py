@@ -4,9 +4,9 @@ The math is transformers' `Qwen3OmniMoeCode2Wav`, loaded from `code2wav.*` only.
 `stream()` runs the same submodules frame by frame with explicit per-layer state (Moshi's StreamingModule idea),
 and the concatenation of everything a stream returns equals `decode` of all its frames, in any chunking:
 
-- pre-transformer: causal sliding-window attention over `sliding_window` (72) frames. The state is transformers'
-  own `DynamicCache` of sliding layers: the last 71 keys/values per layer (RoPE already applied) plus the frame
-  count, from which the pre-transformer takes the absolute RoPE positions and the window mask.
+- pre-transformer: causal sliding-window attention over `sliding_window` (72) frames. The state is the last 71
+  keys/values per layer (RoPE already applied, as transformers' sliding `DynamicCache` keeps them) plus the frame
+  count, from which the absolute RoPE positions and the window mask follow.
 - `Qwen3OmniMoeCausalConvNet` (stride 1 everywhere in Code2Wav): the full forward left-pads `kernel - 1` zeros
   (dilated kernel) and adds no right padding, so the state is the last `kernel - 1` inputs, zeros at the start.
 - `Qwen3OmniMoeCausalTransConvNet` (kernel k, stride s): the full output is trimmed by `k - s` samples on each
@@ -22,6 +22,11 @@ back s samples at its output rate, which the rest of the decoder multiplies by i
 model has no other look-ahead. The full forward trims exactly those held-back tails (N frames give
 N*1920 - 555 samples), so `finish()` emits nothing: the stream has already returned every sample of the full
 forward.
+
+Batching (Moshi's per-slot streaming state): each stream keeps its own state; `push_batch` stacks the states of
+streams past their first frame along the batch, runs one forward over their next frames (each stream's window
+padded and masked), and splits the state back. A stream's first frame runs alone: it is the one frame whose
+transposed convs still trim their output, so its rows would not line up with the others'.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as ref
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
@@ -103,18 +107,28 @@ class Code2WavEngine:
 
 @dataclass
 class _ConvState:
-    context: Tensor  # [1, C_in, kernel - 1]: the last inputs, which the full forward's left padding starts as
+    context: Tensor  # [B, C_in, kernel - 1]: the last inputs, which the full forward's left padding starts as
 
 
 @dataclass
 class _TransConvState:
-    overlap: Tensor  # [C_out, k - s]: partial outputs that the next input completes (bias not yet added)
+    overlap: Tensor  # [B, C_out, k - s]: partial outputs that the next input completes (bias not yet added)
     to_drop: int  # how many of the first output samples the full forward still trims
+
+
+@dataclass
+class _Window:
+    """The pre-transformer's sliding attention state, per layer: the last `window - 1` keys and values (RoPE
+    applied) of the stream, [B, kv_heads, w, head_dim]."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
 
 
 class Code2WavStream:
     """One utterance's incremental decode. State is bounded: per layer a sliding KV window, per conv its kernel
-    context, per transposed conv its overlap, so a frame costs the same at frame 10 and at frame 10,000."""
+    context, per transposed conv its overlap, so a frame costs the same at frame 10 and at frame 10,000.
+    `push_batch` runs the next frame of several streams as one forward."""
 
     def __init__(self, engine: Code2WavEngine):
         self.engine = engine
@@ -122,17 +136,26 @@ class Code2WavStream:
         self.frames = 0
         self.samples = 0
         self.finished = False
-        self._kv = DynamicCache(config=self.model.config)  # sliding layers: keeps the last window - 1 entries
         like = self.model.code_embedding.weight
+        c = self.model.config
+        heads = c.num_key_value_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        empty = like.new_zeros(1, heads, 0, head_dim)
+        self._window = _Window([empty] * c.num_hidden_layers, [empty] * c.num_hidden_layers)
         self._state: dict[nn.Module, _ConvState | _TransConvState] = {}
         for m in self.model.modules():
             if isinstance(m, ref.Qwen3OmniMoeCausalConvNet):
                 self._state[m] = _ConvState(like.new_zeros(1, m.conv.in_channels, m.kernel_size - 1))
             elif isinstance(m, ref.Qwen3OmniMoeCausalTransConvNet):
                 pending = m.conv.kernel_size[0] - m.conv.stride[0]
-                self._state[m] = _TransConvState(like.new_zeros(m.conv.out_channels, pending), m.left_pad)
+                self._state[m] = _TransConvState(like.new_zeros(1, m.conv.out_channels, pending), m.left_pad)
 
-    @torch.inference_mode()
+    @property
+    def steady(self) -> bool:
+        """Past its first frame: no transposed conv trims its output any more, so the stream's next frame can share
+        a forward with other steady streams' (`push_batch`)."""
+        return all(not isinstance(st, _TransConvState) or st.to_drop == 0 for st in self._state.values())
+
     def push(self, codes: Tensor) -> Tensor:
         """codes: [n, num_quantizers] -> every waveform sample [k] that these frames make final (float32)."""
         if self.finished:
@@ -140,75 +163,165 @@ class Code2WavStream:
         codes = self.engine.check_codes(codes)
         if codes.shape[0] == 0:
             return self.engine._empty()
-        m = self.model
-        hidden = m.code_embedding(codes.T[None] + m.code_offset).mean(1)  # [1, n, hidden]
-        hidden = m.pre_transformer(inputs_embeds=hidden, past_key_values=self._kv, use_cache=True).last_hidden_state
-        hidden = hidden.permute(0, 2, 1)  # [1, hidden, n]
-        for blocks in m.upsample:
-            for block in blocks:
-                hidden = self._step(block, hidden)
-        for block in m.decoder:
-            hidden = self._step(block, hidden)
-        wav = hidden.clamp(min=-1, max=1)[0, 0].float()
-        self.frames += codes.shape[0]
-        self.samples += wav.shape[0]
-        return wav
+        return _push([self], codes[None])[0]
 
     def finish(self) -> Tensor:
         """End of the utterance: the full forward trims the held-back tails, so nothing is left to emit."""
         self.finished = True
-        self._kv, self._state = None, {}
+        self._window, self._state = None, {}
         return self.engine._empty()
 
-    def _step(self, module: nn.Module, x: Tensor) -> Tensor:
-        """One reference submodule on the next samples x [1, C, L], with this stream's state."""
-        if isinstance(module, ref.Qwen3OmniMoeCausalConvNet):
-            return self._conv(module, x)
-        if isinstance(module, ref.Qwen3OmniMoeCausalTransConvNet):
-            return self._trans_conv(module, x)
-        if isinstance(module, ref.Qwen3OmniMoeSnakeBeta):
-            return module(x)
-        if isinstance(module, ref.Qwen3OmniMoeConvNeXtBlock):
-            h = self._conv(module.dwconv, x).permute(0, 2, 1)
-            h = module.pwconv2(module.act(module.pwconv1(module.norm(h))))
-            return x + (module.gamma * h).permute(0, 2, 1)
-        if isinstance(module, ref.Qwen3OmniMoeCode2WavDecoderResidualUnit):
-            h = self._conv(module.conv1, module.act1(x))
-            return x + self._conv(module.conv2, module.act2(h))
-        if isinstance(module, ref.Qwen3OmniMoeCode2WavDecoderBlock):
-            for block in module.block:
-                x = self._step(block, x)
-            return x
-        raise TypeError(f"no streaming rule for {type(module).__name__}")
 
-    def _conv(self, conv: nn.Module, x: Tensor) -> Tensor:
-        state = self._state[conv]
-        keep = state.context.shape[-1]
-        if keep:
-            x = torch.cat([state.context, x], dim=-1)
-            state.context = x[..., -keep:].contiguous()  # a copy, so the chunk itself is not kept alive
-        return conv.conv(x)
+def push_batch(streams: list[Code2WavStream], codes: Tensor) -> list[Tensor]:
+    """The next frame of each stream (codes [B, num_quantizers], checked), one forward for all: each stream gets
+    the samples its own `push` would give (up to float rounding). Every stream must be `steady` and unfinished."""
+    if len(streams) > 1 and not all(s.steady and not s.finished for s in streams):
+        raise ValueError("push_batch takes unfinished streams past their first frame")
+    return _push(streams, codes[:, None])
 
-    def _trans_conv(self, tconv: nn.Module, x: Tensor) -> Tensor:
-        # One GEMM, then overlap-add: input t adds kernel piece i (k = m*s, pieces of s taps) to output block t + i.
-        # (torch's conv_transpose1d takes a slow path, ~10x slower, on the few samples of one frame.)
-        state = self._state[tconv]
-        conv = tconv.conv
-        c_in, c_out, k = conv.weight.shape
-        s = conv.stride[0]
-        n = x.shape[-1]
-        pieces = (x[0].T @ conv.weight.view(c_in, c_out * k)).view(n, c_out, k // s, s)
-        pieces = pieces.permute(2, 1, 0, 3).reshape(k // s, c_out, n * s)
-        y = x.new_zeros(c_out, n * s + k - s)
-        y[:, : k - s] = state.overlap
-        for i in range(k // s):
-            y[:, i * s : i * s + n * s] += pieces[i]
-        done = n * s  # samples no later input can reach
-        state.overlap = y[:, done:].clone()
-        out = y[:, :done] + conv.bias[:, None]
-        drop = min(state.to_drop, done)
-        state.to_drop -= drop
-        return out[None, :, drop:]
+
+@torch.inference_mode()
+def _push(streams: list[Code2WavStream], codes: Tensor) -> list[Tensor]:
+    """codes [B, n, Q]: n frames of each stream. State is stacked along the batch for the forward and split back."""
+    model = streams[0].model
+    n = codes.shape[1]
+    hidden = model.code_embedding(codes.transpose(1, 2) + model.code_offset).mean(1)  # [B, n, hidden]
+    hidden = _pre_transformer(model, streams, hidden).permute(0, 2, 1)  # [B, hidden, n]
+    states = _stacked(streams)
+    for blocks in model.upsample:
+        for block in blocks:
+            hidden = _step(block, hidden, states)
+    for block in model.decoder:
+        hidden = _step(block, hidden, states)
+    _unstack(streams, states)
+    wav = hidden.clamp(min=-1, max=1)[:, 0].float()
+    for stream in streams:
+        stream.frames += n
+        stream.samples += wav.shape[1]
+    return list(wav)
+
+
+def _pre_transformer(model: nn.Module, streams: list[Code2WavStream], hidden: Tensor) -> Tensor:
+    """The sliding-window transformer over each stream's next positions, with each stream's own window."""
+    n = hidden.shape[1]
+    keep = model.config.sliding_window - 1
+    frames = torch.tensor([s.frames for s in streams], device=hidden.device)
+    lengths = [s._window.keys[0].shape[2] for s in streams]
+    width = max(lengths)
+    cache = _WindowStep(streams, width, keep)
+    # Key j of the [width + n] run: the last n are the new positions, before them each stream's window, left-padded.
+    j = torch.arange(width + n, device=hidden.device)
+    query = torch.arange(n, device=hidden.device) + width  # [n]
+    valid = j[None] >= (width - torch.tensor(lengths, device=hidden.device))[:, None]  # [B, keys]
+    causal = (j[None] <= query[:, None]) & (query[:, None] - j[None] <= keep)  # [n, keys]
+    mask = (valid[:, None, :] & causal[None])[:, None]  # [B, 1, n, keys]
+    positions = frames[:, None] + torch.arange(n, device=hidden.device)
+    masks = {"full_attention": mask, "sliding_attention": mask}
+    out = model.pre_transformer(inputs_embeds=hidden, position_ids=positions, attention_mask=masks,
+                                past_key_values=cache, use_cache=True).last_hidden_state
+    return out
+
+
+class _WindowStep:
+    """The pre-transformer's cache for one `_push`: each layer's keys/values are the streams' windows, left-padded
+    to one width, then the new ones; afterwards each stream keeps its last `keep` valid entries."""
+
+    is_compileable = False
+
+    def __init__(self, streams: list[Code2WavStream], width: int, keep: int):
+        self.streams, self.width, self.keep = streams, width, keep
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, *_args, **_kwargs) -> tuple[Tensor, Tensor]:
+        out = []
+        for store, new in (("keys", key), ("values", value)):
+            rows = []
+            for row, stream in enumerate(self.streams):
+                old = getattr(stream._window, store)[layer_idx]
+                full = torch.cat([old, new[row:row + 1]], dim=2)
+                getattr(stream._window, store)[layer_idx] = full[:, :, -self.keep:]
+                pad = self.width - old.shape[2]
+                rows.append(nn.functional.pad(full, (0, 0, pad, 0)) if pad else full)
+            out.append(rows[0] if len(rows) == 1 else torch.cat(rows))
+        return out[0], out[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always given
+
+
+def _stacked(streams: list[Code2WavStream]) -> dict:
+    if len(streams) == 1:
+        return streams[0]._state
+    out = {}
+    for m, first in streams[0]._state.items():
+        if isinstance(first, _ConvState):
+            out[m] = _ConvState(torch.cat([s._state[m].context for s in streams]))
+        else:
+            out[m] = _TransConvState(torch.cat([s._state[m].overlap for s in streams]), 0)
+    return out
+
+
+def _unstack(streams: list[Code2WavStream], states: dict) -> None:
+    if len(streams) == 1:
+        return
+    for m, state in states.items():
+        for row, stream in enumerate(streams):
+            if isinstance(state, _ConvState):
+                stream._state[m] = _ConvState(state.context[row:row + 1])
+            else:
+                stream._state[m] = _TransConvState(state.overlap[row:row + 1], 0)
+
+
+def _step(module: nn.Module, x: Tensor, states: dict) -> Tensor:
+    """One reference submodule on the next samples x [B, C, L], with the streams' (stacked) state."""
+    if isinstance(module, ref.Qwen3OmniMoeCausalConvNet):
+        return _conv(module, x, states)
+    if isinstance(module, ref.Qwen3OmniMoeCausalTransConvNet):
+        return _trans_conv(module, x, states)
+    if isinstance(module, ref.Qwen3OmniMoeSnakeBeta):
+        return module(x)
+    if isinstance(module, ref.Qwen3OmniMoeConvNeXtBlock):
+        h = _conv(module.dwconv, x, states).permute(0, 2, 1)
+        h = module.pwconv2(module.act(module.pwconv1(module.norm(h))))
+        return x + (module.gamma * h).permute(0, 2, 1)
+    if isinstance(module, ref.Qwen3OmniMoeCode2WavDecoderResidualUnit):
+        h = _conv(module.conv1, module.act1(x), states)
+        return x + _conv(module.conv2, module.act2(h), states)
+    if isinstance(module, ref.Qwen3OmniMoeCode2WavDecoderBlock):
+        for block in module.block:
+            x = _step(block, x, states)
+        return x
+    raise TypeError(f"no streaming rule for {type(module).__name__}")
+
+
+def _conv(conv: nn.Module, x: Tensor, states: dict) -> Tensor:
+    state = states[conv]
+    keep = state.context.shape[-1]
+    if keep:
+        x = torch.cat([state.context, x], dim=-1)
+        state.context = x[..., -keep:].contiguous()  # a copy, so the chunk itself is not kept alive
+    return conv.conv(x)
+
+
+def _trans_conv(tconv: nn.Module, x: Tensor, states: dict) -> Tensor:
+    # One GEMM, then overlap-add: input t adds kernel piece i (k = m*s, pieces of s taps) to output block t + i.
+    # (torch's conv_transpose1d takes a slow path, ~10x slower, on the few samples of one frame.)
+    state = states[tconv]
+    conv = tconv.conv
+    c_in, c_out, k = conv.weight.shape
+    s = conv.stride[0]
+    b, _, n = x.shape
+    pieces = (x.transpose(1, 2) @ conv.weight.view(c_in, c_out * k)).view(b, n, c_out, k // s, s)
+    pieces = pieces.permute(0, 3, 2, 1, 4).reshape(b, k // s, c_out, n * s)
+    y = x.new_zeros(b, c_out, n * s + k - s)
+    y[:, :, : k - s] = state.overlap
+    for i in range(k // s):
+        y[:, :, i * s : i * s + n * s] += pieces[:, i]
+    done = n * s  # samples no later input can reach
+    state.overlap = y[:, :, done:].clone()
+    out = y[:, :, :done] + conv.bias[:, None]
+    drop = min(state.to_drop, done)
+    state.to_drop -= drop
+    return out[:, :, drop:]
 
 
 def _held_samples(module: nn.Module) -> int:

@@ -12,7 +12,8 @@ Prefill input (`generate`, `_get_talker_user_parts`, `_get_talker_assistant_part
   codec `0           0         0  nothink think_bos think_eos speaker codec_pad codec_bos`.
 TM-RoPE positions come from the reference's `get_rope_index` (`positions.TMRoPE`) over the user ids followed by 9
 `tts_pad` ids, with the audio encoder's `n_window` (the reference Talker reads it from its own config, which lacks
-it: DESIGN.md section 4). The KV cache is preallocated per session for the prefill plus `max_new_tokens` c0s.
+it: DESIGN.md section 4). A session reserves KV for the prefill plus `max_new_tokens` c0s in the replica's paged cache
+(`kv_pages.py`); `step_batch` runs the next step of many sessions in one forward.
 
 Each `step` input is `sum of the previous frame's 16 codebook embeddings (MTP) + text`, the text being the next
 released token, then `tts_eos` once, then `tts_pad` (`trailing_text_hidden` / `tts_pad_embed`).
@@ -37,14 +38,14 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
-from transformers import StaticCache
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeTalkerModel,
     Qwen3OmniMoeTalkerResizeMLP,
 )
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
-from services.config import EngineConfig
+from services.config import EngineConfig, KVConfig
+from services.engines.kv_pages import KVPool, KVSession, prefill_whole
 from services.engines.positions import TMRoPE, step_positions
 from services.engines.sampling import Sampler, SamplingParams
 from services.errors import InvalidInput, ResourceExhausted
@@ -78,29 +79,35 @@ class TalkerFrame:
     hidden: Tensor  # [H] last-layer hidden of this step (MTP's input)
 
 
-@dataclass
-class TalkerSession:
-    cache: StaticCache | None  # preallocated to `capacity`; None once closed
-    rope_delta: int  # decode positions on the 3 TM-RoPE axes are cache length + rope_delta
+@dataclass(eq=False)
+class TalkerSession(KVSession):
+    """One request's state: its pages of the replica's KV cache, its sampler, and where its text stands."""
+
     sampler: Sampler  # holds the c0 history the repetition penalty looks at
-    length: int  # positions filled in the KV cache
-    capacity: int
     steps: int = 0  # c0 tokens generated so far
     text_ended: bool = False  # tts_eos has been fed; every later step takes tts_pad
 
-    def close(self) -> None:
-        self.cache = None
+
+@dataclass(eq=False)
+class TalkerPrefillJob:
+    """A Talker prompt being prefilled chunk by chunk (`TalkerEngine.prefill_step`)."""
+
+    session: TalkerSession
+    embeds: Tensor  # [S, H]
+    position_ids: Tensor  # [4, 1, S]
 
 
 class TalkerEngine:
     def __init__(self, omni_config, model: Qwen3OmniMoeTalkerModel, codec_head: nn.Linear,
                  text_projection: nn.Module, hidden_projection: nn.Module, text_embedding: nn.Embedding,
-                 device: torch.device):
+                 device: torch.device, kv: KVConfig = KVConfig()):
         self.model, self.codec_head, self.text_embedding = model, codec_head, text_embedding
         self.text_projection, self.hidden_projection = text_projection, hidden_projection
         self.device = device
         self.dtype = codec_head.weight.dtype
         self.parameter_bytes = parameter_bytes(model, codec_head, text_projection, hidden_projection, text_embedding)
+        self.kv = KVPool(model.config, kv.kv_tokens, kv.page_size, device, self.dtype, "talker")
+        self.prefill_chunk = kv.prefill_chunk
 
         c = omni_config
         talker = c.talker_config
@@ -132,7 +139,8 @@ class TalkerEngine:
             )
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig()) -> "TalkerEngine":
+    def from_checkpoint(cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig(),
+                        kv: KVConfig = KVConfig()) -> "TalkerEngine":
         if not isinstance(ckpt, Checkpoint):
             ckpt = Checkpoint.open(ckpt)
         talker = ckpt.config.talker_config
@@ -153,7 +161,7 @@ class TalkerEngine:
         weight = ckpt.read_one("thinker.model.embed_tokens.weight")
         text_embedding = nn.Embedding.from_pretrained(weight.to(device, dtype), freeze=True)
         return cls(ckpt.config, model, codec_head, text_projection, hidden_projection, text_embedding,
-                   torch.device(device))
+                   torch.device(device), kv)
 
     def speaker_id(self, name: str) -> int:
         sid = self.speakers.get(name.lower())
@@ -168,6 +176,15 @@ class TalkerEngine:
     ) -> tuple[TalkerSession, TalkerFrame]:
         """first_token_id: the Thinker's first generated token (the Talker needs '<|im_start|>assistant\\n' + it).
         The session holds room for `max_new_tokens` c0s, this one included."""
+        job = self.start(prompt, first_token_id, sampling, max_new_tokens)
+        return prefill_whole(job, self.prefill_step)
+
+    @torch.inference_mode()
+    def start(
+        self, prompt: TalkerPrompt, first_token_id: int, sampling: SamplingParams,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> TalkerPrefillJob:
+        """Check the prompt, reserve its KV and build its input; `prefill_step` runs it chunk by chunk."""
         if max_new_tokens < 1:
             raise InvalidInput(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         speaker = self.speaker_id(prompt.speaker)
@@ -202,42 +219,71 @@ class TalkerEngine:
             video_second_per_grid=_cpu(prompt.video_second_per_grid),
             use_audio_in_video=prompt.use_audio_in_video,
         )
-        session = TalkerSession(
-            cache=StaticCache(config=self.model.config, max_cache_len=capacity),
-            rope_delta=positions.rope_delta,
-            sampler=Sampler(sampling, self.suppress_tokens, self.device),
-            length=0,
-            capacity=capacity,
-        )
-        return session, self._forward(session, embeds, positions.position_ids)
+        session = TalkerSession(kv=self.kv.reserve(capacity), rope_delta=positions.rope_delta,
+                                sampler=Sampler(sampling, self.suppress_tokens, self.device))
+        return TalkerPrefillJob(session, embeds, positions.position_ids.to(self.device))
 
     @torch.inference_mode()
-    def step(self, session: TalkerSession, codec_embed_sum: Tensor, text_token: int) -> TalkerFrame:
-        """codec_embed_sum: [H] from MTP for the previous frame; text_token: the next released token or TEXT_END."""
-        if session.cache is None:
+    def prefill_step(self, job: TalkerPrefillJob) -> TalkerFrame | None:
+        """Prefill the job's next chunk (`prefill_chunk` positions); after the last one, the first frame."""
+        if job.session.closed:
+            raise InvalidInput("the Talker session is closed")
+        a = job.session.length
+        b = min(a + self.prefill_chunk, job.embeds.shape[0])
+        out = self.kv.forward(self.model, [job.session.kv], job.embeds[None, a:b], job.position_ids[:, :, a:b])
+        if b < job.embeds.shape[0]:
+            return None
+        return self._frames([job.session], out.last_hidden_state)[0]
+
+    def check_step(self, session: TalkerSession, text_token: int) -> None:
+        """What `step` would refuse, checked before a step joins a batch: one request's error never fails a step
+        shared with others."""
+        if session.closed:
             raise InvalidInput("the Talker session is closed")
         if session.length >= session.capacity:
             raise ResourceExhausted(f"the Talker session is full: {session.steps} c0s, its max_new_tokens")
         if text_token == TEXT_END:
-            text = self._tts_pad if session.text_ended else self._tts_eos
-            session.text_ended = True
-        elif session.text_ended:
+            return
+        if session.text_ended:
             raise InvalidInput("text token after TEXT_END")
-        else:
-            self._check_text_token(text_token)
-            text = self._embed_text([text_token])[0]
-        embeds = codec_embed_sum.to(self.device, self.dtype).reshape(1, -1) + text
-        return self._forward(session, embeds, step_positions(session.length, 1, session.rope_delta))
+        self._check_text_token(text_token)
 
-    def _forward(self, session: TalkerSession, embeds: Tensor, position_ids: Tensor) -> TalkerFrame:
-        """embeds: [S, H]; position_ids: [4, 1, S] (cache position, then temporal/height/width TM-RoPE)."""
-        out = self.model(inputs_embeds=embeds[None], position_ids=position_ids.to(self.device),
-                         past_key_values=session.cache, use_cache=True)
-        session.length += embeds.shape[0]
-        hidden = out.last_hidden_state[0, -1]
-        c0 = session.sampler(self.codec_head(hidden))
-        session.steps += 1
-        return TalkerFrame(c0=c0, hidden=hidden)
+    @torch.inference_mode()
+    def step(self, session: TalkerSession, codec_embed_sum: Tensor, text_token: int) -> TalkerFrame:
+        """codec_embed_sum: [H] from MTP for the previous frame; text_token: the next released token or TEXT_END."""
+        self.check_step(session, text_token)
+        return self.step_batch([session], codec_embed_sum.reshape(1, -1), [text_token])[0]
+
+    @torch.inference_mode()
+    def step_batch(self, sessions: list[TalkerSession], codec_embed_sums: Tensor,
+                   text_tokens: list[int]) -> list[TalkerFrame]:
+        """One step of several requests (checked with `check_step`): codec_embed_sums [B, H], a text token or
+        TEXT_END per row. Each row samples its c0 with its own sampler."""
+        texts = []
+        for session, token in zip(sessions, text_tokens, strict=True):
+            if token == TEXT_END:
+                texts.append(self._tts_pad if session.text_ended else self._tts_eos)
+                session.text_ended = True
+            else:
+                texts.append(None)
+        spoken = [i for i, t in enumerate(texts) if t is None]
+        if spoken:
+            for i, embedded in zip(spoken, self._embed_text([text_tokens[i] for i in spoken])):
+                texts[i] = embedded
+        embeds = codec_embed_sums.to(self.device, self.dtype) + torch.stack(texts)
+        positions = torch.cat([step_positions(s.length, 1, s.rope_delta) for s in sessions], dim=1)
+        out = self.kv.forward(self.model, [s.kv for s in sessions], embeds[:, None], positions.to(self.device))
+        return self._frames(sessions, out.last_hidden_state)
+
+    def _frames(self, sessions: list[TalkerSession], last_hidden_state: Tensor) -> list[TalkerFrame]:
+        """Each row's c0, drawn by its own sampler from the codec head over its last position."""
+        hidden = last_hidden_state[:, -1]
+        logits = self.codec_head(hidden)
+        frames = []
+        for row, session in enumerate(sessions):
+            frames.append(TalkerFrame(c0=session.sampler(logits[row]), hidden=hidden[row]))
+            session.steps += 1
+        return frames
 
     def _embed_text(self, ids) -> Tensor:
         ids = torch.as_tensor(ids, device=self.device)

@@ -3,25 +3,26 @@
 The math is transformers' `Qwen3OmniMoeThinkerTextModel` (from `thinker.model.*`) and the `thinker.lm_head` Linear;
 this module re-does only what `Qwen3OmniMoeThinkerModel.forward` and `generate` do around them, step by step:
 scatter encoder embeddings at the placeholder tokens, join the deepstack features of images and videos, build
-TM-RoPE positions (see `positions.py`), keep a preallocated KV cache per request, and return the hidden states of
-layer `talker_config.accept_hidden_layer` at the multimodal positions, which the Talker consumes.
+TM-RoPE positions (see `positions.py`), keep each request's KV in the replica's paged cache (`kv_pages.py`), and
+return the hidden states of layer `talker_config.accept_hidden_layer` at the multimodal positions, which the Talker
+consumes. Prompts prefill in chunks of `prefill_chunk` tokens, and `decode_batch` runs one step of many requests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from transformers import StaticCache
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeThinkerTextModel,
     _get_feat_extract_output_lengths,
 )
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
-from services.config import EngineConfig
+from services.config import EngineConfig, KVConfig
+from services.engines.kv_pages import KVPool, KVSession, prefill_whole
 from services.engines.positions import TMRoPE, step_positions
 from services.engines.vision_encoder import VisionEmbeddings
 from services.errors import InvalidInput, ResourceExhausted
@@ -50,27 +51,38 @@ class ThinkerPrefill:
     mm_hidden: Tensor  # [N_mm, D] layer-`accept_hidden_layer` states at audio/image/video placeholders, prompt order
 
 
-@dataclass
-class ThinkerSession:
-    """One request's state: its KV cache, filled up to `length` of `capacity` tokens."""
+class ThinkerSession(KVSession):
+    """One request's state: its pages of the replica's KV cache, filled up to `length` of `capacity` tokens."""
 
-    cache: StaticCache | None  # preallocated to `capacity` tokens; None once closed
-    rope_delta: int  # rotary position = text position + rope_delta for every token after the prompt
-    length: int
-    capacity: int
 
-    def close(self) -> None:
-        self.cache = None
+@dataclass(eq=False)
+class ThinkerPrefillJob:
+    """A prompt being prefilled chunk by chunk (`ThinkerEngine.prefill_step`), so that one long prompt never holds
+    the replica's decode steps for more than a chunk."""
+
+    session: ThinkerSession
+    embeds: Tensor  # [L, D] with the encoders' embeddings scattered in
+    position_ids: Tensor  # [4, 1, L]
+    mm_mask: Tensor  # [L] audio/image/video placeholders
+    visual_mask: Tensor | None  # [L] image/video placeholders, with deepstack [layer][N_visual, D]
+    deepstack: list[Tensor] | None
+    mm_hidden: list[Tensor] = field(default_factory=list)  # per chunk done
+
+    @property
+    def done(self) -> int:
+        return self.session.length
 
 
 class ThinkerEngine:
     def __init__(
-        self, model: torch.nn.Module, lm_head: torch.nn.Linear, ckpt_config, config: EngineConfig, max_seq_len: int
+        self, model: torch.nn.Module, lm_head: torch.nn.Linear, ckpt_config, config: EngineConfig, max_seq_len: int,
+        kv: KVConfig = KVConfig(),
     ):
         self.model = model
         self.lm_head = lm_head
         self.config = config
         self.max_seq_len = max_seq_len
+        self.prefill_chunk = kv.prefill_chunk
         tc = ckpt_config.thinker_config
         self.thinker_config = tc
         self.vocab_size: int = tc.text_config.vocab_size
@@ -80,10 +92,12 @@ class ThinkerEngine:
         self.accept_hidden_layer: int = ckpt_config.talker_config.accept_hidden_layer
         self.rope = TMRoPE(tc, self.spatial_merge_size)
         self.parameter_bytes = parameter_bytes(model, lm_head)
+        self.kv = KVPool(model.config, kv.kv_tokens, kv.page_size, config.device, config.torch_dtype, "thinker")
 
     @classmethod
     def from_checkpoint(
-        cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig(), max_seq_len: int | None = None
+        cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig(), max_seq_len: int | None = None,
+        kv: KVConfig = KVConfig(),
     ) -> "ThinkerEngine":
         """`max_seq_len`: longest prompt + generation a session may hold (default: the model's position limit)."""
         ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint.open(ckpt)
@@ -94,13 +108,19 @@ class ThinkerEngine:
         lm_head = torch.nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         lm_head.load_state_dict(ckpt.read(LM_HEAD_PREFIX))
         lm_head = lm_head.to(config.device, config.torch_dtype).eval()
-        return cls(model, lm_head, ckpt.config, config, max_seq_len or text_config.max_position_embeddings)
+        return cls(model, lm_head, ckpt.config, config, max_seq_len or text_config.max_position_embeddings, kv)
 
     @torch.inference_mode()
     def prefill(
         self, prompt: ThinkerPrompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     ) -> tuple[ThinkerSession, ThinkerPrefill]:
         """Run the whole prompt; the session's cache holds room for `max_new_tokens` decode steps after it."""
+        job = self.start(prompt, max_new_tokens)
+        return prefill_whole(job, self.prefill_step)
+
+    @torch.inference_mode()
+    def start(self, prompt: ThinkerPrompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> ThinkerPrefillJob:
+        """Check the prompt, reserve its KV (prompt + `max_new_tokens`), and build its input; no forward yet."""
         if max_new_tokens < 0:
             raise InvalidInput(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         masks = self._validate(prompt)
@@ -125,29 +145,41 @@ class ThinkerEngine:
             if features is not None:
                 embeds[masks[modality]] = features.to(embeds.device, embeds.dtype)
         visual_mask, deepstack = self._deepstack(prompt, masks, embeds)
+        session = ThinkerSession(kv=self.kv.reserve(capacity), rope_delta=positions.rope_delta)
+        return ThinkerPrefillJob(session, embeds, positions.position_ids.to(self.config.device),
+                                 mm_mask=masks["audio"] | masks["image"] | masks["video"],
+                                 visual_mask=visual_mask, deepstack=deepstack)
 
-        cache = StaticCache(config=self.model.config, max_cache_len=capacity)
-        out = self.model(
-            inputs_embeds=embeds[None],
-            position_ids=positions.position_ids.to(self.config.device),
-            past_key_values=cache,
-            use_cache=True,
-            visual_pos_masks=visual_mask,
-            deepstack_visual_embeds=deepstack,
-            output_hidden_states=[self.accept_hidden_layer],  # keep only the layer the Talker needs
-        )
-        mm_mask = masks["audio"] | masks["image"] | masks["video"]
-        session = ThinkerSession(cache=cache, rope_delta=positions.rope_delta, length=length, capacity=capacity)
-        prefill = ThinkerPrefill(
-            logits=self._logits(out.last_hidden_state),
-            mm_hidden=out.hidden_states[self.accept_hidden_layer][0][mm_mask],
-        )
-        return session, prefill
+    @torch.inference_mode()
+    def prefill_step(self, job: ThinkerPrefillJob) -> ThinkerPrefill | None:
+        """Prefill the job's next chunk (`prefill_chunk` tokens); after the last one, its result."""
+        if job.session.closed:
+            raise InvalidInput("the Thinker session is closed")
+        a = job.done
+        b = min(a + self.prefill_chunk, job.embeds.shape[0])
+        extra = {}
+        if job.visual_mask is not None and bool(job.visual_mask[a:b].any()):
+            first = int(job.visual_mask[:a].sum())
+            count = int(job.visual_mask[a:b].sum())
+            extra = {"visual_pos_masks": job.visual_mask[None, a:b],
+                     "deepstack_visual_embeds": [d[first:first + count] for d in job.deepstack]}
+        out = self.kv.forward(self.model, [job.session.kv], job.embeds[None, a:b], job.position_ids[:, :, a:b],
+                              output_hidden_states=[self.accept_hidden_layer], **extra)  # the layer the Talker needs
+        job.mm_hidden.append(out.hidden_states[self.accept_hidden_layer][0][job.mm_mask[a:b]])
+        if b < job.embeds.shape[0]:
+            return None
+        return ThinkerPrefill(logits=self._logits(out.last_hidden_state)[0], mm_hidden=torch.cat(job.mm_hidden))
 
     @torch.inference_mode()
     def decode(self, session: ThinkerSession, token_id: int) -> Tensor:
         """Append `token_id` to the session; return the [V] float32 logits of the token after it."""
-        if session.cache is None:
+        self.check_decode(session, token_id)
+        return self.decode_batch([session], [token_id])[0]
+
+    def check_decode(self, session: ThinkerSession, token_id: int) -> None:
+        """What `decode` would refuse, checked before a step joins a batch: one request's error never fails a step
+        shared with others."""
+        if session.closed:
             raise InvalidInput("the Thinker session is closed")
         if not 0 <= token_id < self.vocab_size:
             raise InvalidInput(f"token id {token_id} is outside the Thinker vocabulary [0, {self.vocab_size})")
@@ -155,23 +187,25 @@ class ThinkerEngine:
             raise ResourceExhausted(
                 f"the Thinker session is full ({session.capacity} tokens); prefill with a larger max_new_tokens"
             )
-        ids = torch.tensor([[token_id]], device=self.config.device)
-        out = self.model(
-            inputs_embeds=self.model.embed_tokens(ids),
-            position_ids=step_positions(session.length, 1, session.rope_delta).to(self.config.device),
-            past_key_values=session.cache,
-            use_cache=True,
-        )
-        session.length += 1
+
+    @torch.inference_mode()
+    def decode_batch(self, sessions: list[ThinkerSession], token_ids: list[int]) -> Tensor:
+        """One decode step of several requests (checked with `check_decode`): [B, V] float32 logits, row b the
+        token after `token_ids[b]` in `sessions[b]`, whatever the others' lengths and rope deltas."""
+        ids = torch.tensor(token_ids, device=self.config.device)[:, None]
+        positions = torch.cat([step_positions(s.length, 1, s.rope_delta) for s in sessions], dim=1)
+        out = self.kv.forward(self.model, [s.kv for s in sessions], self.model.embed_tokens(ids),
+                              positions.to(self.config.device))
         return self._logits(out.last_hidden_state)
 
     def _logits(self, last_hidden_state: Tensor) -> Tensor:
-        return self.lm_head(last_hidden_state[0, -1]).float()
+        """[B, V] float32 logits after each row's last position."""
+        return self.lm_head(last_hidden_state[:, -1]).float()
 
     def _deepstack(
         self, prompt: ThinkerPrompt, masks: dict[str, Tensor], embeds: Tensor
     ) -> tuple[Tensor | None, list[Tensor] | None]:
-        """Visual positions [1, L] and, per deepstack layer, the features of all of them in prompt order."""
+        """Visual positions [L] and, per deepstack layer, the features of all of them in prompt order."""
         visual = [(masks[m], e) for m, e in (("image", prompt.image), ("video", prompt.video)) if e is not None]
         if not visual:
             return None, None
@@ -182,7 +216,7 @@ class ThinkerEngine:
             for mask, emb in visual:
                 joint[mask] = emb.deepstack[layer].to(embeds.device, embeds.dtype)
             deepstack.append(joint[visual_mask])
-        return visual_mask[None], deepstack
+        return visual_mask, deepstack
 
     def _validate(self, prompt: ThinkerPrompt) -> dict[str, Tensor]:
         """Check the prompt against its embeddings; return each modality's placeholder mask [L]."""

@@ -37,6 +37,7 @@ from ray import serve
 from ray.serve import Application
 
 from services.auth import AuthConfig
+from services.config import KVConfig
 from services.errors import CheckpointError
 from services.hooks.registry import HooksConfig
 from services.metrics import STAGE_ONGOING
@@ -70,15 +71,29 @@ class StageArgs(BaseModel):
         return EngineConfig(device=self.device, dtype=self.dtype)
 
 
-class MTPArgs(StageArgs):
-    max_batch: int = Field(32, ge=1, le=1024, description="most frames (of any requests, from any Talker) in one "
-                                                         "engine step")
+class StepArgs(StageArgs):
+    """A stage that batches its requests' steps (`services.batching`): Thinker, Talker, MTP, Code2Wav."""
+
+    max_batch: int = Field(64, ge=1, le=1024, description="most requests' steps (MTP: frames, of any requests from "
+                                                         "any Talker) in one engine call")
     batch_wait_ms: float = Field(0.0, ge=0, le=50, description="how long an idle replica's step waits for more "
-                                                             "frames; 0: steps fill with what arrives while the "
+                                                             "requests; 0: steps fill with what arrives while the "
                                                              "previous one runs")
 
 
-class TalkerArgs(StageArgs):
+class MTPArgs(StepArgs):
+    max_batch: int = Field(32, ge=1, le=1024, description="most frames (of any requests, from any Talker) in one "
+                                                         "engine step")
+
+
+class DecoderArgs(StepArgs, KVConfig):
+    """The Thinker's and the Talker's: a stage that keeps its requests' KV cache and batches their steps."""
+
+    def kv_config(self) -> KVConfig:
+        return KVConfig(**{name: getattr(self, name) for name in KVConfig.model_fields})
+
+
+class TalkerArgs(DecoderArgs):
     mtp_app: str = Field("mtp", description="name of the MTP application the Talker calls every frame")
 
 
@@ -195,6 +210,11 @@ class _StageReplica:
     peers: tuple = ()  # the routes.ReplicaSets this replica calls (the Talker's MTP)
 
     async def _serve(self, stage, servicer_cls: Callable, *servicer_args) -> None:
+        import torch
+
+        # torch's default is a thread per core of the node: replicas sharing a node's CPUs would spin against each
+        # other in OpenMP. A replica computes with the CPUs Ray gave it (at least one).
+        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))))
         self.stage = CountedStage(stage, _STAGE_LABELS[servicer_cls.service])
         await self._start(servicer_cls(self.stage, *servicer_args))
 
@@ -255,15 +275,17 @@ class VisionEncoderReplica(_StageReplica):
 
 @serve.deployment(name="Thinker")
 class ThinkerReplica(_StageReplica):
-    async def __init__(self, args: StageArgs):
+    async def __init__(self, args: DecoderArgs):
         from services.checkpoint.loading import Checkpoint
         from services.engines.thinker import ThinkerEngine
         from services.servicers.thinker import ThinkerServicer
         from services.stages import LocalThinker
 
         ckpt = Checkpoint.open(args.model)
-        engine = await asyncio.to_thread(ThinkerEngine.from_checkpoint, ckpt, args.engine_config())
-        await self._serve(LocalThinker(engine), ThinkerServicer, thinker_stop_ids(ckpt))
+        engine = await asyncio.to_thread(ThinkerEngine.from_checkpoint, ckpt, args.engine_config(),
+                                         kv=args.kv_config())
+        await self._serve(LocalThinker(engine, args.max_batch, args.batch_wait_ms / 1000), ThinkerServicer,
+                          thinker_stop_ids(ckpt))
 
 
 @serve.deployment(name="Talker")
@@ -275,10 +297,12 @@ class TalkerReplica(_StageReplica):
         from services.serving.routes import ReplicaSet, RoutedMTP
         from services.stages import LocalTalker
 
-        engine = await asyncio.to_thread(TalkerEngine.from_checkpoint, args.model, args.engine_config())
+        engine = await asyncio.to_thread(TalkerEngine.from_checkpoint, args.model, args.engine_config(),
+                                         kv=args.kv_config())
         mtp = ReplicaSet(args.mtp_app, RemoteMTP)  # one stream per MTP replica, shared by this replica's requests
         self.peers = (mtp,)
-        await self._serve(LocalTalker(engine, RoutedMTP(mtp)), TalkerServicer)
+        await self._serve(LocalTalker(engine, RoutedMTP(mtp), args.max_batch, args.batch_wait_ms / 1000),
+                          TalkerServicer)
 
 
 @serve.deployment(name="MTP")
@@ -294,13 +318,14 @@ class MTPReplica(_StageReplica):
 
 @serve.deployment(name="Code2Wav")
 class Code2WavReplica(_StageReplica):
-    async def __init__(self, args: StageArgs):
+    async def __init__(self, args: StepArgs):
         from services.engines.code2wav import Code2WavEngine
         from services.servicers.code2wav import Code2WavServicer
         from services.stages import LocalCode2Wav
 
         engine = await asyncio.to_thread(Code2WavEngine.from_checkpoint, args.model, args.engine_config())
-        await self._serve(LocalCode2Wav(engine), Code2WavServicer, engine.sample_rate)
+        await self._serve(LocalCode2Wav(engine, args.max_batch, args.batch_wait_ms / 1000), Code2WavServicer,
+                          engine.sample_rate)
 
 
 @serve.deployment(name="Hooks")
@@ -393,7 +418,7 @@ def vision_encoder_app(args: dict) -> Application:
 
 
 def thinker_app(args: dict) -> Application:
-    return ThinkerReplica.bind(StageArgs.model_validate(args))
+    return ThinkerReplica.bind(DecoderArgs.model_validate(args))
 
 
 def talker_app(args: dict) -> Application:
@@ -405,7 +430,7 @@ def mtp_app(args: dict) -> Application:
 
 
 def code2wav_app(args: dict) -> Application:
-    return Code2WavReplica.bind(StageArgs.model_validate(args))
+    return Code2WavReplica.bind(StepArgs.model_validate(args))
 
 
 def hooks_app(args: dict) -> Application:

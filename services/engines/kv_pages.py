@@ -1,0 +1,167 @@
+"""A replica's paged KV cache, shared by its requests, and the batched forward over it (DESIGN.md section 7).
+
+The pool preallocates `kv_tokens` positions per layer as pages of `page_size` positions (keys and values
+`[layers, pages, kv_heads, page_size, head_dim]`). A request reserves the pages of its whole capacity (prompt +
+new tokens) when it starts, so a running request never runs out, and one that cannot fit is refused at once with
+RESOURCE_EXHAUSTED. `forward` runs rows of any requests through the model in one call (one request's prefill
+chunk, or the next token of many requests whose caches hold different lengths): each row writes its new positions
+into its own pages and attends only to its own positions, through a `[rows, 1, new, keys]` mask, so what a row
+computes does not depend on the rows beside it (up to the float rounding of a wider matmul).
+
+    pool = KVPool(model.config, tokens=65536, page_size=16, device="cpu", dtype=torch.float32, stage="thinker")
+    kv = pool.reserve(prompt_len + max_new_tokens)        # KVSlot
+    out = pool.forward(model, [kv], embeds[None], position_ids)   # prefill (or a chunk of it)
+    out = pool.forward(model, [kv_a, kv_b], next_embeds, next_positions)  # one decode step of two requests
+    kv.close()                                             # its pages go back to the pool
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from services.errors import ResourceExhausted
+
+
+@dataclass(eq=False)
+class KVSlot:
+    """One request's pages: `length` of `capacity` positions filled. Closing returns the pages; a step already
+    running with them may still write there, which is harmless: the pages' next owner writes before it reads, on
+    the same worker thread, after that step."""
+
+    pool: KVPool
+    pages: list[int]
+    capacity: int
+    length: int = 0
+    closed: bool = field(default=False)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.pool.release(self.pages)
+
+
+@dataclass(eq=False)
+class KVSession:
+    """A decoding request's state on its replica (the Thinker's and the Talker's sessions extend it)."""
+
+    kv: KVSlot
+    rope_delta: int  # TM-RoPE: rotary position = text position + rope_delta for every token after the prompt
+
+    @property
+    def length(self) -> int:  # positions filled in the KV cache
+        return self.kv.length
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.capacity
+
+    @property
+    def closed(self) -> bool:
+        return self.kv.closed
+
+    def close(self) -> None:
+        self.kv.close()
+
+
+def prefill_whole(job, prefill_step):
+    """Run every chunk of a prefill job (`job.session`, `prefill_step(job)` -> None until the last chunk's result):
+    its session and that result. A failure closes the session, so its pages go back."""
+    try:
+        while (result := prefill_step(job)) is None:
+            pass
+    except BaseException:
+        job.session.close()
+        raise
+    return job.session, result
+
+
+class KVPool:
+    def __init__(self, config, tokens: int, page_size: int, device: str | torch.device, dtype: torch.dtype,
+                 stage: str):
+        """`config`: a decoder's text config (layers, KV heads, head size)."""
+        if tokens < 1 or page_size < 1:
+            raise ValueError(f"kv_tokens and page_size must be positive, got {tokens} and {page_size}")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        pages = -(-tokens // page_size)
+        shape = (config.num_hidden_layers, pages, config.num_key_value_heads, page_size, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.page_size, self.stage, self.device = page_size, stage, torch.device(device)
+        self.capacity = pages * page_size
+        self._free = list(range(pages - 1, -1, -1))  # popped from the end: low pages first
+        self._lock = threading.Lock()  # reserve/release come from the event loop, steps run on the worker thread
+        self._sdpa = getattr(config, "_attn_implementation", "sdpa") == "sdpa"
+
+    @property
+    def free_positions(self) -> int:
+        return len(self._free) * self.page_size
+
+    def reserve(self, positions: int) -> KVSlot:
+        needed = -(-positions // self.page_size)
+        with self._lock:
+            if needed * self.page_size > self.capacity:
+                raise ResourceExhausted(
+                    f"{self.stage}: a request of {positions} positions (prompt + new tokens) exceeds this replica's "
+                    f"KV cache of {self.capacity} positions; lower max_new_tokens or raise the stage's kv_tokens")
+            if needed > len(self._free):
+                raise ResourceExhausted(
+                    f"{self.stage}: the KV cache is full ({self.capacity - self.free_positions} of {self.capacity} "
+                    f"positions held by requests in flight); retry shortly, or add replicas")
+            pages = [self._free.pop() for _ in range(needed)]
+        return KVSlot(self, pages, capacity=positions)
+
+    def release(self, pages: list[int]) -> None:
+        with self._lock:
+            self._free.extend(reversed(pages))
+
+    def forward(self, model: torch.nn.Module, slots: Sequence[KVSlot], embeds: Tensor, position_ids: Tensor,
+                **kwargs):
+        """embeds [B, n, H]: each slot's next n positions, after its `length` filled ones; position_ids [4, B, n].
+        Returns the model's output; every slot's length grows by n. The caller checks capacity."""
+        n = embeds.shape[1]
+        starts = torch.tensor([s.length for s in slots], device=self.device)
+        positions = starts[:, None] + torch.arange(n, device=self.device)  # [B, n]
+        n_pages = -(-(max(s.length for s in slots) + n) // self.page_size)
+        table = torch.zeros(len(slots), n_pages, dtype=torch.long)  # unused entries point at page 0, masked out
+        for row, slot in enumerate(slots):
+            used = -(-(slot.length + n) // self.page_size)
+            table[row, :used] = torch.tensor(slot.pages[:used])
+        table = table.to(self.device)
+        mask = torch.arange(n_pages * self.page_size, device=self.device) <= positions[:, None, :, None]
+        if not self._sdpa:  # eager attention adds the mask to the scores
+            mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(embeds.dtype).min)
+        cache = _StepCache(self, table, table.gather(1, positions // self.page_size), positions % self.page_size)
+        out = model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
+                    use_cache=True, **kwargs)
+        for slot in slots:
+            slot.length += n
+        return out
+
+
+class _StepCache:
+    """What the attention layers call during one `forward`: write the rows' new keys and values into their pages,
+    and return each row's pages as one `[B, kv_heads, pages * page_size, head_dim]` run."""
+
+    is_compileable = False
+
+    def __init__(self, pool: KVPool, table: Tensor, write_pages: Tensor, write_offsets: Tensor):
+        self.pool, self.table = pool, table
+        self.write_pages, self.write_offsets = write_pages, write_offsets  # [B, n]
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, *_args, **_kwargs) -> tuple[Tensor, Tensor]:
+        out = []
+        for store, new in ((self.pool.keys[layer_idx], key), (self.pool.values[layer_idx], value)):
+            store[self.write_pages, :, self.write_offsets] = new.transpose(1, 2).to(store.dtype)  # [B, n, h, d]
+            rows = store[self.table]  # [B, pages, h, page_size, d]
+            b, p, h, s, d = rows.shape
+            out.append(rows.permute(0, 2, 1, 3, 4).reshape(b, h, p * s, d))
+        return out[0], out[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always given; nothing should ask

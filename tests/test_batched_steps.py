@@ -1,0 +1,260 @@
+"""Continuous batching in the Thinker, the Talker and Code2Wav (issue 8): requests that share engine steps get what they get
+alone: the same greedy ids and codes, the same seeded samples, the same waveform; chunked prefill equals one
+whole prefill; the paged KV cache refuses what cannot fit and gets every page back."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from services.checkpoint.loading import Checkpoint
+from services.conductor import Conductor, TurnRequest
+from services.config import KVConfig
+from services.engines.bundle import Engines
+from services.engines.sampling import SamplingParams
+from services.engines.thinker import ThinkerEngine, ThinkerPrompt
+from services.errors import ResourceExhausted
+from services.events import AudioChunk, TurnSummary
+from services.stages import Stages
+from services.turn_parts import audio_part, image_part, text_part
+from tests.test_thinker import processor_inputs, thinker_prompt
+
+GREEDY = SamplingParams(greedy=True)
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpt):
+    return Engines.load(tiny_ckpt)
+
+
+def _prompts(processor, engines) -> list[ThinkerPrompt]:
+    """Different lengths and modalities: text, audio, image, audio + image, and a multi-turn conversation."""
+    prompts = [thinker_prompt(processor_inputs(processor, parts), engines.audio, engines.vision)
+               for parts in ([], ["audio"], ["image"], ["audio", "image"])]
+    history = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello! How can I help?"},
+               {"role": "user", "content": "Tell me about the sea, briefly please."}]
+    text = processor.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    prompts.append(ThinkerPrompt(input_ids=processor(text=text, return_tensors="pt")["input_ids"][0]))
+    return prompts
+
+
+def _solo(thinker: ThinkerEngine, prompt: ThinkerPrompt) -> tuple[list[int], torch.Tensor]:
+    session, prefill = thinker.prefill(prompt, NEW_TOKENS)
+    logits = [prefill.logits]
+    for _ in range(NEW_TOKENS - 1):
+        logits.append(thinker.decode(session, int(logits[-1].argmax())))
+    session.close()
+    return [int(x.argmax()) for x in logits], torch.stack(logits)
+
+
+def test_thinker_decode_batch_equals_each_request_alone(engines, processor):
+    """Requests join at different steps, with caches of different lengths and rope deltas, and leave when done."""
+    thinker = engines.thinker
+    prompts = _prompts(processor, engines)
+    solo = [_solo(thinker, p) for p in prompts]
+    joins = [0, 0, 2, 3, 5]
+    running: dict[int, tuple] = {}  # request -> (session, logits so far)
+    finished: dict[int, torch.Tensor] = {}
+    for step in range(40):
+        for r, join in enumerate(joins):
+            if join == step:
+                session, prefill = thinker.prefill(prompts[r], NEW_TOKENS)
+                running[r] = (session, [prefill.logits])
+        rows = [r for r, (_, logits) in running.items() if len(logits) < NEW_TOKENS]
+        if rows:
+            out = thinker.decode_batch([running[r][0] for r in rows],
+                                       [int(running[r][1][-1].argmax()) for r in rows])
+            for r, logits in zip(rows, out):
+                running[r][1].append(logits)
+        for r in [r for r, (_, logits) in running.items() if len(logits) == NEW_TOKENS]:
+            session, logits = running.pop(r)
+            session.close()
+            finished[r] = torch.stack(logits)
+        if len(finished) == len(prompts):
+            break
+    worst = 0.0
+    for r, (ids, logits) in enumerate(solo):
+        assert [int(x.argmax()) for x in finished[r]] == ids, r
+        worst = max(worst, float((finished[r] - logits).abs().max()))
+    print(f"max |logit difference| batched vs alone: {worst:.2e}")
+    assert worst < 1e-4, worst  # float rounding of a wider matmul only
+    assert thinker.kv.free_positions == thinker.kv.capacity
+
+
+def test_chunked_prefill_equals_one_prefill(tiny_ckpt, engines, processor):
+    """A prompt prefilled 5 tokens at a time (deepstack features and mm_hidden split across chunks) equals one
+    whole prefill, and decodes the same greedy ids."""
+    ckpt = Checkpoint.open(tiny_ckpt)
+    chunked = ThinkerEngine.from_checkpoint(ckpt, kv=KVConfig(prefill_chunk=5, page_size=4, kv_tokens=2048))
+    prompt = thinker_prompt(processor_inputs(processor, ["audio", "image", "video"]), engines.audio, engines.vision)
+    assert len(prompt.input_ids) > 50
+    whole_session, whole = engines.thinker.prefill(prompt, 4)
+    whole_session.close()
+    session, parts = chunked.prefill(prompt, 4)
+    session.close()
+    torch.testing.assert_close(parts.logits, whole.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(parts.mm_hidden, whole.mm_hidden, atol=1e-5, rtol=0)
+    assert _solo(chunked, prompt)[0] == _solo(engines.thinker, prompt)[0]
+
+
+def test_the_kv_cache_refuses_what_cannot_fit_and_frees_every_page(tiny_ckpt):
+    thinker = ThinkerEngine.from_checkpoint(Checkpoint.open(tiny_ckpt), kv=KVConfig(kv_tokens=64, page_size=16))
+    prompt = ThinkerPrompt(input_ids=torch.tensor([151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]))
+    with pytest.raises(ResourceExhausted, match="exceeds this replica's KV cache of 64 positions"):
+        thinker.prefill(prompt, 100)
+    first, _ = thinker.prefill(prompt, 20)  # 29 positions: 2 pages
+    second, _ = thinker.prefill(prompt, 20)
+    with pytest.raises(ResourceExhausted, match="the KV cache is full"):
+        thinker.prefill(prompt, 20)
+    first.close()
+    first.close()  # twice is harmless: the pages go back once
+    third, _ = thinker.prefill(prompt, 20)
+    second.close(), third.close()
+    assert thinker.kv.free_positions == 64
+
+
+def _batch_sizes(stage: str) -> tuple[float, float]:
+    """(items, steps) of the stage's engine steps so far, in this process."""
+    labels = {"stage": stage}
+    return (REGISTRY.get_sample_value("omni_stage_batch_rows_total", labels) or 0.0,
+            REGISTRY.get_sample_value("omni_stage_step_seconds_count", labels) or 0.0)
+
+
+async def _turn(conductor: Conductor, req: TurnRequest, delay_s: float = 0.0, stop_after_audio: bool = False):
+    await asyncio.sleep(delay_s)
+    samples, summary = [], None
+    async with aclosing(conductor.run(req)) as events:
+        async for event in events:
+            if isinstance(event, AudioChunk):
+                samples.append(event.samples)
+                if stop_after_audio:
+                    return None  # the client goes away mid-turn
+            elif isinstance(event, TurnSummary):
+                summary = event
+    return summary, np.concatenate(samples) if samples else np.zeros(0, np.float32)
+
+
+def test_concurrent_turns_share_steps_and_equal_their_solo_runs(engines, media):
+    """Five turns at once (text, audio, image, multi-turn, one sampled with seeds) joining at different times,
+    plus one abandoned after its first audio: each equals its run alone, and the steps were shared."""
+    seeded = SamplingParams(greedy=False, temperature=0.8, top_k=20, seed=11)
+    requests = [
+        TurnRequest(parts=[text_part("Hello world, this is Qwen.")], max_new_tokens=16, max_audio_frames=48,
+                    thinker_sampling=GREEDY),
+        TurnRequest(parts=[audio_part(media["audio"]), text_part("What do you hear?")], max_new_tokens=10,
+                    max_audio_frames=30, thinker_sampling=GREEDY),
+        TurnRequest(parts=[image_part(media["image"]), text_part("Describe it.")], speaker="aiden",
+                    max_new_tokens=12, max_audio_frames=36, thinker_sampling=GREEDY),
+        TurnRequest(parts=[text_part("And now?")], max_new_tokens=12, max_audio_frames=40, thinker_sampling=GREEDY,
+                    history=[{"role": "user", "content": "Count with me."}, {"role": "assistant", "content": "One."}]),
+        TurnRequest(parts=[text_part("Surprise me.")], max_new_tokens=14, max_audio_frames=40,
+                    thinker_sampling=seeded, talker_sampling=SamplingParams(greedy=False, temperature=0.9,
+                                                                            top_k=50, repetition_penalty=1.05,
+                                                                            seed=5)),
+    ]
+    conductor = Conductor(Stages.local(engines), stage_timeout_s=120)
+
+    async def alone():
+        return [await _turn(conductor, r) for r in requests]
+
+    async def together():
+        abandoned = TurnRequest(parts=[text_part("Never mind.")], max_new_tokens=30, max_audio_frames=90,
+                                thinker_sampling=GREEDY)
+        return await asyncio.gather(*(_turn(conductor, r, delay_s=0.02 * i) for i, r in enumerate(requests)),
+                                    _turn(conductor, abandoned, delay_s=0.01, stop_after_audio=True))
+
+    solo = asyncio.run(alone())
+    before = {stage: _batch_sizes(stage) for stage in ("thinker", "talker", "code2wav")}
+    shared = asyncio.run(together())
+    assert shared[-1] is None
+    for (want, want_samples), (got, got_samples) in zip(solo, shared[:-1]):
+        assert got.thinker_token_ids == want.thinker_token_ids and got.text == want.text
+        assert got.codes == want.codes and len(want.codes) > 0
+        assert got_samples.shape == want_samples.shape
+        np.testing.assert_allclose(got_samples, want_samples, atol=1e-4)
+    for stage, (total, steps) in before.items():
+        total_after, steps_after = _batch_sizes(stage)
+        print(f"{stage}: {(total_after - total) / (steps_after - steps):.2f} requests per step")
+        assert (total_after - total) / (steps_after - steps) > 1.2, stage  # rows per step: really batched
+    for engine in (engines.thinker, engines.talker):  # the abandoned turn's pages came back too
+        assert engine.kv.free_positions == engine.kv.capacity
+
+
+def test_a_long_prefill_holds_the_running_requests_up_one_chunk_at_a_time(tiny_ckpt, engines, processor):
+    """A new request's prompt prefills in chunks of `prefill_chunk` tokens, and the decode steps of the request
+    already running go on between its chunks (the stage's worker thread takes them in turn)."""
+    from services.stages import LocalThinker
+
+    thinker = ThinkerEngine.from_checkpoint(Checkpoint.open(tiny_ckpt), kv=KVConfig(prefill_chunk=8))
+    calls: list[str] = []
+    prefill_step, decode_batch = thinker.prefill_step, thinker.decode_batch
+
+    def logged_prefill(job):
+        calls.append(f"chunk{len(job.embeds)}")
+        return prefill_step(job)
+
+    def logged_decode(sessions, token_ids):
+        calls.append("step")
+        return decode_batch(sessions, token_ids)
+
+    thinker.prefill_step, thinker.decode_batch = logged_prefill, logged_decode
+    stage = LocalThinker(thinker)
+    short = ThinkerPrompt(input_ids=torch.tensor([151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]))
+    long = _prompts(processor, engines)[3]  # audio + image: many chunks of 8
+    chunks = -(-len(long.input_ids) // 8)
+    assert chunks >= 6
+
+    async def run():
+        async def generate(prompt, n):
+            return [t.token_id async for t in stage.generate(prompt, GREEDY, n, frozenset())]
+
+        running = asyncio.create_task(generate(short, 200))
+        while calls.count("step") < 3:
+            await asyncio.sleep(0.001)
+        second = await generate(long, 2)
+        return await running, second
+
+    first_ids, second_ids = asyncio.run(run())
+    assert len(first_ids) == 200 and second_ids == _solo(engines.thinker, long)[0][:2]
+    mine = [i for i, c in enumerate(calls) if c == f"chunk{len(long.input_ids)}"]
+    assert len(mine) == chunks
+    # Between two chunks of the long prompt, the running request took a step: it waited one chunk, not the prompt.
+    assert all("step" in calls[a + 1:b] for a, b in zip(mine, mine[1:])), calls
+
+
+def test_a_step_waits_only_for_requests_in_progress():
+    """With `expected`, a step waits (up to max_wait_s) for the items of the requests in progress, and not at all
+    when they are all there: a lone request never pays the wait."""
+    from services.batching import StepBatcher
+
+    steps: list[list[str]] = []
+
+    def run(items):
+        steps.append(list(items))
+        return items
+
+    in_progress = [2]
+    batcher = StepBatcher("test", run, max_batch=8, max_wait_s=0.5, expected=lambda: in_progress[0])
+
+    async def late(item, delay_s):
+        await asyncio.sleep(delay_s)
+        return await batcher.submit(item)
+
+    async def scenario():
+        t0 = asyncio.get_running_loop().time()
+        assert await asyncio.gather(batcher.submit("a"), late("b", 0.05)) == ["a", "b"]
+        waited = asyncio.get_running_loop().time() - t0
+        in_progress[0] = 1
+        t1 = asyncio.get_running_loop().time()
+        assert await batcher.submit("c") == "c"
+        return waited, asyncio.get_running_loop().time() - t1
+
+    waited, alone = asyncio.run(scenario())
+    assert steps == [["a", "b"], ["c"]]  # b joined a's step: the step waited for it
+    assert 0.04 < waited < 0.45 and alone < 0.25  # neither step waited the whole max_wait_s
