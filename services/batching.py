@@ -3,7 +3,7 @@
 Concurrent requests `submit` items; one loop per stage takes every item that is ready (up to `max_batch`) and runs
 them as one engine step on the stage's worker thread, then hands each request its result. Items that arrive while
 a step runs wait for the next one, so under load batches fill by themselves; `max_wait_s` can hold a step back a
-little for the requests in progress whose items are not there yet (`expected`), e.g. the Talker's requests, whose
+little for the requests in progress (`member`) whose items are not there yet, e.g. the Talker's requests, whose
 MTP results come back one by one. A request that gives up (cancelled, its client gone) is dropped
 before the next step and never holds a row.
 
@@ -18,10 +18,11 @@ Each step is one span ("<stage>.step") linked to the span of every request in it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,17 +50,24 @@ class _Lane:
 
 class StepBatcher:
     def __init__(self, stage: str, run: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = 32,
-                 max_wait_s: float = 0.0, expected: Callable[[], int] | None = None):
-        """`expected`: how many requests could have an item in the next step (those in progress on the stage); a
-        step waits up to `max_wait_s` for that many, and not at all when they are all there. Without it, a step
-        waits `max_wait_s` for a full batch."""
+                 max_wait_s: float = 0.0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.stage, self.run, self.max_batch, self.max_wait_s = stage, run, max_batch, max_wait_s
-        self.expected = expected or (lambda: max_batch)
+        self._members = 0  # requests in progress (`member`); none: a step waits for a full batch
         # One lane per event loop (a replica has one; a test or `omni generate` may run several in turn): futures
         # and tasks belong to the loop they were made in. Steps of every lane share the stage's worker thread.
         self._lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Lane] = weakref.WeakKeyDictionary()
+
+    @contextlib.contextmanager
+    def member(self) -> Iterator[None]:
+        """A request in progress on the stage, which will submit items step after step: a step waits up to
+        `max_wait_s` for the items of all members, and not at all once they are all there."""
+        self._members += 1
+        try:
+            yield
+        finally:
+            self._members -= 1
 
     async def submit(self, item: Any, span: trace.Span | None = None) -> Any:
         """The item's result, once a step has run it; the step's error if it failed. `span`: the request's, which
@@ -85,11 +93,11 @@ class StepBatcher:
                 await self._step(batch)
 
     async def _gather(self, lane: _Lane) -> None:
-        """Wait up to max_wait_s for the items of every request expected in this step (a request whose previous
+        """Wait up to max_wait_s for the items of every member in this step (a request whose previous
         result has just arrived sends its next item a moment later)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while len(lane.waiting) < min(self.max_batch, self.expected()):
+        while len(lane.waiting) < min(self.max_batch, self._members or self.max_batch):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return

@@ -116,9 +116,7 @@ class LocalThinker:
 
     def __init__(self, engine: ThinkerEngine, max_batch: int = 64, max_wait_s: float = 0.0):
         self.engine = engine
-        self._decoding = 0  # requests past their prefill: the rows a step may wait for
-        self._batcher = StepBatcher("thinker", self._decode_rows, max_batch=max_batch, max_wait_s=max_wait_s,
-                                    expected=lambda: self._decoding)
+        self._batcher = StepBatcher("thinker", self._decode_rows, max_batch=max_batch, max_wait_s=max_wait_s)
 
     async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
                        stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
@@ -134,22 +132,21 @@ class LocalThinker:
                 finally:
                     span.end()
                 session = job.session
-                self._decoding += 1
                 decode = tracing.start_span("thinker.decode", parent=timer.span)
                 sampler = Sampler(sampling)
                 logits, mm_hidden = prefill.logits, prefill.mm_hidden
-                for step in range(max_new_tokens):
-                    token = sampler(logits)
-                    timer.output()
-                    yield ThinkerToken(token, mm_hidden)
-                    mm_hidden = None
-                    if token in stop_ids or step + 1 == max_new_tokens:
-                        return
-                    self.engine.check_decode(session, token)
-                    logits = await self._batcher.submit((session, token), timer.span)
+                with self._batcher.member():
+                    for step in range(max_new_tokens):
+                        token = sampler(logits)
+                        timer.output()
+                        yield ThinkerToken(token, mm_hidden)
+                        mm_hidden = None
+                        if token in stop_ids or step + 1 == max_new_tokens:
+                            return
+                        self.engine.check_decode(session, token)
+                        logits = await self._batcher.submit((session, token), timer.span)
             finally:
                 if decode is not None:
-                    self._decoding -= 1
                     decode.set_attribute("omni.tokens", timer.items)
                     decode.end()
                 if job is not None:
@@ -208,9 +205,7 @@ class LocalTalker:
     def __init__(self, engine: TalkerEngine, mtp: MTPStage, max_batch: int = 64, max_wait_s: float = 0.0):
         self.engine = engine
         self.mtp = mtp  # the Talker calls MTP itself every frame (in process or over gRPC)
-        self._speaking = 0  # requests past their prefill: the rows a step may wait for
-        self._batcher = StepBatcher("talker", self._step_rows, max_batch=max_batch, max_wait_s=max_wait_s,
-                                    expected=lambda: self._speaking)
+        self._batcher = StepBatcher("talker", self._step_rows, max_batch=max_batch, max_wait_s=max_wait_s)
 
     async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
                     text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
@@ -220,35 +215,32 @@ class LocalTalker:
             return
         engine = self.engine
         job = None
-        speaking = False
         with StageTimer("talker") as timer:
             try:
                 job = await run_engine("talker", engine.start, prompt, first, sampling, max_frames)
                 while (frame := await run_engine("talker", engine.prefill_step, job)) is None:
                     pass
                 session = job.session
-                self._speaking += 1
-                speaking = True
                 text_ended = False
                 # A frame's residual codes come from the step after its c0, so the last c0 (EOS, or the one that
                 # hits the cap) never becomes a frame: the reference's talker_codes.
                 generated = 1
-                while frame.c0 != engine.codec_eos_id and generated < max_frames:
-                    with tracing.current(timer.span):  # the frame's MTP span is the Talker's child
-                        result = await self.mtp.predict(frame.hidden[None], torch.tensor([frame.c0]),
-                                                        sampling.greedy, mtp_seed(sampling.seed, generated))
-                    timer.output()
-                    yield result.codes[0]
-                    token = TEXT_END
-                    if not text_ended:
-                        token = await anext(text, None)
-                        if token is None:
-                            text_ended, token = True, TEXT_END
-                    engine.check_step(session, token)
-                    frame = await self._batcher.submit((session, result.embed_sum[0], token), timer.span)
-                    generated += 1
+                with self._batcher.member():
+                    while frame.c0 != engine.codec_eos_id and generated < max_frames:
+                        with tracing.current(timer.span):  # the frame's MTP span is the Talker's child
+                            result = await self.mtp.predict(frame.hidden[None], torch.tensor([frame.c0]),
+                                                            sampling.greedy, mtp_seed(sampling.seed, generated))
+                        timer.output()
+                        yield result.codes[0]
+                        token = TEXT_END
+                        if not text_ended:
+                            token = await anext(text, None)
+                            if token is None:
+                                text_ended, token = True, TEXT_END
+                        engine.check_step(session, token)
+                        frame = await self._batcher.submit((session, result.embed_sum[0], token), timer.span)
+                        generated += 1
             finally:
-                self._speaking -= speaking
                 if job is not None:
                     job.session.close()
 
@@ -265,23 +257,18 @@ class LocalCode2Wav:
 
     def __init__(self, engine: Code2WavEngine, max_batch: int = 64, max_wait_s: float = 0.0):
         self.engine = engine
-        self._streams = 0  # open streams: the rows a step may wait for
-        self._batcher = StepBatcher("code2wav", self._push_rows, max_batch=max_batch, max_wait_s=max_wait_s,
-                                    expected=lambda: self._streams)
+        self._batcher = StepBatcher("code2wav", self._push_rows, max_batch=max_batch, max_wait_s=max_wait_s)
 
     async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
         stream = self.engine.stream()
-        self._streams += 1
         with StageTimer("code2wav") as timer:
-            try:
+            with self._batcher.member():
                 async for codes in frames:
                     codes = self.engine.check_codes(codes.reshape(1, -1))  # one frame per message
                     samples = await self._batcher.submit((stream, codes), timer.span)
                     if samples.numel():
                         timer.output()
                         yield samples
-            finally:
-                self._streams -= 1
             tail = stream.finish()
         if tail.numel():
             yield tail

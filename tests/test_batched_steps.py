@@ -229,8 +229,8 @@ def test_a_long_prefill_holds_the_running_requests_up_one_chunk_at_a_time(tiny_c
 
 
 def test_a_step_waits_only_for_requests_in_progress():
-    """With `expected`, a step waits (up to max_wait_s) for the items of the requests in progress, and not at all
-    when they are all there: a lone request never pays the wait."""
+    """A step waits (up to max_wait_s) for the items of the requests in progress (`member`), and not at all when
+    they are all there: a lone request never pays the wait."""
     from services.batching import StepBatcher
 
     steps: list[list[str]] = []
@@ -239,20 +239,19 @@ def test_a_step_waits_only_for_requests_in_progress():
         steps.append(list(items))
         return items
 
-    in_progress = [2]
-    batcher = StepBatcher("test", run, max_batch=8, max_wait_s=0.5, expected=lambda: in_progress[0])
+    batcher = StepBatcher("test", run, max_batch=8, max_wait_s=0.5)
 
-    async def late(item, delay_s):
-        await asyncio.sleep(delay_s)
-        return await batcher.submit(item)
+    async def request(item, delay_s=0.0):
+        with batcher.member():
+            await asyncio.sleep(delay_s)
+            return await batcher.submit(item)
 
     async def scenario():
         t0 = asyncio.get_running_loop().time()
-        assert await asyncio.gather(batcher.submit("a"), late("b", 0.05)) == ["a", "b"]
+        assert await asyncio.gather(request("a"), request("b", 0.05)) == ["a", "b"]
         waited = asyncio.get_running_loop().time() - t0
-        in_progress[0] = 1
         t1 = asyncio.get_running_loop().time()
-        assert await batcher.submit("c") == "c"
+        assert await request("c") == "c"
         return waited, asyncio.get_running_loop().time() - t1
 
     waited, alone = asyncio.run(scenario())
