@@ -127,11 +127,9 @@ class KVPool:
         starts = torch.tensor([s.length for s in slots], device=self.device)
         positions = starts[:, None] + torch.arange(n, device=self.device)  # [B, n]
         n_pages = -(-(max(s.length for s in slots) + n) // self.page_size)
-        table = torch.zeros(len(slots), n_pages, dtype=torch.long)  # unused entries point at page 0, masked out
-        for row, slot in enumerate(slots):
-            used = -(-(slot.length + n) // self.page_size)
-            table[row, :used] = torch.tensor(slot.pages[:used])
-        table = table.to(self.device)
+        # Each row's first n_pages pages; a row with fewer is padded with page 0. Keys past a row's length are
+        # masked out, whichever page they come from.
+        table = torch.tensor([(slot.pages + [0] * n_pages)[:n_pages] for slot in slots], device=self.device)
         mask = torch.arange(n_pages * self.page_size, device=self.device) <= positions[:, None, :, None]
         if not self._sdpa:  # eager attention adds the mask to the scores
             mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=self.device).masked_fill(

@@ -68,10 +68,6 @@ class ThinkerPrefillJob:
     deepstack: list[Tensor] | None
     mm_hidden: list[Tensor] = field(default_factory=list)  # per chunk done
 
-    @property
-    def done(self) -> int:
-        return self.session.length
-
 
 class ThinkerEngine:
     def __init__(
@@ -155,7 +151,7 @@ class ThinkerEngine:
         """Prefill the job's next chunk (`prefill_chunk` tokens); after the last one, its result."""
         if job.session.closed:
             raise InvalidInput("the Thinker session is closed")
-        a = job.done
+        a = job.session.length
         b = min(a + self.prefill_chunk, job.embeds.shape[0])
         extra = {}
         if job.visual_mask is not None and bool(job.visual_mask[a:b].any()):
