@@ -40,6 +40,7 @@ from services.events import AudioChunk, Event, ReasoningDelta, TextDelta, TurnSu
 from services.hooks import FilterChain, HookContext, HookStage, HookTurn, LocalHooks, Released
 from services.metrics import record_turn
 from services.preprocess import TurnInputs, build_turn
+from services.prompt_media import PromptMedia
 from services.stages import Stages
 from services.turn_parts import kind_counts
 
@@ -156,13 +157,13 @@ class Conductor:
 
     async def _conduct(self, req: TurnRequest, turn: _Turn, out: asyncio.Queue) -> None:
         try:
-            prompt, inputs = await self._prepare(req, turn)
+            media, inputs = await self._prepare(req, turn)
             released: asyncio.Queue = asyncio.Queue(req.max_new_tokens + 1)  # bounded by the answer length
             frames: asyncio.Queue = asyncio.Queue(self.queue_size)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._think(req, turn, prompt, inputs, released, out))
+                tg.create_task(self._think(req, turn, media, inputs, released, out))
                 if req.audio_output:
-                    tg.create_task(self._talk(req, turn, prompt, released, frames))
+                    tg.create_task(self._talk(req, turn, media.prompt, released, frames))
                     tg.create_task(self._vocode(turn, frames, out))
             turn.mark("total")
             await out.put(_END)
@@ -174,7 +175,7 @@ class Conductor:
                 e = e.exceptions[0]
             await out.put(e)
 
-    async def _prepare(self, req: TurnRequest, turn: _Turn) -> tuple[ThinkerPrompt, TurnInputs]:
+    async def _prepare(self, req: TurnRequest, turn: _Turn) -> tuple[PromptMedia, TurnInputs]:
         st = self.stages
         # The Captioner's prompt is the audio alone: no tools are declared to it.
         tools = None if st.variant.kind == "captioner" else await self.hooks.tool_schemas()
@@ -183,41 +184,19 @@ class Conductor:
             tools=tools,
         )
         turn.mark("preprocess")
-        po = inputs.processor_outputs
-        prompt = ThinkerPrompt(input_ids=po["input_ids"][0], use_audio_in_video=bool(po.get("use_audio_in_video")))
-        if "video_second_per_grid" in po:
-            prompt.video_second_per_grid = torch.as_tensor(po["video_second_per_grid"])
+        # The Thinker replica keeps a session's KV between its turns (its principal's: no one else's prompt
+        # matches it), and the turn's media are encoded when the Thinker asks for those past what it holds.
+        key = f"{req.principal}/{req.session_id}" if req.session_id else ""
+        return PromptMedia(st, inputs.processor_outputs, cache_key=key, mark=turn.mark), inputs
 
-        async def encode_audio():
-            t = time.perf_counter()
-            prompt.audio_embeds = await st.audio.encode(po["input_features"], po["feature_attention_mask"])
-            prompt.audio_feature_lengths = po["feature_attention_mask"].sum(-1)
-            turn.mark("audio_encoder_ttft", t)
-
-        async def encode_vision(kind: str, pixels: str, grid: str):
-            t = time.perf_counter()
-            setattr(prompt, kind, await st.vision.encode(po[pixels], po[grid]))
-            setattr(prompt, f"{kind}_grid_thw", po[grid])
-            turn.mark("vision_encoder_ttft", t)
-
-        async with asyncio.TaskGroup() as tg:
-            if "input_features" in po:
-                tg.create_task(encode_audio())
-            if "pixel_values" in po:
-                tg.create_task(encode_vision("image", "pixel_values", "image_grid_thw"))
-            if "pixel_values_videos" in po:
-                tg.create_task(encode_vision("video", "pixel_values_videos", "video_grid_thw"))
-        turn.mark("encoders")
-        return prompt, inputs
-
-    async def _think(self, req: TurnRequest, turn: _Turn, prompt: ThinkerPrompt, inputs: TurnInputs,
+    async def _think(self, req: TurnRequest, turn: _Turn, media: PromptMedia, inputs: TurnInputs,
                      released: asyncio.Queue, out: asyncio.Queue) -> None:
         ctx = HookContext(request_id=req.request_id, session_id=req.session_id, conversation=inputs.messages,
                           metadata=req.metadata, principal=req.principal)
         talker_queue = released if req.audio_output else None
         async with self.hooks.open(ctx) as hook:
             while True:
-                generated, stopped = await self._think_once(req, turn, prompt, hook, out, talker_queue)
+                generated, stopped = await self._think_once(req, turn, media, hook, out, talker_queue)
                 if turn.finish_reason == "blocked":  # the fallback is released; the hook has ended the text
                     break
                 r = await self._within(hook.thinker_end(stopped), HOOK_LATE)
@@ -226,19 +205,21 @@ class Conductor:
                     break
                 # The Thinker called tools (never released, so never heard): it goes on with their results after
                 # its own tokens. Same media, so the same encoder outputs.
+                prompt = media.prompt
                 prompt.input_ids = torch.cat([prompt.input_ids, torch.tensor([*generated, *r.resume],
                                                                              dtype=prompt.input_ids.dtype)])
         if talker_queue is not None:
             await talker_queue.put(_END)
 
-    async def _think_once(self, req: TurnRequest, turn: _Turn, prompt: ThinkerPrompt, hook: HookTurn,
+    async def _think_once(self, req: TurnRequest, turn: _Turn, media: PromptMedia, hook: HookTurn,
                           out: asyncio.Queue, talker_queue: asyncio.Queue | None) -> tuple[list[int], bool]:
         """One Thinker generation through the hook: the ids it wrote (its stop token included) and whether it
         stopped at its stop token."""
         stop_ids = self.stages.stop_ids
         step_ids = []
         t_start = time.perf_counter()
-        tokens = self.stages.thinker.generate(prompt, req.thinker_sampling, req.max_new_tokens, stop_ids)
+        tokens = self.stages.thinker.generate(media.prompt, req.thinker_sampling, req.max_new_tokens, stop_ids,
+                                              embed=media.embed)
         async for item in self._deadline(tokens, "thinker"):
             if item.mm_hidden is not None:
                 turn.mm_hidden = item.mm_hidden  # the Talker's multimodal input, with the first token

@@ -150,6 +150,8 @@ STAGE_ROWS = _Counter("omni_stage_batch_rows_total", "Items (requests' steps, fr
                       ("stage",))
 STAGE_STEP = _Histogram("omni_stage_step_seconds", "Time of one engine step of a batching stage (all its items)",
                         ITEM_BUCKETS, ("stage",))
+PREFIX_TOKENS = _Counter("omni_thinker_prompt_tokens_total", "Prompt tokens the Thinker took from a session's kept KV "
+                         "(kind=reused) or prefilled (kind=prefilled)", ("kind",))
 STAGE_ERRORS = _Counter("omni_stage_errors_total", "Requests a stage ended with an error, by gRPC status name",
                         ("stage", "code"))
 STAGE_ONGOING = _Gauge("omni_stage_ongoing", "Stage calls in progress on a replica", ("stage",))

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 
 import grpc
@@ -33,8 +33,9 @@ from services.servicers import request_id, required, sampling_to_proto
 from services.servicers.hooks import hook_event_from_proto
 from services.servicers.status import StageError, error_of
 from services.servicers.talker import prompt_tensors as talker_prompt_tensors
+from services.servicers.thinker import EMBED_TENSORS, LAYOUT_TENSORS, PROMPT_TENSORS, segments_to_proto
 from services.servicers.thinker import prompt_tensors as thinker_prompt_tensors
-from services.stages import Stages, ThinkerToken
+from services.stages import Embed, Stages, ThinkerToken
 from services.wire import cluster_tls
 from services.wire.cluster_tls import ClusterCredential
 from services.wire.gen.omni.v1 import (
@@ -103,23 +104,30 @@ class RemoteThinker:
         self._stub = thinker_pb2_grpc.ThinkerStub(channel)
 
     async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
-                       stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
+                       stop_ids: frozenset[int], embed: Embed | None = None) -> AsyncIterator[ThinkerToken]:
+        asked: asyncio.Queue[int] = asyncio.Queue()  # the server's `prefix`: where the media it needs start
+
         async def requests():
             # mm_hidden is always asked for: ThinkerStage yields it with the first token, as LocalThinker does.
             yield ThinkRequest(start=ThinkStart(
                 request_id=rid, sampling=sampling_to_proto(sampling), max_new_tokens=max_new_tokens,
-                use_audio_in_video=prompt.use_audio_in_video, return_mm_hidden=True))
-            for name, t in thinker_prompt_tensors(prompt).items():
-                for piece in to_pieces(name, t):
-                    yield ThinkRequest(prompt=piece)
-            yield ThinkRequest(prompt_end=PromptEnd())  # then half-close: no resume
+                use_audio_in_video=prompt.use_audio_in_video, return_mm_hidden=True, cache_key=prompt.cache_key,
+                segments=segments_to_proto(prompt), defer_media=embed is not None))
+            for msg in _prompt_messages(prompt, PROMPT_TENSORS if embed is None else LAYOUT_TENSORS):
+                yield msg
+            if embed is not None:  # then the media the server asks for
+                for msg in _prompt_messages(await embed(await asked.get()), EMBED_TENSORS):
+                    yield msg
+            # then half-close: no resume
 
         rid = request_id()
         assembler, mm_hidden = PieceAssembler(), None
         async with aclosing(_exchange(self._stub.Think, requests(), "thinker")) as responses:
             async for resp in responses:
                 kind = resp.WhichOneof("kind")
-                if kind == "mm_hidden":
+                if kind == "prefix":
+                    asked.put_nowait(resp.prefix.reused_tokens)
+                elif kind == "mm_hidden":
                     if done := assembler.add(resp.mm_hidden):
                         mm_hidden = done.tensor
                 elif kind == "tokens":
@@ -127,6 +135,15 @@ class RemoteThinker:
                         yield ThinkerToken(token, mm_hidden)
                         mm_hidden = None
                 # "end": the server closes the stream after it, since we half-closed
+
+
+def _prompt_messages(prompt: ThinkerPrompt, names: tuple[str, ...]) -> Iterator[ThinkRequest]:
+    """The prompt's tensors of `names` in pieces, then `prompt_end`."""
+    for name, t in thinker_prompt_tensors(prompt).items():
+        if name in names:
+            for piece in to_pieces(name, t):
+                yield ThinkRequest(prompt=piece)
+    yield ThinkRequest(prompt_end=PromptEnd())
 
 
 class RemoteMTP:

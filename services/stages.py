@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,7 +28,7 @@ from services.engines.sampling import Sampler, SamplingParams
 from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt
 from services.engines.thinker import ThinkerEngine, ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings, VisionEncoderEngine
-from services.metrics import STAGE_QUEUE, StageTimer, stage_executor
+from services.metrics import PREFIX_TOKENS, STAGE_QUEUE, StageTimer, stage_executor
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,14 @@ class VisionEncoderStage(Protocol):
     async def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> VisionEmbeddings: ...
 
 
+Embed = Callable[[int], Awaitable[ThinkerPrompt]]  # `PromptMedia.embed`: the prompt with its media from token N on
+
+
 class ThinkerStage(Protocol):
     def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
-                 stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
-        """Sampled tokens until a stop id (yielded) or max_new_tokens."""
+                 stop_ids: frozenset[int], embed: Embed | None = None) -> AsyncIterator[ThinkerToken]:
+        """Sampled tokens until a stop id (yielded) or max_new_tokens. With `embed`, `prompt` is the layout alone
+        and the stage asks `embed` for the embeddings past the prefix it holds for `prompt.cache_key`."""
 
 
 class MTPStage(Protocol):
@@ -119,16 +123,33 @@ class LocalThinker:
         self._batcher = StepBatcher("thinker", self._decode_rows, max_batch=max_batch, max_wait_s=max_wait_s)
 
     async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
-                       stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
+                       stop_ids: frozenset[int], embed: Embed | None = None) -> AsyncIterator[ThinkerToken]:
+        engine = self.engine
         job = decode = None
+        generated: list[int] = []
+        in_step = False  # an engine call for this request is running (a cancel then must not park its KV)
         with StageTimer("thinker") as timer:
             try:
                 span = tracing.start_span("thinker.prefill", parent=timer.span,
                                           prompt_tokens=int(prompt.input_ids.numel()))
                 try:
-                    job = await run_engine("thinker", self.engine.start, prompt, max_new_tokens)
-                    while (prefill := await run_engine("thinker", self.engine.prefill_step, job)) is None:
+                    reuse = engine.claim(prompt)
+                    try:
+                        if embed is not None:  # the media past the prefix this replica holds
+                            prompt = await embed(reuse.tokens if reuse else 0)
+                    except BaseException:
+                        engine.release(reuse)
+                        raise
+                    reused = reuse.tokens if reuse else 0
+                    span.set_attribute("omni.reused_tokens", reused)
+                    if reused:
+                        PREFIX_TOKENS.inc(reused, kind="reused")
+                    PREFIX_TOKENS.inc(prompt.input_ids.numel() - reused, kind="prefilled")
+                    in_step = True
+                    job = await run_engine("thinker", engine.start, prompt, max_new_tokens, reuse)
+                    while (prefill := await run_engine("thinker", engine.prefill_step, job)) is None:
                         pass
+                    in_step = False
                 finally:
                     span.end()
                 session = job.session
@@ -138,19 +159,25 @@ class LocalThinker:
                 with self._batcher.member():
                     for step in range(max_new_tokens):
                         token = sampler(logits)
+                        generated.append(token)
                         timer.output()
                         yield ThinkerToken(token, mm_hidden)
                         mm_hidden = None
                         if token in stop_ids or step + 1 == max_new_tokens:
                             return
-                        self.engine.check_decode(session, token)
+                        engine.check_decode(session, token)
+                        in_step = True
                         logits = await self._batcher.submit((session, token), timer.span)
+                        in_step = False
             finally:
                 if decode is not None:
                     decode.set_attribute("omni.tokens", timer.items)
                     decode.end()
                 if job is not None:
-                    job.session.close()
+                    if in_step:
+                        job.session.close()
+                    else:  # kept for the session's next request (`services.engines.prefix`), or freed
+                        engine.park(job.session, prompt, generated, prefill.mm_hidden)
 
     def _decode_rows(self, rows: list[tuple]) -> list[Tensor]:
         """One decode step over requests' next tokens (on the stage's worker thread)."""

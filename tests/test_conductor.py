@@ -341,7 +341,7 @@ def test_blocked_answer_speaks_the_fallback(engines, processor):
 class _Hangs:
     """A stage call that never answers."""
 
-    async def generate(self, *args):
+    async def generate(self, *args, **kwargs):
         await asyncio.Event().wait()
         yield  # pragma: no cover
 
@@ -364,7 +364,7 @@ class _Hangs:
 class _OneToken:
     """A Thinker that answers at once (a real one may take longer than the short deadline to prefill)."""
 
-    async def generate(self, *args):
+    async def generate(self, *args, **kwargs):
         yield ThinkerToken(9707)
 
 

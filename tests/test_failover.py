@@ -76,10 +76,48 @@ def _replica_pids(app: str) -> list[int]:
 
 
 def _failovers(metrics_port: int, app: str) -> float:
+    return _counter(metrics_port, "ray_omni_stage_failovers_total", f'app="{app}"')
+
+
+def _counter(metrics_port: int, name: str, label: str) -> float:
+    """A counter's sum over every replica on Ray's metrics endpoint, for the series with `label`."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        lines = [line for line in response.read().decode().splitlines()
-                 if line.startswith("ray_omni_stage_failovers_total") and f'app="{app}"' in line]
+        lines = [line for line in response.read().decode().splitlines() if line.startswith(name) and label in line]
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+async def test_a_sessions_turns_go_to_the_thinker_replica_that_keeps_its_kv(cluster, tiny_ckpt):
+    """Two Thinker replicas: a session's turns go to one (rendezvous hashing on its key), which reuses the KV it kept
+    for it. Without that, sequential turns alternate between the replicas and the second would prefill in full."""
+    from services.conductor import Conductor, TurnRequest
+    from services.engines.bundle import Engines
+    from services.engines.sampling import SamplingParams
+    from services.stages import Stages
+    from services.turn_parts import text_part
+
+    short = dict(max_new_tokens=8, max_audio_frames=20)
+    reused = []
+
+    async def reused_now(at_least: float) -> float:
+        deadline, seen = time.monotonic() + 30, 0.0
+        while time.monotonic() < deadline:  # Ray exports the replicas' metrics every second
+            seen = await asyncio.to_thread(_counter, cluster.metrics_port, "ray_omni_thinker_prompt_tokens_total",
+                                           'kind="reused"')
+            if seen >= at_least:
+                break
+            await asyncio.sleep(1)
+        return seen
+
+    async with OmniClient(cluster.address) as client:
+        first, _ = await client.collect(text=TEXT, greedy=True, session_id="affine", **short)
+        reused.append(await reused_now(0))
+        second, _ = await client.collect(text="And then?", greedy=True, session_id="affine", **short)
+    history = [{"role": "user", "content": [text_part(TEXT)]}, {"role": "assistant", "content": first.text}]
+    async for event in Conductor(Stages.local(Engines.load(tiny_ckpt))).run(TurnRequest(
+            parts=[text_part("And then?")], history=history, thinker_sampling=SamplingParams(greedy=True), **short)):
+        expected = event
+    assert second.thinker_token_ids == expected.thinker_token_ids and second.codes == expected.codes
+    assert await reused_now(reused[0] + 10) >= reused[0] + 10  # turn 1's prompt at least (tens of tokens)
 
 
 async def test_a_killed_mtp_replica_costs_the_turn_nothing(cluster, undisturbed):

@@ -29,7 +29,7 @@ class ScriptedThinker:
         self.tokenizer, self.scripts, self.stop_id = tokenizer, scripts, stop_id
         self.prompts: list[str] = []
 
-    async def generate(self, prompt, sampling, max_new_tokens, stop_ids):
+    async def generate(self, prompt, sampling, max_new_tokens, stop_ids, embed=None):
         self.prompts.append(self.tokenizer.decode(prompt.input_ids))
         script = self.scripts[len(self.prompts) - 1]
         for token in self.tokenizer.encode(script) + [self.stop_id]:

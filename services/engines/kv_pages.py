@@ -13,11 +13,16 @@ computes does not depend on the rows beside it (up to the float rounding of a wi
     out = pool.forward(model, [kv], embeds[None], position_ids)   # prefill (or a chunk of it)
     out = pool.forward(model, [kv_a, kv_b], next_embeds, next_positions)  # one decode step of two requests
     kv.close()                                             # its pages go back to the pool
+
+A finished request's pages may instead be parked under its session's cache key (`park`), for that session's next
+request to take back (`unpark`, `grow`): parked pages are the first to go when a reservation needs room, least
+recently parked first (`services.engines.prefix`).
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -95,29 +100,66 @@ class KVPool:
         self.capacity = pages * page_size
         self._free = list(range(pages - 1, -1, -1))  # popped from the end: low pages first
         self._lock = threading.Lock()  # reserve/release come from the event loop, steps run on the worker thread
+        self._parked: OrderedDict[str, object] = OrderedDict()  # cache key -> ParkedPrefix, least recent first
         self._sdpa = getattr(config, "_attn_implementation", "sdpa") == "sdpa"
 
     @property
     def free_positions(self) -> int:
         return len(self._free) * self.page_size
 
-    def reserve(self, positions: int) -> KVSlot:
-        needed = -(-positions // self.page_size)
+    @property
+    def parked_positions(self) -> int:
         with self._lock:
-            if needed * self.page_size > self.capacity:
-                raise ResourceExhausted(
-                    f"{self.stage}: a request of {positions} positions (prompt + new tokens) exceeds this replica's "
-                    f"KV cache of {self.capacity} positions; lower max_new_tokens or raise the stage's kv_tokens")
-            if needed > len(self._free):
-                raise ResourceExhausted(
-                    f"{self.stage}: the KV cache is full ({self.capacity - self.free_positions} of {self.capacity} "
-                    f"positions held by requests in flight); retry shortly, or add replicas")
-            pages = [self._free.pop() for _ in range(needed)]
+            return sum(len(p.slot.pages) for p in self._parked.values()) * self.page_size
+
+    def reserve(self, positions: int) -> KVSlot:
+        with self._lock:
+            pages = self._take(-(-positions // self.page_size), positions)
         return KVSlot(self, pages, capacity=positions)
+
+    def grow(self, slot: KVSlot, positions: int) -> None:
+        """Make `slot` hold `positions` positions (a taken-back prefix, for its new request's prompt and answer)."""
+        with self._lock:
+            slot.pages += self._take(max(0, -(-positions // self.page_size) - len(slot.pages)), positions)
+        slot.capacity = positions
+
+    def _take(self, needed: int, positions: int) -> list[int]:
+        """`needed` free pages, evicting parked prefixes for them if need be (the lock held)."""
+        if needed * self.page_size > self.capacity:
+            raise ResourceExhausted(
+                f"{self.stage}: a request of {positions} positions (prompt + new tokens) exceeds this replica's "
+                f"KV cache of {self.capacity} positions; lower max_new_tokens or raise the stage's kv_tokens")
+        while needed > len(self._free) and self._parked:
+            _, evicted = self._parked.popitem(last=False)
+            evicted.slot.closed = True
+            self._free.extend(reversed(evicted.slot.pages))
+        if needed > len(self._free):
+            raise ResourceExhausted(
+                f"{self.stage}: the KV cache is full ({self.capacity - self.free_positions} of {self.capacity} "
+                f"positions held by requests in flight); retry shortly, or add replicas")
+        return [self._free.pop() for _ in range(needed)]
 
     def release(self, pages: list[int]) -> None:
         with self._lock:
             self._free.extend(reversed(pages))
+
+    def park(self, key: str, parked) -> None:
+        """Keep `parked` (a `ParkedPrefix`: its slot, filled up to its length) for the next `unpark(key)`; pages past
+        its length go back now. A prefix parked before under `key` is dropped."""
+        slot = parked.slot
+        keep = -(-slot.length // self.page_size)
+        with self._lock:
+            self._free.extend(reversed(slot.pages[keep:]))
+            slot.pages, slot.capacity = slot.pages[:keep], slot.length
+            old = self._parked.pop(key, None)
+            self._parked[key] = parked
+        if old is not None:
+            old.slot.close()
+
+    def unpark(self, key: str):
+        """The prefix parked under `key`, now the caller's (close its slot, or `grow` it), or None."""
+        with self._lock:
+            return self._parked.pop(key, None)
 
     def forward(self, model: torch.nn.Module, slots: Sequence[KVSlot], embeds: Tensor, position_ids: Tensor,
                 **kwargs):

@@ -23,6 +23,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig, KVConfig
 from services.engines.kv_pages import KVPool, KVSession, prefill_whole
+from services.engines.prefix import MarkerIds, ParkedPrefix, Segment, reusable_tokens
 from services.engines.positions import TMRoPE, step_positions
 from services.engines.vision_encoder import VisionEmbeddings
 from services.errors import InvalidInput, ResourceExhausted
@@ -43,6 +44,13 @@ class ThinkerPrompt:
     video_grid_thw: Tensor | None = None
     video_second_per_grid: Tensor | None = None
     use_audio_in_video: bool = False
+    # Prefix reuse (`services.engines.prefix`): the replica keeps the request's KV under `cache_key` (a session's)
+    # when it ends, and a later prompt with that key reuses the prefix it can prove equal, by `segments` (the
+    # media's token spans and digests). The embeddings above may then be those of the placeholders at positions
+    # >= `embeds_from` only (the media after a reused prefix): the rest are not needed.
+    cache_key: str = ""
+    segments: tuple[Segment, ...] = ()
+    embeds_from: int = 0
 
 
 @dataclass
@@ -61,12 +69,21 @@ class ThinkerPrefillJob:
     the replica's decode steps for more than a chunk."""
 
     session: ThinkerSession
-    embeds: Tensor  # [L, D] with the encoders' embeddings scattered in
-    position_ids: Tensor  # [4, 1, L]
-    mm_mask: Tensor  # [L] audio/image/video placeholders
-    visual_mask: Tensor | None  # [L] image/video placeholders, with deepstack [layer][N_visual, D]
+    offset: int  # prompt positions before it are in the session's KV already (a reused prefix)
+    embeds: Tensor  # [L - offset, D] with the encoders' embeddings scattered in
+    position_ids: Tensor  # [4, 1, L - offset]
+    mm_mask: Tensor  # [L - offset] audio/image/video placeholders
+    visual_mask: Tensor | None  # [L - offset] image/video placeholders, with deepstack [layer][N_visual, D]
     deepstack: list[Tensor] | None
-    mm_hidden: list[Tensor] = field(default_factory=list)  # per chunk done
+    mm_hidden: list[Tensor] = field(default_factory=list)  # the reused prefix's, then per chunk done
+
+
+@dataclass(eq=False)
+class Reuse:
+    """A parked prefix a new prompt takes back (`ThinkerEngine.claim`): its first `tokens` positions."""
+
+    parked: ParkedPrefix
+    tokens: int
 
 
 class ThinkerEngine:
@@ -87,6 +104,7 @@ class ThinkerEngine:
         self.spatial_merge_size: int = tc.vision_config.spatial_merge_size
         self.accept_hidden_layer: int = ckpt_config.talker_config.accept_hidden_layer
         self.rope = TMRoPE(tc, self.spatial_merge_size)
+        self.markers = MarkerIds.from_config(tc)
         self.parameter_bytes = parameter_bytes(model, lm_head)
         self.kv = KVPool(model.config, kv.kv_tokens, kv.page_size, config.device, config.torch_dtype, "thinker")
 
@@ -114,11 +132,51 @@ class ThinkerEngine:
         job = self.start(prompt, max_new_tokens)
         return prefill_whole(job, self.prefill_step)
 
+    def claim(self, prompt: ThinkerPrompt) -> Reuse | None:
+        """Take back the KV parked under the prompt's cache key, if it computes a prefix of this prompt; the caller
+        passes it to `start` (which owns it from then on) or `release`s it."""
+        parked = self.kv.unpark(prompt.cache_key) if prompt.cache_key else None
+        if parked is None:
+            return None
+        tokens = reusable_tokens(parked, prompt.input_ids, prompt.segments, self.markers.placeholders)
+        if tokens == 0:
+            parked.slot.close()
+            return None
+        return Reuse(parked, tokens)
+
+    @staticmethod
+    def release(reuse: Reuse | None) -> None:
+        if reuse is not None:
+            reuse.parked.slot.close()
+
+    def park(self, session: ThinkerSession, prompt: ThinkerPrompt, generated: list[int], mm_hidden: Tensor) -> None:
+        """Keep a finished request's KV for the next prompt with its cache key (`claim`); else free it."""
+        length = prompt.input_ids.numel()
+        if not prompt.cache_key or session.closed or session.length < length:
+            session.close()
+            return
+        ids = torch.cat([prompt.input_ids.view(-1).cpu(), torch.tensor(generated, dtype=torch.long)])
+        self.kv.park(prompt.cache_key, ParkedPrefix(session.kv, ids[:session.length], length, prompt.segments,
+                                                    mm_hidden))
+
     @torch.inference_mode()
-    def start(self, prompt: ThinkerPrompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> ThinkerPrefillJob:
-        """Check the prompt, reserve its KV (prompt + `max_new_tokens`), and build its input; no forward yet."""
+    def start(self, prompt: ThinkerPrompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+              reuse: Reuse | None = None) -> ThinkerPrefillJob:
+        """Check the prompt, reserve its KV (prompt + `max_new_tokens`), and build its input; no forward yet. With
+        `reuse` (from `claim`), the session is that KV, and only the prompt after its prefix will run."""
+        try:
+            return self._start(prompt, max_new_tokens, reuse)
+        except BaseException:
+            self.release(reuse)
+            raise
+
+    def _start(self, prompt: ThinkerPrompt, max_new_tokens: int, reuse: Reuse | None) -> ThinkerPrefillJob:
         if max_new_tokens < 0:
             raise InvalidInput(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        offset = 0 if reuse is None else reuse.tokens
+        if offset < prompt.embeds_from:
+            raise InvalidInput(f"the prompt's embeddings start at token {prompt.embeds_from}, but this replica holds "
+                               f"only its first {offset} tokens")
         masks = self._validate(prompt)
         ids = prompt.input_ids.to(self.config.device)
         length = ids.shape[0]
@@ -136,22 +194,33 @@ class ThinkerEngine:
             video_second_per_grid=_cpu(prompt.video_second_per_grid),
             use_audio_in_video=prompt.use_audio_in_video,
         )
-        embeds = self.model.embed_tokens(ids)  # [L, D]
-        for modality, features in _mm_embeds(prompt).items():
-            if features is not None:
-                embeds[masks[modality]] = features.to(embeds.device, embeds.dtype)
-        visual_mask, deepstack = self._deepstack(prompt, masks, embeds)
-        session = ThinkerSession(kv=self.kv.reserve(capacity), rope_delta=positions.rope_delta)
-        return ThinkerPrefillJob(session, embeds, positions.position_ids.to(self.config.device),
+        # Only the positions after the reused prefix run: their embeddings are the given ones past it.
+        embeds = self.model.embed_tokens(ids[offset:])  # [L - offset, D]
+        skip = {m: int(mask[prompt.embeds_from:offset].sum()) for m, mask in masks.items()}  # given, not needed
+        masks = {m: mask[offset:] for m, mask in masks.items()}
+        for modality, f in _mm_embeds(prompt).items():
+            if f is not None:
+                embeds[masks[modality]] = f[skip[modality]:].to(embeds.device, embeds.dtype)
+        visual_mask, deepstack = self._deepstack(prompt, masks, embeds, skip)
+        if reuse is None:
+            session = ThinkerSession(kv=self.kv.reserve(capacity), rope_delta=positions.rope_delta)
+            mm_hidden = []
+        else:
+            self.kv.grow(reuse.parked.slot, capacity)
+            reuse.parked.slot.length = offset
+            session = ThinkerSession(kv=reuse.parked.slot, rope_delta=positions.rope_delta)
+            prefix_mm = int(torch.isin(prompt.input_ids[:offset].cpu(), torch.tensor(self.markers.placeholders)).sum())
+            mm_hidden = [reuse.parked.mm_hidden[:prefix_mm]]
+        return ThinkerPrefillJob(session, offset, embeds, positions.position_ids[:, :, offset:].to(self.config.device),
                                  mm_mask=masks["audio"] | masks["image"] | masks["video"],
-                                 visual_mask=visual_mask, deepstack=deepstack)
+                                 visual_mask=visual_mask, deepstack=deepstack, mm_hidden=mm_hidden)
 
     @torch.inference_mode()
     def prefill_step(self, job: ThinkerPrefillJob) -> ThinkerPrefill | None:
         """Prefill the job's next chunk (`prefill_chunk` tokens); after the last one, its result."""
         if job.session.closed:
             raise InvalidInput("the Thinker session is closed")
-        a = job.session.length
+        a = job.session.length - job.offset  # of the positions to run
         b = min(a + self.prefill_chunk, job.embeds.shape[0])
         extra = {}
         if job.visual_mask is not None and bool(job.visual_mask[a:b].any()):
@@ -199,18 +268,20 @@ class ThinkerEngine:
         return self.lm_head(last_hidden_state[:, -1]).float()
 
     def _deepstack(
-        self, prompt: ThinkerPrompt, masks: dict[str, Tensor], embeds: Tensor
+        self, prompt: ThinkerPrompt, masks: dict[str, Tensor], embeds: Tensor, skip: dict[str, int]
     ) -> tuple[Tensor | None, list[Tensor] | None]:
-        """Visual positions [L] and, per deepstack layer, the features of all of them in prompt order."""
-        visual = [(masks[m], e) for m, e in (("image", prompt.image), ("video", prompt.video)) if e is not None]
+        """Visual positions [n] of the positions to run (`masks`) and, per deepstack layer, the features of all of
+        them in prompt order (`skip`: each modality's given rows before those positions)."""
+        visual = [(masks[m], e, skip[m]) for m, e in (("image", prompt.image), ("video", prompt.video))
+                  if e is not None and bool(masks[m].any())]
         if not visual:
             return None, None
-        visual_mask = torch.stack([mask for mask, _ in visual]).any(0)
+        visual_mask = torch.stack([mask for mask, _, _ in visual]).any(0)
         deepstack = []
         for layer in range(self.num_deepstack):
             joint = embeds.new_zeros(embeds.shape)
-            for mask, emb in visual:
-                joint[mask] = emb.deepstack[layer].to(embeds.device, embeds.dtype)
+            for mask, emb, skipped in visual:
+                joint[mask] = emb.deepstack[layer][skipped:].to(embeds.device, embeds.dtype)
             deepstack.append(joint[visual_mask])
         return visual_mask, deepstack
 
@@ -232,31 +303,36 @@ class ThinkerEngine:
             "video": ids == tc.video_token_id,
         }
         features = _mm_embeds(prompt)
+        if not 0 <= prompt.embeds_from <= ids.numel():
+            raise InvalidInput(f"embeds_from {prompt.embeds_from} is outside the prompt of {ids.numel()} tokens")
         for modality, mask in masks.items():
             given = features[modality]
-            n_tokens, n_given = int(mask.sum()), 0 if given is None else given.shape[0]
+            n_tokens, n_given = int(mask[prompt.embeds_from:].sum()), 0 if given is None else given.shape[0]
             if n_tokens != n_given:
+                where = f" from token {prompt.embeds_from} on" if prompt.embeds_from else ""
                 raise InvalidInput(
-                    f"{modality}: the prompt has {n_tokens} placeholder tokens but {n_given} embeddings were given"
+                    f"{modality}: the prompt has {n_tokens} placeholder tokens{where} but {n_given} embeddings "
+                    "were given"
                 )
             if given is not None and (given.ndim != 2 or given.shape[1] != self.hidden_size):
                 raise InvalidInput(f"{modality} embeddings must be [N, {self.hidden_size}], got {tuple(given.shape)}")
 
-        if prompt.audio_embeds is not None:
-            self._validate_audio(prompt, ids)
+        # The layout (lengths, grids) places every medium of the prompt, given embeddings or not.
+        if bool(masks["audio"].any()):
+            self._validate_audio(prompt, ids, int(masks["audio"].sum()))
         for modality, emb, grid in (
             ("image", prompt.image, prompt.image_grid_thw),
             ("video", prompt.video, prompt.video_grid_thw),
         ):
-            if emb is not None:
+            if bool(masks[modality].any()):
                 self._validate_vision(modality, emb, grid, int(masks[modality].sum()))
-        if prompt.video is not None:
+        if bool(masks["video"].any()):
             seconds = prompt.video_second_per_grid
             if seconds is None or seconds.numel() != prompt.video_grid_thw.shape[0]:
                 raise InvalidInput("video_second_per_grid must give one value per video")
         return masks
 
-    def _validate_audio(self, prompt: ThinkerPrompt, ids: Tensor) -> None:
+    def _validate_audio(self, prompt: ThinkerPrompt, ids: Tensor, n_tokens: int) -> None:
         lengths = prompt.audio_feature_lengths
         if lengths is None:
             raise InvalidInput("audio_feature_lengths is required with audio (TM-RoPE positions depend on it)")
@@ -266,13 +342,14 @@ class ThinkerEngine:
                 f"audio: the prompt has {n_audios} audios but {lengths.numel()} feature lengths were given"
             )
         expected = int(_get_feat_extract_output_lengths(lengths, self.thinker_config.audio_config.n_window).sum())
-        if expected != prompt.audio_embeds.shape[0]:
+        if expected != n_tokens:
             raise InvalidInput(
                 f"audio: feature lengths {lengths.tolist()} make {expected} embeddings, "
-                f"but {prompt.audio_embeds.shape[0]} were given"
+                f"but the prompt has {n_tokens} audio placeholders"
             )
 
-    def _validate_vision(self, modality: str, emb: VisionEmbeddings, grid: Tensor | None, n_tokens: int) -> None:
+    def _validate_vision(self, modality: str, emb: VisionEmbeddings | None, grid: Tensor | None,
+                         n_tokens: int) -> None:
         if grid is None or grid.ndim != 2 or grid.shape[1] != 3:
             raise InvalidInput(f"{modality}: {modality}_grid_thw [num_{modality}s, 3] is required with its embeddings")
         grid_tokens = int(grid.prod(-1).sum()) // self.spatial_merge_size**2
@@ -280,7 +357,8 @@ class ThinkerEngine:
             raise InvalidInput(
                 f"{modality}: {modality}_grid_thw describes {grid_tokens} tokens, the prompt has {n_tokens}"
             )
-        if len(emb.deepstack) != self.num_deepstack or any(d.shape != emb.embeds.shape for d in emb.deepstack):
+        if emb is not None and (len(emb.deepstack) != self.num_deepstack
+                                or any(d.shape != emb.embeds.shape for d in emb.deepstack)):
             raise InvalidInput(
                 f"{modality}: expected {self.num_deepstack} deepstack tensors shaped like the embeddings "
                 f"{tuple(emb.embeds.shape)}"

@@ -34,6 +34,7 @@ never released; Serve's direct ingress is a cluster-wide flag that also removes 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -65,7 +66,7 @@ from services.remote import (
 )
 from services.serving.resume import Replay, SeenItems, SeenSamples, past
 from services.servicers.status import StageError
-from services.stages import Stages, ThinkerToken
+from services.stages import Embed, Stages, ThinkerToken
 from services.wire import cluster_tls
 from services.wire.server import GRPC_OPTIONS
 
@@ -122,16 +123,18 @@ class ReplicaSet(Generic[C]):
                 error = self._failover(address, e, tried)
 
     async def stream(self, open_call: Callable[[C, AsyncIterator | None], AsyncIterator[T]],
-                     seen: SeenItems | SeenSamples, inputs: AsyncIterator | None = None) -> AsyncIterator[T]:
-        """The items of `open_call(client, inputs)`, a stream holding a turn's state, from the least busy replica.
-        When that replica dies (UNAVAILABLE) the call runs again on another, from its start: it is given `inputs`
-        again from their first item (`services.serving.resume.Replay`), and `seen` drops the items already yielded."""
+                     seen: SeenItems | SeenSamples, inputs: AsyncIterator | None = None,
+                     affinity: str = "") -> AsyncIterator[T]:
+        """The items of `open_call(client, inputs)`, a stream holding a turn's state, from the least busy replica
+        (with an `affinity` key: the replica that key maps to, `_affine`). When that replica dies (UNAVAILABLE) the
+        call runs again on another, from its start: it is given `inputs` again from their first item
+        (`services.serving.resume.Replay`), and `seen` drops the items already yielded."""
         replay = Replay(inputs) if inputs is not None else None
         tried: set[str] = set()
         error: StageError | None = None
         try:
             while True:
-                address = await self._choose(tried, error)
+                address = await self._choose(tried, error, affinity)
                 seen.rewind()
                 try:
                     async with self._held(address) as client, \
@@ -146,14 +149,15 @@ class ReplicaSet(Generic[C]):
             if replay is not None:
                 await replay.close()
 
-    async def _choose(self, tried: set[str], error: StageError | None) -> str:
+    async def _choose(self, tried: set[str], error: StageError | None, affinity: str = "") -> str:
         """The least busy live replica not in `tried` and not failed lately (any live one on a first try, when all
-        have failed lately); `error` once every usable one has been tried."""
+        have failed lately), or the one `affinity` maps to among those; `error` once every usable one has been
+        tried."""
         live = await self._live()
         untried = [a for a in self._usable(live) if a not in tried]
         if not untried and error is not None:
             raise error
-        return self._pick(untried or live)
+        return _affine(untried or live, affinity) if affinity else self._pick(untried or live)
 
     def _failover(self, address: str, error: StageError, tried: set[str]) -> StageError:
         """After `error` from `address`: re-raise it unless the replica is gone (UNAVAILABLE); else pass the replica
@@ -240,6 +244,13 @@ class ReplicaSet(Generic[C]):
             await self._channels.pop(gone).close()
 
 
+def _affine(addresses: list[str], key: str) -> str:
+    """The replica a key maps to (rendezvous hashing): the same one while it lives, and when replicas come or go
+    only the keys of those replicas move. A Thinker replica keeps a session's KV between its turns, so its turns go
+    there; a session whose replica is gone (or that evicted its KV) prefills in full on the next, same output."""
+    return max(addresses, key=lambda a: hashlib.blake2b(f"{key}@{a}".encode(), digest_size=8).digest())
+
+
 class RoutedAudioEncoder:
     def __init__(self, replicas: ReplicaSet[RemoteAudioEncoder]):
         self.replicas = replicas
@@ -261,11 +272,13 @@ class RoutedThinker:
         self.replicas = replicas
 
     def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
-                 stop_ids: frozenset[int]) -> AsyncIterator[ThinkerToken]:
-        # Resumed on another replica, the same prompt and seed give the same tokens (mm_hidden comes again with the
-        # first, which the caller has had).
-        return self.replicas.stream(lambda thinker, _: thinker.generate(prompt, sampling, max_new_tokens, stop_ids),
-                                    SeenItems("thinker", key=lambda token: token.token_id))
+                 stop_ids: frozenset[int], embed: Embed | None = None) -> AsyncIterator[ThinkerToken]:
+        # A session's turns go to the replica that keeps its KV (`affinity`). Resumed on another replica, the same
+        # prompt and seed give the same tokens (mm_hidden comes again with the first, which the caller has had);
+        # that replica holds nothing for the session, so it asks `embed` for every medium.
+        return self.replicas.stream(
+            lambda thinker, _: thinker.generate(prompt, sampling, max_new_tokens, stop_ids, embed),
+            SeenItems("thinker", key=lambda token: token.token_id), affinity=prompt.cache_key)
 
 
 class RoutedTalker:

@@ -47,7 +47,10 @@ class ThinkerServicer:
     def Think(self, request_iterator, context):
         """One request: `start`, the prompt tensors in pieces, `prompt_end`; the stage answers with `mm_hidden` (if
         asked), the generated tokens, and `end`. The caller may then `resume` (any number of times) or half-close,
-        after which the server closes the stream and frees the request's KV cache.
+        after which the server closes the stream and frees the request's KV cache, or keeps it under `cache_key`.
+        With `defer_media`, the first prompt tensors are the layout alone (no "*_embeds"/"*_deepstack"): the server
+        answers `prefix` with the tokens it holds for `cache_key`, and the caller sends the embeddings of the media
+        from there on, then `prompt_end` again. A later `prefix` (after a `resume`) asks for them again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

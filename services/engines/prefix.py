@@ -1,0 +1,162 @@
+"""Prompt prefixes a Thinker replica keeps between a session's calls, and how much of a new prompt they cover.
+
+A session's next turn renders the whole conversation again. Its prompt starts with the tokens the replica already
+holds KV for (the earlier turns, the answers it generated), so the replica keeps a finished request's KV under the
+session's cache key (`KVPool.park`) and the next request with that key reuses the longest prefix it can prove equal
+(DESIGN.md section 8: reuse KV only for an identical token prefix):
+
+- token ids equal one by one; an earlier answer that the chat template re-tokenizes differently ends the prefix
+  there, so the output stays the reference's;
+- media by content, not by placeholder: every audio, image or video is a `Segment` of the prompt (its markers and
+  placeholders) with a digest of the processor's tensors for it. Two audios of the same length have the same ids,
+  so a segment is reused only if its digest is equal too, and never in part: a prefix ends before a segment it does
+  not wholly cover. The caller then encodes only the media from the prefix's end on.
+
+    segments = media_segments(input_ids, processor_outputs, MarkerIds.of(tokenizer))   # conductor side
+    tokens = reusable_tokens(parked, input_ids, segments)                              # replica side
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One medium of a prompt: its token range [start, end) (markers included) and a digest of its content."""
+
+    start: int
+    end: int
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class MarkerIds:
+    """The token ids that bound and fill a medium's span in a prompt."""
+
+    audio_start: int
+    audio_end: int
+    vision_start: int
+    vision_end: int
+    audio: int
+    image: int
+    video: int
+
+    @classmethod
+    def of(cls, tokenizer) -> "MarkerIds":
+        names = ("<|audio_start|>", "<|audio_end|>", "<|vision_start|>", "<|vision_end|>", "<|audio_pad|>",
+                 "<|image_pad|>", "<|video_pad|>")
+        return cls(*tokenizer.convert_tokens_to_ids(list(names)))
+
+    @classmethod
+    def from_config(cls, thinker_config) -> "MarkerIds":
+        c = thinker_config
+        return cls(c.audio_start_token_id, c.audio_end_token_id, c.vision_start_token_id, c.vision_end_token_id,
+                   c.audio_token_id, c.image_token_id, c.video_token_id)
+
+    @property
+    def placeholders(self) -> tuple[int, int, int]:
+        return self.audio, self.image, self.video
+
+
+def media_segments(input_ids: Tensor, outputs: Mapping, markers: MarkerIds) -> tuple[Segment, ...]:
+    """The prompt's media in order, each with a digest of the processor tensors it came from (`outputs`: the
+    processor's; an audio's features up to its length, an image's or video's patches and grid)."""
+    media = _MediaTensors(outputs)
+    segments = []
+    for start, end, kinds in media_spans(input_ids, markers):
+        digest = hashlib.blake2b(digest_size=16)
+        for kind in kinds:
+            media.add(kind, digest)
+        segments.append(Segment(start, end, digest.digest()))
+    return tuple(segments)
+
+
+def media_spans(input_ids: Tensor, markers: MarkerIds) -> list[tuple[int, int, tuple[str, ...]]]:
+    """Each medium's token span [start, end) in prompt order, and the kinds of media it holds: ("image",),
+    ("audio",), ("video",), or ("video", "audio") for a video with its audio track, whose audio markers nest
+    inside the vision ones."""
+    ids = input_ids.view(-1).tolist()
+    spans, i = [], 0
+    while i < len(ids):
+        if ids[i] not in (markers.audio_start, markers.vision_start):
+            i += 1
+            continue
+        close = markers.audio_end if ids[i] == markers.audio_start else markers.vision_end
+        j = ids.index(close, i + 1) + 1 if close in ids[i + 1:] else len(ids)
+        inside = set(ids[i:j])
+        kinds = tuple(k for k, pad in (("video", markers.video), ("image", markers.image), ("audio", markers.audio))
+                      if pad in inside)
+        spans.append((i, j, kinds))
+        i = j
+    return spans
+
+
+class _MediaTensors:
+    """The processor's tensors of each medium in prompt order, taken one medium at a time."""
+
+    def __init__(self, outputs: Mapping):
+        self.outputs = outputs
+        self.taken = {"audio": 0, "image": 0, "video": 0}
+        self.rows = {"image": 0, "video": 0}  # patch rows of the media taken
+
+    def add(self, kind: str, digest) -> None:
+        k = self.taken[kind]
+        self.taken[kind] += 1
+        digest.update(kind.encode())
+        if kind == "audio":
+            length = int(self.outputs["feature_attention_mask"][k].sum())
+            digest.update(_bytes(self.outputs["input_features"][k, :, :length]))
+            return
+        grid = self.outputs[f"{kind}_grid_thw"][k]
+        pixels = self.outputs["pixel_values" if kind == "image" else "pixel_values_videos"]
+        n = int(grid.prod())
+        digest.update(_bytes(grid))
+        digest.update(_bytes(pixels[self.rows[kind]:self.rows[kind] + n]))
+        self.rows[kind] += n
+        if kind == "video" and "video_second_per_grid" in self.outputs:
+            digest.update(_bytes(torch.as_tensor(self.outputs["video_second_per_grid"]).view(-1)[k]))
+
+
+def _bytes(t: Tensor) -> bytes:
+    return t.detach().contiguous().cpu().numpy().tobytes()
+
+
+@dataclass(eq=False)
+class ParkedPrefix:
+    """What a replica keeps of a finished request for the next one with its cache key: its KV (`slot`, `ids` the
+    tokens filled in it), the prompt's media, and the Talker's input states at the prompt's media placeholders."""
+
+    slot: object  # KVSlot; its length is len(ids)
+    ids: Tensor  # [length] the prompt and then the generated tokens fed back
+    prompt_length: int  # where the prompt ends in `ids`
+    segments: tuple[Segment, ...]
+    mm_hidden: Tensor  # [N_mm, D] at the media placeholders of ids[:prompt_length]
+
+
+def reusable_tokens(parked: ParkedPrefix, input_ids: Tensor, segments: Sequence[Segment],
+                    placeholders: Sequence[int]) -> int:
+    """How many leading tokens of a new prompt (`input_ids`, its `segments`) the parked KV computes exactly: equal
+    ids, every medium in them whole and with an equal digest, and at least the prompt's last token left to run (its
+    logits are the first answer's). `placeholders`: the media placeholder ids, which only a prompt's media may hold."""
+    ids = input_ids.view(-1).to(parked.ids.device)
+    n = min(parked.ids.numel(), ids.numel() - 1)
+    differ = (parked.ids[:n] != ids[:n]).nonzero()
+    tokens = int(differ[0]) if differ.numel() else n
+    # A placeholder id the model generated was fed as text: a prompt holding that id there wants an embedding.
+    answer = parked.ids[parked.prompt_length:tokens]
+    generated_placeholder = torch.isin(answer, torch.tensor(list(placeholders), device=answer.device)).nonzero()
+    if generated_placeholder.numel():
+        tokens = parked.prompt_length + int(generated_placeholder[0])
+    known = {(s.start, s.end): s.digest for s in parked.segments}
+    for segment in segments:
+        if segment.start >= tokens:
+            break
+        if segment.end > tokens or known.get((segment.start, segment.end)) != segment.digest:
+            return segment.start
+    return tokens

@@ -1,0 +1,87 @@
+"""A turn's Thinker prompt, with its media encoded only where the Thinker needs them.
+
+The processor's outputs give the prompt's layout (ids, audio lengths, image and video grids), which fixes every
+position; the encoders' embeddings are needed only for the media past the prefix the Thinker replica already holds
+for the session (`services.engines.prefix`). So the conductor hands the Thinker stage the layout and `embed`, which
+the stage calls with that prefix's length: the history's media are encoded again only when the replica lost them.
+
+    media = PromptMedia(stages, processor_outputs, cache_key="alice/s1", mark=turn.mark)
+    tokens = stages.thinker.generate(media.prompt, sampling, max_new_tokens, stop_ids, embed=media.embed)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from services.engines.prefix import MarkerIds, media_segments, media_spans
+from services.engines.thinker import ThinkerPrompt
+
+
+class PromptMedia:
+    def __init__(self, stages, outputs: Mapping, *, cache_key: str = "",
+                 mark: Callable[[str, float], None] = lambda key, since: None):
+        """`stages`: the turn's `Stages` (its audio and vision encoders, its processor's marker tokens);
+        `outputs`: the processor's; `mark(key, since)` records an encoder's time to first output."""
+        self.stages, self.outputs, self.mark = stages, outputs, mark
+        ids = outputs["input_ids"][0]
+        markers = MarkerIds.of(stages.processor.tokenizer)
+        self.prompt = ThinkerPrompt(
+            input_ids=ids, use_audio_in_video=bool(outputs.get("use_audio_in_video")),
+            audio_feature_lengths=outputs["feature_attention_mask"].sum(-1) if "input_features" in outputs else None,
+            image_grid_thw=outputs.get("image_grid_thw"), video_grid_thw=outputs.get("video_grid_thw"),
+            video_second_per_grid=(torch.as_tensor(outputs["video_second_per_grid"])
+                                   if "video_second_per_grid" in outputs else None),
+            cache_key=cache_key, segments=media_segments(ids, outputs, markers), embeds_from=ids.numel())
+        self._starts: dict[str, list[int]] = {"audio": [], "image": [], "video": []}  # each medium's first token
+        for start, _, kinds in media_spans(ids, markers):
+            for kind in kinds:
+                self._starts[kind].append(start)
+        self._embedded: dict[int, dict] = {}  # by `from_token`: a tool call's second generation may ask again
+
+    async def embed(self, from_token: int) -> ThinkerPrompt:
+        """The prompt (as it is now: a tool call appends to its ids) with the embeddings of its media from token
+        `from_token` on (a media boundary)."""
+        if from_token not in self._embedded:
+            self._embedded[from_token] = await self._encode(from_token)
+        return replace(self.prompt, embeds_from=from_token, **self._embedded[from_token])
+
+    def _items(self, kind: str, from_token: int) -> list[int]:
+        return [k for k, start in enumerate(self._starts[kind]) if start >= from_token]
+
+    async def _encode(self, from_token: int) -> dict:
+        """The `ThinkerPrompt` embedding fields of the media from `from_token` on."""
+        fields, po = {}, self.outputs
+
+        async def audio(items: list[int]):
+            t = time.perf_counter()
+            fields["audio_embeds"] = await self.stages.audio.encode(po["input_features"][items],
+                                                                   po["feature_attention_mask"][items])
+            self.mark("audio_encoder_ttft", t)
+
+        async def vision(kind: str, items: list[int]):
+            t = time.perf_counter()
+            pixels, grid = po["pixel_values" if kind == "image" else "pixel_values_videos"], po[f"{kind}_grid_thw"]
+            fields[kind] = await self.stages.vision.encode(_rows(pixels, grid, items), grid[items])
+            self.mark("vision_encoder_ttft", t)
+
+        async with asyncio.TaskGroup() as tg:
+            if items := self._items("audio", from_token):
+                tg.create_task(audio(items))
+            for kind in ("image", "video"):
+                if items := self._items(kind, from_token):
+                    tg.create_task(vision(kind, items))
+        return fields
+
+
+def _rows(pixels: Tensor, grid: Tensor, items: list[int]) -> Tensor:
+    """The patch rows of the media `items` (each medium's rows: the product of its grid)."""
+    if len(items) == grid.shape[0]:
+        return pixels
+    ends = grid.prod(-1).cumsum(0).tolist()
+    return torch.cat([pixels[(ends[k - 1] if k else 0):ends[k]] for k in items])

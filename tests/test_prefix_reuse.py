@@ -1,0 +1,176 @@
+"""Multi-turn prefix reuse (issue 9, point 3): a Thinker replica keeps a session's KV between its turns; the next
+turn prefills only what it cannot prove equal (ids one by one, media by content) and encodes only the media past
+that prefix. Output stays the reference's, and a lost or evicted prefix costs a full prefill, same output."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from services.checkpoint.loading import Checkpoint
+from services.conductor import Conductor, TurnRequest
+from services.config import KVConfig
+from services.engines.bundle import Engines
+from services.engines.prefix import MarkerIds, media_segments
+from services.engines.thinker import ThinkerEngine, ThinkerPrompt
+from services.events import TurnSummary
+from services.preprocess import build_turn
+from services.stages import LocalThinker, Stages
+from services.turn_parts import audio_part, image_part, text_part
+from tests.test_conductor import GREEDY, assert_parity, tone
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_ckpt):
+    return Engines.load(tiny_ckpt)
+
+
+class EncoderSpy:
+    """An encoder stage that counts the media it is asked to encode."""
+
+    def __init__(self, stage):
+        self.stage, self.items = stage, 0
+
+    async def encode(self, data, extra):
+        self.items += extra.shape[0]  # audios (feature mask rows) or images/videos (grid rows)
+        return await self.stage.encode(data, extra)
+
+
+def reused_tokens() -> float:
+    return REGISTRY.get_sample_value("omni_thinker_prompt_tokens_total", {"kind": "reused"}) or 0.0
+
+
+def run(conductor: Conductor, req: TurnRequest) -> list:
+    async def go():
+        return [e async for e in conductor.run(req)]
+
+    events = asyncio.run(go())
+    assert isinstance(events[-1], TurnSummary)
+    return events
+
+
+def prompt_length(processor, req: TurnRequest) -> int:
+    return build_turn(processor, history=req.history, system=req.system, parts=req.parts).processor_outputs[
+        "input_ids"].shape[1]
+
+
+def test_a_sessions_turns_reuse_its_kv_encode_only_new_media_and_equal_the_reference(reference, processor, engines,
+                                                                                      media):
+    stages = Stages.local(engines)
+    audio, vision = EncoderSpy(stages.audio), EncoderSpy(stages.vision)
+    conductor = Conductor(dataclasses.replace(stages, audio=audio, vision=vision), stage_timeout_s=120)
+    turns = [
+        [image_part(media["image"]), text_part("Remember this picture, then "), audio_part(media["audio"])],
+        [text_part("And this: "), tone(0.6, 500.0), text_part(" too.")],
+        [audio_part(media["audio"]), text_part("Is it the first sound? Look again: "), image_part(media["image"])],
+    ]
+    history: list[dict] = []
+    new_media = [2, 1, 2]
+    for k, parts in enumerate(turns):
+        req = TurnRequest(parts=parts, history=list(history), system="You are terse.", session_id="s1",
+                          principal="alice", max_new_tokens=8, max_audio_frames=30, thinker_sampling=GREEDY)
+        before, encoded = reused_tokens(), audio.items + vision.items
+        summary = assert_parity(reference, processor, run(conductor, req), req)
+        # Everything up to the last turn's answer is the replica's already: only this turn's media are encoded.
+        assert audio.items + vision.items - encoded == new_media[k]
+        if k:
+            assert reused_tokens() - before >= previous_prompt
+        previous_prompt = prompt_length(processor, req)
+        history += [{"role": "user", "content": parts}, {"role": "assistant", "content": summary.text}]
+    # The session's KV stays parked on the replica for its next turn; another principal's same id is not its.
+    assert engines.thinker.kv.parked_positions > 0
+    other = TurnRequest(parts=turns[0], system="You are terse.", session_id="s1", principal="bob", max_new_tokens=4,
+                        audio_output=False, thinker_sampling=GREEDY)
+    before = reused_tokens()
+    run(conductor, other)
+    assert reused_tokens() == before
+
+
+def test_equal_ids_with_other_media_reuse_only_up_to_that_medium(engines, processor, media):
+    """Two audios of one length have the same ids: the digest tells them apart, and the prefix stops before it."""
+    thinker = engines.thinker
+    loud, quiet = tone(1.0, 440.0), tone(1.0, 440.0)
+    quiet["audio"] = quiet["audio"] * 0.5
+    first = build_turn(processor, parts=[text_part("Listen: "), loud, text_part(" What is it?")]).processor_outputs
+    second = build_turn(processor, parts=[text_part("Listen: "), quiet, text_part(" What is it?")]).processor_outputs
+    assert torch.equal(first["input_ids"], second["input_ids"])
+    markers = MarkerIds.of(processor.tokenizer)
+    segments = [media_segments(po["input_ids"][0], po, markers) for po in (first, second)]
+    assert [(s.start, s.end) for s in segments[0]] == [(s.start, s.end) for s in segments[1]]
+    assert segments[0][0].digest != segments[1][0].digest
+
+    def prompt(po, segs, key):
+        embeds = engines.audio.encode(po["input_features"], po["feature_attention_mask"])
+        return ThinkerPrompt(input_ids=po["input_ids"][0], audio_embeds=embeds,
+                             audio_feature_lengths=po["feature_attention_mask"].sum(-1), cache_key=key, segments=segs)
+
+    session, _ = thinker.prefill(prompt(first, segments[0], "k"), 2)
+    thinker.park(session, prompt(first, segments[0], "k"), [], torch.zeros(0))
+    reuse = thinker.claim(prompt(second, segments[1], "k"))
+    assert reuse is not None and reuse.tokens == segments[1][0].start
+    # The reused prefix and the rest give the logits of a whole prefill.
+    session, reused = prefill_with(thinker, prompt(second, segments[1], "k"), reuse)
+    whole_session, whole = thinker.prefill(prompt(second, segments[1], ""), 2)
+    torch.testing.assert_close(reused.logits, whole.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reused.mm_hidden, whole.mm_hidden, atol=1e-5, rtol=0)
+    session.close()
+    whole_session.close()
+    assert thinker.kv.free_positions + thinker.kv.parked_positions == thinker.kv.capacity  # every page back
+
+
+def prefill_with(thinker: ThinkerEngine, prompt: ThinkerPrompt, reuse):
+    job = thinker.start(prompt, 2, reuse)
+    while (result := thinker.prefill_step(job)) is None:
+        pass
+    return job.session, result
+
+
+def test_a_full_cache_evicts_parked_prefixes_first_and_the_next_turn_prefills_in_full(tiny_ckpt, engines, processor):
+    small = ThinkerEngine.from_checkpoint(Checkpoint.open(tiny_ckpt), kv=KVConfig(kv_tokens=256, page_size=16))
+    stages = dataclasses.replace(Stages.local(engines), thinker=LocalThinker(small))
+    conductor = Conductor(stages, stage_timeout_s=120)
+    req = TurnRequest(parts=[text_part("Tell me about the sea.")], session_id="s", principal="p", max_new_tokens=6,
+                      audio_output=False, thinker_sampling=GREEDY)
+    first = run(conductor, req)[-1]
+    parked = small.kv.parked_positions
+    assert parked > 0 and small.kv.free_positions == small.kv.capacity - parked
+    # Pages past the answer went back when it was parked: it holds its prompt and answer, rounded up to a page.
+    assert parked == -(-(prompt_length(processor, req) + len(first.thinker_token_ids) - 1) // 16) * 16
+
+    # A request that needs every page evicts the parked prefix instead of failing.
+    slot = small.kv.reserve(small.kv.capacity)
+    assert small.kv.parked_positions == 0
+    slot.close()
+    history = [{"role": "user", "content": req.parts}, {"role": "assistant", "content": first.text}]
+    follow = dataclasses.replace(req, parts=[text_part("And the mountains?")], history=history)
+    before = reused_tokens()
+    evicted = run(conductor, follow)[-1]
+    assert reused_tokens() == before
+    fresh = run(conductor, dataclasses.replace(follow, session_id=""))[-1]
+    assert evicted.thinker_token_ids == fresh.thinker_token_ids
+
+
+def test_a_tool_calls_second_generation_prefills_only_the_tool_result(engines):
+    """A Thinker that calls a tool generates again on its prompt + its call + the result: with a session key the
+    replica holds the first generation's KV, so only the new tokens run."""
+    thinker = engines.thinker
+    ids = torch.tensor([151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198])
+    prompt = ThinkerPrompt(input_ids=ids, cache_key="tool")
+    stage = LocalThinker(thinker)
+
+    async def generate(p):
+        return [t.token_id async for t in stage.generate(p, GREEDY, 5, frozenset())]
+
+    first = asyncio.run(generate(prompt))
+    resumed = ThinkerPrompt(input_ids=torch.cat([ids, torch.tensor(first), torch.tensor([198, 151644, 77091])]),
+                            cache_key="tool")
+    before = reused_tokens()
+    again = asyncio.run(generate(resumed))
+    assert reused_tokens() - before == len(ids) + len(first) - 1  # all but the last token, never fed back
+    assert again == asyncio.run(generate(dataclasses.replace(resumed, cache_key="")))
+    np.testing.assert_equal(thinker.kv.unpark("tool") is not None, True)
