@@ -4,10 +4,12 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 # Real servers the tests run (each fixture starts its own on a free loopback port): Redis for the session tests,
-# Prometheus (and its promtool) for the dashboards and the k8s alert rules.
+# Prometheus (and its promtool) for the dashboards and the k8s alert rules; espeak-ng speaks the live-input tests'
+# audio.
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 { command -v prometheus >/dev/null && command -v promtool >/dev/null; } || missing+=(prometheus)
+command -v espeak-ng >/dev/null || missing+=(espeak-ng)  # real speech for the live-input tests
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[test] installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -69,6 +69,12 @@ def _bench_latency(args: argparse.Namespace) -> None:
     latency.main(args.rest)
 
 
+def _bench_input(args: argparse.Namespace) -> None:
+    from services.bench import input as input_bench
+
+    input_bench.main(args.rest)
+
+
 def _bench_load(args: argparse.Namespace) -> None:
     from services.bench import load
 
@@ -151,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("code2wav", _bench_code2wav, "streaming Code2Wav vs full forward vs re-decoding left context"),
         ("latency", _bench_latency, "reference generate vs the streaming conductor: TTFT, first audio, RTF"),
         ("hops", _bench_hops, "per-message round trip and throughput of each inter-stage gRPC route"),
+        ("input", _bench_input, "end of turn to first audio: live prefill vs the whole turn, for streamed audio of "
+                                 "2/30/120 s and a 20-turn conversation"),
         ("load", _bench_load, "N conversations at once for several N: first audio, RTF, audio per second, batch "
                               "sizes"),
         ("mtp", _bench_mtp, "one MTP step at batch 1, 8, 32: ours vs the reference code predictor's generate"),

@@ -34,7 +34,7 @@ from opentelemetry import trace as otel_trace
 from services import tracing
 from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt, default_talker_sampling
-from services.engines.thinker import ThinkerPrompt
+from services.engines.thinker import KEEP_NONE, KEEP_SESSION, KEEP_TURN, ThinkerPrompt
 from services.errors import DeadlineExceeded, InvalidInput
 from services.events import AudioChunk, Event, ReasoningDelta, TextDelta, TurnSummary
 from services.hooks import FilterChain, HookContext, HookStage, HookTurn, LocalHooks, Released
@@ -175,7 +175,19 @@ class Conductor:
                 e = e.exceptions[0]
             await out.put(e)
 
-    async def _prepare(self, req: TurnRequest, turn: _Turn) -> tuple[PromptMedia, TurnInputs]:
+    async def prefill(self, req: TurnRequest) -> int:
+        """Prefill the turn as it stands into the Thinker, its input still streaming in (`services.live_input`):
+        the replica keeps the KV under the turn's key for the next call, this turn's answer (`run`) included, which
+        then prefills only what came since, or changed. Returns the prompt's length."""
+        tracing.REQUEST_ID.set(req.request_id)
+        media, _ = await self._prepare(req, _Turn(t0=time.perf_counter()), keep=KEEP_TURN)
+        tokens = self.stages.thinker.generate(media.prompt, req.thinker_sampling, 0, self.stages.stop_ids,
+                                              embed=media.embed)
+        async for _ in self._deadline(tokens, "thinker"):
+            pass
+        return media.prompt.input_ids.numel()
+
+    async def _prepare(self, req: TurnRequest, turn: _Turn, keep: str | None = None) -> tuple[PromptMedia, TurnInputs]:
         st = self.stages
         # The Captioner's prompt is the audio alone: no tools are declared to it.
         tools = None if st.variant.kind == "captioner" else await self.hooks.tool_schemas()
@@ -184,10 +196,10 @@ class Conductor:
             tools=tools,
         )
         turn.mark("preprocess")
-        # The Thinker replica keeps a session's KV between its turns (its principal's: no one else's prompt
-        # matches it), and the turn's media are encoded when the Thinker asks for those past what it holds.
-        key = f"{req.principal}/{req.session_id}" if req.session_id else ""
-        return PromptMedia(st, inputs.processor_outputs, cache_key=key, mark=turn.mark), inputs
+        # The Thinker replica keeps a session's KV between its turns, and the turn's media are encoded when the
+        # Thinker asks for those past what it holds.
+        keep = keep or (KEEP_SESSION if req.session_id else KEEP_NONE)
+        return PromptMedia(st, inputs.processor_outputs, cache_key=cache_key(req), keep=keep, mark=turn.mark), inputs
 
     async def _think(self, req: TurnRequest, turn: _Turn, media: PromptMedia, inputs: TurnInputs,
                      released: asyncio.Queue, out: asyncio.Queue) -> None:
@@ -355,6 +367,14 @@ class Conductor:
             speaker=req.speaker.lower() if req.audio_output else None, finish_reason=turn.finish_reason,
             timings=timings, reasoning=turn.reasoning,
         )
+
+
+def cache_key(req: TurnRequest) -> str:
+    """Where the Thinker replica keeps a turn's KV (`services.engines.prefix`): its session's, or the turn's own
+    while its input streams in; its principal's either way (no one else's prompt is compared with it)."""
+    if req.session_id:
+        return f"{req.principal}/session/{req.session_id}"
+    return f"{req.principal}/turn/{req.request_id}" if req.request_id else ""
 
 
 def _seeded(req: TurnRequest) -> TurnRequest:

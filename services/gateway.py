@@ -6,7 +6,9 @@
 The servicer only translates (protos/omni/v1/omni.proto defines the message flow): it assembles the input parts into
 a `TurnRequest`, in arrival order (`_TurnInput`; the session's history in front), runs the conductor, and turns its
 events into responses and its domain errors into status codes; `Describe` says what the deployment serves
-(`deployment_info`). On every exit path (answer, error, cancel message, client disconnect, deadline) the conductor's
+(`deployment_info`). While the parts still arrive, `services.live_input` has the Thinker prefill what of them is
+complete (media before the last part, a PCM audio's whole encoder windows), so that `end_of_turn` leaves it the
+tail only. On every exit path (answer, error, cancel message, client disconnect, deadline) the conductor's
 event iterator is closed before the handler returns, which cancels every stage and frees the request's state; other
 streams never see one stream's failure.
 
@@ -25,7 +27,9 @@ Limits:
   per turn. This also holds where a proxy in front accepts bigger messages than 8 MiB (Ray Serve's gRPC proxy
   accepts up to 2 GiB by default).
 - Decoded media: `max_decoded_pixels` and `max_decoded_samples` per turn, charged from each input's header before
-  anything is decoded (`services.media_budget`); past either, RESOURCE_EXHAUSTED naming the input.
+  anything is decoded (`services.media_budget`); past either, RESOURCE_EXHAUSTED naming the input. PCM audio is
+  charged as its chunks arrive, and a live prefill that passes the Thinker's limits ends the turn too, there and
+  then (the rest of the input read and dropped, as above).
 - A config: fixed caps (`_check_config_limits`) checked when it arrives, before TurnStarted.
 - Time: the client's deadline, capped at `default_deadline_s`; past it the turn ends with DEADLINE_EXCEEDED. Input
   must keep coming: no message for `input_idle_s` before end_of_turn ends the call with DEADLINE_EXCEEDED, so a
@@ -60,6 +64,7 @@ from services.engines.sampling import SamplingParams
 from services.errors import DeadlineExceeded, InvalidInput, OmniError, ResourceExhausted
 from services.events import AudioChunk, Event, HookEvent, ReasoningDelta, TextDelta, TurnSummary
 from services.hooks import FilterChain, HookStage
+from services.live_input import LivePrefill
 from services.media_budget import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_DECODED_SAMPLES, MediaBudget
 from services.preprocess import AudioInput, decode_audio, load_video
 from services.sessions import History, SessionStore, SessionStoreError, check_session_id
@@ -99,7 +104,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
                  stage_timeout_s: float = 300.0, input_idle_s: float = DEFAULT_INPUT_IDLE_S,
                  max_turns: int = DEFAULT_MAX_TURNS, max_turns_per_principal: int = DEFAULT_MAX_TURNS_PER_PRINCIPAL,
                  max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
-                 max_decoded_samples: int = DEFAULT_MAX_DECODED_SAMPLES):
+                 max_decoded_samples: int = DEFAULT_MAX_DECODED_SAMPLES, live_prefill: bool = True):
         self.stages = stages
         self.sessions = sessions
         self.authenticator = authenticator  # None: no authentication (in-process use, or turned off)
@@ -110,6 +115,9 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         self.input_idle_s = input_idle_s
         self.max_turns = max_turns
         self.max_turns_per_principal = max_turns_per_principal
+        self.live_prefill = live_prefill  # prefill a turn while its input streams in (services.live_input)
+        feature_extractor = stages.processor.feature_extractor
+        self.window_s = stages.audio_window.frames * feature_extractor.hop_length / feature_extractor.sampling_rate
         self.active_turns = 0  # turns whose handler has not returned yet (their stages may hold state)
         self._turns_of: dict[str, int] = {}  # principal id -> its active turns
         self._labelled: set[str] = set()  # principals with their own metrics series
@@ -184,19 +192,37 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
     async def _converse(self, context: grpc.aio.ServicerContext, principal: auth.Principal) -> None:
         t0 = time.perf_counter()
         config, options = await self._read_config(context, principal)
+        # A session belongs to its principal: the same id from another principal is another conversation. Its
+        # history is read before the parts, which are prefilled after it as they arrive.
         try:
-            parts = await self._read_parts(context)
-        except DeadlineExceeded:
-            raise  # the client stopped sending: nothing to drain
-        except OmniError:
+            history = await self.sessions.load(config.session_id, owner=principal.id) if config.session_id \
+                else History()
+        except SessionStoreError:
             await _drain(context)
             raise
+        conversation = history.conversation() + [{"role": m.role, "content": m.text} for m in config.history]
+        parts = _TurnInput(budget=MediaBudget.for_processor(self.stages.processor, self.max_decoded_pixels,
+                                                            self.max_decoded_samples))
+        live = LivePrefill(self.conductor, options, conversation, parts, self.window_s) if self.live_prefill else None
+        try:
+            try:
+                complete = await self._read_parts(context, parts, live)
+            except DeadlineExceeded:
+                raise  # the client stopped sending: nothing to drain
+            except OmniError:
+                await _drain(context)
+                raise
+            if live is not None:
+                await live.settle()
+        finally:
+            if live is not None:
+                await live.close()
         inbox = _Inbox(context)
         try:
-            if parts is None:  # cancelled before end_of_turn
+            if not complete:  # cancelled before end_of_turn
                 summary = self._cancelled_summary(options, _Progress(), t0)
             else:
-                summary = await self._turn(context, config, options, parts, inbox, t0)
+                summary = await self._turn(context, config, options, parts, history, conversation, inbox, t0)
             await context.write(_summary_message(summary))
             await asyncio.wait({inbox.task}, timeout=HALF_CLOSE_GRACE_S)  # a late cancel must not meet an ended call
         finally:
@@ -218,17 +244,15 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         return config, options
 
     async def _turn(self, context: grpc.aio.ServicerContext, config: omni_pb2.ConverseConfig, options: TurnRequest,
-                    parts: _TurnInput, inbox: _Inbox, t0: float) -> TurnSummary:
+                    parts: _TurnInput, history: History, conversation: list[dict], inbox: _Inbox,
+                    t0: float) -> TurnSummary:
         """Run a committed turn with its session's history; a finished answer joins the session."""
-        # A session belongs to its principal: the same id from another principal is another conversation.
         owner, sid = options.principal, config.session_id
-        history = await self.sessions.load(sid, owner=owner) if sid else History()
         if sid and history.nbytes + parts.nbytes > (limit := self.sessions.quotas.max_session_bytes):
             raise ResourceExhausted(f"session {sid!r} would hold {history.nbytes + parts.nbytes} bytes with this turn, "
                                     f"over the limit of {limit} bytes per session; start a new session_id (or send "
                                     "smaller media)")
-        extra = [{"role": m.role, "content": m.text} for m in config.history]
-        req, user_message = await asyncio.to_thread(parts.request, options, history.conversation() + extra)
+        req, user_message = await asyncio.to_thread(parts.request, options, conversation)
         summary = await self._answer(context, req, inbox, t0)
         if summary.finish_reason != "cancelled":  # the conductor has recorded the turn's metrics
             if config.session_id:
@@ -265,21 +289,24 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             request_id=config.request_id, session_id=config.session_id, metadata=dict(config.metadata),
         )
 
-    async def _read_parts(self, context: grpc.aio.ServicerContext) -> _TurnInput | None:
-        """Input parts up to end_of_turn; None when the client cancels first."""
-        parts = _TurnInput(budget=MediaBudget.for_processor(self.stages.processor, self.max_decoded_pixels,
-                                                            self.max_decoded_samples))
+    async def _read_parts(self, context: grpc.aio.ServicerContext, parts: _TurnInput,
+                          live: LivePrefill | None) -> bool:
+        """Input parts into `parts` up to end_of_turn (True), or a cancel (False); `live` prefills them meanwhile."""
         while (msg := await self._next(context)) is not None:
             kind = msg.WhichOneof("kind")
             if kind == "end_of_turn":
-                return parts
+                return True
             if kind == "cancel":
-                return None
+                return False
             if kind in (None, "config"):
                 raise InvalidInput("config must be sent once, as the first message" if kind else "empty message")
             parts.add(kind, getattr(msg, kind))
             if parts.nbytes > self.max_request_bytes:
                 raise ResourceExhausted(f"the turn's input passed {self.max_request_bytes} bytes, the limit")
+            if live is not None:
+                if live.error is not None:  # the turn so far is over a limit already
+                    raise live.error
+                live.update()
         raise InvalidInput("the stream ended before end_of_turn")
 
     async def _next(self, context: grpc.aio.ServicerContext) -> omni_pb2.ConverseRequest | None:
@@ -444,6 +471,44 @@ class _TurnInput:
         data = getattr(part, kind)
         audio.data.extend(data)
         self.nbytes += len(data)
+        if kind == "pcm16":  # its length is known as it streams in: past the budget, the turn ends now
+            probe = replace(self.budget, pixels=0, samples=0)
+            for audio_id, a in self.audios.items():
+                if a.kind == "pcm16":
+                    _at(f"audio {audio_id!r}", a.charge, "it", probe)
+
+    def live_progress(self, window_s: float, margin_s: float) -> tuple[tuple[int, int], list, int]:
+        """What of the turn so far can be prefilled while it streams in (`services.live_input`): every part but the
+        last, whose chunks may still come, and the last if it is text, or PCM audio: its whole windows of `window_s`
+        and `margin_s` more. Its progress (complete media, the last audio's whole windows), its parts and the bytes
+        kept of that audio."""
+        order, windows, cut = list(self.order), 0, 0
+        if order and order[-1][0] != "text":
+            kind, key = order.pop()
+            audio = self.audios.get(key) if kind == "audio" else None
+            if audio is not None and audio.kind == "pcm16" and audio.sample_rate > 0:
+                frame = 2 * audio.channels
+                windows = int((len(audio.data) // frame / audio.sample_rate - margin_s) // window_s)
+                if windows > 0:
+                    cut = int((windows * window_s + margin_s) * audio.sample_rate) * frame
+                    order.append((kind, key))
+        media = sum(kind != "text" for kind, _ in order)
+        return (media - (windows > 0), windows), order, cut
+
+    def live_view(self, window_s: float, margin_s: float) -> tuple[_TurnInput, tuple[int, int]] | None:
+        """A copy of `live_progress`'s parts, to decode while more input arrives, and their progress; None without
+        any medium (text alone is cheap to prefill at end_of_turn)."""
+        progress, order, cut = self.live_progress(window_s, margin_s)
+        media = {key for kind, key in order if kind != "text"}
+        if not media:
+            return None
+        videos = {k: (list(frames), list(times)) for k, (frames, times) in self.videos.items() if k in media}
+        audios = {k: replace(a, data=a.data[:cut] if cut and k == order[-1][1] else bytearray(a.data))
+                  for k, a in self.audios.items() if k in media or a.video_id in videos}
+        view = _TurnInput(order=order, texts=[list(t) for t in self.texts], audios=audios,
+                          images={k: bytearray(v) for k, v in self.images.items() if k in media}, videos=videos,
+                          nbytes=self.nbytes, budget=replace(self.budget, pixels=0, samples=0))
+        return view, progress
 
     def request(self, options: TurnRequest, history: list[dict]) -> tuple[TurnRequest, dict]:
         """Decode the media (CPU work: run in a thread) into the TurnRequest's parts, and the user message to store

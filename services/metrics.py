@@ -152,6 +152,11 @@ STAGE_STEP = _Histogram("omni_stage_step_seconds", "Time of one engine step of a
                         ITEM_BUCKETS, ("stage",))
 PREFIX_TOKENS = _Counter("omni_thinker_prompt_tokens_total", "Prompt tokens the Thinker took from a session's kept KV "
                          "(kind=reused) or prefilled (kind=prefilled)", ("kind",))
+PREFIX_REDOS = _Counter("omni_thinker_prefix_redos_total", "Prompts whose kept KV ended at a medium it holds with "
+                        "other content (a streamed audio's window whose log-mel features a louder moment changed), "
+                        "prefilled again from there", ())
+LIVE_PREFILLS = _Counter("omni_live_prefills_total", "Prefills of a turn's input while it still streamed in "
+                         "(services.live_input)", ())
 STAGE_ERRORS = _Counter("omni_stage_errors_total", "Requests a stage ended with an error, by gRPC status name",
                         ("stage", "code"))
 STAGE_ONGOING = _Gauge("omni_stage_ongoing", "Stage calls in progress on a replica", ("stage",))

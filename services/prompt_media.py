@@ -3,7 +3,8 @@
 The processor's outputs give the prompt's layout (ids, audio lengths, image and video grids), which fixes every
 position; the encoders' embeddings are needed only for the media past the prefix the Thinker replica already holds
 for the session (`services.engines.prefix`). So the conductor hands the Thinker stage the layout and `embed`, which
-the stage calls with that prefix's length: the history's media are encoded again only when the replica lost them.
+the stage calls with that prefix's length: the history's media are encoded again only when the replica lost them,
+and an audio from the window the prefix ends at (its windows are independent: `services.engines.prefix`).
 
     media = PromptMedia(stages, processor_outputs, cache_key="alice/s1", mark=turn.mark)
     tokens = stages.thinker.generate(media.prompt, sampling, max_new_tokens, stop_ids, embed=media.embed)
@@ -20,28 +21,32 @@ import torch
 from torch import Tensor
 
 from services.engines.prefix import MarkerIds, media_segments, media_spans
-from services.engines.thinker import ThinkerPrompt
+from services.engines.thinker import KEEP_SESSION, ThinkerPrompt
 
 
 class PromptMedia:
-    def __init__(self, stages, outputs: Mapping, *, cache_key: str = "",
+    def __init__(self, stages, outputs: Mapping, *, cache_key: str = "", keep: str = KEEP_SESSION,
                  mark: Callable[[str, float], None] = lambda key, since: None):
         """`stages`: the turn's `Stages` (its audio and vision encoders, its processor's marker tokens);
-        `outputs`: the processor's; `mark(key, since)` records an encoder's time to first output."""
+        `outputs`: the processor's; `cache_key`, `keep`: the `ThinkerPrompt`'s; `mark(key, since)` records an
+        encoder's time to first output."""
         self.stages, self.outputs, self.mark = stages, outputs, mark
         ids = outputs["input_ids"][0]
         markers = MarkerIds.of(stages.processor.tokenizer)
+        self.window = stages.audio_window
         self.prompt = ThinkerPrompt(
             input_ids=ids, use_audio_in_video=bool(outputs.get("use_audio_in_video")),
             audio_feature_lengths=outputs["feature_attention_mask"].sum(-1) if "input_features" in outputs else None,
             image_grid_thw=outputs.get("image_grid_thw"), video_grid_thw=outputs.get("video_grid_thw"),
             video_second_per_grid=(torch.as_tensor(outputs["video_second_per_grid"])
                                    if "video_second_per_grid" in outputs else None),
-            cache_key=cache_key, segments=media_segments(ids, outputs, markers), embeds_from=ids.numel())
-        self._starts: dict[str, list[int]] = {"audio": [], "image": [], "video": []}  # each medium's first token
-        for start, _, kinds in media_spans(ids, markers):
+            cache_key=cache_key, keep=keep, segments=media_segments(ids, outputs, markers, self.window),
+            embeds_from=ids.numel())
+        # Each medium's span, by kind in prompt order (an audio's own, or its video's for a sound track).
+        self._spans: dict[str, list[tuple[int, int, bool]]] = {"audio": [], "image": [], "video": []}
+        for start, end, kinds in media_spans(ids, markers):
             for kind in kinds:
-                self._starts[kind].append(start)
+                self._spans[kind].append((start, end, kinds == ("audio",)))
         self._embedded: dict[int, dict] = {}  # by `from_token`: a tool call's second generation may ask again
 
     async def embed(self, from_token: int) -> ThinkerPrompt:
@@ -52,16 +57,27 @@ class PromptMedia:
         return replace(self.prompt, embeds_from=from_token, **self._embedded[from_token])
 
     def _items(self, kind: str, from_token: int) -> list[int]:
-        return [k for k, start in enumerate(self._starts[kind]) if start >= from_token]
+        return [k for k, (start, _, _) in enumerate(self._spans[kind]) if start >= from_token]
+
+    def _audio_frames(self, from_token: int) -> list[tuple[int, int]]:
+        """(audio, first mel frame) of each audio with embeddings from `from_token` on: a whole audio after it, or
+        the windows of the audio it falls in (at a window's first token)."""
+        out = []
+        for k, (start, end, windowed) in enumerate(self._spans["audio"]):
+            if start >= from_token:
+                out.append((k, 0))
+            elif from_token < end and windowed:
+                window = (from_token - start - 1) // self.window.tokens(self.window.frames)
+                out.append((k, window * self.window.frames))
+        return out
 
     async def _encode(self, from_token: int) -> dict:
         """The `ThinkerPrompt` embedding fields of the media from `from_token` on."""
         fields, po = {}, self.outputs
 
-        async def audio(items: list[int]):
+        async def audio(items: list[tuple[int, int]]):
             t = time.perf_counter()
-            fields["audio_embeds"] = await self.stages.audio.encode(po["input_features"][items],
-                                                                   po["feature_attention_mask"][items])
+            fields["audio_embeds"] = await self.stages.audio.encode(*_audio_batch(po, items))
             self.mark("audio_encoder_ttft", t)
 
         async def vision(kind: str, items: list[int]):
@@ -71,12 +87,27 @@ class PromptMedia:
             self.mark("vision_encoder_ttft", t)
 
         async with asyncio.TaskGroup() as tg:
-            if items := self._items("audio", from_token):
+            if items := self._audio_frames(from_token):
                 tg.create_task(audio(items))
             for kind in ("image", "video"):
                 if items := self._items(kind, from_token):
                     tg.create_task(vision(kind, items))
         return fields
+
+
+def _audio_batch(outputs: Mapping, items: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """Features [A, mel, T] and mask [A, T] of the audios `items` from their first frames on."""
+    features, mask = outputs["input_features"], outputs["feature_attention_mask"]
+    if all(first == 0 for _, first in items):
+        index = [k for k, _ in items]
+        return features[index], mask[index]
+    lengths = [int(mask[k].sum()) - first for k, first in items]
+    batch = features.new_zeros(len(items), features.shape[1], max(lengths))
+    batch_mask = mask.new_zeros(len(items), max(lengths))
+    for row, ((k, first), length) in enumerate(zip(items, lengths)):
+        batch[row, :, :length] = features[k, :, first:first + length]
+        batch_mask[row, :length] = 1
+    return batch, batch_mask
 
 
 def _rows(pixels: Tensor, grid: Tensor, items: list[int]) -> Tensor:

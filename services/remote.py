@@ -33,7 +33,13 @@ from services.servicers import request_id, required, sampling_to_proto
 from services.servicers.hooks import hook_event_from_proto
 from services.servicers.status import StageError, error_of
 from services.servicers.talker import prompt_tensors as talker_prompt_tensors
-from services.servicers.thinker import EMBED_TENSORS, LAYOUT_TENSORS, PROMPT_TENSORS, segments_to_proto
+from services.servicers.thinker import (
+    EMBED_TENSORS,
+    KEEP_TO_PROTO,
+    LAYOUT_TENSORS,
+    PROMPT_TENSORS,
+    segments_to_proto,
+)
 from services.servicers.thinker import prompt_tensors as thinker_prompt_tensors
 from services.stages import Embed, Stages, ThinkerToken
 from services.wire import cluster_tls
@@ -112,7 +118,8 @@ class RemoteThinker:
             yield ThinkRequest(start=ThinkStart(
                 request_id=rid, sampling=sampling_to_proto(sampling), max_new_tokens=max_new_tokens,
                 use_audio_in_video=prompt.use_audio_in_video, return_mm_hidden=True, cache_key=prompt.cache_key,
-                segments=segments_to_proto(prompt), defer_media=embed is not None))
+                segments=segments_to_proto(prompt), defer_media=embed is not None, keep=KEEP_TO_PROTO[prompt.keep],
+                prefill_only=max_new_tokens == 0))
             for msg in _prompt_messages(prompt, PROMPT_TENSORS if embed is None else LAYOUT_TENSORS):
                 yield msg
             if embed is not None:  # then the media the server asks for

@@ -24,11 +24,12 @@ from services.checkpoint.variant import INSTRUCT, Variant
 from services.engines.audio_encoder import AudioEncoderEngine
 from services.engines.code2wav import Code2WavEngine, push_batch
 from services.engines.mtp import MTPEngine, MTPResult
+from services.engines.prefix import AudioWindow
 from services.engines.sampling import Sampler, SamplingParams
 from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt
 from services.engines.thinker import ThinkerEngine, ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings, VisionEncoderEngine
-from services.metrics import PREFIX_TOKENS, STAGE_QUEUE, StageTimer, stage_executor
+from services.metrics import PREFIX_REDOS, PREFIX_TOKENS, STAGE_QUEUE, StageTimer, stage_executor
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,9 @@ class LocalVisionEncoder:
 class LocalThinker:
     """Each call is one request's generation. Its prompt prefills in chunks on the stage's worker thread, between
     the decode steps of the requests already running; its decode steps join theirs (`services.batching`), each
-    request sampled by its own sampler."""
+    request sampled by its own sampler. A request with a cache key starts from the KV this replica kept under it
+    (only past the prefix proven equal: `services.engines.prefix`), asks `embed` for the media past that, and
+    leaves its own KV there when it ends (`ThinkerPrompt.keep`); one cancelled mid-step frees it."""
 
     def __init__(self, engine: ThinkerEngine, max_batch: int = 64, max_wait_s: float = 0.0):
         self.engine = engine
@@ -144,6 +147,8 @@ class LocalThinker:
                     span.set_attribute("omni.reused_tokens", reused)
                     if reused:
                         PREFIX_TOKENS.inc(reused, kind="reused")
+                    if reuse is not None and reuse.redone:
+                        PREFIX_REDOS.inc()
                     PREFIX_TOKENS.inc(prompt.input_ids.numel() - reused, kind="prefilled")
                     in_step = True
                     job = await run_engine("thinker", engine.start, prompt, max_new_tokens, reuse)
@@ -329,6 +334,7 @@ class Stages:
     stop_ids: frozenset[int]
     sample_rate: int = 24000
     variant: Variant = INSTRUCT  # the checkpoint's: what a turn may hold, and the name errors give
+    audio_window: AudioWindow = AudioWindow()  # the checkpoint's audio encoder window: a streamed audio's unit
 
     @property
     def output_modalities(self) -> tuple[str, ...]:
@@ -350,4 +356,5 @@ class Stages:
             stop_ids=engines.thinker_stop_ids,
             sample_rate=engines.code2wav.sample_rate if audio_out else 24000,
             variant=engines.variant,
+            audio_window=AudioWindow.of(engines.audio.tower.config),
         )

@@ -143,9 +143,10 @@ class KVPool:
         with self._lock:
             self._free.extend(reversed(pages))
 
-    def park(self, key: str, parked) -> None:
+    def park(self, key: str, parked, first_out: bool = False) -> None:
         """Keep `parked` (a `ParkedPrefix`: its slot, filled up to its length) for the next `unpark(key)`; pages past
-        its length go back now. A prefix parked before under `key` is dropped."""
+        its length go back now. A prefix parked before under `key` is dropped. `first_out`: the first to be
+        evicted (else the last, until more are parked)."""
         slot = parked.slot
         keep = -(-slot.length // self.page_size)
         with self._lock:
@@ -153,6 +154,8 @@ class KVPool:
             slot.pages, slot.capacity = slot.pages[:keep], slot.length
             old = self._parked.pop(key, None)
             self._parked[key] = parked
+            if first_out:
+                self._parked.move_to_end(key, last=False)
         if old is not None:
             old.slot.close()
 

@@ -7,13 +7,20 @@ session's cache key (`KVPool.park`) and the next request with that key reuses th
 
 - token ids equal one by one; an earlier answer that the chat template re-tokenizes differently ends the prefix
   there, so the output stays the reference's;
-- media by content, not by placeholder: every audio, image or video is a `Segment` of the prompt (its markers and
-  placeholders) with a digest of the processor's tensors for it. Two audios of the same length have the same ids,
-  so a segment is reused only if its digest is equal too, and never in part: a prefix ends before a segment it does
-  not wholly cover. The caller then encodes only the media from the prefix's end on.
+- media by content, not by placeholder: every image or video, and every window of an audio, is a `Segment` of the
+  prompt (its placeholders, and the markers around them) with a digest of the processor's tensors for it. Two
+  audios of the same length have the same ids, so a segment is reused only if its digest is equal too, and never in
+  part: a prefix ends before a segment it does not wholly cover. The caller then encodes only the media from the
+  prefix's end on.
 
-    segments = media_segments(input_ids, processor_outputs, MarkerIds.of(tokenizer))   # conductor side
-    tokens = reusable_tokens(parked, input_ids, segments)                              # replica side
+An audio's segments are the audio encoder's attention windows (`AudioWindow`: `n_window_infer` mel frames, whose
+embeddings depend on those frames alone), so that a turn whose audio is still streaming in can be prefilled window
+by window (`services.live_input`). The one input-wide dependency is the log-mel extractor's clamp at "maximum over
+the whole audio minus 8": a louder moment later changes the features of earlier quiet windows, hence their
+digests, and the prefix ends before the first changed window, which is computed again (a "redo").
+
+    segments = media_segments(input_ids, processor_outputs, MarkerIds.of(tokenizer), AudioWindow())  # caller
+    tokens, redone = reusable_tokens(parked, input_ids, segments, placeholders)                       # replica
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
 
 
 @dataclass(frozen=True)
@@ -64,17 +72,52 @@ class MarkerIds:
         return self.audio, self.image, self.video
 
 
-def media_segments(input_ids: Tensor, outputs: Mapping, markers: MarkerIds) -> tuple[Segment, ...]:
+@dataclass(frozen=True)
+class AudioWindow:
+    """The audio encoder's attention window (`n_window_infer` mel frames; the checkpoint's audio config, the same in
+    the real and the tiny one) and its convolution chunk (2 * `n_window` frames)."""
+
+    frames: int = 800
+    n_window: int = 50
+
+    @classmethod
+    def of(cls, audio_config) -> "AudioWindow":
+        return cls(audio_config.n_window_infer, audio_config.n_window)
+
+    def tokens(self, frames: int) -> int:
+        """Embeddings of an audio of `frames` mel frames."""
+        return int(_get_feat_extract_output_lengths(torch.tensor(frames), self.n_window))
+
+
+def media_segments(input_ids: Tensor, outputs: Mapping, markers: MarkerIds,
+                   window: AudioWindow = AudioWindow()) -> tuple[Segment, ...]:
     """The prompt's media in order, each with a digest of the processor tensors it came from (`outputs`: the
-    processor's; an audio's features up to its length, an image's or video's patches and grid)."""
+    processor's; an audio window's features, an image's or video's patches and grid); an audio is one segment per
+    window, its markers in the first and the last."""
     media = _MediaTensors(outputs)
     segments = []
     for start, end, kinds in media_spans(input_ids, markers):
+        if kinds == ("audio",):
+            segments += _audio_segments(start, end, media.audio_features(), window)
+            continue
         digest = hashlib.blake2b(digest_size=16)
         for kind in kinds:
             media.add(kind, digest)
         segments.append(Segment(start, end, digest.digest()))
     return tuple(segments)
+
+
+def _audio_segments(start: int, end: int, features: Tensor, window: AudioWindow) -> list[Segment]:
+    """One audio's windows: tokens start+1 on are its embeddings, `window.tokens(window.frames)` per whole window."""
+    per_window = window.tokens(window.frames)
+    segments = []
+    for w, first in enumerate(range(0, features.shape[-1], window.frames)):
+        digest = hashlib.blake2b(_bytes(features[:, first:first + window.frames]), digest_size=16)
+        digest.update(b"audio")
+        a = start if w == 0 else start + 1 + w * per_window
+        b = min(start + 1 + (w + 1) * per_window, end - 1)
+        segments.append(Segment(a, end if b == end - 1 else b, digest.digest()))
+    return segments
 
 
 def media_spans(input_ids: Tensor, markers: MarkerIds) -> list[tuple[int, int, tuple[str, ...]]]:
@@ -88,7 +131,10 @@ def media_spans(input_ids: Tensor, markers: MarkerIds) -> list[tuple[int, int, t
             i += 1
             continue
         close = markers.audio_end if ids[i] == markers.audio_start else markers.vision_end
-        j = ids.index(close, i + 1) + 1 if close in ids[i + 1:] else len(ids)
+        try:
+            j = ids.index(close, i + 1) + 1
+        except ValueError:  # unclosed: the prompt's end
+            j = len(ids)
         inside = set(ids[i:j])
         kinds = tuple(k for k, pad in (("video", markers.video), ("image", markers.image), ("audio", markers.audio))
                       if pad in inside)
@@ -105,14 +151,20 @@ class _MediaTensors:
         self.taken = {"audio": 0, "image": 0, "video": 0}
         self.rows = {"image": 0, "video": 0}  # patch rows of the media taken
 
+    def audio_features(self) -> Tensor:
+        """The next audio's features [mel, frames]."""
+        k = self.taken["audio"]
+        self.taken["audio"] += 1
+        length = int(self.outputs["feature_attention_mask"][k].sum())
+        return self.outputs["input_features"][k, :, :length]
+
     def add(self, kind: str, digest) -> None:
-        k = self.taken[kind]
-        self.taken[kind] += 1
         digest.update(kind.encode())
         if kind == "audio":
-            length = int(self.outputs["feature_attention_mask"][k].sum())
-            digest.update(_bytes(self.outputs["input_features"][k, :, :length]))
+            digest.update(_bytes(self.audio_features()))
             return
+        k = self.taken[kind]
+        self.taken[kind] += 1
         grid = self.outputs[f"{kind}_grid_thw"][k]
         pixels = self.outputs["pixel_values" if kind == "image" else "pixel_values_videos"]
         n = int(grid.prod())
@@ -140,10 +192,11 @@ class ParkedPrefix:
 
 
 def reusable_tokens(parked: ParkedPrefix, input_ids: Tensor, segments: Sequence[Segment],
-                    placeholders: Sequence[int]) -> int:
+                    placeholders: Sequence[int]) -> tuple[int, int]:
     """How many leading tokens of a new prompt (`input_ids`, its `segments`) the parked KV computes exactly: equal
     ids, every medium in them whole and with an equal digest, and at least the prompt's last token left to run (its
-    logits are the first answer's). `placeholders`: the media placeholder ids, which only a prompt's media may hold."""
+    logits are the first answer's); and whether (1) or not (0) that stopped at a segment the parked KV holds with
+    other content (a redo). `placeholders`: the media placeholder ids, which only a prompt's media may hold."""
     ids = input_ids.view(-1).to(parked.ids.device)
     n = min(parked.ids.numel(), ids.numel() - 1)
     differ = (parked.ids[:n] != ids[:n]).nonzero()
@@ -157,6 +210,7 @@ def reusable_tokens(parked: ParkedPrefix, input_ids: Tensor, segments: Sequence[
     for segment in segments:
         if segment.start >= tokens:
             break
-        if segment.end > tokens or known.get((segment.start, segment.end)) != segment.digest:
-            return segment.start
-    return tokens
+        digest = known.get((segment.start, segment.end))
+        if segment.end > tokens or digest != segment.digest:
+            return segment.start, int(digest is not None and digest != segment.digest)
+    return tokens, 0

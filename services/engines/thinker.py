@@ -31,6 +31,9 @@ from services.errors import InvalidInput, ResourceExhausted
 MODEL_PREFIX = "thinker.model."
 LM_HEAD_PREFIX = "thinker.lm_head."
 DEFAULT_MAX_NEW_TOKENS = 1024
+KEEP_SESSION = "session"  # kept for the session's next request
+KEEP_TURN = "turn"  # kept for this turn's next request (its input still streams in), the first to be evicted
+KEEP_NONE = "none"  # freed
 
 
 @dataclass
@@ -51,6 +54,7 @@ class ThinkerPrompt:
     cache_key: str = ""
     segments: tuple[Segment, ...] = ()
     embeds_from: int = 0
+    keep: str = KEEP_SESSION  # what becomes of the KV under `cache_key` when the request ends (KEEP_*)
 
 
 @dataclass
@@ -84,6 +88,7 @@ class Reuse:
 
     parked: ParkedPrefix
     tokens: int
+    redone: int = 0  # 1: it ends at a medium (an audio window) the parked KV holds with other content
 
 
 class ThinkerEngine:
@@ -138,11 +143,11 @@ class ThinkerEngine:
         parked = self.kv.unpark(prompt.cache_key) if prompt.cache_key else None
         if parked is None:
             return None
-        tokens = reusable_tokens(parked, prompt.input_ids, prompt.segments, self.markers.placeholders)
+        tokens, redone = reusable_tokens(parked, prompt.input_ids, prompt.segments, self.markers.placeholders)
         if tokens == 0:
             parked.slot.close()
             return None
-        return Reuse(parked, tokens)
+        return Reuse(parked, tokens, redone)
 
     @staticmethod
     def release(reuse: Reuse | None) -> None:
@@ -150,14 +155,15 @@ class ThinkerEngine:
             reuse.parked.slot.close()
 
     def park(self, session: ThinkerSession, prompt: ThinkerPrompt, generated: list[int], mm_hidden: Tensor) -> None:
-        """Keep a finished request's KV for the next prompt with its cache key (`claim`); else free it."""
+        """Keep a finished request's KV for the next prompt with its cache key (`claim`), as `prompt.keep` says;
+        else free it."""
         length = prompt.input_ids.numel()
-        if not prompt.cache_key or session.closed or session.length < length:
+        if not prompt.cache_key or prompt.keep == KEEP_NONE or session.closed or session.length < length:
             session.close()
             return
         ids = torch.cat([prompt.input_ids.view(-1).cpu(), torch.tensor(generated, dtype=torch.long)])
         self.kv.park(prompt.cache_key, ParkedPrefix(session.kv, ids[:session.length], length, prompt.segments,
-                                                    mm_hidden))
+                                                    mm_hidden), first_out=prompt.keep == KEEP_TURN)
 
     @torch.inference_mode()
     def start(self, prompt: ThinkerPrompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,

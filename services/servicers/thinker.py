@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from services.engines.prefix import Segment
-from services.engines.thinker import DEFAULT_MAX_NEW_TOKENS, ThinkerPrompt
+from services.engines.thinker import DEFAULT_MAX_NEW_TOKENS, KEEP_NONE, KEEP_SESSION, KEEP_TURN, ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings
 from services.errors import InvalidInput
 from services.servicers import REQUEST_ID, read_start, read_tensors, required, sampling_from_proto
@@ -29,6 +29,7 @@ from services.stages import ThinkerStage
 from services.wire.gen.omni.v1 import thinker_pb2_grpc
 from services.wire.gen.omni.v1.common_pb2 import FinishReason, Tokens
 from services.wire.gen.omni.v1.thinker_pb2 import (
+    KeepKV,
     MediaSegment,
     Prefix,
     ThinkEnd,
@@ -56,6 +57,10 @@ def prompt_tensors(prompt: ThinkerPrompt) -> dict[str, Tensor]:
     return {name: t for name, t in out.items() if t is not None}
 
 
+KEEP_TO_PROTO = {KEEP_SESSION: KeepKV.KEEP_KV_SESSION, KEEP_TURN: KeepKV.KEEP_KV_TURN, KEEP_NONE: KeepKV.KEEP_KV_NONE}
+KEEP_FROM_PROTO = {v: k for k, v in KEEP_TO_PROTO.items()}
+
+
 def segments_to_proto(prompt: ThinkerPrompt) -> list[MediaSegment]:
     return [MediaSegment(start=s.start, end=s.end, digest=s.digest) for s in prompt.segments]
 
@@ -68,7 +73,7 @@ def prompt_from_tensors(tensors: dict[str, Tensor], start: ThinkStart, embeds_fr
                            image_grid_thw=tensors.get("image_grid_thw"), video_grid_thw=tensors.get("video_grid_thw"),
                            video_second_per_grid=tensors.get("video_second_per_grid"),
                            use_audio_in_video=start.use_audio_in_video, cache_key=start.cache_key,
-                           segments=segments, embeds_from=embeds_from)
+                           segments=segments, embeds_from=embeds_from, keep=KEEP_FROM_PROTO.get(start.keep, KEEP_NONE))
     for kind in ("image", "video"):
         if f"{kind}_embeds" in tensors or f"{kind}_deepstack" in tensors:
             embeds, deepstack = required(tensors, f"{kind}_embeds", f"{kind}_deepstack")
@@ -97,7 +102,7 @@ class ThinkerServicer(thinker_pb2_grpc.ThinkerServicer):
             if start.defer_media:  # the layout alone: no embeddings yet
                 prompt = replace(prompt, embeds_from=prompt.input_ids.numel())
             sampling = sampling_from_proto(start.sampling)
-            max_new_tokens = start.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+            max_new_tokens = 0 if start.prefill_only else start.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
             want_mm_hidden = start.return_mm_hidden
             responses: asyncio.Queue = asyncio.Queue()
 

@@ -151,6 +151,8 @@ class GatewayArgs(BaseModel):
     max_turns: int | None = Field(None, gt=0, description="turns at once in a replica; more are refused at once "
                                                           "(keep the deployment's max_ongoing_requests above it)")
     max_turns_per_principal: int | None = Field(None, gt=0, description="turns at once per principal in a replica")
+    live_prefill: bool | None = Field(None, description="prefill a turn into the Thinker while its input streams in "
+                                                        "(services.live_input); default on")
 
     @model_validator(mode="after")
     def _one_hook_stage(self) -> GatewayArgs:
@@ -354,6 +356,7 @@ class GatewayReplica:
         from services.checkpoint.loading import Checkpoint
         from services.checkpoint.variant import detect_variant
         from services.engines.code2wav import SAMPLE_RATE
+        from services.engines.prefix import AudioWindow
         from services.gateway import OmniServicer
         from services.hooks import build_chain
         from services.serving.routes import routed_stages
@@ -368,11 +371,12 @@ class GatewayReplica:
         log.info("gateway for %s: %s", ckpt.path, variant.describe())
         processor = await asyncio.to_thread(_load_processor, ckpt)
         speakers = {name.lower(): sid for name, sid in ckpt.config.talker_config.speaker_id.items()}
-        self.stages = routed_stages(args.stages, processor, speakers, thinker_stop_ids(ckpt), SAMPLE_RATE, variant)
+        self.stages = routed_stages(args.stages, processor, speakers, thinker_stop_ids(ckpt), SAMPLE_RATE, variant,
+                                    AudioWindow.of(ckpt.config.thinker_config.audio_config))
         self.sessions = make_session_store(args.redis_url, quotas=Quotas(**args.sessions.model_dump()))
         limits = args.model_dump(include={"max_request_bytes", "default_deadline_s", "stage_timeout_s", "input_idle_s",
                                           "max_turns", "max_turns_per_principal", "max_decoded_pixels",
-                                          "max_decoded_samples"}, exclude_none=True)
+                                          "max_decoded_samples", "live_prefill"}, exclude_none=True)
         self.hooks = None
         if args.hooks_app:
             from services.remote import RemoteHooks

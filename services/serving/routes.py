@@ -48,6 +48,7 @@ from torch import Tensor
 
 from services.checkpoint.variant import INSTRUCT, Variant
 from services.engines.mtp import MTPResult
+from services.engines.prefix import AudioWindow
 from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt
 from services.engines.thinker import ThinkerPrompt
@@ -394,7 +395,7 @@ class _ResumedHookTurn:
 
 
 def routed_stages(apps: Mapping[str, str], processor, speakers: dict[str, int], stop_ids: frozenset[int],
-                  sample_rate: int, variant: Variant = INSTRUCT) -> Stages:
+                  sample_rate: int, variant: Variant = INSTRUCT, audio_window: AudioWindow = AudioWindow()) -> Stages:
     """Stages whose calls go to the replicas of Serve applications: `apps` maps "audio", "vision", "thinker", and
     for spoken answers "talker" and "code2wav", to application names. The checkpoint facts come from the caller."""
     unknown, missing = set(apps) - set(STAGE_KEYS), {"audio", "vision", "thinker"} - set(apps)
@@ -413,6 +414,7 @@ def routed_stages(apps: Mapping[str, str], processor, speakers: dict[str, int], 
         stop_ids=stop_ids,
         sample_rate=sample_rate,
         variant=variant,
+        audio_window=audio_window,
     )
 
 

@@ -1,12 +1,22 @@
 from services.wire.gen.omni.v1 import common_pb2 as _common_pb2
 from services.wire.gen.omni.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class KeepKV(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KEEP_KV_SESSION: _ClassVar[KeepKV]
+    KEEP_KV_TURN: _ClassVar[KeepKV]
+    KEEP_KV_NONE: _ClassVar[KeepKV]
+KEEP_KV_SESSION: KeepKV
+KEEP_KV_TURN: KeepKV
+KEEP_KV_NONE: KeepKV
 
 class ThinkRequest(_message.Message):
     __slots__ = ("start", "prompt", "prompt_end", "resume")
@@ -21,7 +31,7 @@ class ThinkRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[ThinkStart, _Mapping]] = ..., prompt: _Optional[_Union[_tensor_pb2.TensorPiece, _Mapping]] = ..., prompt_end: _Optional[_Union[PromptEnd, _Mapping]] = ..., resume: _Optional[_Union[ThinkResume, _Mapping]] = ...) -> None: ...
 
 class ThinkStart(_message.Message):
-    __slots__ = ("request_id", "sampling", "max_new_tokens", "use_audio_in_video", "return_mm_hidden", "cache_key", "segments", "defer_media")
+    __slots__ = ("request_id", "sampling", "max_new_tokens", "use_audio_in_video", "return_mm_hidden", "cache_key", "segments", "defer_media", "keep", "prefill_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +40,8 @@ class ThinkStart(_message.Message):
     CACHE_KEY_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     DEFER_MEDIA_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sampling: _common_pb2.SamplingParams
     max_new_tokens: int
@@ -38,7 +50,9 @@ class ThinkStart(_message.Message):
     cache_key: str
     segments: _containers.RepeatedCompositeFieldContainer[MediaSegment]
     defer_media: bool
-    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., use_audio_in_video: _Optional[bool] = ..., return_mm_hidden: _Optional[bool] = ..., cache_key: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[MediaSegment, _Mapping]]] = ..., defer_media: _Optional[bool] = ...) -> None: ...
+    keep: KeepKV
+    prefill_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., use_audio_in_video: _Optional[bool] = ..., return_mm_hidden: _Optional[bool] = ..., cache_key: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[MediaSegment, _Mapping]]] = ..., defer_media: _Optional[bool] = ..., keep: _Optional[_Union[KeepKV, str]] = ..., prefill_only: _Optional[bool] = ...) -> None: ...
 
 class MediaSegment(_message.Message):
     __slots__ = ("start", "end", "digest")

@@ -1,0 +1,282 @@
+"""`omni bench input`: the wait from `end_of_turn` to the first audio packet, live prefill against the whole turn.
+
+    omni bench input                                  # in process: the tiny checkpoint, then a real-width slice
+    omni bench input --address 127.0.0.1:9000 --metrics-port 8080   # a deployment (omni serve), at the client
+
+Audio: real speech (`espeak-ng` reads a text, repeated to length) streamed as PCM in `--chunk-ms` chunks, at real
+time and as fast as the client sends, then `end_of_turn`; for each of `--seconds`. Text: a `--turns`-turn
+conversation in a session (the replica keeps its KV) against a 1-turn one, and against the same history sent
+without a session (prefilled whole). Each row is one turn, timed at the client over gRPC; "live" is the gateway
+prefilling while the input streams in (`services.live_input`), "whole" the same gateway with it off (in process
+only: a deployment's gateway is configured one way). Columns: end of turn to first audio (ms), the ratio to the
+first row of its group, the live prefills during the turn, the prefills redone from a changed window (the log-mel
+clamp), and the Thinker's prompt tokens reused and prefilled at the answer. Goals (issue 9): 120 s within 1.2x of
+2 s; 20 turns within 1.2x of 1 turn.
+
+The slice has the real Thinker and audio-encoder widths (2 layers, 8 experts, top 8) and random weights: prefill
+costs what it costs per layer in the real model, which the tiny checkpoint does not show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from services.bench.latency import DEFAULT_REAL_CONFIG
+
+SPEECH = ("The lighthouse keeper climbed the stairs every evening at dusk. He lit the lamp, wound the clock, and "
+          "wrote in his log what ships had passed and how the wind had turned. On stormy nights he stayed awake "
+          "until the morning, listening to the waves against the rocks below.")
+COUNTERS = {"prefills": ("omni_live_prefills_total", {}), "redos": ("omni_thinker_prefix_redos_total", {}),
+            "reused": ("omni_thinker_prompt_tokens_total", {"kind": "reused"}),
+            "prefilled": ("omni_thinker_prompt_tokens_total", {"kind": "prefilled"})}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="omni bench input", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", default="2,30,120", help="comma-separated lengths of streamed audio")
+    p.add_argument("--pace", choices=("realtime", "fast", "both"), default="both",
+                   help="send the audio at real time, as fast as possible, or both")
+    p.add_argument("--chunk-ms", type=int, default=100, help="audio chunk length")
+    p.add_argument("--turns", type=int, default=20, help="turns of the long text conversation")
+    p.add_argument("--tokens", type=int, default=8, help="Thinker tokens per answer (greedy)")
+    p.add_argument("--address", help="a deployment's gRPC address (omni serve); default: in process")
+    p.add_argument("--metrics-port", type=int, help="with --address: Ray's Prometheus port, for the counters")
+    p.add_argument("--real-config", type=Path, default=DEFAULT_REAL_CONFIG,
+                   help="the real model's config.json, for the slice's widths")
+    p.add_argument("--skip-slice", action="store_true", help="in process: only the tiny checkpoint")
+    args = p.parse_args(argv)
+    try:
+        args.seconds = [float(s) for s in args.seconds.split(",")]
+    except ValueError:
+        p.error(f"--seconds takes numbers like 2,30,120, got {args.seconds!r}")
+    if min(args.seconds) <= 0 or args.chunk_ms < 1 or args.turns < 2 or args.tokens < 1:
+        p.error("--seconds and --chunk-ms must be positive, --turns >= 2, --tokens >= 1")
+    return args
+
+
+def speech(seconds: float, tmp: Path) -> tuple[np.ndarray, int]:
+    """`seconds` of espeak-ng speech (PCM16), the text read again as often as needed."""
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("omni bench input needs espeak-ng for real speech: apt-get install espeak-ng")
+    wav = tmp / "speech.wav"
+    if not wav.exists():
+        subprocess.run(["espeak-ng", "-w", str(wav), SPEECH], check=True)
+    import soundfile as sf
+
+    pcm, rate = sf.read(wav, dtype="int16")
+    return np.tile(pcm, int(np.ceil(seconds * rate / len(pcm))))[:int(seconds * rate)], rate
+
+
+class Target:
+    """A gateway to time turns against, and the counters that say what it did."""
+
+    def __init__(self, address: str, counters, metadata=(), lag_s: float = 0.0):
+        """`lag_s`: how long the counters take to show a turn (Ray exports a deployment's every few seconds)."""
+        self.address, self.counters, self.metadata, self.lag_s = address, counters, metadata, lag_s
+
+    async def turn(self, requests: list, pace_s: float = 0.0) -> tuple[float, object]:
+        """Send `requests` (config ... end_of_turn), `pace_s` apart for audio: (end of turn to first audio s,
+        the summary)."""
+        import grpc
+
+        from services.wire.gen.omni.v1 import omni_pb2_grpc
+
+        sent = {}
+
+        async def send():
+            for msg in requests:
+                if msg.WhichOneof("kind") == "end_of_turn":
+                    sent["end"] = time.perf_counter()
+                yield msg
+                if pace_s and msg.WhichOneof("kind") == "audio":
+                    await asyncio.sleep(pace_s)
+
+        first = summary = None
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            async for msg in omni_pb2_grpc.OmniStub(channel).Converse(send(), metadata=self.metadata):
+                kind = msg.WhichOneof("kind")
+                if kind == "audio" and first is None:
+                    first = time.perf_counter()
+                elif kind == "summary":
+                    summary = msg.summary
+        return first - sent["end"], summary
+
+
+def _config(args, **fields):
+    from services.wire.gen.omni.v1 import common_pb2, omni_pb2
+
+    return omni_pb2.ConverseRequest(config=omni_pb2.ConverseConfig(
+        max_new_tokens=args.tokens, max_audio_frames=20, thinker_sampling=common_pb2.SamplingParams(greedy=True),
+        **fields))
+
+
+def audio_turn(args, pcm: np.ndarray, rate: int) -> list:
+    from services.wire.gen.omni.v1 import omni_pb2
+
+    step = max(1, rate * args.chunk_ms // 1000)
+    return [_config(args), omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text="Listen to this: ")),
+            *(omni_pb2.ConverseRequest(audio=omni_pb2.AudioInput(audio_id="a", sample_rate=rate,
+                                                                 pcm16=pcm[i:i + step].tobytes()))
+              for i in range(0, len(pcm), step)),
+            omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text=" What did you hear?")),
+            omni_pb2.ConverseRequest(end_of_turn=omni_pb2.EndOfTurn())]
+
+
+def text_turn(args, text: str, **config) -> list:
+    from services.wire.gen.omni.v1 import omni_pb2
+
+    return [_config(args, **config), omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text=text)),
+            omni_pb2.ConverseRequest(end_of_turn=omni_pb2.EndOfTurn())]
+
+
+HEADER = f"{'where':<6} {'path':<6} {'input':<22} {'eot->audio':>10} {'ratio':>6} {'prefills':>8} {'redos':>5} " \
+         f"{'reused':>7} {'prefilled':>9}"
+
+
+async def row(target: Target, where: str, path: str, what: str, requests: list, base: list, pace_s: float = 0.0):
+    before = target.counters()
+    wait, _ = await target.turn(requests, pace_s)
+    await asyncio.sleep(target.lag_s)
+    after = target.counters()
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in COUNTERS}
+    if not base:
+        base.append(wait)
+    print(f"{where:<6} {path:<6} {what:<22} {wait * 1e3:>8.0f}ms {wait / base[0]:>6.2f} {delta['prefills']:>8.0f} "
+          f"{delta['redos']:>5.0f} {delta['reused']:>7.0f} {delta['prefilled']:>9.0f}", flush=True)
+    return wait
+
+
+async def bench(where: str, targets: dict[str, Target], args, tmp: Path) -> None:
+    first = next(iter(targets.values()))
+    await first.turn(text_turn(args, "Hello."))  # warm-up
+    paces = {"realtime": ["realtime"], "fast": ["fast"], "both": ["realtime", "fast"]}[args.pace]
+    for pace in paces:
+        for path, target in targets.items():
+            base: list[float] = []
+            for seconds in args.seconds:
+                pcm, rate = speech(seconds, tmp)
+                await row(target, where, path, f"audio {seconds:g} s {pace}", audio_turn(args, pcm, rate), base,
+                          args.chunk_ms / 1000 if pace == "realtime" else 0.0)
+    for path, target in targets.items():
+        base = []
+        await row(target, where, path, "text, 1 turn", text_turn(args, "Tell me about the sea."), base)
+        session, history = f"bench-{time.monotonic_ns()}", []
+        for k in range(args.turns - 1):  # the conversation so far, in a session
+            _, summary = await target.turn(text_turn(args, f"Question {k}: tell me about the sea.",
+                                                     session_id=session))
+            history += [("user", f"Question {k}: tell me about the sea."), ("assistant", summary.text)]
+        await row(target, where, path, f"text, {args.turns} turns", text_turn(
+            args, "Tell me about the sea.", session_id=session), base)
+        from services.wire.gen.omni.v1 import omni_pb2
+
+        await row(target, where, path, f"text, {args.turns} no sess.", text_turn(
+            args, "Tell me about the sea.", history=[omni_pb2.ChatMessage(role=r, text=t) for r, t in history]),
+            base)
+
+
+def slice_config(real_config_path: Path):
+    """The tiny config with the real Thinker and audio encoder widths: 2 layers, 8 experts (top 8, as many active
+    as the real model), random weights; the Talker and the rest stay tiny."""
+    from transformers import Qwen3OmniMoeConfig
+
+    from services.checkpoint.tiny import TINY_CONFIG
+
+    real = json.loads(real_config_path.read_text())
+    cfg = copy.deepcopy(TINY_CONFIG)
+    text = copy.deepcopy(real["thinker_config"]["text_config"])
+    text.update(num_hidden_layers=2, num_experts=8, num_experts_per_tok=8)
+    cfg["thinker_config"]["text_config"] = text
+    audio = copy.deepcopy(real["thinker_config"]["audio_config"])
+    audio.update(encoder_layers=2)
+    cfg["thinker_config"]["audio_config"] = audio
+    cfg["thinker_config"]["vision_config"]["out_hidden_size"] = text["hidden_size"]
+    cfg["talker_config"].update(thinker_hidden_size=text["hidden_size"], accept_hidden_layer=1)
+    return Qwen3OmniMoeConfig(**cfg)
+
+
+def counters_in_process() -> dict[str, float]:
+    from prometheus_client import REGISTRY
+
+    return {k: REGISTRY.get_sample_value(name, labels) or 0.0 for k, (name, labels) in COUNTERS.items()}
+
+
+def counters_of(metrics_port: int | None):
+    def read() -> dict[str, float]:
+        if metrics_port is None:
+            return {}
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            lines = response.read().decode().splitlines()
+        out = {}
+        for k, (name, labels) in COUNTERS.items():
+            want = [f'{key}="{value}"' for key, value in labels.items()]
+            out[k] = sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                         if line.startswith(f"ray_{name}{{") and all(w in line for w in want))
+        return out
+
+    return read
+
+
+async def in_process(where: str, model_dir: Path, args, tmp: Path) -> None:
+    from services.engines.bundle import Engines
+    from services.gateway import OmniServicer, start_gateway
+    from services.sessions import InProcessSessions
+    from services.stages import Stages
+
+    stages = Stages.local(Engines.load(model_dir))
+    servers, targets = [], {}
+    for path, live in (("live", True), ("whole", False)):
+        server, port = await start_gateway(OmniServicer(stages, InProcessSessions(), live_prefill=live))
+        servers.append(server)
+        targets[path] = Target(f"127.0.0.1:{port}", counters_in_process)
+    try:
+        await bench(where, targets, args, tmp)
+    finally:
+        for server in servers:
+            await server.stop(None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    print(f"omni bench input: audio {args.seconds} s in {args.chunk_ms} ms chunks ({args.pace}), text {args.turns} "
+          f"turns; {args.tokens} tokens per answer, greedy; {torch.get_num_threads()} CPU threads")
+    print(HEADER)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.address:
+            from services.client import OmniClient
+
+            target = Target(args.address, counters_of(args.metrics_port), OmniClient("").metadata,
+                            lag_s=6.0 if args.metrics_port else 0.0)
+            asyncio.run(bench("served", {"live": target}, args, tmp))
+            return
+        from services.checkpoint.tiny import tiny_config, write_random_checkpoint
+
+        asyncio.run(in_process("tiny", write_random_checkpoint(tmp / "tiny", tiny_config()), args, tmp))
+        if args.skip_slice:
+            return
+        if not args.real_config.is_file():
+            print(f"slice: skipped, {args.real_config} not found (pass --real-config)")
+            return
+        print("writing the real-width slice checkpoint...", flush=True)
+        model = write_random_checkpoint(tmp / "slice", slice_config(args.real_config))
+        asyncio.run(in_process("slice", model, args, tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Live input: a turn is prefilled into the Thinker while its parts still stream in (DESIGN.md section 8).
+
+Without it nothing runs before `end_of_turn`, so the wait after the user stops grows with what they said. Here the
+gateway, as input arrives, renders the turn so far (history and the parts that are complete: every part before
+the last, and of a PCM audio still streaming in its whole encoder windows) and has the Thinker prefill it
+(`Conductor.prefill`); the replica keeps that KV under the turn's cache key, and the next prefill, or the answer at
+`end_of_turn`, takes it back and runs only what came since (`services.engines.prefix`). What is left at
+`end_of_turn` is the last partial window and the prompt's tail.
+
+Exactness comes from the prefix check, not from here: a later prefill reuses only the ids and media windows it
+proves equal. A louder moment that changes the log-mel features of earlier windows (the extractor's clamp at the
+maximum over the whole audio minus 8) changes their digests, and they are prefilled again from the first changed
+one: `omni_thinker_prefix_redos_total` counts those.
+
+At most one prefill of a turn runs at a time, started `debounce_s` after the input that made it worth one (a new
+complete medium, or a new whole window of audio), so a turn uploaded at once (all parts, then `end_of_turn`)
+costs nothing extra. At `end_of_turn` the one running is waited for (it holds one window's work at most); one not
+yet started is dropped. A prefill that passes a limit (RESOURCE_EXHAUSTED: the Thinker's KV cache or sequence
+limit) ends the turn at once (`error`); one that fails otherwise is logged and ends the turn's prefilling: the
+answer then does it all, and reports the error if there is one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import replace
+
+from services import metrics
+from services.conductor import Conductor, TurnRequest
+from services.errors import ResourceExhausted
+
+log = logging.getLogger(__name__)
+
+DEBOUNCE_S = 0.05
+MARGIN_S = 0.1  # audio kept past a window's end: its last frames' STFT (and resampler) see real samples
+
+
+class LivePrefill:
+    def __init__(self, conductor: Conductor, options: TurnRequest, history: list[dict], parts,
+                 window_s: float, debounce_s: float = DEBOUNCE_S):
+        """`parts`: the turn's input as it arrives (the gateway's `_TurnInput`: `live_progress` says how far it
+        can be prefilled, `live_view` copies that much, whose `request` makes the TurnRequest); `window_s`: the
+        audio encoder's window in seconds."""
+        self.conductor, self.options, self.history = conductor, options, history
+        self.parts, self.window_s, self.debounce_s = parts, window_s, debounce_s
+        self._done: tuple[int, int] = (0, 0)  # the progress prefilled so far
+        self._task: asyncio.Task | None = None
+        self._working = False  # the task is past its debounce: waiting for it costs less than redoing its work
+        self._stopped = False
+        self.error: ResourceExhausted | None = None  # a limit the turn passed: the gateway ends it with this
+
+    def update(self) -> None:
+        """Input has arrived: prefill it soon if it adds a complete medium or a window of audio."""
+        if self._stopped or (self._task is not None and not self._task.done()):
+            return
+        progress, _, _ = self.parts.live_progress(self.window_s, MARGIN_S)
+        if progress != self._done and progress != (0, 0):
+            self._task = asyncio.create_task(self._prefills(), name="omni-live-prefill")
+
+    async def settle(self) -> None:
+        """`end_of_turn`: no more prefills; wait for the one running, drop one not started."""
+        self._stopped = True
+        if self._task is None or self._task.done():
+            return
+        if not self._working:
+            await self.close()
+            return
+        with contextlib.suppress(Exception):
+            await self._task
+
+    async def close(self) -> None:
+        self._stopped = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _prefills(self) -> None:
+        while not self._stopped:
+            await asyncio.sleep(self.debounce_s)
+            seen = self.parts.live_view(self.window_s, MARGIN_S)
+            if self._stopped or seen is None or seen[1] == self._done:
+                return
+            snapshot, progress = seen
+            self._working = True
+            try:
+                t = time.perf_counter()
+                req, _ = await asyncio.to_thread(snapshot.request, self.options, self.history)
+                tokens = await self.conductor.prefill(replace(req, audio_output=False))
+                metrics.LIVE_PREFILLS.inc()
+                log.info("turn %s: prefilled %d tokens of its input so far in %.0f ms", self.options.request_id,
+                         tokens, 1000 * (time.perf_counter() - t))
+                self._done = progress
+            except ResourceExhausted as e:
+                self.error, self._stopped = e, True
+            except Exception as e:  # the answer at end_of_turn does it all, and reports a real error
+                log.info("turn %s: live prefill stopped: %s", self.options.request_id, e)
+                self._stopped = True
+            finally:
+                self._working = False
