@@ -297,6 +297,7 @@ class Conductor:
             audio_feature_lengths=thinker_prompt.audio_feature_lengths, image_grid_thw=thinker_prompt.image_grid_thw,
             video_grid_thw=thinker_prompt.video_grid_thw, video_second_per_grid=thinker_prompt.video_second_per_grid,
             use_audio_in_video=thinker_prompt.use_audio_in_video,
+            cache_key=thinker_prompt.cache_key if req.session_id else "",  # a session's turns: kept on the replica
         )
         t_start = time.perf_counter()
         codes_stream = self.stages.talker.speak(prompt, sampling, req.max_audio_frames, text_from_first())

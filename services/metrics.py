@@ -150,8 +150,8 @@ STAGE_ROWS = _Counter("omni_stage_batch_rows_total", "Items (requests' steps, fr
                       ("stage",))
 STAGE_STEP = _Histogram("omni_stage_step_seconds", "Time of one engine step of a batching stage (all its items)",
                         ITEM_BUCKETS, ("stage",))
-PREFIX_TOKENS = _Counter("omni_thinker_prompt_tokens_total", "Prompt tokens the Thinker took from a session's kept KV "
-                         "(kind=reused) or prefilled (kind=prefilled)", ("kind",))
+PREFIX_TOKENS = _Counter("omni_stage_prompt_tokens_total", "Prompt positions the Thinker or the Talker took from KV "
+                         "its replica kept (kind=reused) or prefilled (kind=prefilled)", ("stage", "kind"))
 PREFIX_REDOS = _Counter("omni_thinker_prefix_redos_total", "Prompts whose kept KV ended at a medium it holds with "
                         "other content (a streamed audio's window whose log-mel features a louder moment changed), "
                         "prefilled again from there", ())

@@ -256,7 +256,7 @@ class RemoteTalker:
         async def requests():
             yield SpeakRequest(start=SpeakStart(
                 request_id=rid, speaker=prompt.speaker, sampling=sampling_to_proto(sampling), max_frames=max_frames,
-                use_audio_in_video=prompt.use_audio_in_video))
+                use_audio_in_video=prompt.use_audio_in_video, cache_key=prompt.cache_key))
             for name, t in talker_prompt_tensors(prompt).items():
                 for piece in to_pieces(name, t):
                     yield SpeakRequest(prompt=piece)

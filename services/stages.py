@@ -146,10 +146,10 @@ class LocalThinker:
                     reused = reuse.tokens if reuse else 0
                     span.set_attribute("omni.reused_tokens", reused)
                     if reused:
-                        PREFIX_TOKENS.inc(reused, kind="reused")
+                        PREFIX_TOKENS.inc(reused, stage="thinker", kind="reused")
                     if reuse is not None and reuse.redone:
                         PREFIX_REDOS.inc()
-                    PREFIX_TOKENS.inc(prompt.input_ids.numel() - reused, kind="prefilled")
+                    PREFIX_TOKENS.inc(prompt.input_ids.numel() - reused, stage="thinker", kind="prefilled")
                     in_step = True
                     job = await run_engine("thinker", engine.start, prompt, max_new_tokens, reuse)
                     while (prefill := await run_engine("thinker", engine.prefill_step, job)) is None:
@@ -232,7 +232,8 @@ class LocalMTP:
 class LocalTalker:
     """Each call is one request's speech. Its prompt prefills in chunks between the steps of the requests already
     speaking, and its steps join theirs (`services.batching`); a request waiting for its next released text token
-    sits the steps out. Each request samples its c0s with its own sampler."""
+    sits the steps out. Each request samples its c0s with its own sampler. A session's request starts from the KV
+    of its earlier turns' user parts, which the replica kept (`TalkerEngine.park`)."""
 
     def __init__(self, engine: TalkerEngine, mtp: MTPStage, max_batch: int = 64, max_wait_s: float = 0.0):
         self.engine = engine
@@ -247,12 +248,17 @@ class LocalTalker:
             return
         engine = self.engine
         job = None
+        in_step = True  # an engine call for this request is running (a cancel then must not park its KV)
         with StageTimer("talker") as timer:
             try:
                 job = await run_engine("talker", engine.start, prompt, first, sampling, max_frames)
+                session = job.session
+                if session.length:  # taken from the KV this replica kept for the session
+                    PREFIX_TOKENS.inc(session.length, stage="talker", kind="reused")
+                PREFIX_TOKENS.inc(len(job.embeds) - session.length, stage="talker", kind="prefilled")
                 while (frame := await run_engine("talker", engine.prefill_step, job)) is None:
                     pass
-                session = job.session
+                in_step = False
                 text_ended = False
                 # A frame's residual codes come from the step after its c0, so the last c0 (EOS, or the one that
                 # hits the cap) never becomes a frame: the reference's talker_codes.
@@ -270,11 +276,16 @@ class LocalTalker:
                             if token is None:
                                 text_ended, token = True, TEXT_END
                         engine.check_step(session, token)
+                        in_step = True
                         frame = await self._batcher.submit((session, result.embed_sum[0], token), timer.span)
+                        in_step = False
                         generated += 1
             finally:
                 if job is not None:
-                    job.session.close()
+                    if in_step:
+                        job.session.close()
+                    else:  # its user parts' KV kept for the session's next request, or freed
+                        engine.park(job, prompt.cache_key)
 
     def _step_rows(self, rows: list[tuple]) -> list:
         """One Talker step over requests' next inputs (on the stage's worker thread)."""

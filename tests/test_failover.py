@@ -79,10 +79,11 @@ def _failovers(metrics_port: int, app: str) -> float:
     return _counter(metrics_port, "ray_omni_stage_failovers_total", f'app="{app}"')
 
 
-def _counter(metrics_port: int, name: str, label: str) -> float:
-    """A counter's sum over every replica on Ray's metrics endpoint, for the series with `label`."""
+def _counter(metrics_port: int, name: str, *labels: str) -> float:
+    """A counter's sum over every replica on Ray's metrics endpoint, for the series with all of `labels`."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        lines = [line for line in response.read().decode().splitlines() if line.startswith(name) and label in line]
+        lines = [line for line in response.read().decode().splitlines()
+                 if line.startswith(name) and all(label in line for label in labels)]
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
@@ -101,8 +102,8 @@ async def test_a_sessions_turns_go_to_the_thinker_replica_that_keeps_its_kv(clus
     async def reused_now(at_least: float) -> float:
         deadline, seen = time.monotonic() + 30, 0.0
         while time.monotonic() < deadline:  # Ray exports the replicas' metrics every second
-            seen = await asyncio.to_thread(_counter, cluster.metrics_port, "ray_omni_thinker_prompt_tokens_total",
-                                           'kind="reused"')
+            seen = await asyncio.to_thread(_counter, cluster.metrics_port, "ray_omni_stage_prompt_tokens_total",
+                                           'stage="thinker"', 'kind="reused"')
             if seen >= at_least:
                 break
             await asyncio.sleep(1)

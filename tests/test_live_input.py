@@ -104,7 +104,7 @@ async def assert_live_equals_whole(gateways: Gateways, msgs: list, speed: float)
     """The turn streamed to the live gateway at `speed` x real time equals it sent at once to the whole-turn one;
     what the live prefill did."""
     names = {"prefills": ("omni_live_prefills_total", {}), "redos": ("omni_thinker_prefix_redos_total", {}),
-             "reused": ("omni_thinker_prompt_tokens_total", {"kind": "reused"})}
+             "reused": ("omni_stage_prompt_tokens_total", {"stage": "thinker", "kind": "reused"})}
     before = {k: counter(n, **labels) for k, (n, labels) in names.items()}
     live = await converse(gateways.live, msgs, speed)
     done = {k: counter(n, **labels) - before[k] for k, (n, labels) in names.items()}

@@ -1,6 +1,7 @@
 """Multi-turn prefix reuse (issue 9, point 3): a Thinker replica keeps a session's KV between its turns; the next
 turn prefills only what it cannot prove equal (ids one by one, media by content) and encodes only the media past
-that prefix. Output stays the reference's, and a lost or evicted prefix costs a full prefill, same output."""
+that prefix; the Talker keeps its earlier turns' user parts the same way. Output stays the reference's, and a lost
+or evicted prefix costs a full prefill, same output."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ class EncoderSpy:
         return await self.stage.encode(data, extra)
 
 
-def reused_tokens() -> float:
-    return REGISTRY.get_sample_value("omni_thinker_prompt_tokens_total", {"kind": "reused"}) or 0.0
+def reused_tokens(stage: str = "thinker") -> float:
+    return REGISTRY.get_sample_value("omni_stage_prompt_tokens_total", {"stage": stage, "kind": "reused"}) or 0.0
 
 
 def run(conductor: Conductor, req: TurnRequest) -> list:
@@ -74,16 +75,18 @@ def test_a_sessions_turns_reuse_its_kv_encode_only_new_media_and_equal_the_refer
     for k, parts in enumerate(turns):
         req = TurnRequest(parts=parts, history=list(history), system="You are terse.", session_id="s1",
                           principal="alice", max_new_tokens=8, max_audio_frames=30, thinker_sampling=GREEDY)
-        before, encoded = reused_tokens(), audio.items + vision.items
+        before, talker_before, encoded = reused_tokens(), reused_tokens("talker"), audio.items + vision.items
         summary = assert_parity(reference, processor, run(conductor, req), req)
         # Everything up to the last turn's answer is the replica's already: only this turn's media are encoded.
         assert audio.items + vision.items - encoded == new_media[k]
         if k:
             assert reused_tokens() - before >= previous_prompt
+            # The Talker's input holds every turn's user parts: the earlier ones' KV is its replica's too.
+            assert reused_tokens("talker") - talker_before > 0
         previous_prompt = prompt_length(processor, req)
         history += [{"role": "user", "content": parts}, {"role": "assistant", "content": summary.text}]
-    # The session's KV stays parked on the replica for its next turn; another principal's same id is not its.
-    assert engines.thinker.kv.parked_positions > 0
+    # The session's KV stays parked on the replicas for its next turn; another principal's same id is not its.
+    assert engines.thinker.kv.parked_positions > 0 and engines.talker.kv.parked_positions > 0
     other = TurnRequest(parts=turns[0], system="You are terse.", session_id="s1", principal="bob", max_new_tokens=4,
                         audio_output=False, thinker_sampling=GREEDY)
     before = reused_tokens()

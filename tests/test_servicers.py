@@ -157,9 +157,18 @@ async def test_a_sessions_next_turn_over_grpc_sends_only_its_new_media(cluster, 
                               {"role": "assistant", "content": ours[-1].text}])
     expected = await run(cluster.local, replace(second, session_id=""))
     encoded.clear()
+    talker_reused = _reused("talker")
     ours = await run(cluster.remote, second)
     assert encoded == ["vision"]
+    assert _reused("talker") > talker_reused  # the Talker server kept turn 1's user part too
     assert_same_events(ours, expected)
+
+
+def _reused(stage: str) -> float:
+    import prometheus_client
+
+    return prometheus_client.REGISTRY.get_sample_value("omni_stage_prompt_tokens_total",
+                                                       {"stage": stage, "kind": "reused"}) or 0.0
 
 
 async def test_concurrent_turns_share_one_mtp_stream(cluster, media, monkeypatch):

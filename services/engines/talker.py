@@ -45,7 +45,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig, KVConfig
-from services.engines.kv_pages import KVPool, KVSession, prefill_whole
+from services.engines.kv_pages import KVPool, KVSession, KVSlot, prefill_whole
 from services.engines.positions import TMRoPE, step_positions
 from services.engines.sampling import Sampler, SamplingParams
 from services.errors import InvalidInput, ResourceExhausted
@@ -71,6 +71,18 @@ class TalkerPrompt:
     video_grid_thw: Tensor | None = None
     video_second_per_grid: Tensor | None = None
     use_audio_in_video: bool = False
+    # A session's key: the replica keeps the KV of the user parts under it when the request ends (`park`), and the
+    # session's next request reuses the longest prefix of equal inputs (its earlier turns' user parts).
+    cache_key: str = ""
+
+
+@dataclass(eq=False)
+class ParkedTalker:
+    """What a replica keeps of a finished request for its session's next one: the KV of its user positions, and
+    their inputs (text and media embeddings), which a later prompt must repeat exactly to reuse them."""
+
+    slot: KVSlot
+    user_embeds: Tensor  # [U, H]
 
 
 @dataclass
@@ -93,8 +105,9 @@ class TalkerPrefillJob:
     """A Talker prompt being prefilled chunk by chunk (`TalkerEngine.prefill_step`)."""
 
     session: TalkerSession
-    embeds: Tensor  # [S, H]
+    embeds: Tensor  # [S, H]: the user positions, then the assistant prefix
     position_ids: Tensor  # [4, 1, S]
+    user: int = 0  # how many of `embeds` are user positions
 
 
 class TalkerEngine:
@@ -219,9 +232,39 @@ class TalkerEngine:
             video_second_per_grid=_cpu(prompt.video_second_per_grid),
             use_audio_in_video=prompt.use_audio_in_video,
         )
-        session = TalkerSession(kv=self.kv.reserve(capacity), rope_delta=positions.rope_delta,
+        session = TalkerSession(kv=self._claim(prompt.cache_key, user_embeds, capacity),
+                                rope_delta=positions.rope_delta,
                                 sampler=Sampler(sampling, self.suppress_tokens, self.device))
-        return TalkerPrefillJob(session, embeds, positions.position_ids.to(self.device))
+        return TalkerPrefillJob(session, embeds, positions.position_ids.to(self.device), user=len(user_embeds))
+
+    def _claim(self, key: str, user_embeds: Tensor, capacity: int) -> KVSlot:
+        """The request's KV: what the replica kept under `key`, its length the longest prefix of equal user inputs
+        (so the prefill starts there), grown to `capacity`; else fresh pages."""
+        parked = self.kv.unpark(key) if key else None
+        if parked is not None:
+            n = min(len(parked.user_embeds), len(user_embeds))
+            differ = (parked.user_embeds[:n] != user_embeds[:n]).any(-1).nonzero()
+            reused = int(differ[0]) if differ.numel() else n
+            if reused:
+                try:
+                    self.kv.grow(parked.slot, capacity)
+                except BaseException:
+                    parked.slot.close()
+                    raise
+                parked.slot.length = reused
+                return parked.slot
+            parked.slot.close()
+        return self.kv.reserve(capacity)
+
+    def park(self, job: TalkerPrefillJob, key: str) -> None:
+        """Keep a finished request's user-part KV under its session's `key` for the next request (`_claim`); else
+        free it."""
+        slot = job.session.kv
+        if not key or slot.closed or slot.length < job.user:
+            slot.close()
+            return
+        slot.length = job.user  # the assistant part and the speech are this turn's only
+        self.kv.park(key, ParkedTalker(slot, job.embeds[:job.user]))
 
     @torch.inference_mode()
     def prefill_step(self, job: TalkerPrefillJob) -> TalkerFrame | None:

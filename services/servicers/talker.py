@@ -48,7 +48,7 @@ class TalkerServicer(talker_pb2_grpc.TalkerServicer):
                 raise InvalidInput("Speak: the stream ended before text_end")
             (input_ids,) = required(tensors, "input_ids")
             prompt = TalkerPrompt(input_ids=input_ids, speaker=start.speaker,
-                                  use_audio_in_video=start.use_audio_in_video,
+                                  use_audio_in_video=start.use_audio_in_video, cache_key=start.cache_key,
                                   **{name: tensors.get(name) for name in PROMPT_TENSORS[1:]})
             sampling = sampling_from_proto(start.sampling) if start.HasField("sampling") else default_talker_sampling()
             frames = self.stage.speak(prompt, sampling, start.max_frames or DEFAULT_MAX_NEW_TOKENS,

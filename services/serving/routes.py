@@ -288,9 +288,11 @@ class RoutedTalker:
 
     def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
               text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
-        # A resumed Talker is sent the released text again from its first token.
+        # A session's turns go to the replica that keeps its user parts' KV (`affinity`). A resumed Talker is sent
+        # the released text again from its first token.
         return self.replicas.stream(lambda talker, text: talker.speak(prompt, sampling, max_frames, text),
-                                    SeenItems("talker", key=lambda codes: tuple(codes.tolist())), inputs=text)
+                                    SeenItems("talker", key=lambda codes: tuple(codes.tolist())), inputs=text,
+                                    affinity=prompt.cache_key)
 
 
 class RoutedMTP:
