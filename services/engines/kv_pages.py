@@ -16,7 +16,7 @@ computes does not depend on the rows beside it (up to the float rounding of a wi
 
 A finished request's pages may instead be parked under its session's cache key (`park`), for that session's next
 request to take back (`unpark`, `grow`): parked pages are the first to go when a reservation needs room, least
-recently parked first (`services.engines.prefix`).
+recently parked first (`services.engines.prefix`), so they never make the pool refuse a request.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class KVPool:
         self.capacity = pages * page_size
         self._free = list(range(pages - 1, -1, -1))  # popped from the end: low pages first
         self._lock = threading.Lock()  # reserve/release come from the event loop, steps run on the worker thread
-        self._parked: OrderedDict[str, object] = OrderedDict()  # cache key -> ParkedPrefix, least recent first
+        self._parked: OrderedDict[str, object] = OrderedDict()  # cache key -> what `park` kept, first to go first
         self._sdpa = getattr(config, "_attn_implementation", "sdpa") == "sdpa"
 
     @property
@@ -144,9 +144,10 @@ class KVPool:
             self._free.extend(reversed(pages))
 
     def park(self, key: str, parked, first_out: bool = False) -> None:
-        """Keep `parked` (a `ParkedPrefix`: its slot, filled up to its length) for the next `unpark(key)`; pages past
-        its length go back now. A prefix parked before under `key` is dropped. `first_out`: the first to be
-        evicted (else the last, until more are parked)."""
+        """Keep `parked` (what a request leaves for the next with its key: `prefix.ParkedPrefix`,
+        `talker.ParkedTalker`; its `slot` filled up to its length) for the next `unpark(key)`; pages past its length
+        go back now. What was parked before under `key` is dropped. `first_out`: the first to be evicted (else the
+        last, until more are parked)."""
         slot = parked.slot
         keep = -(-slot.length // self.page_size)
         with self._lock:
