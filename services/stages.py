@@ -89,6 +89,17 @@ async def run_engine(stage: str, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(stage_executor(stage), call)
 
 
+async def start_job(stage: str, start, *args):
+    """`start(*args)` (an engine's `start`: it takes KV pages) on the stage's worker thread. A caller cancelled
+    meanwhile does not get the job, so the job's session is closed when the call ends, and its pages go back."""
+    call = asyncio.ensure_future(run_engine(stage, start, *args))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        call.add_done_callback(lambda done: done.cancelled() or done.exception() or done.result().session.close())
+        raise
+
+
 async def timed_call(stage: str, fn, *args, first: bool = True):
     """One engine call that is a whole request's output (encoders; MTP's frames, of which only a request's first
     counts as its first output)."""
@@ -151,7 +162,7 @@ class LocalThinker:
                         PREFIX_REDOS.inc()
                     PREFIX_TOKENS.inc(prompt.input_ids.numel() - reused, stage="thinker", kind="prefilled")
                     in_step = True
-                    job = await run_engine("thinker", engine.start, prompt, max_new_tokens, reuse)
+                    job = await start_job("thinker", engine.start, prompt, max_new_tokens, reuse)
                     while (prefill := await run_engine("thinker", engine.prefill_step, job)) is None:
                         pass
                     in_step = False
@@ -251,7 +262,7 @@ class LocalTalker:
         in_step = True  # an engine call for this request is running (a cancel then must not park its KV)
         with StageTimer("talker") as timer:
             try:
-                job = await run_engine("talker", engine.start, prompt, first, sampling, max_frames)
+                job = await start_job("talker", engine.start, prompt, first, sampling, max_frames)
                 session = job.session
                 if session.length:  # taken from the KV this replica kept for the session
                     PREFIX_TOKENS.inc(session.length, stage="talker", kind="reused")

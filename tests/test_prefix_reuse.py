@@ -177,3 +177,38 @@ def test_a_tool_calls_second_generation_prefills_only_the_tool_result(engines):
     assert reused_tokens() - before == len(ids) + len(first) - 1  # all but the last token, never fed back
     assert again == asyncio.run(generate(dataclasses.replace(resumed, cache_key="")))
     np.testing.assert_equal(thinker.kv.unpark("tool") is not None, True)
+
+
+def test_a_request_cancelled_while_it_starts_gives_its_pages_back(tiny_ckpt, monkeypatch):
+    """Cancelled while `start` runs on the worker thread (its taken-back prefix in hand): the job that start makes
+    still gets closed, so neither its pages nor the session's kept ones are lost."""
+    import time
+
+    thinker = ThinkerEngine.from_checkpoint(Checkpoint.open(tiny_ckpt), kv=KVConfig(kv_tokens=512, page_size=16))
+    stage = LocalThinker(thinker)
+    prompt = ThinkerPrompt(input_ids=torch.tensor([151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]),
+                           cache_key="s")
+
+    async def generate():
+        return [t.token_id async for t in stage.generate(prompt, GREEDY, 4, frozenset())]
+
+    asyncio.run(generate())
+    assert thinker.kv.parked_positions > 0
+    slow_start = thinker.start
+
+    def start(*args):
+        time.sleep(0.3)
+        return slow_start(*args)
+
+    monkeypatch.setattr(thinker, "start", start)
+
+    async def cancelled():
+        task = asyncio.create_task(generate())
+        await asyncio.sleep(0.1)  # the prefix is claimed, start is running
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)  # start ends on the worker thread
+
+    asyncio.run(cancelled())
+    assert thinker.kv.parked_positions == 0 and thinker.kv.free_positions == thinker.kv.capacity

@@ -123,6 +123,25 @@ def test_gpu_config_places_every_stage_on_a_gpu():
     assert all(app.args["dtype"] == "bfloat16" for app in config.applications if app.name in gpus)
 
 
+def test_a_sessions_replica_moves_only_when_its_own_replica_goes():
+    """Rendezvous hashing (`routes._affine`): sessions spread over the replicas; removing one moves only its
+    sessions, and adding one moves sessions only onto it."""
+    from collections import Counter
+
+    from services.serving.routes import _affine
+
+    replicas = [f"127.0.0.{i}:9100" for i in range(1, 5)]
+    keys = [f"p/session/{k}" for k in range(400)]
+    before = {k: _affine(replicas, k) for k in keys}
+    assert min(Counter(before.values()).values()) > 50  # 100 each on average
+    gone = replicas[1]
+    after = {k: _affine([r for r in replicas if r != gone], k) for k in keys}
+    assert all(after[k] == before[k] for k in keys if before[k] != gone)
+    new = "127.0.0.9:9100"
+    grown = {k: _affine([*replicas, new], k) for k in keys}
+    assert all(grown[k] in (before[k], new) for k in keys) and new in grown.values()
+
+
 def test_stage_load_policy_adds_reported_calls_to_serve_requests():
     ctx = SimpleNamespace(current_num_replicas=2, target_num_replicas=2, total_num_requests=1.0,
                           aggregated_metrics={STAGE_CALLS: {"r1": 4.0, "r2": 3.0}},
