@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from services.bench.latency import DEFAULT_REAL_CONFIG
+from services.bench.load import ray_sum
 
 SPEECH = ("The lighthouse keeper climbed the stairs every evening at dusk. He lit the lamp, wound the clock, and "
           "wrote in his log what ships had passed and how the wind had turned. On stormy nights he stayed awake "
@@ -221,13 +222,8 @@ def counters_of(metrics_port: int | None):
         if metrics_port is None:
             return {}
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-            lines = response.read().decode().splitlines()
-        out = {}
-        for k, (name, labels) in COUNTERS.items():
-            want = [f'{key}="{value}"' for key, value in labels.items()]
-            out[k] = sum(float(line.rsplit(" ", 1)[1]) for line in lines
-                         if line.startswith(f"ray_{name}{{") and all(w in line for w in want))
-        return out
+            text = response.read().decode()
+        return {k: ray_sum(text, name, labels) for k, (name, labels) in COUNTERS.items()}
 
     return read
 

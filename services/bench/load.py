@@ -110,12 +110,14 @@ _ROWS_STEPS = ("omni_stage_batch_rows_total", "omni_stage_step_seconds_count")
 
 def batch_counts(prometheus_text: str) -> dict[str, tuple[float, float]]:
     """stage -> (items, steps) from Ray's Prometheus endpoint, summed over the stage's replicas."""
-    out = {}
-    for stage in STAGES:
-        out[stage] = tuple(sum(float(line.rsplit(" ", 1)[1]) for line in prometheus_text.splitlines()
-                               if line.startswith(f"ray_{name}{{") and f'stage="{stage}"' in line)
-                           for name in _ROWS_STEPS)
-    return out
+    return {stage: tuple(ray_sum(prometheus_text, name, {"stage": stage}) for name in _ROWS_STEPS) for stage in STAGES}
+
+
+def ray_sum(prometheus_text: str, name: str, labels: dict[str, str]) -> float:
+    """A metric of ours as Ray exports it (`ray_<name>`), summed over the series with `labels` (every replica's)."""
+    want = [f'{key}="{value}"' for key, value in labels.items()]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in prometheus_text.splitlines()
+               if line.startswith(f"ray_{name}{{") and all(w in line for w in want))
 
 
 async def _timed(events, audio_type, summary_type) -> tuple[float | None, float, float]:
