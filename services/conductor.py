@@ -180,7 +180,9 @@ class Conductor:
         the replica keeps the KV under the turn's key for the next call, this turn's answer (`run`) included, which
         then prefills only what came since, or changed. Returns the prompt's length."""
         tracing.REQUEST_ID.set(req.request_id)
-        media, _ = await self._prepare(req, _Turn(t0=time.perf_counter()), keep=KEEP_TURN)
+        # A session's key keeps the session's place (its next turn may be this one); a turn's own, the first to go.
+        media, _ = await self._prepare(req, _Turn(t0=time.perf_counter()),
+                                       keep=KEEP_SESSION if req.session_id else KEEP_TURN)
         tokens = self.stages.thinker.generate(media.prompt, req.thinker_sampling, 0, self.stages.stop_ids,
                                               embed=media.embed)
         async for _ in self._deadline(tokens, "thinker"):

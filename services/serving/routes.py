@@ -37,7 +37,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from typing import Generic, TypeVar
@@ -51,7 +51,7 @@ from services.engines.mtp import MTPResult
 from services.engines.prefix import AudioWindow
 from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt
-from services.engines.thinker import ThinkerPrompt
+from services.engines.thinker import KEEP_SESSION, ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings
 from services.hooks import HookContext, HookTurn, Released
 from services.metrics import STAGE_FAILOVERS
@@ -78,6 +78,7 @@ MAX_AGE_S = 4.0  # wait for a refresh when the list is older than this (the firs
 DRAIN_S = MAX_AGE_S + 1.0  # a stopping replica serves this long first: every peer has dropped it by then
 FAILED_S = DRAIN_S  # a replica whose call failed UNAVAILABLE is passed over this long (refreshes drop a dead one)
 FETCH_TIMEOUT_S = 10.0
+STICKY_KEYS = 4096  # turns whose Thinker replica a gateway remembers (a turn's live prefills and its answer)
 ADDRESS_METHOD = "grpc_address"  # the replica method answering "host:port" of its own gRPC server
 
 C = TypeVar("C")
@@ -109,6 +110,7 @@ class ReplicaSet(Generic[C]):
         self._busy: Counter[str] = Counter()  # calls in flight by address
         self._failed: dict[str, float] = {}  # address -> time.monotonic() of its last UNAVAILABLE
         self._turn = 0
+        self._sticky: OrderedDict[str, str] = OrderedDict()  # `sticky` keys -> their replica, least recent first
 
     async def call(self, fn: Callable[[C], Awaitable[R]]) -> R:
         """`await fn(client)` on the least busy replica, for a call that keeps no state on the replica: when that
@@ -125,9 +127,10 @@ class ReplicaSet(Generic[C]):
 
     async def stream(self, open_call: Callable[[C, AsyncIterator | None], AsyncIterator[T]],
                      seen: SeenItems | SeenSamples, inputs: AsyncIterator | None = None,
-                     affinity: str = "") -> AsyncIterator[T]:
+                     affinity: str = "", sticky: bool = False) -> AsyncIterator[T]:
         """The items of `open_call(client, inputs)`, a stream holding a turn's state, from the least busy replica
-        (with an `affinity` key: the replica that key maps to, `_affine`). When that replica dies (UNAVAILABLE) the
+        (with an `affinity` key: the replica that key maps to, `_affine`; `sticky`: the one this process gave the key
+        last, least busy the first time, for a key only this process uses). When that replica dies (UNAVAILABLE) the
         call runs again on another, from its start: it is given `inputs` again from their first item
         (`services.serving.resume.Replay`), and `seen` drops the items already yielded."""
         replay = Replay(inputs) if inputs is not None else None
@@ -135,7 +138,7 @@ class ReplicaSet(Generic[C]):
         error: StageError | None = None
         try:
             while True:
-                address = await self._choose(tried, error, affinity)
+                address = await self._choose(tried, error, affinity, sticky)
                 seen.rewind()
                 try:
                     async with self._held(address) as client, \
@@ -150,7 +153,8 @@ class ReplicaSet(Generic[C]):
             if replay is not None:
                 await replay.close()
 
-    async def _choose(self, tried: set[str], error: StageError | None, affinity: str = "") -> str:
+    async def _choose(self, tried: set[str], error: StageError | None, affinity: str = "",
+                      sticky: bool = False) -> str:
         """The least busy live replica not in `tried` and not failed lately (any live one on a first try, when all
         have failed lately), or the one `affinity` maps to among those; `error` once every usable one has been
         tried."""
@@ -158,7 +162,18 @@ class ReplicaSet(Generic[C]):
         untried = [a for a in self._usable(live) if a not in tried]
         if not untried and error is not None:
             raise error
-        return _affine(untried or live, affinity) if affinity else self._pick(untried or live)
+        candidates = untried or live
+        if not affinity:
+            return self._pick(candidates)
+        if not sticky:
+            return _affine(candidates, affinity)
+        address = self._sticky.pop(affinity, None)
+        if address not in candidates:
+            address = self._pick(candidates)
+        self._sticky[affinity] = address  # the most recent last; the oldest go past STICKY_KEYS
+        while len(self._sticky) > STICKY_KEYS:
+            self._sticky.popitem(last=False)
+        return address
 
     def _failover(self, address: str, error: StageError, tried: set[str]) -> StageError:
         """After `error` from `address`: re-raise it unless the replica is gone (UNAVAILABLE); else pass the replica
@@ -274,12 +289,15 @@ class RoutedThinker:
 
     def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
                  stop_ids: frozenset[int], embed: Embed | None = None) -> AsyncIterator[ThinkerToken]:
-        # A session's turns go to the replica that keeps its KV (`affinity`). Resumed on another replica, the same
-        # prompt and seed give the same tokens (mm_hidden comes again with the first, which the caller has had);
-        # that replica holds nothing for the session, so it asks `embed` for every medium.
+        # A session's turns go to the replica that keeps its KV (`affinity`: the same from every gateway replica); a
+        # turn without a session, whose live prefills and answer all come from this process, to the least busy
+        # replica when it starts and to that one after (`sticky`). Resumed on another replica, the same prompt and
+        # seed give the same tokens (mm_hidden comes again with the first, which the caller has had); that replica
+        # holds nothing for the turn, so it asks `embed` for every medium.
         return self.replicas.stream(
             lambda thinker, _: thinker.generate(prompt, sampling, max_new_tokens, stop_ids, embed),
-            SeenItems("thinker", key=lambda token: token.token_id), affinity=prompt.cache_key)
+            SeenItems("thinker", key=lambda token: token.token_id), affinity=prompt.cache_key,
+            sticky=prompt.keep != KEEP_SESSION)
 
 
 class RoutedTalker:
