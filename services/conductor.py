@@ -32,6 +32,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from services import tracing
+from services.engines.positions import layout_of
 from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt, default_talker_sampling
 from services.engines.thinker import KEEP_NONE, KEEP_SESSION, KEEP_TURN, ThinkerPrompt
@@ -41,7 +42,7 @@ from services.hooks import FilterChain, HookContext, HookStage, HookTurn, LocalH
 from services.metrics import record_turn
 from services.preprocess import TurnInputs, build_turn
 from services.prompt_media import PromptMedia
-from services.stages import Stages
+from services.stages import Codes, Stages
 from services.turn_parts import kind_counts
 
 log = logging.getLogger(__name__)
@@ -176,17 +177,24 @@ class Conductor:
             await out.put(e)
 
     async def prefill(self, req: TurnRequest) -> int:
-        """Prefill the turn as it stands into the Thinker, its input still streaming in (`services.live_input`):
-        the replica keeps the KV under the turn's key for the next call, this turn's answer (`run`) included, which
-        then prefills only what came since, or changed. Returns the prompt's length."""
+        """Prefill the turn as it stands into the Thinker, and its user parts into the Talker when it is to be
+        spoken, its input still streaming in (`services.live_input`): each replica keeps the KV under the turn's key
+        for the next call, this turn's answer (`run`) included, which then prefills only what came since, or
+        changed. Returns the prompt's length."""
         tracing.REQUEST_ID.set(req.request_id)
         # A session's key keeps the session's place (its next turn may be this one); a turn's own, the first to go.
-        media, _ = await self._prepare(req, _Turn(t0=time.perf_counter()),
-                                       keep=KEEP_SESSION if req.session_id else KEEP_TURN)
+        keep = KEEP_SESSION if req.session_id else KEEP_TURN
+        media, _ = await self._prepare(req, _Turn(t0=time.perf_counter()), keep=keep)
         tokens = self.stages.thinker.generate(media.prompt, req.thinker_sampling, 0, self.stages.stop_ids,
                                               embed=media.embed)
-        async for _ in self._deadline(tokens, "thinker"):
-            pass
+        mm_hidden = None
+        async for item in self._deadline(tokens, "thinker"):
+            mm_hidden = item.mm_hidden
+        if req.audio_output and self.stages.talker is not None:  # the Talker: its user parts, from mm_hidden
+            prompt = _talker_prompt(req, media.prompt, mm_hidden, keep)
+            async for _ in self._deadline(self.stages.talker.speak(prompt, _talker_sampling(req), 0, _nothing()),
+                                          "talker"):
+                pass
         return media.prompt.input_ids.numel()
 
     async def _prepare(self, req: TurnRequest, turn: _Turn, keep: str | None = None) -> tuple[PromptMedia, TurnInputs]:
@@ -276,8 +284,7 @@ class Conductor:
 
     async def _talk(self, req: TurnRequest, turn: _Turn, thinker_prompt: ThinkerPrompt,
                     released: asyncio.Queue, frames: asyncio.Queue) -> None:
-        sampling = req.talker_sampling or default_talker_sampling(
-            greedy=req.thinker_sampling.greedy, seed=req.thinker_sampling.seed)
+        sampling = _talker_sampling(req)
 
         async def text():
             while (token := await self._get(released, "talker")) is not _END:
@@ -294,27 +301,22 @@ class Conductor:
             async for token in text_stream:
                 yield token
 
-        prompt = TalkerPrompt(
-            input_ids=thinker_prompt.input_ids, mm_hidden=turn.mm_hidden, speaker=req.speaker,
-            audio_feature_lengths=thinker_prompt.audio_feature_lengths, image_grid_thw=thinker_prompt.image_grid_thw,
-            video_grid_thw=thinker_prompt.video_grid_thw, video_second_per_grid=thinker_prompt.video_second_per_grid,
-            use_audio_in_video=thinker_prompt.use_audio_in_video,
-            cache_key=thinker_prompt.cache_key if req.session_id else "",  # a session's turns: kept on the replica
-        )
+        # The KV of a session's user parts stays on the replica for its next turn; this turn's own is freed.
+        prompt = _talker_prompt(req, thinker_prompt, turn.mm_hidden, KEEP_SESSION if req.session_id else KEEP_NONE)
         t_start = time.perf_counter()
         codes_stream = self.stages.talker.speak(prompt, sampling, req.max_audio_frames, text_from_first())
         async for codes in self._deadline(codes_stream, "talker"):
             turn.mark("talker_ttft", t_start)
-            turn.codes.append(codes.tolist())
+            turn.codes.append(list(codes))
             await self._put(frames, codes, "code2wav")
         await frames.put(_END)
 
     async def _vocode(self, turn: _Turn, frames: asyncio.Queue, out: asyncio.Queue) -> None:
-        handed: list[tuple[int, ...]] = []  # frames given to Code2Wav since the last packet
+        handed: list[Codes] = []  # frames given to Code2Wav since the last packet
 
         async def frame_stream():
             while (codes := await self._get(frames, "code2wav")) is not _END:
-                handed.append(tuple(codes.tolist()))
+                handed.append(codes)
                 yield codes
 
         t_start = time.perf_counter()
@@ -378,6 +380,25 @@ def cache_key(req: TurnRequest) -> str:
     if req.session_id:
         return f"{req.principal}/session/{req.session_id}"
     return f"{req.principal}/turn/{req.request_id}" if req.request_id else ""
+
+
+def _talker_prompt(req: TurnRequest, thinker_prompt: ThinkerPrompt, mm_hidden: torch.Tensor | None,
+                   keep: str) -> TalkerPrompt:
+    """The Talker's prompt: the Thinker prompt's layout, its media's hidden states, and the Thinker's cache key."""
+    return TalkerPrompt(**layout_of(thinker_prompt), mm_hidden=mm_hidden, speaker=req.speaker,
+                        cache_key=thinker_prompt.cache_key, keep=keep)
+
+
+def _talker_sampling(req: TurnRequest) -> SamplingParams:
+    """The client's, else the reference's Talker defaults, greedy when the Thinker is."""
+    return req.talker_sampling or default_talker_sampling(greedy=req.thinker_sampling.greedy,
+                                                          seed=req.thinker_sampling.seed)
+
+
+async def _nothing() -> AsyncIterator[int]:
+    """No released text: a prefill only."""
+    return
+    yield
 
 
 def _seeded(req: TurnRequest) -> TurnRequest:

@@ -2,10 +2,11 @@
 
 Without it nothing runs before `end_of_turn`, so the wait after the user stops grows with what they said. Here the
 gateway, as input arrives, renders the turn so far (history and the parts that are complete: every part before
-the last, and of a PCM audio still streaming in its whole encoder windows) and has the Thinker prefill it
-(`Conductor.prefill`); the replica keeps that KV under the turn's cache key, and the next prefill, or the answer at
-`end_of_turn`, takes it back and runs only what came since (`services.engines.prefix`). What is left at
-`end_of_turn` is the last partial window and the prompt's tail.
+the last, and of a PCM audio still streaming in its whole encoder windows) and has the Thinker prefill it, and the
+Talker its user parts from the Thinker's hidden states at the media (`Conductor.prefill`); each replica keeps that KV
+under the turn's cache key, and the next prefill, or the answer at `end_of_turn`, takes it back and runs only what
+came since (`services.engines.prefix`, `TalkerEngine._claim`). What is left at `end_of_turn` is the last partial
+window and the prompt's tail.
 
 Exactness comes from the prefix check, not from here: a later prefill reuses only the ids and media windows it
 proves equal. A louder moment that changes the log-mel features of earlier windows (the extractor's clamp at the
@@ -26,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import replace
 
 from services import metrics
 from services.conductor import Conductor, TurnRequest
@@ -89,7 +89,7 @@ class LivePrefill:
             try:
                 t = time.perf_counter()
                 req, _ = await asyncio.to_thread(snapshot.request, self.options, self.history)
-                tokens = await self.conductor.prefill(replace(req, audio_output=False))
+                tokens = await self.conductor.prefill(req)
                 metrics.LIVE_PREFILLS.inc()
                 log.info("turn %s: prefilled %d tokens of its input so far in %.0f ms", self.options.request_id,
                          tokens, 1000 * (time.perf_counter() - t))

@@ -29,19 +29,18 @@ from services.engines.vision_encoder import VisionEmbeddings
 from services.errors import InvalidInput, ResourceExhausted
 from services.hooks import HookContext, Released
 from services.hooks.stage import plain_conversation
-from services.servicers import request_id, required, sampling_to_proto
+from services.servicers import KEEP_TO_PROTO, request_id, required, sampling_to_proto
 from services.servicers.hooks import hook_event_from_proto
 from services.servicers.status import StageError, error_of
 from services.servicers.talker import prompt_tensors as talker_prompt_tensors
 from services.servicers.thinker import (
     EMBED_TENSORS,
-    KEEP_TO_PROTO,
     LAYOUT_TENSORS,
     PROMPT_TENSORS,
     segments_to_proto,
 )
 from services.servicers.thinker import prompt_tensors as thinker_prompt_tensors
-from services.stages import Embed, Stages, ThinkerToken
+from services.stages import Codes, Embed, Stages, ThinkerToken
 from services.wire import cluster_tls
 from services.wire.cluster_tls import ClusterCredential
 from services.wire.gen.omni.v1 import (
@@ -141,7 +140,9 @@ class RemoteThinker:
                     for token in resp.tokens.token_ids:
                         yield ThinkerToken(token, mm_hidden)
                         mm_hidden = None
-                # "end": the server closes the stream after it, since we half-closed
+                elif kind == "end" and max_new_tokens == 0:  # prefill only: its one item
+                    yield ThinkerToken(None, mm_hidden)
+                # after "end" the server closes the stream, since we half-closed
 
 
 def _prompt_messages(prompt: ThinkerPrompt, names: tuple[str, ...]) -> Iterator[ThinkRequest]:
@@ -252,11 +253,12 @@ class RemoteTalker:
         self._stub = talker_pb2_grpc.TalkerStub(channel)
 
     async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
-                    text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
+                    text: AsyncIterator[int]) -> AsyncIterator[Codes]:
         async def requests():
             yield SpeakRequest(start=SpeakStart(
                 request_id=rid, speaker=prompt.speaker, sampling=sampling_to_proto(sampling), max_frames=max_frames,
-                use_audio_in_video=prompt.use_audio_in_video, cache_key=prompt.cache_key))
+                use_audio_in_video=prompt.use_audio_in_video, cache_key=prompt.cache_key,
+                keep=KEEP_TO_PROTO[prompt.keep], prefill_only=max_frames == 0))
             for name, t in talker_prompt_tensors(prompt).items():
                 for piece in to_pieces(name, t):
                     yield SpeakRequest(prompt=piece)
@@ -267,7 +269,7 @@ class RemoteTalker:
         rid = request_id()
         async with aclosing(_exchange(self._stub.Speak, requests(), "talker")) as responses:
             async for resp in responses:
-                yield torch.tensor(resp.frame.codes, dtype=torch.long)
+                yield tuple(resp.frame.codes)
 
 
 class RemoteCode2Wav:
@@ -275,12 +277,11 @@ class RemoteCode2Wav:
         self.channel = channel
         self._stub = code2wav_pb2_grpc.Code2WavStub(channel)
 
-    async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
+    async def decode(self, frames: AsyncIterator[Codes]) -> AsyncIterator[Tensor]:
         async def requests():
             yield DecodeRequest(start=DecodeStart(request_id=rid))
-            async for codes in frames:  # [16] or [n, 16]
-                rows = codes.reshape(-1, codes.shape[-1]).tolist()
-                yield DecodeRequest(frames=DecodeFrames(frames=[CodecFrame(codes=row) for row in rows]))
+            async for codes in frames:
+                yield DecodeRequest(frames=DecodeFrames(frames=[CodecFrame(codes=codes)]))
 
         rid = request_id()
         async with aclosing(_exchange(self._stub.Decode, requests(), "code2wav")) as responses:

@@ -32,10 +32,13 @@ from services.engines.vision_encoder import VisionEmbeddings, VisionEncoderEngin
 from services.metrics import PREFIX_REDOS, PREFIX_TOKENS, STAGE_QUEUE, StageTimer, stage_executor
 
 
+Codes = tuple[int, ...]  # one 80 ms frame: codebook 0 (the Talker's) then the 15 residual codebooks (MTP's)
+
+
 @dataclass(frozen=True)
 class ThinkerToken:
-    token_id: int
-    mm_hidden: Tensor | None = None  # with the first token only: the Talker's multimodal input
+    token_id: int | None  # None: the one item of a prefill only (max_new_tokens 0), which carries mm_hidden
+    mm_hidden: Tensor | None = None  # with the first item only: the Talker's multimodal input
 
 
 class AudioEncoderStage(Protocol):
@@ -52,8 +55,9 @@ Embed = Callable[[int], Awaitable[ThinkerPrompt]]  # `PromptMedia.embed`: the pr
 class ThinkerStage(Protocol):
     def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
                  stop_ids: frozenset[int], embed: Embed | None = None) -> AsyncIterator[ThinkerToken]:
-        """Sampled tokens until a stop id (yielded) or max_new_tokens. With `embed`, `prompt` is the layout alone
-        and the stage asks `embed` for the embeddings past the prefix it holds for `prompt.cache_key`."""
+        """Sampled tokens until a stop id (yielded) or max_new_tokens; max_new_tokens 0: prefill only, whose one
+        item has no token. With `embed`, `prompt` is the layout alone and the stage asks `embed` for the embeddings
+        past the prefix it holds for `prompt.cache_key`."""
 
 
 class MTPStage(Protocol):
@@ -62,13 +66,14 @@ class MTPStage(Protocol):
 
 class TalkerStage(Protocol):
     def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
-              text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
+              text: AsyncIterator[int]) -> AsyncIterator[Codes]:
         """Frames of 16 codes; `text` yields released token ids, the first one starts the Talker, its end is the
-        end of text. Frame accounting follows the reference: `max_frames` is its talker_max_new_tokens."""
+        end of text. Frame accounting follows the reference: `max_frames` is its talker_max_new_tokens. max_frames
+        0: prefill only the prompt's user parts, kept for its cache key (`prompt.keep`), and speak nothing."""
 
 
 class Code2WavStage(Protocol):
-    def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
+    def decode(self, frames: AsyncIterator[Codes]) -> AsyncIterator[Tensor]:
         """PCM samples (float32, 24 kHz) as soon as causality allows, then the tail after the last frame."""
 
 
@@ -168,6 +173,9 @@ class LocalThinker:
                     in_step = False
                 finally:
                     span.end()
+                if not max_new_tokens:  # prefill only
+                    yield ThinkerToken(None, prefill.mm_hidden)
+                    return
                 session = job.session
                 decode = tracing.start_span("thinker.decode", parent=timer.span)
                 sampler = Sampler(sampling)
@@ -252,24 +260,27 @@ class LocalTalker:
         self._batcher = StepBatcher("talker", self._step_rows, max_batch=max_batch, max_wait_s=max_wait_s)
 
     async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
-                    text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
+                    text: AsyncIterator[int]) -> AsyncIterator[Codes]:
         text = aiter(text)
-        first = await anext(text, None)
-        if first is None:  # nothing was released: nothing to say
+        first = None  # prefill only (max_frames 0): the user parts alone
+        if max_frames and (first := await anext(text, None)) is None:  # nothing was released: nothing to say
             return
         engine = self.engine
         job = None
         in_step = True  # an engine call for this request is running (a cancel then must not park its KV)
         with StageTimer("talker") as timer:
             try:
-                job = await start_job("talker", engine.start, prompt, first, sampling, max_frames)
+                job = await start_job("talker", engine.start, prompt, first, sampling, max(max_frames, 1))
                 session = job.session
-                if session.length:  # taken from the KV this replica kept for the session
+                if session.length:  # taken from the KV this replica kept for the key
                     PREFIX_TOKENS.inc(session.length, stage="talker", kind="reused")
                 PREFIX_TOKENS.inc(len(job.embeds) - session.length, stage="talker", kind="prefilled")
-                while (frame := await run_engine("talker", engine.prefill_step, job)) is None:
-                    pass
+                frame = None
+                while not job.done:
+                    frame = await run_engine("talker", engine.prefill_step, job)
                 in_step = False
+                if frame is None:  # prefill only: its KV is kept (below)
+                    return
                 text_ended = False
                 # A frame's residual codes come from the step after its c0, so the last c0 (EOS, or the one that
                 # hits the cap) never becomes a frame: the reference's talker_codes.
@@ -280,7 +291,7 @@ class LocalTalker:
                             result = await self.mtp.predict(frame.hidden[None], torch.tensor([frame.c0]),
                                                             sampling.greedy, mtp_seed(sampling.seed, generated))
                         timer.output()
-                        yield result.codes[0]
+                        yield tuple(result.codes[0].tolist())  # the frame's one way out of tensors
                         token = TEXT_END
                         if not text_ended:
                             token = await anext(text, None)
@@ -295,8 +306,8 @@ class LocalTalker:
                 if job is not None:
                     if in_step:
                         job.session.close()
-                    else:  # its user parts' KV kept for the session's next request, or freed
-                        engine.park(job, prompt.cache_key)
+                    else:  # its user parts' KV kept for the key's next request, or freed
+                        engine.park(job, prompt)
 
     def _step_rows(self, rows: list[tuple]) -> list:
         """One Talker step over requests' next inputs (on the stage's worker thread)."""
@@ -313,12 +324,12 @@ class LocalCode2Wav:
         self.engine = engine
         self._batcher = StepBatcher("code2wav", self._push_rows, max_batch=max_batch, max_wait_s=max_wait_s)
 
-    async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
+    async def decode(self, frames: AsyncIterator[Codes]) -> AsyncIterator[Tensor]:
         stream = self.engine.stream()
         with StageTimer("code2wav") as timer:
             with self._batcher.member():
-                async for codes in frames:
-                    codes = self.engine.check_codes(codes.reshape(1, -1))  # one frame per message
+                async for frame in frames:
+                    codes = self.engine.check_codes(torch.tensor([frame]))  # [1, 16]: one frame per message
                     samples = await self._batcher.submit((stream, codes), timer.span)
                     if samples.numel():
                         timer.output()

@@ -104,7 +104,8 @@ async def assert_live_equals_whole(gateways: Gateways, msgs: list, speed: float)
     """The turn streamed to the live gateway at `speed` x real time equals it sent at once to the whole-turn one;
     what the live prefill did."""
     names = {"prefills": ("omni_live_prefills_total", {}), "redos": ("omni_thinker_prefix_redos_total", {}),
-             "reused": ("omni_stage_prompt_tokens_total", {"stage": "thinker", "kind": "reused"})}
+             "reused": ("omni_stage_prompt_tokens_total", {"stage": "thinker", "kind": "reused"}),
+             "talker_reused": ("omni_stage_prompt_tokens_total", {"stage": "talker", "kind": "reused"})}
     before = {k: counter(n, **labels) for k, (n, labels) in names.items()}
     live = await converse(gateways.live, msgs, speed)
     done = {k: counter(n, **labels) - before[k] for k, (n, labels) in names.items()}
@@ -121,7 +122,7 @@ async def test_streamed_audio_equals_the_whole_turn(gateways, speech, seconds, c
     pcm = speech[:int(seconds * RATE)]
     done = await assert_live_equals_whole(gateways, turn(pcm, chunk_s), speed=20.0)
     if seconds >= 16.2:  # two whole 8 s windows and the margin: prefilled while streaming, then taken back
-        assert done["prefills"] >= 1 and done["reused"] > 0, done
+        assert done["prefills"] >= 1 and done["reused"] > 0 and done["talker_reused"] > 0, done
     else:  # no whole window before the end: nothing to prefill early
         assert done["prefills"] == 0, done
 
@@ -138,7 +139,7 @@ async def test_a_louder_moment_redoes_the_earlier_windows_and_still_equals_the_w
 async def test_an_image_before_streamed_audio_is_prefilled_early(gateways, speech, media):
     image = open(media["image"], "rb").read()
     done = await assert_live_equals_whole(gateways, turn(speech[:int(4 * RATE)], 0.1, image), speed=20.0)
-    assert done["prefills"] >= 1 and done["reused"] > 0, done
+    assert done["prefills"] >= 1 and done["reused"] > 0 and done["talker_reused"] > 0, done
 
 
 async def test_a_turn_cancelled_mid_stream_leaves_its_kv_first_to_go(gateways, speech):

@@ -169,7 +169,7 @@ async def test_stage_errors_are_counted_by_grpc_status_name(gateway, tiny_ckpt):
     local = Stages.local(Engines.load(tiny_ckpt))
 
     async def bad_frames():
-        yield torch.full((16,), local.code2wav.engine.codebook_size)  # one past the codebook
+        yield (local.code2wav.engine.codebook_size,) * 16  # one past the codebook
 
     before = _value("omni_stage_errors_total", stage="code2wav", code="INVALID_ARGUMENT")
     with pytest.raises(InvalidInput):

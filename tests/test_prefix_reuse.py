@@ -17,7 +17,10 @@ from services.checkpoint.loading import Checkpoint
 from services.conductor import Conductor, TurnRequest
 from services.config import KVConfig
 from services.engines.bundle import Engines
+from services.engines.kv_pages import KEEP_NONE, KEEP_TURN, prefill_whole
+from services.engines.positions import layout_of
 from services.engines.prefix import MarkerIds, media_segments
+from services.engines.talker import TEXT_END, TalkerPrompt, default_talker_sampling
 from services.engines.thinker import ThinkerEngine, ThinkerPrompt
 from services.events import TurnSummary
 from services.preprocess import build_turn
@@ -124,6 +127,50 @@ def test_equal_ids_with_other_media_reuse_only_up_to_that_medium(engines, proces
     session.close()
     whole_session.close()
     assert thinker.kv.free_positions + thinker.kv.parked_positions == thinker.kv.capacity  # every page back
+
+
+def test_the_talker_prefills_a_turns_user_parts_before_its_first_token(engines, processor):
+    """The Talker's half of live input: the user parts of the turn so far, prefilled alone (no first token) and kept
+    under the turn's key first-out; the answer's prefill takes them back up to where the turn went on, and gives
+    the c0s and hidden states of a whole prefill."""
+    talker, thinker = engines.talker, engines.thinker
+    audio = tone(1.0, 440.0)
+    so_far = build_turn(processor, parts=[text_part("Listen: "), audio]).processor_outputs
+    whole = build_turn(processor, parts=[text_part("Listen: "), audio, text_part(" What is it?")]).processor_outputs
+    # The audio's hidden states are the same in both (causal, and reused by the Thinker in the live path).
+    layout = ThinkerPrompt(input_ids=whole["input_ids"][0],
+                           audio_embeds=engines.audio.encode(whole["input_features"], whole["feature_attention_mask"]),
+                           audio_feature_lengths=whole["feature_attention_mask"].sum(-1))
+    thinker_session, prefill = thinker.prefill(layout, 1)
+    thinker_session.close()
+
+    def talker_prompt(ids, key, keep):
+        return TalkerPrompt(**{**layout_of(layout), "input_ids": ids}, mm_hidden=prefill.mm_hidden, cache_key=key,
+                            keep=keep)
+
+    sampling = default_talker_sampling(greedy=True)
+    partial = talker_prompt(so_far["input_ids"][0], "alice/turn/1", KEEP_TURN)
+    job = talker.start(partial, None, sampling)
+    while not job.done:
+        assert talker.prefill_step(job) is None  # no first token: no frame
+    talker.park(job, partial)
+    assert talker.kv.parked_positions >= job.user
+
+    full = talker_prompt(whole["input_ids"][0], "alice/turn/1", KEEP_NONE)
+    job = talker.start(full, 9707, sampling, 8)
+    # Reused: the user positions up to the audio's end (the turn so far, less its '<|im_end|>\n').
+    assert job.session.length == int(talker._user_mask(so_far["input_ids"][0]).sum()) - 2
+    session, frame = prefill_whole(job, talker.prefill_step)
+    fresh_session, fresh = talker.prefill(dataclasses.replace(full, cache_key=""), 9707, sampling, 8)
+    for _ in range(4):
+        assert frame.c0 == fresh.c0
+        torch.testing.assert_close(frame.hidden, fresh.hidden, atol=1e-5, rtol=0)
+        embed_sum = engines.mtp.predict(fresh.hidden[None], torch.tensor([fresh.c0])).embed_sum[0]
+        frame = talker.step(session, embed_sum, TEXT_END)
+        fresh = talker.step(fresh_session, embed_sum, TEXT_END)
+    talker.park(job, full)  # KEEP_NONE: freed
+    fresh_session.close()
+    assert talker.kv.free_positions + talker.kv.parked_positions == talker.kv.capacity  # every page back
 
 
 def prefill_with(thinker: ThinkerEngine, prompt: ThinkerPrompt, reuse):

@@ -164,6 +164,22 @@ async def test_a_sessions_next_turn_over_grpc_sends_only_its_new_media(cluster, 
     assert_same_events(ours, expected)
 
 
+async def test_a_turns_input_prefilled_over_grpc_is_taken_back_by_its_answer(cluster, media):
+    """Live input across the wire: the Thinker server prefills the turn so far (`prefill_only`) and sends its
+    mm_hidden back, the Talker server prefills its user parts (`prefill_only`); both keep them under the turn's key
+    for the answer, which takes them back, equals the turn run at once, and frees them (KEEP_NONE)."""
+    full = replace(request("image", media), request_id="live-grpc", principal="p")
+    expected = await run(cluster.local, replace(full, request_id=""))  # no key: nothing kept, nothing reused
+    before = _reused("thinker"), _reused("talker")
+    conductor = Conductor(cluster.remote, stage_timeout_s=60)
+    assert await conductor.prefill(replace(full, parts=full.parts[:1])) > 0  # the image, before the text came
+    ours = [e async for e in conductor.run(full)]
+    assert _reused("thinker") > before[0] and _reused("talker") > before[1]
+    assert_same_events(ours, expected)
+    for engine in (cluster.engines.thinker, cluster.engines.talker):
+        assert engine.kv.unpark("p/turn/live-grpc") is None
+
+
 def _reused(stage: str) -> float:
     import prometheus_client
 
@@ -260,8 +276,8 @@ async def test_out_of_range_codes_are_invalid_argument(cluster):
     assert isinstance(code2wav, RemoteCode2Wav)
 
     async def frames():
-        yield torch.zeros(16, dtype=torch.long)
-        yield torch.full((16,), 5000, dtype=torch.long)
+        yield (0,) * 16
+        yield (5000,) * 16
 
     with pytest.raises(InvalidInput, match="outside the codebook"):
         async for _ in code2wav.decode(frames()):
@@ -270,7 +286,7 @@ async def test_out_of_range_codes_are_invalid_argument(cluster):
 
 async def test_a_failing_input_stream_raises_its_own_error(cluster):
     async def frames():
-        yield torch.zeros(16, dtype=torch.long)
+        yield (0,) * 16
         raise ValueError("the Talker broke")
 
     with pytest.raises(ValueError, match="the Talker broke"):  # not the CANCELLED it caused on the call
@@ -290,6 +306,17 @@ async def test_protocol_violations_are_invalid_argument(cluster):
                 async for _ in stub.Think(iter(messages)):
                     pass
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+    ids = cluster.local.processor.tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                                            return_tensors="pt").input_ids[0]
+    speak = [SpeakRequest(start=SpeakStart(request_id="r", prefill_only=True)),
+             *(SpeakRequest(prompt=piece) for piece in to_pieces("input_ids", ids)),
+             SpeakRequest(text=Tokens(token_ids=[9707])), SpeakRequest(text_end=TextEnd())]
+    async with grpc.aio.insecure_channel(cluster.addresses["Talker"]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in talker_pb2_grpc.TalkerStub(channel).Speak(iter(speak)):
+                pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prefill_only request takes no text" in \
+        err.value.details()
 
 
 async def test_remote_mtp_multiplexes_and_recovers(cluster):

@@ -163,9 +163,9 @@ class EchoCode2Wav:
     def __init__(self):
         self._chunks: dict[int, Tensor] = {}
 
-    async def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
+    async def decode(self, frames: AsyncIterator[tuple[int, ...]]) -> AsyncIterator[Tensor]:
         async for frame in frames:
-            n = int(frame[0])
+            n = frame[0]
             if n not in self._chunks:
                 self._chunks[n] = torch.rand(n)
             yield self._chunks[n]
@@ -363,12 +363,11 @@ class Decode:
     """A Code2Wav client's decode stream: one frame in, one chunk of samples out."""
 
     def __init__(self, code2wav, size: int):
-        self.frame = torch.zeros(NUM_CODES, dtype=torch.long)
-        self.frame[0] = size // 4  # EchoCode2Wav answers with this many samples
-        self.frames: asyncio.Queue[Tensor] = asyncio.Queue()
+        self.frame = (size // 4,) + (0,) * (NUM_CODES - 1)  # EchoCode2Wav answers with size // 4 samples
+        self.frames: asyncio.Queue[tuple[int, ...]] = asyncio.Queue()
         self.chunks = code2wav.decode(self._frames())
 
-    async def _frames(self) -> AsyncIterator[Tensor]:
+    async def _frames(self) -> AsyncIterator[tuple[int, ...]]:
         while True:
             yield await self.frames.get()
 

@@ -31,6 +31,11 @@ from torch import Tensor
 
 from services.errors import ResourceExhausted
 
+# What becomes of a request's KV when it ends, if it has a cache key (`ThinkerPrompt.keep`, `TalkerPrompt.keep`):
+KEEP_SESSION = "session"  # kept for the session's next request
+KEEP_TURN = "turn"  # kept for this turn's next request (its input still streams in), the first to be evicted
+KEEP_NONE = "none"  # freed
+
 
 @dataclass(eq=False)
 class KVSlot:

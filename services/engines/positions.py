@@ -9,13 +9,32 @@ function with itself as `self`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoePreTrainedModelForConditionalGeneration as _Reference,
 )
+
+
+@dataclass
+class PromptLayout:
+    """Where a prompt's tokens sit: its ids and what fixes its media's TM-RoPE positions. The Thinker's and the
+    Talker's prompts are both a layout plus their own inputs, so a turn's layout passes from one to the other whole
+    (`layout_of`)."""
+
+    input_ids: Tensor  # [L] LongTensor, the processor's expanded prompt
+    audio_feature_lengths: Tensor | None = None  # [num_audios] mel frames per audio
+    image_grid_thw: Tensor | None = None  # [num_images, 3]
+    video_grid_thw: Tensor | None = None  # [num_videos, 3]
+    video_second_per_grid: Tensor | None = None  # [num_videos]
+    use_audio_in_video: bool = False  # videos carry their audio track (interleaved positions)
+
+
+def layout_of(prompt: PromptLayout) -> dict:
+    """`prompt`'s layout fields, to build another prompt of the same layout: `TalkerPrompt(**layout_of(p), ...)`."""
+    return {f.name: getattr(prompt, f.name) for f in fields(PromptLayout)}
 
 
 @dataclass
@@ -55,6 +74,20 @@ class TMRoPE:
         )
         text_ids = torch.arange(ids.shape[1], dtype=rope_ids.dtype).view(1, 1, -1)
         return PromptPositions(torch.cat([text_ids, rope_ids.to(text_ids.dtype)]), int(deltas.view(-1)[0]))
+
+    def layout_positions(self, layout: PromptLayout, input_ids: Tensor | None = None) -> PromptPositions:
+        """Positions of `layout`'s prompt, or of `input_ids` laid out with its media (the Talker's user positions)."""
+        def cpu(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.cpu()
+
+        return self.prompt_positions(
+            layout.input_ids if input_ids is None else input_ids,
+            image_grid_thw=cpu(layout.image_grid_thw),
+            video_grid_thw=cpu(layout.video_grid_thw),
+            audio_feature_lengths=cpu(layout.audio_feature_lengths),
+            video_second_per_grid=cpu(layout.video_second_per_grid),
+            use_audio_in_video=layout.use_audio_in_video,
+        )
 
 
 def step_positions(start: int, length: int, rope_delta: int) -> Tensor:

@@ -45,8 +45,8 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig, KVConfig
-from services.engines.kv_pages import KVPool, KVSession, KVSlot, prefill_whole
-from services.engines.positions import TMRoPE, step_positions
+from services.engines.kv_pages import KEEP_NONE, KEEP_SESSION, KEEP_TURN, KVPool, KVSession, KVSlot, prefill_whole
+from services.engines.positions import PromptLayout, TMRoPE, step_positions
 from services.engines.sampling import Sampler, SamplingParams
 from services.errors import InvalidInput, ResourceExhausted
 
@@ -62,18 +62,17 @@ def default_talker_sampling(greedy: bool = False, seed: int | None = None) -> Sa
 
 
 @dataclass
-class TalkerPrompt:
-    input_ids: Tensor  # [L] the whole Thinker prompt (all turns: system, user..., '<|im_start|>assistant\n')
-    mm_hidden: Tensor | None  # [N_mm, D_thinker] accept-layer hidden at audio/image/video placeholders, prompt order
+class TalkerPrompt(PromptLayout):
+    """The Thinker prompt's layout (`input_ids`: every turn, ending with '<|im_start|>assistant\\n'; what places its
+    media), the Thinker's `mm_hidden` for its media, and the voice: `TalkerPrompt(**layout_of(thinker_prompt), ...)`."""
+
+    mm_hidden: Tensor | None = None  # [N_mm, D_thinker] accept-layer hidden at audio/image/video placeholders
     speaker: str = "ethan"  # case-insensitive name from talker_config.speaker_id
-    audio_feature_lengths: Tensor | None = None  # for TM-RoPE of audio positions
-    image_grid_thw: Tensor | None = None
-    video_grid_thw: Tensor | None = None
-    video_second_per_grid: Tensor | None = None
-    use_audio_in_video: bool = False
-    # A session's key: the replica keeps the KV of the user parts under it when the request ends (`park`), and the
-    # session's next request reuses the longest prefix of equal inputs (its earlier turns' user parts).
+    # The replica keeps the KV of the user parts under `cache_key` when the request ends, as `keep` says, and the
+    # key's next request reuses the longest prefix of equal inputs (a session's earlier turns, or this turn's
+    # input prefilled while it streamed in).
     cache_key: str = ""
+    keep: str = KEEP_SESSION
 
 
 @dataclass(eq=False)
@@ -105,9 +104,13 @@ class TalkerPrefillJob:
     """A Talker prompt being prefilled chunk by chunk (`TalkerEngine.prefill_step`)."""
 
     session: TalkerSession
-    embeds: Tensor  # [S, H]: the user positions, then the assistant prefix
+    embeds: Tensor  # [S, H]: the user positions, then the assistant prefix (none when prefilling only)
     position_ids: Tensor  # [4, 1, S]
     user: int = 0  # how many of `embeds` are user positions
+
+    @property
+    def done(self) -> bool:
+        return self.session.length >= len(self.embeds)
 
 
 class TalkerEngine:
@@ -194,48 +197,43 @@ class TalkerEngine:
 
     @torch.inference_mode()
     def start(
-        self, prompt: TalkerPrompt, first_token_id: int, sampling: SamplingParams,
+        self, prompt: TalkerPrompt, first_token_id: int | None, sampling: SamplingParams,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     ) -> TalkerPrefillJob:
-        """Check the prompt, reserve its KV and build its input; `prefill_step` runs it chunk by chunk."""
+        """Check the prompt, reserve its KV and build its input; `prefill_step` runs it chunk by chunk.
+        `first_token_id` None: the user parts only, to keep for the prompt's cache key (a turn still streaming in)."""
         if max_new_tokens < 1:
             raise InvalidInput(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         speaker = self.speaker_id(prompt.speaker)
         ids = prompt.input_ids.reshape(-1).to(self.device, torch.long)
         if len(ids) < _ASSISTANT_PREFIX or ids[-3] != self.im_start_id or ids[-2] != self.assistant_id:
             raise InvalidInput("the Talker prompt must end with '<|im_start|>assistant\\n'")
-        self._check_text_token(first_token_id)
         user = self._user_mask(ids)
         user_embeds = self._user_embeds(ids, user, prompt.mm_hidden)
-
-        prefix = self._embed_text(torch.cat((ids[-_ASSISTANT_PREFIX:], ids.new_tensor([first_token_id]))))
-        pad = self._tts_pad.expand(4, -1)
-        text = torch.cat((prefix[:3], pad, self._tts_bos[None], prefix[3:]))
-        codec = torch.cat((
-            torch.zeros(_ASSISTANT_PREFIX, text.shape[-1], device=self.device, dtype=self.dtype),
-            self.model.codec_embedding(torch.tensor(self._codec_prefix_ids + [speaker], device=self.device)),
-            self._codec_tail,
-        ))
-        embeds = torch.cat((user_embeds, text + codec))  # [S, H]
-
-        capacity = len(embeds) + max_new_tokens - 1
+        embeds, capacity = user_embeds, len(user_embeds)
+        if first_token_id is not None:
+            self._check_text_token(first_token_id)
+            prefix = self._embed_text(torch.cat((ids[-_ASSISTANT_PREFIX:], ids.new_tensor([first_token_id]))))
+            pad = self._tts_pad.expand(4, -1)
+            text = torch.cat((prefix[:3], pad, self._tts_bos[None], prefix[3:]))
+            codec = torch.cat((
+                torch.zeros(_ASSISTANT_PREFIX, text.shape[-1], device=self.device, dtype=self.dtype),
+                self.model.codec_embedding(torch.tensor(self._codec_prefix_ids + [speaker], device=self.device)),
+                self._codec_tail,
+            ))
+            embeds = torch.cat((user_embeds, text + codec))  # [S, H]
+            capacity = len(embeds) + max_new_tokens - 1
         if capacity > self.max_positions:
             raise ResourceExhausted(
                 f"Talker prompt of {len(embeds)} positions + {max_new_tokens} c0s exceeds {self.max_positions}"
             )
         talker_ids = torch.cat((ids[user], ids.new_full((_ASSISTANT_LEN,), self.tts_pad_id)))
-        positions = self.rope.prompt_positions(
-            talker_ids,
-            image_grid_thw=_cpu(prompt.image_grid_thw),
-            video_grid_thw=_cpu(prompt.video_grid_thw),
-            audio_feature_lengths=_cpu(prompt.audio_feature_lengths),
-            video_second_per_grid=_cpu(prompt.video_second_per_grid),
-            use_audio_in_video=prompt.use_audio_in_video,
-        )
+        positions = self.rope.layout_positions(prompt, talker_ids)
         session = TalkerSession(kv=self._claim(prompt.cache_key, user_embeds, capacity),
                                 rope_delta=positions.rope_delta,
                                 sampler=Sampler(sampling, self.suppress_tokens, self.device))
-        return TalkerPrefillJob(session, embeds, positions.position_ids.to(self.device), user=len(user_embeds))
+        return TalkerPrefillJob(session, embeds, positions.position_ids[:, :, :len(embeds)].to(self.device),
+                                user=len(user_embeds))
 
     def _claim(self, key: str, user_embeds: Tensor, capacity: int) -> KVSlot:
         """The request's KV: what the replica kept under `key`, its length the longest prefix of equal user inputs
@@ -256,25 +254,26 @@ class TalkerEngine:
             parked.slot.close()
         return self.kv.reserve(capacity)
 
-    def park(self, job: TalkerPrefillJob, key: str) -> None:
-        """Keep a finished request's user-part KV under its session's `key` for the next request (`_claim`); else
-        free it."""
+    def park(self, job: TalkerPrefillJob, prompt: TalkerPrompt) -> None:
+        """Keep a finished request's user-part KV under `prompt.cache_key` for the next request (`_claim`), as
+        `prompt.keep` says; else free it."""
         slot = job.session.kv
-        if not key or slot.closed or slot.length < job.user:
+        if not prompt.cache_key or prompt.keep == KEEP_NONE or slot.closed or slot.length < job.user:
             slot.close()
             return
         slot.length = job.user  # the assistant part and the speech are this turn's only
-        self.kv.park(key, ParkedTalker(slot, job.embeds[:job.user]))
+        self.kv.park(prompt.cache_key, ParkedTalker(slot, job.embeds[:job.user]), first_out=prompt.keep == KEEP_TURN)
 
     @torch.inference_mode()
     def prefill_step(self, job: TalkerPrefillJob) -> TalkerFrame | None:
-        """Prefill the job's next chunk (`prefill_chunk` positions); after the last one, the first frame."""
+        """Prefill the job's next chunk (`prefill_chunk` positions); after the last one, the first frame (none when
+        prefilling the user parts only)."""
         if job.session.closed:
             raise InvalidInput("the Talker session is closed")
         a = job.session.length
         b = min(a + self.prefill_chunk, job.embeds.shape[0])
         out = self.kv.forward(self.model, [job.session.kv], job.embeds[None, a:b], job.position_ids[:, :, a:b])
-        if b < job.embeds.shape[0]:
+        if b < job.embeds.shape[0] or job.user == len(job.embeds):
             return None
         return self._frames([job.session], out.last_hidden_state)[0]
 
@@ -358,10 +357,6 @@ class TalkerEngine:
             hidden = mm_hidden.to(self.device, self.dtype)[user[mm]]
             out[user_mm] = self.hidden_projection(hidden)
         return out
-
-
-def _cpu(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.cpu()
 
 
 def _load_plain(build, state_dict: dict[str, Tensor], device: str, dtype: torch.dtype) -> nn.Module:

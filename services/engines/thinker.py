@@ -22,31 +22,24 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig, KVConfig
-from services.engines.kv_pages import KVPool, KVSession, prefill_whole
+from services.engines.kv_pages import KEEP_NONE, KEEP_SESSION, KEEP_TURN, KVPool, KVSession, prefill_whole
 from services.engines.prefix import MarkerIds, ParkedPrefix, Segment, reusable_tokens
-from services.engines.positions import TMRoPE, step_positions
+from services.engines.positions import PromptLayout, TMRoPE, step_positions
 from services.engines.vision_encoder import VisionEmbeddings
 from services.errors import InvalidInput, ResourceExhausted
 
 MODEL_PREFIX = "thinker.model."
 LM_HEAD_PREFIX = "thinker.lm_head."
 DEFAULT_MAX_NEW_TOKENS = 1024
-KEEP_SESSION = "session"  # kept for the session's next request
-KEEP_TURN = "turn"  # kept for this turn's next request (its input still streams in), the first to be evicted
-KEEP_NONE = "none"  # freed
 
 
 @dataclass
-class ThinkerPrompt:
-    input_ids: Tensor  # [L] LongTensor, the processor's expanded prompt
+class ThinkerPrompt(PromptLayout):
+    """The layout (`input_ids`, and what places its media) and the encoders' embeddings."""
+
     audio_embeds: Tensor | None = None  # [N_audio, D] from AudioEncoderEngine.encode
-    audio_feature_lengths: Tensor | None = None  # [num_audios] mel frames per audio, for TM-RoPE
     image: VisionEmbeddings | None = None
-    image_grid_thw: Tensor | None = None
     video: VisionEmbeddings | None = None
-    video_grid_thw: Tensor | None = None
-    video_second_per_grid: Tensor | None = None
-    use_audio_in_video: bool = False
     # Prefix reuse (`services.engines.prefix`): the replica keeps the request's KV under `cache_key` (a session's)
     # when it ends, and a later prompt with that key reuses the prefix it can prove equal, by `segments` (the
     # media's token spans and digests). The embeddings above may then be those of the placeholders at positions
@@ -192,14 +185,7 @@ class ThinkerEngine:
                 f"prompt of {length} tokens + {max_new_tokens} new tokens exceeds the Thinker's limit of "
                 f"{self.max_seq_len} tokens"
             )
-        positions = self.rope.prompt_positions(
-            prompt.input_ids,
-            image_grid_thw=_cpu(prompt.image_grid_thw),
-            video_grid_thw=_cpu(prompt.video_grid_thw),
-            audio_feature_lengths=_cpu(prompt.audio_feature_lengths),
-            video_second_per_grid=_cpu(prompt.video_second_per_grid),
-            use_audio_in_video=prompt.use_audio_in_video,
-        )
+        positions = self.rope.layout_positions(prompt)
         # Only the positions after the reused prefix run: their embeddings are the given ones past it.
         embeds = self.model.embed_tokens(ids[offset:])  # [L - offset, D]
         skip = {m: int(mask[prompt.embeds_from:offset].sum()) for m, mask in masks.items()}  # given, not needed
@@ -378,6 +364,3 @@ def _mm_embeds(prompt: ThinkerPrompt) -> dict[str, Tensor | None]:
         "video": None if prompt.video is None else prompt.video.embeds,
     }
 
-
-def _cpu(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.cpu()

@@ -16,6 +16,7 @@ import grpc
 from torch import Tensor
 
 from services import tracing
+from services.engines.kv_pages import KEEP_NONE, KEEP_SESSION, KEEP_TURN
 from services.engines.sampling import SamplingParams
 from services.errors import InvalidInput
 from services.tracing import REQUEST_ID, request_id  # noqa: F401  (re-exported for the servicers and clients)
@@ -42,6 +43,14 @@ async def serve_stage(servicer, port: int = 0, host: str = "[::]", options: list
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # a bare IPv6
+
+
+KEEP_TO_PROTO = {KEEP_SESSION: common_pb2.KEEP_KV_SESSION, KEEP_TURN: common_pb2.KEEP_KV_TURN,
+                 KEEP_NONE: common_pb2.KEEP_KV_NONE}
+
+
+def keep_from_proto(keep: int) -> str:
+    return {v: k for k, v in KEEP_TO_PROTO.items()}.get(keep, KEEP_NONE)
 
 
 def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:

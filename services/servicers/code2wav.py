@@ -6,14 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import grpc
-import torch
-from torch import Tensor
 
 from services.engines.code2wav import SAMPLE_RATE
 from services.errors import InvalidInput
 from services.servicers import REQUEST_ID, read_start
 from services.servicers.status import translate_errors
-from services.stages import Code2WavStage
+from services.stages import Code2WavStage, Codes
 from services.wire.gen.omni.v1 import code2wav_pb2_grpc
 from services.wire.gen.omni.v1.code2wav_pb2 import DecodeRequest, DecodeResponse
 from services.wire.tensors import to_proto
@@ -41,17 +39,17 @@ class Code2WavServicer(code2wav_pb2_grpc.Code2WavServicer):
 
 
 class _Frames:
-    """The stream's frames as [num_quantizers] tensors until the caller half-closes, counting those the stage has
-    taken: the samples it yields are final up to them."""
+    """The stream's frames (`Codes`) until the caller half-closes, counting those the stage has taken: the samples
+    it yields are final up to them."""
 
     def __init__(self, requests: AsyncIterator[DecodeRequest]):
         self.requests = requests
         self.taken = 0
 
-    async def __aiter__(self) -> AsyncIterator[Tensor]:
+    async def __aiter__(self) -> AsyncIterator[Codes]:
         async for msg in self.requests:
             if msg.WhichOneof("kind") != "frames":
                 raise InvalidInput(f"Decode: expected frames, got {msg.WhichOneof('kind') or 'an empty message'}")
             for frame in msg.frames.frames:
                 self.taken += 1
-                yield torch.tensor(frame.codes, dtype=torch.long)
+                yield tuple(frame.codes)

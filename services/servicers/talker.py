@@ -14,7 +14,7 @@ from torch import Tensor
 
 from services.engines.talker import DEFAULT_MAX_NEW_TOKENS, TalkerPrompt, default_talker_sampling
 from services.errors import InvalidInput
-from services.servicers import REQUEST_ID, read_start, read_tensors, required, sampling_from_proto
+from services.servicers import REQUEST_ID, keep_from_proto, read_start, read_tensors, required, sampling_from_proto
 from services.servicers.status import translate_errors
 from services.stages import TalkerStage
 from services.wire.gen.omni.v1 import talker_pb2_grpc
@@ -49,13 +49,16 @@ class TalkerServicer(talker_pb2_grpc.TalkerServicer):
             (input_ids,) = required(tensors, "input_ids")
             prompt = TalkerPrompt(input_ids=input_ids, speaker=start.speaker,
                                   use_audio_in_video=start.use_audio_in_video, cache_key=start.cache_key,
+                                  keep=keep_from_proto(start.keep),
                                   **{name: tensors.get(name) for name in PROMPT_TENSORS[1:]})
             sampling = sampling_from_proto(start.sampling) if start.HasField("sampling") else default_talker_sampling()
-            frames = self.stage.speak(prompt, sampling, start.max_frames or DEFAULT_MAX_NEW_TOKENS,
-                                      _text(first, requests))
+            if start.prefill_only and first.WhichOneof("kind") != "text_end":
+                raise InvalidInput("Speak: a prefill_only request takes no text: send text_end after the prompt")
+            max_frames = 0 if start.prefill_only else start.max_frames or DEFAULT_MAX_NEW_TOKENS
+            frames = self.stage.speak(prompt, sampling, max_frames, _text(first, requests))
             async with aclosing(frames):
                 async for codes in frames:
-                    yield SpeakResponse(frame=CodecFrame(codes=codes.tolist()))
+                    yield SpeakResponse(frame=CodecFrame(codes=codes))
 
 
 async def _text(msg: SpeakRequest, requests: AsyncIterator[SpeakRequest]) -> AsyncIterator[int]:

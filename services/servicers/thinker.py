@@ -20,16 +20,15 @@ import torch
 from torch import Tensor
 
 from services.engines.prefix import Segment
-from services.engines.thinker import DEFAULT_MAX_NEW_TOKENS, KEEP_NONE, KEEP_SESSION, KEEP_TURN, ThinkerPrompt
+from services.engines.thinker import DEFAULT_MAX_NEW_TOKENS, ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings
 from services.errors import InvalidInput
-from services.servicers import REQUEST_ID, read_start, read_tensors, required, sampling_from_proto
+from services.servicers import REQUEST_ID, keep_from_proto, read_start, read_tensors, required, sampling_from_proto
 from services.servicers.status import translate_errors
 from services.stages import ThinkerStage
 from services.wire.gen.omni.v1 import thinker_pb2_grpc
 from services.wire.gen.omni.v1.common_pb2 import FinishReason, Tokens
 from services.wire.gen.omni.v1.thinker_pb2 import (
-    KeepKV,
     MediaSegment,
     Prefix,
     ThinkEnd,
@@ -57,8 +56,6 @@ def prompt_tensors(prompt: ThinkerPrompt) -> dict[str, Tensor]:
     return {name: t for name, t in out.items() if t is not None}
 
 
-KEEP_TO_PROTO = {KEEP_SESSION: KeepKV.KEEP_KV_SESSION, KEEP_TURN: KeepKV.KEEP_KV_TURN, KEEP_NONE: KeepKV.KEEP_KV_NONE}
-KEEP_FROM_PROTO = {v: k for k, v in KEEP_TO_PROTO.items()}
 
 
 def segments_to_proto(prompt: ThinkerPrompt) -> list[MediaSegment]:
@@ -73,7 +70,7 @@ def prompt_from_tensors(tensors: dict[str, Tensor], start: ThinkStart, embeds_fr
                            image_grid_thw=tensors.get("image_grid_thw"), video_grid_thw=tensors.get("video_grid_thw"),
                            video_second_per_grid=tensors.get("video_second_per_grid"),
                            use_audio_in_video=start.use_audio_in_video, cache_key=start.cache_key,
-                           segments=segments, embeds_from=embeds_from, keep=KEEP_FROM_PROTO.get(start.keep, KEEP_NONE))
+                           segments=segments, embeds_from=embeds_from, keep=keep_from_proto(start.keep))
     for kind in ("image", "video"):
         if f"{kind}_embeds" in tensors or f"{kind}_deepstack" in tensors:
             embeds, deepstack = required(tensors, f"{kind}_embeds", f"{kind}_deepstack")
@@ -129,6 +126,8 @@ class ThinkerServicer(thinker_pb2_grpc.ThinkerServicer):
                         if item.mm_hidden is not None and want_mm_hidden:
                             for piece in to_pieces("mm_hidden", item.mm_hidden):
                                 yield ThinkResponse(mm_hidden=piece)
+                        if item.token_id is None:  # prefill only: no token
+                            continue
                         generated.append(item.token_id)
                         yield ThinkResponse(tokens=Tokens(token_ids=[item.token_id]))
                 finally:

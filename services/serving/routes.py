@@ -67,7 +67,7 @@ from services.remote import (
 )
 from services.serving.resume import Replay, SeenItems, SeenSamples, past
 from services.servicers.status import StageError
-from services.stages import Embed, Stages, ThinkerToken
+from services.stages import Codes, Embed, Stages, ThinkerToken
 from services.wire import cluster_tls
 from services.wire.server import GRPC_OPTIONS
 
@@ -305,12 +305,13 @@ class RoutedTalker:
         self.replicas = replicas
 
     def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
-              text: AsyncIterator[int]) -> AsyncIterator[Tensor]:
-        # A session's turns go to the replica that keeps its user parts' KV (`affinity`). A resumed Talker is sent
-        # the released text again from its first token.
+              text: AsyncIterator[int]) -> AsyncIterator[Codes]:
+        # A session's turns go to the replica that keeps its user parts' KV (`affinity`), a turn's live prefills and
+        # answer to the one its first call chose (`sticky`), as the Thinker's. A resumed Talker is sent the released
+        # text again from its first token.
         return self.replicas.stream(lambda talker, text: talker.speak(prompt, sampling, max_frames, text),
-                                    SeenItems("talker", key=lambda codes: tuple(codes.tolist())), inputs=text,
-                                    affinity=prompt.cache_key)
+                                    SeenItems("talker", key=lambda codes: codes), inputs=text,
+                                    affinity=prompt.cache_key, sticky=prompt.keep != KEEP_SESSION)
 
 
 class RoutedMTP:
@@ -328,7 +329,7 @@ class RoutedCode2Wav:
     def __init__(self, replicas: ReplicaSet[RemoteCode2Wav]):
         self.replicas = replicas
 
-    def decode(self, frames: AsyncIterator[Tensor]) -> AsyncIterator[Tensor]:
+    def decode(self, frames: AsyncIterator[Codes]) -> AsyncIterator[Tensor]:
         # A resumed Code2Wav is sent every frame again, one per message as before, so that it computes exactly the
         # samples the first one did; the caller gets those past the ones it has.
         return self.replicas.stream(lambda code2wav, frames: code2wav.decode(frames), SeenSamples(), inputs=frames)

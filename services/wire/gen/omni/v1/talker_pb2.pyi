@@ -20,20 +20,24 @@ class SpeakRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[SpeakStart, _Mapping]] = ..., prompt: _Optional[_Union[_tensor_pb2.TensorPiece, _Mapping]] = ..., text: _Optional[_Union[_common_pb2.Tokens, _Mapping]] = ..., text_end: _Optional[_Union[TextEnd, _Mapping]] = ...) -> None: ...
 
 class SpeakStart(_message.Message):
-    __slots__ = ("request_id", "speaker", "sampling", "max_frames", "use_audio_in_video", "cache_key")
+    __slots__ = ("request_id", "speaker", "sampling", "max_frames", "use_audio_in_video", "cache_key", "keep", "prefill_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEAKER_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
     USE_AUDIO_IN_VIDEO_FIELD_NUMBER: _ClassVar[int]
     CACHE_KEY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     speaker: str
     sampling: _common_pb2.SamplingParams
     max_frames: int
     use_audio_in_video: bool
     cache_key: str
-    def __init__(self, request_id: _Optional[str] = ..., speaker: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_frames: _Optional[int] = ..., use_audio_in_video: _Optional[bool] = ..., cache_key: _Optional[str] = ...) -> None: ...
+    keep: _common_pb2.KeepKV
+    prefill_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., speaker: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_frames: _Optional[int] = ..., use_audio_in_video: _Optional[bool] = ..., cache_key: _Optional[str] = ..., keep: _Optional[_Union[_common_pb2.KeepKV, str]] = ..., prefill_only: _Optional[bool] = ...) -> None: ...
 
 class TextEnd(_message.Message):
     __slots__ = ()

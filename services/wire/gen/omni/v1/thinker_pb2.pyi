@@ -1,22 +1,12 @@
 from services.wire.gen.omni.v1 import common_pb2 as _common_pb2
 from services.wire.gen.omni.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class KeepKV(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    KEEP_KV_SESSION: _ClassVar[KeepKV]
-    KEEP_KV_TURN: _ClassVar[KeepKV]
-    KEEP_KV_NONE: _ClassVar[KeepKV]
-KEEP_KV_SESSION: KeepKV
-KEEP_KV_TURN: KeepKV
-KEEP_KV_NONE: KeepKV
 
 class ThinkRequest(_message.Message):
     __slots__ = ("start", "prompt", "prompt_end", "resume")
@@ -50,9 +40,9 @@ class ThinkStart(_message.Message):
     cache_key: str
     segments: _containers.RepeatedCompositeFieldContainer[MediaSegment]
     defer_media: bool
-    keep: KeepKV
+    keep: _common_pb2.KeepKV
     prefill_only: bool
-    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., use_audio_in_video: _Optional[bool] = ..., return_mm_hidden: _Optional[bool] = ..., cache_key: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[MediaSegment, _Mapping]]] = ..., defer_media: _Optional[bool] = ..., keep: _Optional[_Union[KeepKV, str]] = ..., prefill_only: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., use_audio_in_video: _Optional[bool] = ..., return_mm_hidden: _Optional[bool] = ..., cache_key: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[MediaSegment, _Mapping]]] = ..., defer_media: _Optional[bool] = ..., keep: _Optional[_Union[_common_pb2.KeepKV, str]] = ..., prefill_only: _Optional[bool] = ...) -> None: ...
 
 class MediaSegment(_message.Message):
     __slots__ = ("start", "end", "digest")
