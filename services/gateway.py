@@ -66,7 +66,7 @@ from services.events import AudioChunk, Event, HookEvent, ReasoningDelta, TextDe
 from services.hooks import FilterChain, HookStage
 from services.live_input import LivePrefill
 from services.media_budget import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_DECODED_SAMPLES, MediaBudget
-from services.preprocess import AudioInput, decode_audio, load_video
+from services.preprocess import AudioInput, PcmStream, decode_audio, load_video
 from services.sessions import History, SessionStore, SessionStoreError, check_session_id
 from services.servicers.hooks import hook_event_to_proto
 from services.servicers.status import error_of, status_of
@@ -392,6 +392,10 @@ class _Audio:
     channels: int
     video_id: str
     data: bytearray = field(default_factory=bytearray)
+    # PCM16 resampled as the turn's live prefills decode it (`live_view`'s copies share it): the turn's own decode at
+    # its end then resamples only what came since. None: decoded whole (a format `decode_audio` refuses).
+    stream: PcmStream | None = None
+    view: bool = False  # a live prefill's copy: its prefix is decoded whole, and fed to the stream
 
     def decode(self) -> tuple[dict, AudioInput]:
         """The stored form (what a chat-message audio part takes: file bytes, or PCM with its rate) and the
@@ -408,7 +412,13 @@ class _Audio:
                                "16-bit samples")
         pcm = np.frombuffer(bytes(self.data), "<i2")
         pcm = pcm.reshape(-1, self.channels) if self.channels > 1 else pcm
-        return {"audio": pcm, "sample_rate": self.sample_rate}, decode_audio(pcm, self.sample_rate)
+        raw = {"audio": pcm, "sample_rate": self.sample_rate}
+        if self.stream is None:
+            return raw, decode_audio(pcm, self.sample_rate)
+        if self.view:
+            self.stream.feed(self.data)
+            return raw, decode_audio(pcm, self.sample_rate)  # a prefix's end differs from the stream's
+        return raw, self.stream.decode(self.data)
 
     def charge(self, where: str, budget: MediaBudget) -> None:
         """Count the samples this audio decodes to against the turn's budget, from its header or byte count."""
@@ -464,6 +474,9 @@ class _TurnInput:
         audio = self.audios.get(part.audio_id)
         if audio is None:
             audio = self.audios[part.audio_id] = _Audio(kind, part.sample_rate, part.channels or 1, part.video_id)
+            if kind == "pcm16" and part.sample_rate and part.channels >= 0:
+                with contextlib.suppress(InvalidInput):  # decode_audio names what is wrong, at the end
+                    audio.stream = PcmStream(part.sample_rate, audio.channels)
         elif (kind != audio.kind or part.sample_rate not in (0, audio.sample_rate)
               or part.channels not in (0, audio.channels) or part.video_id not in ("", audio.video_id)):
             raise InvalidInput(f"audio {part.audio_id!r}: a chunk's format, sample rate, channels or video differ "
@@ -503,7 +516,7 @@ class _TurnInput:
         if not media:
             return None
         videos = {k: (list(frames), list(times)) for k, (frames, times) in self.videos.items() if k in media}
-        audios = {k: replace(a, data=a.data[:cut] if cut and k == order[-1][1] else bytearray(a.data))
+        audios = {k: replace(a, data=a.data[:cut] if cut and k == order[-1][1] else bytearray(a.data), view=True)
                   for k, a in self.audios.items() if k in media or a.video_id in videos}
         view = _TurnInput(order=order, texts=[list(t) for t in self.texts], audios=audios,
                           images={k: bytearray(v) for k, v in self.images.items() if k in media}, videos=videos,

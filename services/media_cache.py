@@ -60,7 +60,9 @@ HISTORY = DecodedMedia()  # the media, given as bytes, of every turn and session
 
 
 def _by_content(x: object) -> bool:
-    if isinstance(x, (bytes, bytearray, memoryview, np.ndarray, int, float)) or x is None:
+    if isinstance(x, np.ndarray):
+        return not x.dtype.hasobject  # its memory is its content
+    if isinstance(x, (bytes, bytearray, memoryview, int, float)) or x is None:
         return True
     if isinstance(x, Mapping):
         return all(_by_content(v) for v in x.values())
@@ -70,7 +72,7 @@ def _by_content(x: object) -> bool:
 
 
 def _digest(source: object) -> bytes:
-    h = hashlib.blake2b(digest_size=20)
+    h = hashlib.sha256()  # with the CPU's SHA extensions, twice BLAKE2b's speed
     _feed(h, source)
     return h.digest()
 
@@ -82,7 +84,7 @@ def _feed(h, x: object) -> None:
         h.update(x)
     elif isinstance(x, np.ndarray):
         h.update(f"a{x.dtype.str}{x.shape}:".encode())
-        h.update(np.ascontiguousarray(x).tobytes())
+        h.update(np.ascontiguousarray(x))
     elif isinstance(x, Mapping):
         _feed(h, sorted(x.items()))
     elif isinstance(x, (list, tuple)):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,8 @@ import soundfile as sf
 import soxr
 import torch
 
-from services.errors import InvalidInput, ResourceExhausted
+from services.errors import CheckpointError, InvalidInput, ResourceExhausted
+from services.log_mel import LogMelExtractor
 from services.media_cache import HISTORY
 from services.turn_parts import is_blank
 
@@ -60,6 +62,7 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000  # the Whisper feature extractor's rate
 MIN_SAMPLES = 400  # one 25 ms STFT window (n_fft) at 16 kHz
 MIN_SOURCE_RATE, MAX_SOURCE_RATE = 1_000, 384_000
+_QUALITY = "HQ"  # soxr's
 MAX_ASPECT_RATIO = 200  # Qwen2-VL smart_resize raises beyond this
 ROLES = ("system", "user", "assistant", "tool")
 MEDIA_TYPES = ("audio", "image", "video")
@@ -97,15 +100,71 @@ def decode_audio(
     else:
         raise InvalidInput(f"audio must be file bytes, a path or a PCM array, got {type(data).__name__}")
 
-    if pcm.size == 0:
-        raise InvalidInput("audio is empty")
-    if pcm.shape[0] / sample_rate > max_seconds:
-        raise ResourceExhausted(f"audio is {pcm.shape[0] / sample_rate:.1f} s long, the limit is {max_seconds:g} s")
+    _check_length(pcm.shape[0], sample_rate, max_seconds)
     if not np.isfinite(pcm).all():
         raise InvalidInput("audio contains NaN or infinite samples")
-    mono = np.ascontiguousarray(pcm.mean(axis=1, dtype=np.float32) if pcm.ndim == 2 else pcm)
+    mono = _mono(pcm)
     if sample_rate != SAMPLE_RATE:
-        mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality="HQ")
+        mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality=_QUALITY)
+    return _audio_input(mono, sample_rate)
+
+
+class PcmStream:
+    """16-bit PCM decoded to 16 kHz mono as its chunks arrive, so that decoding a long stream at its end costs what
+    was not fed before: `decode` gives what `decode_audio` gives for the whole PCM, bit for bit (soxr's stream gives
+    its one-shot output, however it is fed: tests/test_streamed_audio.py). Thread-safe: fed from worker threads."""
+
+    def __init__(self, sample_rate: int, channels: int):
+        _check_rate(sample_rate)
+        self.sample_rate, self.channels = sample_rate, channels
+        self._soxr = (None if sample_rate == SAMPLE_RATE else
+                      soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality=_QUALITY))
+        self._pieces: list[np.ndarray] = []
+        self._fed = 0  # bytes of the PCM resampled so far: whole frames
+        self._done: AudioInput | None = None
+        self._lock = threading.Lock()
+
+    def feed(self, data: bytes | bytearray) -> None:
+        """Resample the whole frames of `data` (the stream's PCM so far, or a prefix of it) not fed before."""
+        with self._lock:
+            self._feed(data, last=False)
+
+    def decode(self, data: bytes | bytearray, max_seconds: float = 600.0) -> AudioInput:
+        """All of `data` decoded: the stream ends here. `data` must be whole frames."""
+        with self._lock:
+            if self._done is None:
+                _check_length(len(data) // (2 * self.channels), self.sample_rate, max_seconds)
+                self._feed(data, last=True)
+                self._done = _audio_input(np.concatenate(self._pieces), self.sample_rate)
+                self._pieces = []
+            elif len(data) != self._fed:
+                raise RuntimeError("the PCM stream was decoded before its last chunk")
+            return self._done
+
+    def _feed(self, data: bytes | bytearray, last: bool) -> None:
+        if self._done is not None:
+            raise RuntimeError("the PCM stream was decoded before its last chunk")
+        end = len(data) - len(data) % (2 * self.channels)
+        if end <= self._fed and not last:
+            return
+        pcm = np.frombuffer(bytes(data[self._fed:end]), "<i2").astype(np.float32) / 32768.0  # as `_pcm_to_float`
+        self._fed = max(end, self._fed)
+        mono = _mono(pcm.reshape(-1, self.channels) if self.channels > 1 else pcm)
+        self._pieces.append(mono if self._soxr is None else self._soxr.resample_chunk(mono, last=last))
+
+
+def _check_length(samples: int, sample_rate: int, max_seconds: float) -> None:
+    if samples == 0:
+        raise InvalidInput("audio is empty")
+    if samples / sample_rate > max_seconds:
+        raise ResourceExhausted(f"audio is {samples / sample_rate:.1f} s long, the limit is {max_seconds:g} s")
+
+
+def _mono(pcm: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(pcm.mean(axis=1, dtype=np.float32) if pcm.ndim == 2 else pcm)
+
+
+def _audio_input(mono: np.ndarray, sample_rate: int) -> AudioInput:
     if len(mono) < MIN_SAMPLES:
         raise InvalidInput(f"audio is too short: {len(mono)} samples at 16 kHz, need at least {MIN_SAMPLES} (25 ms)")
     return AudioInput(mono.astype(np.float32, copy=False), int(sample_rate))
@@ -413,6 +472,19 @@ class TurnInputs:
     # video_second_per_grid; use_audio_in_video=True when videos carry audio tracks
     messages: list[dict]  # the full conversation with decoded media (AudioInput, RGB PIL, VideoInput)
     prompt_text: str  # the rendered chat template, before placeholder expansion
+
+
+def load_processor(path: str | Path):
+    """The checkpoint's `Qwen3OmniMoeProcessor`, its log-mel features computed once per STFT frame of audio seen
+    lately (`services.log_mel`: a streamed turn's audio, a session's history)."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load the processor/tokenizer: {e}") from e
+    processor.feature_extractor = LogMelExtractor.of(processor.feature_extractor)
+    return processor
 
 
 def build_turn(

@@ -97,16 +97,17 @@ async def run(stages: Stages, req: TurnRequest) -> list:
     return [e async for e in Conductor(stages, stage_timeout_s=60).run(req)]
 
 
-def assert_same_events(ours: list, expected: list) -> None:
-    """The same text deltas, the same audio chunks (bit-equal samples) and the same summary (bar timings). How
-    text and audio interleave depends on timing, so each kind is compared in its own order."""
+def assert_same_events(ours: list, expected: list, samples_atol: float = 0.0) -> None:
+    """The same text deltas, the same audio chunks (bit-equal samples, or within `samples_atol`) and the same
+    summary (bar timings). How text and audio interleave depends on timing, so each kind is compared in its own
+    order."""
     for kind in (TextDelta, AudioChunk):
         a, b = [e for e in ours if isinstance(e, kind)], [e for e in expected if isinstance(e, kind)]
         assert len(a) == len(b), kind
         for x, y in zip(a, b):
             if kind is AudioChunk:
-                assert (x.seq, x.sample_rate) == (y.seq, y.sample_rate)
-                np.testing.assert_array_equal(x.samples, y.samples)
+                assert (x.seq, x.sample_rate, x.codes) == (y.seq, y.sample_rate, y.codes)
+                np.testing.assert_allclose(x.samples, y.samples, rtol=0, atol=samples_atol)
             else:
                 assert x == y
     assert isinstance(ours[-1], TurnSummary) and isinstance(expected[-1], TurnSummary)
@@ -197,7 +198,9 @@ async def test_concurrent_turns_share_one_mtp_stream(cluster, media, monkeypatch
     await cluster.talker_mtp.close()  # start from no stream
     results = await asyncio.gather(*(run(cluster.remote, r) for r in reqs))
     for ours, exp in zip(results, expected):
-        assert_same_events(ours, exp)
+        # Turns at once share Code2Wav's batched forwards, whose sums may round otherwise than a lone stream's
+        # (seen: 6e-13): samples within issue 8's 1e-4; ids and codes exactly.
+        assert_same_events(ours, exp, samples_atol=1e-4)
     assert len(opened) == 1 and not opened[0].done()  # the Talker replica's one MTP stream, still open
 
 

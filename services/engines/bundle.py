@@ -16,7 +16,7 @@ from services.engines.mtp import MTPEngine
 from services.engines.talker import TalkerEngine
 from services.engines.thinker import ThinkerEngine
 from services.engines.vision_encoder import VisionEncoderEngine
-from services.errors import CheckpointError
+from services.preprocess import load_processor
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,11 @@ class Engines:
     @classmethod
     def load(cls, model_dir: str | Path, config: EngineConfig = EngineConfig(), audio_output: bool = True) -> "Engines":
         """Every stage the checkpoint has; the speech stages only with `audio_output` and a Talker in it."""
-        from transformers import AutoProcessor
-
         ckpt = Checkpoint.open(model_dir)
         variant = detect_variant(ckpt)
         speech = audio_output and variant.speech
         t = time.perf_counter()
-        try:
-            processor = AutoProcessor.from_pretrained(ckpt.path)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{ckpt.path}: cannot load the processor/tokenizer: {e}") from e
+        processor = load_processor(ckpt.path)
         engines = cls(
             processor=processor,
             audio=AudioEncoderEngine.from_checkpoint(ckpt, config),

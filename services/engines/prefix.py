@@ -100,10 +100,10 @@ def media_segments(input_ids: Tensor, outputs: Mapping, markers: MarkerIds,
         if kinds == ("audio",):
             segments += _audio_segments(start, end, media.audio_features(), window)
             continue
-        digest = hashlib.blake2b(digest_size=16)
+        digest = hashlib.sha256()
         for kind in kinds:
             media.add(kind, digest)
-        segments.append(Segment(start, end, digest.digest()))
+        segments.append(Segment(start, end, digest.digest()[:16]))
     return tuple(segments)
 
 
@@ -112,11 +112,11 @@ def _audio_segments(start: int, end: int, features: Tensor, window: AudioWindow)
     per_window = window.tokens(window.frames)
     segments = []
     for w, first in enumerate(range(0, features.shape[-1], window.frames)):
-        digest = hashlib.blake2b(_bytes(features[:, first:first + window.frames]), digest_size=16)
+        digest = hashlib.sha256(_buffer(features[:, first:first + window.frames]))
         digest.update(b"audio")
         a = start if w == 0 else start + 1 + w * per_window
         b = min(start + 1 + (w + 1) * per_window, end - 1)
-        segments.append(Segment(a, end if b == end - 1 else b, digest.digest()))
+        segments.append(Segment(a, end if b == end - 1 else b, digest.digest()[:16]))
     return segments
 
 
@@ -161,22 +161,23 @@ class _MediaTensors:
     def add(self, kind: str, digest) -> None:
         digest.update(kind.encode())
         if kind == "audio":
-            digest.update(_bytes(self.audio_features()))
+            digest.update(_buffer(self.audio_features()))
             return
         k = self.taken[kind]
         self.taken[kind] += 1
         grid = self.outputs[f"{kind}_grid_thw"][k]
         pixels = self.outputs["pixel_values" if kind == "image" else "pixel_values_videos"]
         n = int(grid.prod())
-        digest.update(_bytes(grid))
-        digest.update(_bytes(pixels[self.rows[kind]:self.rows[kind] + n]))
+        digest.update(_buffer(grid))
+        digest.update(_buffer(pixels[self.rows[kind]:self.rows[kind] + n]))
         self.rows[kind] += n
         if kind == "video" and "video_second_per_grid" in self.outputs:
-            digest.update(_bytes(torch.as_tensor(self.outputs["video_second_per_grid"]).view(-1)[k]))
+            digest.update(_buffer(torch.as_tensor(self.outputs["video_second_per_grid"]).view(-1)[k]))
 
 
-def _bytes(t: Tensor) -> bytes:
-    return t.detach().contiguous().cpu().numpy().tobytes()
+def _buffer(t: Tensor):
+    """`t`'s memory, to hash (SHA-256: with the CPU's SHA extensions, twice BLAKE2b's speed here)."""
+    return t.detach().contiguous().cpu().numpy()
 
 
 @dataclass(eq=False)

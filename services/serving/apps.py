@@ -454,14 +454,9 @@ def thinker_stop_ids(ckpt) -> frozenset[int]:
 
 
 def _load_processor(ckpt):
-    from transformers import AutoProcessor
+    from services.preprocess import load_processor
 
-    from services.errors import CheckpointError
-
-    try:
-        return AutoProcessor.from_pretrained(ckpt.path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt.path}: cannot load the processor/tokenizer: {e}") from e
+    return load_processor(ckpt.path)
 
 
 def _health(request: health_pb2.HealthCheckRequest, service: str, grpc_context) -> health_pb2.HealthCheckResponse:

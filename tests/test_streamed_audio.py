@@ -1,0 +1,130 @@
+"""Audio that grows while a turn streams in, preprocessed once per piece: PCM resampled as it arrives
+(`preprocess.PcmStream`) and log-mel frames computed once (`log_mel.LogMelExtractor`), each bit-equal to the
+whole-audio computation it replaces (the reference's inputs must not change)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import WhisperFeatureExtractor
+
+from services.errors import InvalidInput, ResourceExhausted
+from services.log_mel import LogMelExtractor, PowerSpectra
+from services.preprocess import PcmStream, build_turn, decode_audio, load_processor
+from services.turn_parts import audio_part, text_part
+
+
+def speechlike(seconds: float, rate: int, channels: int = 1, seed: int = 0) -> np.ndarray:
+    """PCM16 with syllables of tones and noise between stretches of digital silence (the log-mel clamp's case)."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    envelope = (np.sin(2 * np.pi * 3 * t) > 0.2) * (0.2 + 0.6 * rng.random())
+    x = envelope * (np.sin(2 * np.pi * 220 * t * (1 + 0.1 * np.sin(t))) + 0.1 * rng.standard_normal(n))
+    pcm = (np.clip(x, -1, 1) * 32000).astype(np.int16)
+    return np.stack([pcm, pcm // 2], axis=1) if channels == 2 else pcm
+
+
+@pytest.mark.parametrize("rate, channels", [(16000, 1), (22050, 1), (44100, 2), (48000, 1), (8000, 1)])
+def test_pcm_resampled_as_it_arrives_equals_the_whole_decode(rate, channels):
+    pcm = speechlike(5.3, rate, channels)
+    data = pcm.tobytes()
+    stream = PcmStream(rate, channels)
+    rng = np.random.default_rng(1)
+    got, at = bytearray(), 0
+    while at < len(data):
+        step = int(rng.integers(1, 9000))  # any bytes: half samples, odd frames
+        got += data[at:at + step]
+        at += step
+        if rng.random() < 0.3:
+            stream.feed(got[:int(rng.integers(0, len(got) + 1))])  # a live view's prefix, fed from its thread
+        else:
+            stream.feed(got)
+    decoded = stream.decode(got)
+    whole = decode_audio(pcm, rate)
+    assert np.array_equal(decoded.samples, whole.samples) and decoded.source_rate == whole.source_rate == rate
+    assert stream.decode(got) is decoded  # once
+    with pytest.raises(RuntimeError, match="decoded before its last chunk"):
+        stream.feed(got + b"\0\0" * channels)
+
+
+def test_pcm_stream_limits_are_decode_audios():
+    with pytest.raises(InvalidInput, match="sample rate"):
+        PcmStream(10, 1)
+    with pytest.raises(InvalidInput, match="empty"):
+        PcmStream(16000, 1).decode(b"")
+    with pytest.raises(InvalidInput, match="too short"):
+        PcmStream(16000, 1).decode(b"\0\0" * 100)
+    with pytest.raises(ResourceExhausted, match="the limit is 1 s"):
+        PcmStream(16000, 1).decode(b"\0\0" * 20000, max_seconds=1)
+
+
+@pytest.fixture
+def extractors():
+    plain = WhisperFeatureExtractor(feature_size=128)
+    return plain, LogMelExtractor.of(plain)
+
+
+def features(extractor, *audios: np.ndarray) -> np.ndarray:
+    """As the processor calls it: every audio of the conversation in one padded batch."""
+    return extractor(list(audios), sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True,
+                     return_tensors="np")["input_features"]
+
+
+def test_log_mel_of_growing_audio_equals_the_whole_computation_and_computes_each_frame_once(extractors):
+    plain, cached = extractors
+    audio = decode_audio(speechlike(30.0, 16000), 16000).samples
+    louder = audio.copy()
+    louder[25 * 16000:] *= 3.0  # a louder end raises the clamp of every earlier quiet frame
+    spectra = cached.spectra
+    for end in (201, 400, 8.1 * 16000, 16.1 * 16000, 24.1 * 16000, 30 * 16000):
+        part = audio[:int(end)]
+        before = spectra.frames_computed
+        assert np.array_equal(features(cached, part), features(plain, part)), end
+        if end > 8.1 * 16000:  # only the frames past the last call's (and its reflected end) were computed
+            assert spectra.frames_computed - before < 8.1 * 100
+    reused = spectra.frames_reused
+    assert np.array_equal(features(cached, louder), features(plain, louder))
+    changed = int(np.flatnonzero(louder != audio)[0])  # (digital silence stays silence)
+    assert spectra.frames_reused - reused == (changed - 200) // 160 + 1  # the frames before the first change
+    # Frame 0 reflects samples 1 .. 200 (a change at 200 changes it), frame 1 samples 1 .. 40; then no reflection.
+    spectra.key_samples = 16  # a change past them finds the entry
+    for at, reused in ((200, 0), (300, 1), (360, 2), (1000, 6)):
+        edge = audio[16000:32000].copy()
+        features(cached, edge)
+        edge[at] += 0.5
+        before = spectra.frames_reused
+        assert np.array_equal(features(cached, edge), features(plain, edge)), at
+        assert spectra.frames_reused - before == reused, at
+
+
+def test_log_mel_of_a_batch_of_audios_equals_the_whole_computation(extractors):
+    """A session's turn: the history's audio (seen before, now padded to the longest) and a new one."""
+    plain, cached = extractors
+    history = decode_audio(speechlike(3.0, 16000, seed=2), 16000).samples
+    new = decode_audio(speechlike(7.5, 16000, seed=3), 16000).samples
+    features(cached, history)
+    assert np.array_equal(features(cached, history, new), features(plain, history, new))
+    assert np.array_equal(features(cached, new, history), features(plain, new, history))
+
+
+def test_the_spectra_kept_are_bounded_in_bytes():
+    plain = WhisperFeatureExtractor(feature_size=128)
+    cached = LogMelExtractor.of(plain)
+    cached.spectra = PowerSpectra(cached.n_fft, cached.hop_length, max_bytes=2 * 2**20)
+    for seed in range(6):  # ~1 MB each: 2 s of samples and their spectra
+        audio = decode_audio(speechlike(2.0, 16000, seed=seed), 16000).samples
+        assert np.array_equal(features(cached, audio), features(plain, audio))
+    assert 0 < cached.spectra.nbytes <= 2 * 2**20
+
+
+def test_the_served_processor_gives_the_plain_processors_outputs(tiny_ckpt, processor):
+    served = load_processor(tiny_ckpt)
+    assert isinstance(served.feature_extractor, LogMelExtractor)
+    parts = [text_part("Two sounds: "), audio_part(speechlike(9.0, 16000, seed=4), sample_rate=16000),
+             text_part(" and "), audio_part(speechlike(2.0, 16000, seed=5), sample_rate=16000)]
+    for _ in range(2):  # the second time from the spectra it kept
+        ours, theirs = (build_turn(p, parts=parts).processor_outputs for p in (served, processor))
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            assert np.array_equal(np.asarray(ours[key]), np.asarray(theirs[key])), key
