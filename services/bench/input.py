@@ -165,7 +165,8 @@ async def row(target: Target, where: str, path: str, what: str, requests: list, 
 
 async def bench(where: str, targets: dict[str, Target], args, tmp: Path) -> None:
     first = next(iter(targets.values()))
-    await first.turn(text_turn(args, "Hello."))  # warm-up
+    await first.turn(text_turn(args, "Hello."))  # warm-up: text, then audio (the first row is not a cold one)
+    await first.turn(audio_turn(args, *speech(2.0, tmp)))
     paces = {"realtime": ["realtime"], "fast": ["fast"], "both": ["realtime", "fast"]}[args.pace]
     for pace in paces:
         for path, target in targets.items():
