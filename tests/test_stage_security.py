@@ -228,11 +228,16 @@ async def test_deployed_stage_ports_take_only_peers_with_the_credential(cluster,
 
 
 async def test_the_proxy_serves_no_stage_method(cluster):
-    no_start = thinker_pb2.ThinkRequest(prompt_end=thinker_pb2.PromptEnd())
+    async def no_requests():
+        # The proxy answers on the method alone. A message sent meanwhile could meet the closed call and fail on
+        # the client as INTERNAL; a Thinker reached by mistake would wait for it until the deadline.
+        await asyncio.Event().wait()
+        yield thinker_pb2.ThinkRequest(prompt_end=thinker_pb2.PromptEnd())
+
     async with grpc.aio.insecure_channel(cluster.address) as proxy:
         with pytest.raises(grpc.aio.AioRpcError) as think:
             async for _ in thinker_pb2_grpc.ThinkerStub(proxy).Think(
-                    iter([no_start]), metadata=(("application", "thinker"),), timeout=30):
+                    no_requests(), metadata=(("application", "thinker"),), timeout=30):
                 pass
         assert think.value.code() == grpc.StatusCode.UNIMPLEMENTED, think.value
         with pytest.raises(grpc.aio.AioRpcError) as describe:
