@@ -32,10 +32,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from services import tracing
+from services.engines.kv_pages import KEEP_NONE, KEEP_SESSION, KEEP_TURN
 from services.engines.positions import layout_of
 from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt, default_talker_sampling
-from services.engines.thinker import KEEP_NONE, KEEP_SESSION, KEEP_TURN, ThinkerPrompt
+from services.engines.thinker import ThinkerPrompt
 from services.errors import DeadlineExceeded, InvalidInput
 from services.events import AudioChunk, Event, ReasoningDelta, TextDelta, TurnSummary
 from services.hooks import FilterChain, HookContext, HookStage, HookTurn, LocalHooks, Released

@@ -20,8 +20,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from services.engines.kv_pages import KEEP_SESSION
 from services.engines.prefix import MarkerIds, media_segments, media_spans
-from services.engines.thinker import KEEP_SESSION, ThinkerPrompt
+from services.engines.thinker import ThinkerPrompt
 
 
 class PromptMedia:

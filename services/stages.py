@@ -270,7 +270,7 @@ class LocalTalker:
         in_step = True  # an engine call for this request is running (a cancel then must not park its KV)
         with StageTimer("talker") as timer:
             try:
-                job = await start_job("talker", engine.start, prompt, first, sampling, max(max_frames, 1))
+                job = await start_job("talker", engine.start, prompt, first, sampling, max_frames)
                 session = job.session
                 if session.length:  # taken from the KV this replica kept for the key
                     PREFIX_TOKENS.inc(session.length, stage="talker", kind="reused")

@@ -148,19 +148,22 @@ class KVPool:
         with self._lock:
             self._free.extend(reversed(pages))
 
-    def park(self, key: str, parked, first_out: bool = False) -> None:
-        """Keep `parked` (what a request leaves for the next with its key: `prefix.ParkedPrefix`,
-        `talker.ParkedTalker`; its `slot` filled up to its length) for the next `unpark(key)`; pages past its length
-        go back now. What was parked before under `key` is dropped. `first_out`: the first to be evicted (else the
-        last, until more are parked)."""
+    def park(self, key: str, parked, keep: str) -> None:
+        """What a request leaves for the next with its key (`prefix.ParkedPrefix`, `talker.ParkedTalker`; its `slot`
+        filled up to its length), as `keep` says: kept for the next `unpark(key)` (KEEP_TURN: the first to be
+        evicted; KEEP_SESSION: the last, until more are parked), its pages past its length going back now; or freed
+        (KEEP_NONE, or no key). What was parked before under `key` is dropped."""
         slot = parked.slot
-        keep = -(-slot.length // self.page_size)
+        if not key or keep == KEEP_NONE:
+            slot.close()
+            return
+        kept = -(-slot.length // self.page_size)
         with self._lock:
-            self._free.extend(reversed(slot.pages[keep:]))
-            slot.pages, slot.capacity = slot.pages[:keep], slot.length
+            self._free.extend(reversed(slot.pages[kept:]))
+            slot.pages, slot.capacity = slot.pages[:kept], slot.length
             old = self._parked.pop(key, None)
             self._parked[key] = parked
-            if first_out:
+            if keep == KEEP_TURN:
                 self._parked.move_to_end(key, last=False)
         if old is not None:
             old.slot.close()

@@ -45,7 +45,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig, KVConfig
-from services.engines.kv_pages import KEEP_NONE, KEEP_SESSION, KEEP_TURN, KVPool, KVSession, KVSlot, prefill_whole
+from services.engines.kv_pages import KEEP_SESSION, KVPool, KVSession, KVSlot, prefill_whole
 from services.engines.positions import PromptLayout, TMRoPE, step_positions
 from services.engines.sampling import Sampler, SamplingParams
 from services.errors import InvalidInput, ResourceExhausted
@@ -202,8 +202,6 @@ class TalkerEngine:
     ) -> TalkerPrefillJob:
         """Check the prompt, reserve its KV and build its input; `prefill_step` runs it chunk by chunk.
         `first_token_id` None: the user parts only, to keep for the prompt's cache key (a turn still streaming in)."""
-        if max_new_tokens < 1:
-            raise InvalidInput(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         speaker = self.speaker_id(prompt.speaker)
         ids = prompt.input_ids.reshape(-1).to(self.device, torch.long)
         if len(ids) < _ASSISTANT_PREFIX or ids[-3] != self.im_start_id or ids[-2] != self.assistant_id:
@@ -212,6 +210,8 @@ class TalkerEngine:
         user_embeds = self._user_embeds(ids, user, prompt.mm_hidden)
         embeds, capacity = user_embeds, len(user_embeds)
         if first_token_id is not None:
+            if max_new_tokens < 1:
+                raise InvalidInput(f"max_new_tokens must be >= 1, got {max_new_tokens}")
             self._check_text_token(first_token_id)
             prefix = self._embed_text(torch.cat((ids[-_ASSISTANT_PREFIX:], ids.new_tensor([first_token_id]))))
             pad = self._tts_pad.expand(4, -1)
@@ -258,11 +258,11 @@ class TalkerEngine:
         """Keep a finished request's user-part KV under `prompt.cache_key` for the next request (`_claim`), as
         `prompt.keep` says; else free it."""
         slot = job.session.kv
-        if not prompt.cache_key or prompt.keep == KEEP_NONE or slot.closed or slot.length < job.user:
+        if slot.closed or slot.length < job.user:
             slot.close()
             return
         slot.length = job.user  # the assistant part and the speech are this turn's only
-        self.kv.park(prompt.cache_key, ParkedTalker(slot, job.embeds[:job.user]), first_out=prompt.keep == KEEP_TURN)
+        self.kv.park(prompt.cache_key, ParkedTalker(slot, job.embeds[:job.user]), prompt.keep)
 
     @torch.inference_mode()
     def prefill_step(self, job: TalkerPrefillJob) -> TalkerFrame | None:

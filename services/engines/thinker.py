@@ -22,7 +22,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig, KVConfig
-from services.engines.kv_pages import KEEP_NONE, KEEP_SESSION, KEEP_TURN, KVPool, KVSession, prefill_whole
+from services.engines.kv_pages import KEEP_SESSION, KVPool, KVSession, prefill_whole
 from services.engines.prefix import MarkerIds, ParkedPrefix, Segment, reusable_tokens
 from services.engines.positions import PromptLayout, TMRoPE, step_positions
 from services.engines.vision_encoder import VisionEmbeddings
@@ -151,12 +151,12 @@ class ThinkerEngine:
         """Keep a finished request's KV for the next prompt with its cache key (`claim`), as `prompt.keep` says;
         else free it."""
         length = prompt.input_ids.numel()
-        if not prompt.cache_key or prompt.keep == KEEP_NONE or session.closed or session.length < length:
+        if session.closed or session.length < length:
             session.close()
             return
         ids = torch.cat([prompt.input_ids.view(-1).cpu(), torch.tensor(generated, dtype=torch.long)])
         self.kv.park(prompt.cache_key, ParkedPrefix(session.kv, ids[:session.length], length, prompt.segments,
-                                                    mm_hidden), first_out=prompt.keep == KEEP_TURN)
+                                                    mm_hidden), prompt.keep)
 
     @torch.inference_mode()
     def start(self, prompt: ThinkerPrompt, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,

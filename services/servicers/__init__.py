@@ -47,10 +47,11 @@ def _host_port(host: str, port: int) -> str:
 
 KEEP_TO_PROTO = {KEEP_SESSION: common_pb2.KEEP_KV_SESSION, KEEP_TURN: common_pb2.KEEP_KV_TURN,
                  KEEP_NONE: common_pb2.KEEP_KV_NONE}
+_KEEP_FROM_PROTO = {v: k for k, v in KEEP_TO_PROTO.items()}
 
 
 def keep_from_proto(keep: int) -> str:
-    return {v: k for k, v in KEEP_TO_PROTO.items()}.get(keep, KEEP_NONE)
+    return _KEEP_FROM_PROTO.get(keep, KEEP_NONE)
 
 
 def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:

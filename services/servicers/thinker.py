@@ -56,8 +56,6 @@ def prompt_tensors(prompt: ThinkerPrompt) -> dict[str, Tensor]:
     return {name: t for name, t in out.items() if t is not None}
 
 
-
-
 def segments_to_proto(prompt: ThinkerPrompt) -> list[MediaSegment]:
     return [MediaSegment(start=s.start, end=s.end, digest=s.digest) for s in prompt.segments]
 

@@ -47,11 +47,12 @@ from ray import serve
 from torch import Tensor
 
 from services.checkpoint.variant import INSTRUCT, Variant
+from services.engines.kv_pages import KEEP_SESSION
 from services.engines.mtp import MTPResult
 from services.engines.prefix import AudioWindow
 from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt
-from services.engines.thinker import KEEP_SESSION, ThinkerPrompt
+from services.engines.thinker import ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings
 from services.hooks import HookContext, HookTurn, Released
 from services.metrics import STAGE_FAILOVERS
@@ -78,7 +79,7 @@ MAX_AGE_S = 4.0  # wait for a refresh when the list is older than this (the firs
 DRAIN_S = MAX_AGE_S + 1.0  # a stopping replica serves this long first: every peer has dropped it by then
 FAILED_S = DRAIN_S  # a replica whose call failed UNAVAILABLE is passed over this long (refreshes drop a dead one)
 FETCH_TIMEOUT_S = 10.0
-STICKY_KEYS = 4096  # turns whose Thinker replica a gateway remembers (a turn's live prefills and its answer)
+STICKY_KEYS = 4096  # turns whose replica of a stage a gateway remembers (a turn's live prefills and its answer)
 ADDRESS_METHOD = "grpc_address"  # the replica method answering "host:port" of its own gRPC server
 
 C = TypeVar("C")
