@@ -2,12 +2,15 @@
 session's history).
 
 A turn whose audio streams in is rendered again at every live prefill and at its end (`services.live_input`), and
-the processor computes the features of the whole audio each time: 30 ms for 120 s here, all of it at the end of
-the turn. Yet a frame's STFT depends only on its own 400 samples (the first frames also on the reflected start),
-so `LogMelExtractor` keeps the power spectra of the audios it saw lately and computes only the frames past the
-longest prefix of samples a new audio shares with one of them (compared sample by sample, so the features stay
-exactly the processor's). What stays input-wide, the clamp at "maximum minus 8" and the mel matmul, runs over
-the whole audio as before (the matmul's rounding depends on its width).
+the processor computes the features of the whole audio each time: 30 ms for 120 s here, 130 ms for 10 minutes,
+all of it at the end of the turn. Yet a frame's log-mel before the clamp depends only on its own 400 samples (the
+first frames also on the reflected start), so `LogMelExtractor` keeps those frames for the audios it saw lately and
+computes only the frames past the longest prefix of samples a new audio shares with one of them (compared sample by
+sample). What is input-wide, the clamp at "maximum minus 8", runs over the whole audio as before.
+
+The mel matmul computes at least `MIN_WIDTH` frames at once (all of a shorter audio, as the processor does): BLAS
+rounds a matrix a few columns wide otherwise (its vector kernels), a wide one as the processor's one matmul over the
+whole audio (tests/test_streamed_audio.py compares them).
 
     processor.feature_extractor = LogMelExtractor.of(processor.feature_extractor)   # `preprocess.load_processor`
 """
@@ -23,25 +26,28 @@ import torch
 from torch import Tensor
 from transformers import WhisperFeatureExtractor
 
-MAX_BYTES = 256 * 2**20  # samples and spectra kept per process
+MAX_BYTES = 256 * 2**20  # samples and frames kept per process
+MIN_WIDTH = 64  # frames per mel matmul, at least
 
 
 @dataclass(eq=False)
 class _Seen:
-    samples: np.ndarray  # [L] float32, the audio the spectra were computed from (not written after)
-    power: Tensor  # [n_fft // 2 + 1, L // hop] |STFT|^2 of its frames, as the extractor keeps them (not the last)
+    samples: np.ndarray  # [L] float32, the audio the frames were computed from (not written after)
+    log_mel: Tensor  # [n_mels, L // hop] log10(max(mel, 1e-10)) of its frames (not the last), before the clamp
 
     @property
     def nbytes(self) -> int:
-        return self.samples.nbytes + self.power.numel() * self.power.element_size()
+        return self.samples.nbytes + self.log_mel.numel() * self.log_mel.element_size()
 
 
-class PowerSpectra:
-    """STFT power spectra of audios seen lately, by content; bounded in bytes, least recently used out first.
-    Thread-safe: the processor runs in worker threads."""
+class LogMelFrames:
+    """Log-mel frames (before the clamp) of audios seen lately, by content; bounded in bytes, least recently used
+    out first. Thread-safe: the processor runs in worker threads."""
 
-    def __init__(self, n_fft: int, hop: int, max_bytes: int = MAX_BYTES, key_samples: int = 1024):
+    def __init__(self, n_fft: int, hop: int, mel_filters: np.ndarray, max_bytes: int = MAX_BYTES,
+                 key_samples: int = 1024):
         self.n_fft, self.hop, self.max_bytes = n_fft, hop, max_bytes
+        self.mel_filters = torch.from_numpy(mel_filters).to(torch.float32)  # [n_fft // 2 + 1, n_mels]
         self.key_samples = key_samples  # an entry's key: its first samples (a candidate is then compared in full)
         self.window = torch.hann_window(n_fft)
         self.frames_reused = self.frames_computed = 0
@@ -49,40 +55,37 @@ class PowerSpectra:
         self._lock = threading.Lock()
 
     def fill(self, samples: np.ndarray, out: Tensor, keep_views: bool = False) -> None:
-        """Write |STFT|^2 of `samples` [L] (torch.stft: centered, reflect-padded, Hann) into `out`
-        [n_fft // 2 + 1, L // hop], every frame but the last (as the extractor uses them), and keep them. With
-        `keep_views`, `samples` and `out` are kept as they are (no one writes them after)."""
+        """Write the log-mel frames of `samples` [L] (torch.stft: centered, reflect-padded, Hann; every frame but
+        the last, as the extractor uses them) into `out` [n_mels, L // hop], and keep them. With `keep_views`,
+        `samples` and `out` are kept as they are (no one writes them after)."""
         key = samples[:self.key_samples].tobytes()
         with self._lock:
             candidates = list(self._seen.get(key, ()))
-        reused, base = 0, None
+        first, base = 0, None
         for seen in candidates:
-            n = min(self._stable_frames(seen.samples, samples), seen.power.shape[1])
-            if n > reused:
-                reused, base = n, seen
+            n = min(self.stable_frames(seen.samples, samples), seen.log_mel.shape[1], out.shape[1] - MIN_WIDTH)
+            if n > first:
+                first, base = n, seen
         if base is not None:
-            out[:, :reused] = base.power[:, :reused]
-        # The frames from `reused` on, from their samples, reflected at the end (and at the start for frames 0, 1).
-        half, x, first = self.n_fft // 2, torch.from_numpy(samples), reused * self.hop
-        if first >= half:
-            padded = torch.nn.functional.pad(x[None, None, first - half:], (0, half), mode="reflect")[0, 0]
-        else:
-            padded = torch.nn.functional.pad(x[None, None], (half, half), mode="reflect")[0, 0, first:]
-        tail = torch.stft(padded, self.n_fft, self.hop, window=self.window, center=False,
-                          return_complex=True)[:, :out.shape[1] - reused]
-        out[:, reused:] = tail.abs() ** 2
-        self.frames_reused += reused
-        self.frames_computed += out.shape[1] - reused
+            out[:, :first] = base.log_mel[:, :first]
+        out[:, first:] = self._compute(samples, first, out.shape[1])
+        self.frames_reused += first
+        self.frames_computed += out.shape[1] - first
         kept = _Seen(samples, out) if keep_views else _Seen(samples.copy(), out.clone())
         self._keep(key, kept, base)
 
-    def __deepcopy__(self, memo) -> "PowerSpectra":
-        return self  # one cache however its extractor is copied (`to_dict` deep-copies)
+    def _compute(self, samples: np.ndarray, first: int, frames: int) -> Tensor:
+        """Frames [first, frames) from their samples, reflected at the end (and at the start for frames 0, 1)."""
+        half, x, at = self.n_fft // 2, torch.from_numpy(samples), first * self.hop
+        if at >= half:
+            padded = torch.nn.functional.pad(x[None, None, at - half:], (0, half), mode="reflect")[0, 0]
+        else:
+            padded = torch.nn.functional.pad(x[None, None], (half, half), mode="reflect")[0, 0, at:]
+        stft = torch.stft(padded, self.n_fft, self.hop, window=self.window, center=False, return_complex=True)
+        power = (stft[:, :frames - first].abs() ** 2).contiguous()
+        return torch.clamp(self.mel_filters.T @ power, min=1e-10).log10()
 
-    def __reduce__(self):
-        return PowerSpectra, (self.n_fft, self.hop, self.max_bytes, self.key_samples)  # pickled empty
-
-    def _stable_frames(self, old: np.ndarray, new: np.ndarray) -> int:
+    def stable_frames(self, old: np.ndarray, new: np.ndarray) -> int:
         """How many leading frames `old` and `new` share: frame i spans samples [i*hop - n_fft/2, i*hop + n_fft/2)
         (frame 0 reflects samples 1 .. n_fft/2), which must all lie before the first differing sample, hence before
         `old`'s end too."""
@@ -91,6 +94,12 @@ class PowerSpectra:
         same = int(differ[0]) if differ.size else m
         half = self.n_fft // 2
         return (same - half) // self.hop + 1 if same > half else 0
+
+    def __deepcopy__(self, memo) -> "LogMelFrames":
+        return self  # one cache however its extractor is copied (`to_dict` deep-copies)
+
+    def __reduce__(self):  # pickled empty
+        return LogMelFrames, (self.n_fft, self.hop, self.mel_filters.numpy(), self.max_bytes, self.key_samples)
 
     @property
     def nbytes(self) -> int:
@@ -111,34 +120,30 @@ class PowerSpectra:
 
 
 class LogMelExtractor(WhisperFeatureExtractor):
-    """`WhisperFeatureExtractor` whose STFT frames come from `PowerSpectra`; its features equal the parent's
+    """`WhisperFeatureExtractor` whose frames come from `LogMelFrames`; its features equal the parent's
     (tests/test_streamed_audio.py compares them on growing, changing and batched audio)."""
 
-    spectra: PowerSpectra
+    frames: LogMelFrames
 
     @classmethod
     def of(cls, extractor: WhisperFeatureExtractor) -> "LogMelExtractor":
         out = cls.from_dict(extractor.to_dict())
-        out.spectra = PowerSpectra(out.n_fft, out.hop_length)
+        out.frames = LogMelFrames(out.n_fft, out.hop_length, out.mel_filters)
         return out
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        out.pop("spectra", None)
+        out.pop("frames", None)
         return out
 
     def _torch_extract_fbank_features(self, waveform: np.ndarray, device: str = "cpu") -> np.ndarray:
         if self.dither != 0.0 or device != "cpu" or waveform.ndim != 2:
             return super()._torch_extract_fbank_features(waveform, device)
         rows = np.asarray(waveform, dtype=np.float32)
-        # `stft[..., :-1].abs() ** 2` of the batch, as the parent computes it; from there on, the parent's code.
-        magnitudes = torch.empty(rows.shape[0], self.n_fft // 2 + 1, rows.shape[1] // self.hop_length)
-        for row, out in zip(rows, magnitudes):
-            self.spectra.fill(np.ascontiguousarray(row), out, keep_views=len(rows) == 1)
-        mel_filters = torch.from_numpy(self.mel_filters).to(device, torch.float32)
-        mel_spec = mel_filters.T @ magnitudes
-        log_spec = torch.clamp(mel_spec, min=1e-10).log10()
+        log_spec = torch.empty(rows.shape[0], self.feature_size, rows.shape[1] // self.hop_length)
+        for row, out in zip(rows, log_spec):
+            self.frames.fill(np.ascontiguousarray(row), out, keep_views=len(rows) == 1)
+        # From here on the parent's code, into a new tensor (the frames kept are not written).
         max_val = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0]
         log_spec = torch.maximum(log_spec, max_val - 8.0)
-        log_spec = (log_spec + 4.0) / 4.0
-        return log_spec.numpy()
+        return log_spec.add_(4.0).div_(4.0).numpy()

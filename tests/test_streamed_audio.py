@@ -9,7 +9,7 @@ import pytest
 from transformers import WhisperFeatureExtractor
 
 from services.errors import InvalidInput, ResourceExhausted
-from services.log_mel import LogMelExtractor, PowerSpectra
+from services.log_mel import MIN_WIDTH, LogMelExtractor, LogMelFrames
 from services.preprocess import PcmStream, build_turn, decode_audio, load_processor
 from services.turn_parts import audio_part, text_part
 
@@ -76,26 +76,35 @@ def test_log_mel_of_growing_audio_equals_the_whole_computation_and_computes_each
     audio = decode_audio(speechlike(30.0, 16000), 16000).samples
     louder = audio.copy()
     louder[25 * 16000:] *= 3.0  # a louder end raises the clamp of every earlier quiet frame
-    spectra = cached.spectra
+    frames = cached.frames
     for end in (201, 400, 8.1 * 16000, 16.1 * 16000, 24.1 * 16000, 30 * 16000):
         part = audio[:int(end)]
-        before = spectra.frames_computed
+        before = frames.frames_computed
         assert np.array_equal(features(cached, part), features(plain, part)), end
         if end > 8.1 * 16000:  # only the frames past the last call's (and its reflected end) were computed
-            assert spectra.frames_computed - before < 8.1 * 100
-    reused = spectra.frames_reused
+            assert frames.frames_computed - before < 8.1 * 100
+    reused = frames.frames_reused
     assert np.array_equal(features(cached, louder), features(plain, louder))
     changed = int(np.flatnonzero(louder != audio)[0])  # (digital silence stays silence)
-    assert spectra.frames_reused - reused == (changed - 200) // 160 + 1  # the frames before the first change
+    assert frames.frames_reused - reused == (changed - 200) // 160 + 1  # the frames before the first change
     # Frame 0 reflects samples 1 .. 200 (a change at 200 changes it), frame 1 samples 1 .. 40; then no reflection.
-    spectra.key_samples = 16  # a change past them finds the entry
-    for at, reused in ((200, 0), (300, 1), (360, 2), (1000, 6)):
+    frames.key_samples = 16  # a change past them finds the entry
+    for at, stable in ((200, 0), (300, 1), (360, 2), (1000, 6)):
         edge = audio[16000:32000].copy()
         features(cached, edge)
-        edge[at] += 0.5
-        before = spectra.frames_reused
-        assert np.array_equal(features(cached, edge), features(plain, edge)), at
-        assert spectra.frames_reused - before == reused, at
+        changed = edge.copy()
+        changed[at] += 0.5
+        assert frames.stable_frames(edge, changed) == stable, at
+        before = frames.frames_reused
+        assert np.array_equal(features(cached, changed), features(plain, changed)), at
+        assert frames.frames_reused - before == stable, at
+    # The mel matmul is at least MIN_WIDTH frames wide: a change near the end recomputes that many.
+    edge = audio[16000:32000].copy()
+    features(cached, edge)
+    edge[-10] += 0.5
+    before = frames.frames_reused
+    assert np.array_equal(features(cached, edge), features(plain, edge))
+    assert frames.frames_reused - before == 16000 // 160 - MIN_WIDTH
 
 
 def test_log_mel_of_a_batch_of_audios_equals_the_whole_computation(extractors):
@@ -108,14 +117,14 @@ def test_log_mel_of_a_batch_of_audios_equals_the_whole_computation(extractors):
     assert np.array_equal(features(cached, new, history), features(plain, new, history))
 
 
-def test_the_spectra_kept_are_bounded_in_bytes():
+def test_the_frames_kept_are_bounded_in_bytes():
     plain = WhisperFeatureExtractor(feature_size=128)
     cached = LogMelExtractor.of(plain)
-    cached.spectra = PowerSpectra(cached.n_fft, cached.hop_length, max_bytes=2 * 2**20)
-    for seed in range(6):  # ~1 MB each: 2 s of samples and their spectra
+    cached.frames = LogMelFrames(cached.n_fft, cached.hop_length, cached.mel_filters, max_bytes=2 * 2**20)
+    for seed in range(6):  # ~1 MB each: 2 s of samples and their frames
         audio = decode_audio(speechlike(2.0, 16000, seed=seed), 16000).samples
         assert np.array_equal(features(cached, audio), features(plain, audio))
-    assert 0 < cached.spectra.nbytes <= 2 * 2**20
+    assert 0 < cached.frames.nbytes <= 2 * 2**20
 
 
 def test_the_served_processor_gives_the_plain_processors_outputs(tiny_ckpt, processor):
@@ -123,7 +132,7 @@ def test_the_served_processor_gives_the_plain_processors_outputs(tiny_ckpt, proc
     assert isinstance(served.feature_extractor, LogMelExtractor)
     parts = [text_part("Two sounds: "), audio_part(speechlike(9.0, 16000, seed=4), sample_rate=16000),
              text_part(" and "), audio_part(speechlike(2.0, 16000, seed=5), sample_rate=16000)]
-    for _ in range(2):  # the second time from the spectra it kept
+    for _ in range(2):  # the second time from the frames it kept
         ours, theirs = (build_turn(p, parts=parts).processor_outputs for p in (served, processor))
         assert ours.keys() == theirs.keys()
         for key in theirs:

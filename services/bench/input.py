@@ -10,7 +10,7 @@ without a session (prefilled whole). Each row is one turn, timed at the client o
 prefilling while the input streams in (`services.live_input`), "whole" the same gateway with it off (in process
 only: a deployment's gateway is configured one way). Columns: end of turn to first audio (ms), the ratio to the
 first row of its group, the live prefills during the turn, the prefills redone from a changed window (the log-mel
-clamp), the Thinker's prompt tokens reused and prefilled during the turn, and where the answer's time went (ms,
+clamp), the Thinker's prompt positions reused and prefilled during the turn, the Talker's (t.), and where the answer's time went (ms,
 from the turn's summary: preprocessing the whole turn, the Thinker's first token after its prompt was ready, the
 Talker's first frame after its first text). Goals (issue 9): 120 s within 1.2x of 2 s; 20 turns within 1.2x of 1
 turn.
@@ -42,7 +42,9 @@ SPEECH = ("The lighthouse keeper climbed the stairs every evening at dusk. He li
           "until the morning, listening to the waves against the rocks below.")
 COUNTERS = {"prefills": ("omni_live_prefills_total", {}), "redos": ("omni_thinker_prefix_redos_total", {}),
             "reused": ("omni_stage_prompt_tokens_total", {"stage": "thinker", "kind": "reused"}),
-            "prefilled": ("omni_stage_prompt_tokens_total", {"stage": "thinker", "kind": "prefilled"})}
+            "prefilled": ("omni_stage_prompt_tokens_total", {"stage": "thinker", "kind": "prefilled"}),
+            "t.reused": ("omni_stage_prompt_tokens_total", {"stage": "talker", "kind": "reused"}),
+            "t.prefilled": ("omni_stage_prompt_tokens_total", {"stage": "talker", "kind": "prefilled"})}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,7 +147,7 @@ def text_turn(args, text: str, **config) -> list:
 
 
 HEADER = f"{'where':<6} {'path':<6} {'input':<22} {'eot->audio':>10} {'ratio':>6} {'prefills':>8} {'redos':>5} " \
-         f"{'reused':>7} {'prefilled':>9} {'prep':>6} {'thinker':>7} {'talker':>6}"
+         f"{'reused':>7} {'prefilled':>9} {'t.reused':>8} {'t.prefilled':>11} {'prep':>6} {'thinker':>7} {'talker':>6}"
 
 
 async def row(target: Target, where: str, path: str, what: str, requests: list, base: list, pace_s: float = 0.0):
@@ -159,7 +161,8 @@ async def row(target: Target, where: str, path: str, what: str, requests: list, 
     if not base:
         base.append(wait)
     print(f"{where:<6} {path:<6} {what:<22} {wait * 1e3:>8.0f}ms {wait / base[0]:>6.2f} {delta['prefills']:>8.0f} "
-          f"{delta['redos']:>5.0f} {delta['reused']:>7.0f} {delta['prefilled']:>9.0f} {stages}", flush=True)
+          f"{delta['redos']:>5.0f} {delta['reused']:>7.0f} {delta['prefilled']:>9.0f} "
+          f"{delta['t.reused']:>8.0f} {delta['t.prefilled']:>11.0f} {stages}", flush=True)
     return wait
 
 
