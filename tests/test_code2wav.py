@@ -7,9 +7,10 @@ import random
 
 import pytest
 import torch
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as ref
 
 from services.checkpoint.loading import Checkpoint
-from services.engines.code2wav import Code2WavEngine, push_batch
+from services.engines.code2wav import Code2WavEngine, _snake, push_batch
 from services.errors import InvalidInput
 
 FRAMES = 310  # beyond the 72-frame attention window, many times over
@@ -100,6 +101,19 @@ def test_stream_equals_full_on_checkpoint_weights(engine):
     full = engine.decode(codes)
     streamed = torch.cat(run_stream(engine, codes, chunking("random", 100)))
     torch.testing.assert_close(streamed, full, rtol=0, atol=1e-4 * full.abs().max().item())
+
+
+@pytest.mark.parametrize("channels, samples", [(1536, 3), (96, 1920), (48, 5)])
+def test_the_streams_snake_activation_is_the_references_bit_for_bit(channels, samples):
+    snake = ref.Qwen3OmniMoeSnakeBeta(channels)
+    generator = torch.Generator().manual_seed(channels)
+    with torch.no_grad():
+        snake.alpha.normal_(0, 0.5, generator=generator)
+        snake.beta.normal_(0, 0.5, generator=generator)
+    x = torch.randn(3, channels, samples, generator=generator) * 4
+    with torch.inference_mode():
+        for _ in range(2):  # the second time from the factors it kept
+            assert torch.equal(_snake(snake, x), snake(x))
 
 
 def test_each_frame_holds_back_555_samples_and_finish_adds_nothing(loud):

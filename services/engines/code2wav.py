@@ -31,6 +31,7 @@ transposed convs still trim their output, so its rows would not line up with the
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,19 +279,34 @@ def _step(module: nn.Module, x: Tensor, states: dict) -> Tensor:
     if isinstance(module, ref.Qwen3OmniMoeCausalTransConvNet):
         return _trans_conv(module, x, states)
     if isinstance(module, ref.Qwen3OmniMoeSnakeBeta):
-        return module(x)
+        return _snake(module, x)
     if isinstance(module, ref.Qwen3OmniMoeConvNeXtBlock):
         h = _conv(module.dwconv, x, states).permute(0, 2, 1)
         h = module.pwconv2(module.act(module.pwconv1(module.norm(h))))
         return x + (module.gamma * h).permute(0, 2, 1)
     if isinstance(module, ref.Qwen3OmniMoeCode2WavDecoderResidualUnit):
-        h = _conv(module.conv1, module.act1(x), states)
-        return x + _conv(module.conv2, module.act2(h), states)
+        h = _conv(module.conv1, _snake(module.act1, x), states)
+        return x + _conv(module.conv2, _snake(module.act2, h), states)
     if isinstance(module, ref.Qwen3OmniMoeCode2WavDecoderBlock):
         for block in module.block:
             x = _step(block, x, states)
         return x
     raise TypeError(f"no streaming rule for {type(module).__name__}")
+
+
+def _snake(snake: nn.Module, x: Tensor) -> Tensor:
+    """`Qwen3OmniMoeSnakeBeta` bit for bit (x + 1 / (exp(beta) + eps) * sin(x * exp(alpha))^2, its ops in its order),
+    in one buffer and with the per-channel factors computed once: it took a third of a tiny Code2Wav's time."""
+    factors = _SNAKE_FACTORS.get(snake)
+    if factors is None:
+        alpha = torch.exp(snake.alpha.unsqueeze(0).unsqueeze(-1))
+        beta = torch.exp(snake.beta.unsqueeze(0).unsqueeze(-1))
+        factors = _SNAKE_FACTORS[snake] = (alpha, 1.0 / (beta + snake.no_div_by_zero))
+    alpha, inverse = factors
+    return (x * alpha).sin_().pow_(2).mul_(inverse).add_(x)
+
+
+_SNAKE_FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SnakeBeta -> (alpha, inverse) above
 
 
 def _conv(conv: nn.Module, x: Tensor, states: dict) -> Tensor:
