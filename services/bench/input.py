@@ -6,14 +6,14 @@
 Audio: real speech (`espeak-ng` reads a text, repeated to length) streamed as PCM in `--chunk-ms` chunks, at real
 time and as fast as the client sends, then `end_of_turn`; for each of `--seconds`. Text: a `--turns`-turn
 conversation in a session (the replica keeps its KV) against a 1-turn one, and against the same history sent
-without a session (prefilled whole). Each row is one turn, timed at the client over gRPC; "live" is the gateway
-prefilling while the input streams in (`services.live_input`), "whole" the same gateway with it off (in process
-only: a deployment's gateway is configured one way). Columns: end of turn to first audio (ms), the ratio to the
-first row of its group, the live prefills during the turn, the prefills redone from a changed window (the log-mel
-clamp), the Thinker's prompt positions reused and prefilled during the turn, the Talker's (t.), and where the answer's time went (ms,
-from the turn's summary: preprocessing the whole turn, the Thinker's first token after its prompt was ready, the
-Talker's first frame after its first text). Goals (issue 9): 120 s within 1.2x of 2 s; 20 turns within 1.2x of 1
-turn.
+without a session (prefilled whole). Each row is the median of `--repeats` turns (the session row's each in a new
+session), timed at the client over gRPC; "live" is the gateway prefilling while the input streams in
+(`services.live_input`), "whole" the same gateway with it off (in process only: a deployment's gateway is
+configured one way). Columns: end of turn to first audio (ms), the ratio to the first row of its group, then per
+turn the live prefills, the prefills redone from a changed window (the log-mel clamp), the prompt positions the
+Thinker reused and prefilled, the Talker's (t.), and where the median turn's time went (ms, from its summary:
+preprocessing the whole turn, the Thinker's first token after its prompt was ready, the Talker's first frame after
+its first text). Goals (issue 9): 120 s within 1.2x of 2 s; 20 turns within 1.2x of 1 turn.
 
 The slice has the real Thinker and audio-encoder widths (2 layers, 8 experts, top 8) and random weights: prefill
 costs what it costs per layer in the real model, which the tiny checkpoint does not show.
@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-ms", type=int, default=100, help="audio chunk length")
     p.add_argument("--turns", type=int, default=20, help="turns of the long text conversation")
     p.add_argument("--tokens", type=int, default=8, help="Thinker tokens per answer (greedy)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="turns timed per row, the median printed (a single turn on a busy machine is noisy)")
     p.add_argument("--address", help="a deployment's gRPC address (omni serve); default: in process")
     p.add_argument("--metrics-port", type=int, help="with --address: Ray's Prometheus port, for the counters")
     p.add_argument("--real-config", type=Path, default=DEFAULT_REAL_CONFIG,
@@ -66,8 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.seconds = [float(s) for s in args.seconds.split(",")]
     except ValueError:
         p.error(f"--seconds takes numbers like 2,30,120, got {args.seconds!r}")
-    if min(args.seconds) <= 0 or args.chunk_ms < 1 or args.turns < 2 or args.tokens < 1:
-        p.error("--seconds and --chunk-ms must be positive, --turns >= 2, --tokens >= 1")
+    if min(args.seconds) <= 0 or args.chunk_ms < 1 or args.turns < 2 or args.tokens < 1 or args.repeats < 1:
+        p.error("--seconds and --chunk-ms must be positive, --turns >= 2, --tokens and --repeats >= 1")
     return args
 
 
@@ -150,14 +152,22 @@ HEADER = f"{'where':<6} {'path':<6} {'input':<22} {'eot->audio':>10} {'ratio':>6
          f"{'reused':>7} {'prefilled':>9} {'t.reused':>8} {'t.prefilled':>11} {'prep':>6} {'thinker':>7} {'talker':>6}"
 
 
-async def row(target: Target, where: str, path: str, what: str, requests: list, base: list, pace_s: float = 0.0):
-    before = target.counters()
-    wait, summary = await target.turn(requests, pace_s)
+async def row(target: Target, where: str, path: str, what: str, turn, base: list, repeats: int,
+              pace_s: float = 0.0) -> float:
+    """Time `repeats` turns (`await turn()` gives one's requests, after any set-up turns of its own) and print the
+    median's wait and stage times, and the counters per turn."""
+    timed, delta = [], dict.fromkeys(COUNTERS, 0.0)
+    for _ in range(repeats):
+        requests = await turn()
+        before = target.counters()
+        timed.append(await target.turn(requests, pace_s))
+        await asyncio.sleep(target.lag_s)
+        after = target.counters()
+        for k in COUNTERS:
+            delta[k] += (after.get(k, 0.0) - before.get(k, 0.0)) / repeats
+    wait, summary = sorted(timed, key=lambda t: t[0])[(repeats - 1) // 2]
     stages = " ".join(f"{summary.timings.get(key, float('nan')) * 1e3:>{width}.0f}"
                       for key, width in (("preprocess_s", 6), ("thinker_ttft_s", 7), ("talker_ttft_s", 6)))
-    await asyncio.sleep(target.lag_s)
-    after = target.counters()
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in COUNTERS}
     if not base:
         base.append(wait)
     print(f"{where:<6} {path:<6} {what:<22} {wait * 1e3:>8.0f}ms {wait / base[0]:>6.2f} {delta['prefills']:>8.0f} "
@@ -166,7 +176,15 @@ async def row(target: Target, where: str, path: str, what: str, requests: list, 
     return wait
 
 
+def _given(requests: list):
+    async def turn() -> list:
+        return requests
+    return turn
+
+
 async def bench(where: str, targets: dict[str, Target], args, tmp: Path) -> None:
+    from services.wire.gen.omni.v1 import omni_pb2
+
     first = next(iter(targets.values()))
     await first.turn(text_turn(args, "Hello."))  # warm-up: text, then audio (the first row is not a cold one)
     await first.turn(audio_turn(args, *speech(2.0, tmp)))
@@ -176,23 +194,29 @@ async def bench(where: str, targets: dict[str, Target], args, tmp: Path) -> None
             base: list[float] = []
             for seconds in args.seconds:
                 pcm, rate = speech(seconds, tmp)
-                await row(target, where, path, f"audio {seconds:g} s {pace}", audio_turn(args, pcm, rate), base,
-                          args.chunk_ms / 1000 if pace == "realtime" else 0.0)
+                await row(target, where, path, f"audio {seconds:g} s {pace}", _given(audio_turn(args, pcm, rate)),
+                          base, args.repeats, args.chunk_ms / 1000 if pace == "realtime" else 0.0)
     for path, target in targets.items():
         base = []
-        await row(target, where, path, "text, 1 turn", text_turn(args, "Tell me about the sea."), base)
-        session, history = f"bench-{time.monotonic_ns()}", []
-        for k in range(args.turns - 1):  # the conversation so far, in a session
-            _, summary = await target.turn(text_turn(args, f"Question {k}: tell me about the sea.",
-                                                     session_id=session))
-            history += [("user", f"Question {k}: tell me about the sea."), ("assistant", summary.text)]
-        await row(target, where, path, f"text, {args.turns} turns", text_turn(
-            args, "Tell me about the sea.", session_id=session), base)
-        from services.wire.gen.omni.v1 import omni_pb2
+        await row(target, where, path, "text, 1 turn", _given(text_turn(args, "Tell me about the sea.")), base,
+                  args.repeats)
+        histories = []
 
-        await row(target, where, path, f"text, {args.turns} no sess.", text_turn(
-            args, "Tell me about the sea.", history=[omni_pb2.ChatMessage(role=r, text=t) for r, t in history]),
-            base)
+        async def in_session() -> list:  # a new session each time: the conversation so far, then the timed turn
+            session, history = f"bench-{time.monotonic_ns()}", []
+            for k in range(args.turns - 1):
+                _, summary = await target.turn(text_turn(args, f"Question {k}: tell me about the sea.",
+                                                         session_id=session))
+                history += [("user", f"Question {k}: tell me about the sea."), ("assistant", summary.text)]
+            histories.append(history)
+            return text_turn(args, "Tell me about the sea.", session_id=session)
+
+        async def no_session() -> list:  # the same history sent with the turn, prefilled whole
+            history = [omni_pb2.ChatMessage(role=r, text=t) for r, t in histories[0]]
+            return text_turn(args, "Tell me about the sea.", history=history)
+
+        await row(target, where, path, f"text, {args.turns} turns", in_session, base, args.repeats)
+        await row(target, where, path, f"text, {args.turns} no sess.", no_session, base, args.repeats)
 
 
 def slice_config(real_config_path: Path):
