@@ -114,6 +114,10 @@ def test_the_streams_snake_activation_is_the_references_bit_for_bit(channels, sa
     with torch.inference_mode():
         for _ in range(2):  # the second time from the factors it kept
             assert torch.equal(_snake(snake, x), snake(x))
+    with torch.no_grad():
+        snake.beta.add_(0.25)  # new weights: new factors
+    with torch.inference_mode():
+        assert torch.equal(_snake(snake, x), snake(x))
 
 
 def test_each_frame_holds_back_555_samples_and_finish_adds_nothing(loud):

@@ -297,16 +297,17 @@ def _step(module: nn.Module, x: Tensor, states: dict) -> Tensor:
 def _snake(snake: nn.Module, x: Tensor) -> Tensor:
     """`Qwen3OmniMoeSnakeBeta` bit for bit (x + 1 / (exp(beta) + eps) * sin(x * exp(alpha))^2, its ops in its order),
     in one buffer and with the per-channel factors computed once: it took a third of a tiny Code2Wav's time."""
-    factors = _SNAKE_FACTORS.get(snake)
-    if factors is None:
+    params = (snake.alpha._version, snake.beta._version, snake.alpha.dtype, snake.alpha.device)
+    kept = _SNAKE_FACTORS.get(snake)
+    if kept is None or kept[0] != params:  # new, or its weights were loaded, moved or cast since
         alpha = torch.exp(snake.alpha.unsqueeze(0).unsqueeze(-1))
         beta = torch.exp(snake.beta.unsqueeze(0).unsqueeze(-1))
-        factors = _SNAKE_FACTORS[snake] = (alpha, 1.0 / (beta + snake.no_div_by_zero))
-    alpha, inverse = factors
+        kept = _SNAKE_FACTORS[snake] = (params, alpha, 1.0 / (beta + snake.no_div_by_zero))
+    _, alpha, inverse = kept
     return (x * alpha).sin_().pow_(2).mul_(inverse).add_(x)
 
 
-_SNAKE_FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SnakeBeta -> (alpha, inverse) above
+_SNAKE_FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # SnakeBeta -> (its params, the factors)
 
 
 def _conv(conv: nn.Module, x: Tensor, states: dict) -> Tensor:
