@@ -147,7 +147,7 @@ class PcmStream:
         end = len(data) - len(data) % (2 * self.channels)
         if end <= self._fed and not last:
             return
-        pcm = np.frombuffer(bytes(data[self._fed:end]), "<i2").astype(np.float32) / 32768.0  # as `_pcm_to_float`
+        pcm = np.frombuffer(data[self._fed:end], "<i2").astype(np.float32) / 32768.0  # as `_pcm_to_float`
         self._fed = max(end, self._fed)
         mono = _mono(pcm.reshape(-1, self.channels) if self.channels > 1 else pcm)
         self._pieces.append(mono if self._soxr is None else self._soxr.resample_chunk(mono, last=last))

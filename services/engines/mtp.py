@@ -47,7 +47,7 @@ class MTPEngine:
         self.parameter_bytes = parameter_bytes(predictor, c0_embedding)
         self._warpers = warpers(MTP_SAMPLING)
         self._caches: dict[int, StaticCache] = {}  # by batch size bucket: the 16-step cache, allocated once
-        self._fixed: dict[tuple[int, int], tuple] = {}  # by bucket and step: position ids, causal mask, RoPE (`_step`)
+        self._fixed: dict[tuple[int, int], tuple] = {}  # by bucket and step: positions, causal mask, RoPE (`_step`)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig()) -> "MTPEngine":
@@ -108,15 +108,15 @@ class MTPEngine:
         costs a third less."""
         model = self.predictor.model
         size, n = step_input.shape[:2]
-        position = 0 if i == 0 else i + 1
-        positions = torch.arange(position, position + n, device=self.device)
         fixed = self._fixed.get((size, i))
         if fixed is None:  # what `forward` computes from the same inputs
+            first = 0 if i == 0 else i + 1
+            positions = torch.arange(first, first + n, device=self.device)
             position_ids = positions[None]
             mask = create_causal_mask(config=model.config, inputs_embeds=step_input, attention_mask=None,
                                       past_key_values=cache, position_ids=position_ids)
-            fixed = self._fixed[(size, i)] = (position_ids, mask, model.rotary_emb(step_input, position_ids))
-        position_ids, mask, rope = fixed
+            fixed = self._fixed[(size, i)] = (positions, position_ids, mask, model.rotary_emb(step_input, position_ids))
+        positions, position_ids, mask, rope = fixed
         hidden = step_input
         for layer in model.layers[:model.config.num_hidden_layers]:
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,

@@ -338,9 +338,10 @@ class HooksReplica(_StageReplica):
     async def __init__(self, args: HooksArgs):
         from services.checkpoint.loading import Checkpoint
         from services.hooks import build_chain
+        from services.preprocess import load_processor
         from services.servicers.hooks import HooksServicer
 
-        processor = await asyncio.to_thread(_load_processor, Checkpoint.open(args.model))
+        processor = await asyncio.to_thread(load_processor, Checkpoint.open(args.model).path)
         chain = build_chain(HooksConfig.model_validate(args.model_dump(exclude={"model"})))
         await self._start(HooksServicer(chain, processor))
 
@@ -359,6 +360,7 @@ class GatewayReplica:
         from services.engines.prefix import AudioWindow
         from services.gateway import OmniServicer
         from services.hooks import build_chain
+        from services.preprocess import load_processor
         from services.serving.routes import routed_stages
         from services.auth import build_authenticator
         from services.sessions import Quotas, make_session_store
@@ -369,7 +371,7 @@ class GatewayReplica:
             raise CheckpointError(f"{ckpt.path} is {variant.title}, which has no Talker: leave talker and code2wav "
                                   "out of the gateway's stages (and their applications out of the config)")
         log.info("gateway for %s: %s", ckpt.path, variant.describe())
-        processor = await asyncio.to_thread(_load_processor, ckpt)
+        processor = await asyncio.to_thread(load_processor, ckpt.path)
         speakers = {name.lower(): sid for name, sid in ckpt.config.talker_config.speaker_id.items()}
         self.stages = routed_stages(args.stages, processor, speakers, thinker_stop_ids(ckpt), SAMPLE_RATE, variant,
                                     AudioWindow.of(ckpt.config.thinker_config.audio_config))
@@ -451,12 +453,6 @@ def gateway_app(args: dict) -> Application:
 def thinker_stop_ids(ckpt) -> frozenset[int]:
     # As services.engines.bundle: the reference stops the Thinker on <|im_end|> only.
     return frozenset({ckpt.config.im_end_token_id})
-
-
-def _load_processor(ckpt):
-    from services.preprocess import load_processor
-
-    return load_processor(ckpt.path)
 
 
 def _health(request: health_pb2.HealthCheckRequest, service: str, grpc_context) -> health_pb2.HealthCheckResponse:
