@@ -31,6 +31,7 @@ from services.hooks import HookContext, Released
 from services.hooks.stage import plain_conversation
 from services.servicers import KEEP_TO_PROTO, request_id, required, sampling_to_proto
 from services.servicers.hooks import hook_event_from_proto
+from services.servicers.mtp import MAX_IN_FLIGHT
 from services.servicers.status import StageError, error_of
 from services.servicers.talker import prompt_tensors as talker_prompt_tensors
 from services.servicers.thinker import (
@@ -56,7 +57,7 @@ from services.wire.gen.omni.v1.audio_encoder_pb2 import EncodeAudioRequest, Enco
 from services.wire.gen.omni.v1.code2wav_pb2 import DecodeFrames, DecodeRequest, DecodeStart
 from services.wire.gen.omni.v1.common_pb2 import FINISH_REASON_LENGTH, FINISH_REASON_STOP, CodecFrame, Tokens
 from services.wire.gen.omni.v1.hooks_pb2 import DescribeRequest, FilterRequest, FilterStart, HooksInfo
-from services.wire.gen.omni.v1.mtp_pb2 import PredictRequest, PredictResponse
+from services.wire.gen.omni.v1.mtp_pb2 import MTPAnswer, MTPFrame, PredictRequest
 from services.wire.gen.omni.v1.talker_pb2 import SpeakRequest, SpeakStart, TextEnd
 from services.wire.gen.omni.v1.thinker_pb2 import PromptEnd, ThinkEnd, ThinkRequest, ThinkStart
 from services.wire.gen.omni.v1.vision_encoder_pb2 import EncodeVisionRequest, EncodeVisionStart
@@ -156,10 +157,12 @@ def _prompt_messages(prompt: ThinkerPrompt, names: tuple[str, ...]) -> Iterator[
 
 class RemoteMTP:
     """MTP over ONE bidirectional stream per instance (per Talker replica), shared by all its concurrent requests:
-    a frame costs one message each way on an open stream, not a new call. Each frame is keyed by a sequence number
-    of this instance (sent as `frame`, with the turn's request id for logs) and its answer resolves that frame's
-    future, whatever order answers come in. A broken stream fails the frames in flight and the next frame opens a
-    new one. Create and use it in one event loop."""
+    frames cost messages on an open stream, not a new call. The frames that requests queue while the stream is
+    writing, or in one turn of the event loop (a Talker step's: its requests wake together), leave as one message,
+    so they reach MTP together and share its step. Each frame is keyed by a sequence number of this instance (sent
+    as `frame`, with the turn's request id for logs) and its answer resolves that frame's future, whatever order
+    answers come in. A broken stream fails the frames in flight and the next frame opens a new one. Create and use
+    it in one event loop."""
 
     def __init__(self, channel: grpc.aio.Channel):
         self.channel = channel
@@ -168,7 +171,7 @@ class RemoteMTP:
         self._stream: _MTPStream | None = None
 
     async def predict(self, hidden: Tensor, c0: Tensor, greedy: bool, seed: int | None) -> MTPResult:
-        """hidden: [B, H], c0: [B]; one message per row."""
+        """hidden: [B, H], c0: [B]; one frame per row."""
         if hidden.ndim != 2 or tuple(c0.shape) != tuple(hidden.shape[:1]):
             raise InvalidInput(f"MTP wants hidden [B, H] and c0 [B], got {tuple(hidden.shape)} and {tuple(c0.shape)}")
         if self._stream is None or self._stream.error is not None:
@@ -178,8 +181,8 @@ class RemoteMTP:
         try:
             futures = []
             for key, h, c in zip(keys, hidden, c0.tolist()):
-                msg = PredictRequest(request_id=rid, frame=key, hidden=to_proto(h), c0=c, greedy=greedy,
-                                     trace_context=trace_context)
+                msg = MTPFrame(request_id=rid, frame=key, hidden=to_proto(h), c0=c, greedy=greedy,
+                               trace_context=trace_context)
                 if seed is not None:
                     msg.seed = seed
                 futures.append(stream.send(msg))
@@ -199,17 +202,18 @@ class RemoteMTP:
 class _MTPStream:
     """One open Predict call: a writer task sends the queued frames, a reader task resolves their futures. Callers
     never write themselves: grpc cancels a call when a task is cancelled inside its write, and one cancelled
-    request must not end the stream for every other."""
+    request must not end the stream for every other. The writer sends every frame queued by the time it runs in one
+    message: it wakes after the callers that were ready with the first frame's."""
 
     def __init__(self, call: grpc.aio.StreamStreamCall):
         self.call = call
-        self.pending: dict[int, asyncio.Future[PredictResponse]] = {}
+        self.pending: dict[int, asyncio.Future[MTPAnswer]] = {}
         self.error: Exception | None = None  # set once the stream has ended
-        self._outbox: asyncio.Queue[PredictRequest] = asyncio.Queue()  # bounded by the Talker's open requests
+        self._outbox: asyncio.Queue[MTPFrame] = asyncio.Queue()  # bounded by the Talker's open requests
         self._writer = asyncio.create_task(self._write())
         self._reader = asyncio.create_task(self._read())
 
-    def send(self, msg: PredictRequest) -> asyncio.Future[PredictResponse]:
+    def send(self, msg: MTPFrame) -> asyncio.Future[MTPAnswer]:
         if self.error is not None:
             raise self.error
         future = self.pending[msg.frame] = asyncio.get_running_loop().create_future()
@@ -219,16 +223,20 @@ class _MTPStream:
     async def _write(self) -> None:
         try:
             while True:
-                await self.call.write(await self._outbox.get())
+                frames = [await self._outbox.get()]
+                while not self._outbox.empty() and len(frames) < MAX_IN_FLIGHT:  # what the server takes at once
+                    frames.append(self._outbox.get_nowait())
+                await self.call.write(PredictRequest(frames=frames))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             pass  # the call has ended: the reader reports why
 
     async def _read(self) -> None:
         try:
             while (resp := await self.call.read()) is not grpc.aio.EOF:
-                future = self.pending.get(resp.frame)
-                if future is not None and not future.done():
-                    future.set_result(resp)
+                for answer in resp.answers:
+                    future = self.pending.get(answer.frame)
+                    if future is not None and not future.done():
+                        future.set_result(answer)
             self.error = StageError(grpc.StatusCode.UNAVAILABLE, "mtp stage: the server closed the stream")
         except grpc.aio.AioRpcError as e:
             self.error = error_of(e, "mtp")

@@ -244,6 +244,48 @@ async def test_mtp_batches_frames_of_concurrent_requests_from_every_stream(clust
     assert steps - steps_before < len(frames) / 2  # frames shared steps (the first often runs alone)
 
 
+async def test_frames_queued_together_cross_as_one_message_and_run_as_one_step(cluster, monkeypatch):
+    """A Talker step's frames (its requests wake at once, each asking for its frame) leave as one message and share
+    one MTP step; each gets its own answer."""
+    import prometheus_client
+
+    mtp = RemoteMTP(grpc.aio.insecure_channel(cluster.addresses["MTP"], options=GRPC_OPTIONS))
+    writes = []
+
+    def open_call(_open=mtp._stub.Predict):
+        call = _open()
+        write = call.write
+
+        async def counted(msg):
+            writes.append(len(msg.frames))
+            await write(msg)
+
+        call.write = counted
+        return call
+
+    monkeypatch.setattr(mtp._stub, "Predict", open_call)
+    hidden = torch.randn(6, cluster.engines.talker.model.config.hidden_size)
+    c0 = torch.arange(6) * 5
+
+    def steps() -> tuple[float, float]:
+        get = prometheus_client.REGISTRY.get_sample_value
+        return (get("omni_stage_batch_size_count", {"stage": "mtp"}) or 0.0,
+                get("omni_stage_batch_size_sum", {"stage": "mtp"}) or 0.0)
+
+    try:
+        before = steps()
+        results = await asyncio.gather(*(mtp.predict(hidden[i:i + 1], c0[i:i + 1], True, None) for i in range(6)))
+        after = steps()
+    finally:
+        await mtp.close()
+        await mtp.channel.close()
+    assert writes == [6]
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 6)  # one step of six rows
+    alone = cluster.engines.mtp.predict(hidden, c0)
+    for i, ours in enumerate(results):
+        assert torch.equal(ours.codes, alone.codes[i:i + 1]) and torch.equal(ours.embed_sum, alone.embed_sum[i:i + 1])
+
+
 async def test_unknown_speaker_is_invalid_argument(cluster):
     ids = cluster.local.processor.tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
                                             return_tensors="pt").input_ids[0]

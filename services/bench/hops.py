@@ -56,7 +56,7 @@ from services.wire import cluster_tls
 from services.wire.gen.omni.v1 import hooks_pb2_grpc, mtp_pb2_grpc
 from services.wire.gen.omni.v1.common_pb2 import Tokens
 from services.wire.gen.omni.v1.hooks_pb2 import FilterRequest, FilterStart
-from services.wire.gen.omni.v1.mtp_pb2 import PredictRequest
+from services.wire.gen.omni.v1.mtp_pb2 import MTPFrame, PredictRequest
 from services.wire.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 from services.wire.tensors import from_proto, to_proto
 
@@ -329,13 +329,13 @@ class MTPStub:
         self.frame = 0
 
     async def send(self) -> None:
-        await self.call.write(PredictRequest(request_id="hops", frame=self.frame, hidden=to_proto(self.hidden),
-                                             c0=0, greedy=True))
+        await self.call.write(PredictRequest(frames=[MTPFrame(request_id="hops", frame=self.frame,
+                                                              hidden=to_proto(self.hidden), c0=0, greedy=True)]))
         self.frame += 1
 
     async def recv(self) -> None:
         answer = await self.call.read()
-        _check(from_proto(answer.embed_sum).numel(), self.hidden.numel())
+        _check(from_proto(answer.answers[0].embed_sum).numel(), self.hidden.numel())
 
     async def close(self) -> None:
         self.call.cancel()

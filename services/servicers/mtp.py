@@ -1,15 +1,17 @@
 """MTP.Predict: one stream per Talker replica carries the frames of all its requests -> `MTPStage.predict`.
 
-Each frame is answered as soon as its step has run, in whatever order: frames of every open stream that are ready
-together share one engine step (`LocalMTP`'s batcher), and the Talker matches answers to frames by key.
-The stream has no per-frame error: a bad frame ends it with a status, failing the caller's frames in flight.
-Each frame names its request and carries its trace context: the stream itself belongs to no turn.
+A message's frames (those the Talker's requests queued together: `RemoteMTP`) enter the stage's batcher together,
+so they share one engine step with each other and with the frames of every other open stream that are ready
+(`LocalMTP`). Each message is answered as soon as its frames have run, in whatever order; the Talker matches
+answers to frames by key. The stream has no per-frame error: a bad frame ends it with a status, failing the
+caller's frames in flight. Each frame names its request and carries its trace context: the stream itself belongs
+to no turn.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import torch
@@ -17,13 +19,14 @@ import torch
 from opentelemetry import context as context_api
 
 from services import tracing
+from services.engines.mtp import MTPResult
 from services.errors import InvalidInput
 from services.servicers import REQUEST_ID
 from services.servicers.status import translate_errors
 from services.stages import MTPStage
 from services.wire.gen.omni.v1 import mtp_pb2_grpc
 from services.wire.gen.omni.v1.common_pb2 import CodecFrame
-from services.wire.gen.omni.v1.mtp_pb2 import PredictRequest, PredictResponse
+from services.wire.gen.omni.v1.mtp_pb2 import MTPAnswer, MTPFrame, PredictRequest, PredictResponse
 from services.wire.tensors import from_proto, to_proto
 
 
@@ -53,37 +56,47 @@ class MTPServicer(mtp_pb2_grpc.MTPServicer):
                 await asyncio.gather(reader, return_exceptions=True)
 
     async def _read(self, requests: AsyncIterator[PredictRequest], answers: asyncio.Queue) -> None:
-        """Start each frame's answer as it arrives, so the frames of a stream's requests share steps; then _END
-        once every answer is out."""
+        """Start each message's answer as it arrives, so that its frames, and those of other messages, share steps;
+        then _END once every answer is out."""
         slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-        frames: set[asyncio.Task] = set()
+        messages: set[asyncio.Task] = set()
         try:
             async for msg in requests:
-                hidden = from_proto(msg.hidden)
-                if hidden.ndim != 1:
-                    raise InvalidInput(f"MTP frame {msg.request_id}/{msg.frame}: hidden must be [talker_hidden], "
-                                       f"got shape {list(hidden.shape)}")
-                await slots.acquire()
-                frames.add(task := asyncio.create_task(self._answer(msg, hidden, answers, slots)))
-                task.add_done_callback(frames.discard)
-            await asyncio.gather(*frames)
+                if not 0 < len(msg.frames) <= MAX_IN_FLIGHT:
+                    raise InvalidInput(f"MTP: a message carries 1 to {MAX_IN_FLIGHT} frames, got {len(msg.frames)}")
+                hidden = [from_proto(frame.hidden) for frame in msg.frames]
+                for frame, h in zip(msg.frames, hidden):
+                    if h.ndim != 1:
+                        raise InvalidInput(f"MTP frame {frame.request_id}/{frame.frame}: hidden must be "
+                                           f"[talker_hidden], got shape {list(h.shape)}")
+                for _ in msg.frames:
+                    await slots.acquire()
+                messages.add(task := asyncio.create_task(self._answer(msg.frames, hidden, answers, slots)))
+                task.add_done_callback(messages.discard)
+            await asyncio.gather(*messages)
             answers.put_nowait(_END)
         except Exception as e:
             answers.put_nowait(e)
         finally:
-            for task in frames:
+            for task in messages:
                 task.cancel()
 
-    async def _answer(self, msg: PredictRequest, hidden, answers: asyncio.Queue, slots: asyncio.Semaphore) -> None:
+    async def _answer(self, frames: Sequence[MTPFrame], hidden: list[torch.Tensor], answers: asyncio.Queue,
+                      slots: asyncio.Semaphore) -> None:
         try:
-            REQUEST_ID.set(msg.request_id)  # this frame's task only
-            with tracing.current(ctx=tracing.extract(msg.trace_context) or context_api.Context()):
-                result = await self.stage.predict(hidden[None], torch.tensor([msg.c0]), msg.greedy,
-                                                  msg.seed if msg.HasField("seed") else None)
-            answers.put_nowait(PredictResponse(request_id=msg.request_id, frame=msg.frame,
-                                               codes=CodecFrame(codes=result.codes[0].tolist()),
-                                               embed_sum=to_proto(result.embed_sum[0])))
+            results = await asyncio.gather(*(self._predict(f, h) for f, h in zip(frames, hidden)))
+            answers.put_nowait(PredictResponse(answers=[
+                MTPAnswer(request_id=f.request_id, frame=f.frame, codes=CodecFrame(codes=r.codes[0].tolist()),
+                          embed_sum=to_proto(r.embed_sum[0])) for f, r in zip(frames, results)]))
         except Exception as e:
             answers.put_nowait(e)
         finally:
-            slots.release()
+            for _ in frames:
+                slots.release()
+
+    async def _predict(self, frame: MTPFrame, hidden: torch.Tensor) -> MTPResult:
+        """One frame, in its own task: its request id and trace context are its own."""
+        REQUEST_ID.set(frame.request_id)
+        with tracing.current(ctx=tracing.extract(frame.trace_context) or context_api.Context()):
+            return await self.stage.predict(hidden[None], torch.tensor([frame.c0]), frame.greedy,
+                                            frame.seed if frame.HasField("seed") else None)

@@ -26,21 +26,25 @@ from services.wire.gen.omni.v1 import common_pb2 as omni_dot_v1_dot_common__pb2
 from services.wire.gen.omni.v1 import tensor_pb2 as omni_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11omni/v1/mtp.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\x1a\x14omni/v1/tensor.proto\"\x83\x02\n\x0ePredictRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66rame\x18\x02 \x01(\x03\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.omni.v1.Tensor\x12\n\n\x02\x63\x30\x18\x04 \x01(\x03\x12\x0e\n\x06greedy\x18\x05 \x01(\x08\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12@\n\rtrace_context\x18\x07 \x03(\x0b\x32).omni.v1.PredictRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"|\n\x0fPredictResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66rame\x18\x02 \x01(\x03\x12\"\n\x05\x63odes\x18\x03 \x01(\x0b\x32\x13.omni.v1.CodecFrame\x12\"\n\tembed_sum\x18\x04 \x01(\x0b\x32\x0f.omni.v1.Tensor2G\n\x03MTP\x12@\n\x07Predict\x12\x17.omni.v1.PredictRequest\x1a\x18.omni.v1.PredictResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11omni/v1/mtp.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\x1a\x14omni/v1/tensor.proto\"3\n\x0ePredictRequest\x12!\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x11.omni.v1.MTPFrame\"\xf7\x01\n\x08MTPFrame\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66rame\x18\x02 \x01(\x03\x12\x1f\n\x06hidden\x18\x03 \x01(\x0b\x32\x0f.omni.v1.Tensor\x12\n\n\x02\x63\x30\x18\x04 \x01(\x03\x12\x0e\n\x06greedy\x18\x05 \x01(\x08\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12:\n\rtrace_context\x18\x07 \x03(\x0b\x32#.omni.v1.MTPFrame.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05_seed\"6\n\x0fPredictResponse\x12#\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x12.omni.v1.MTPAnswer\"v\n\tMTPAnswer\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05\x66rame\x18\x02 \x01(\x03\x12\"\n\x05\x63odes\x18\x03 \x01(\x0b\x32\x13.omni.v1.CodecFrame\x12\"\n\tembed_sum\x18\x04 \x01(\x0b\x32\x0f.omni.v1.Tensor2G\n\x03MTP\x12@\n\x07Predict\x12\x17.omni.v1.PredictRequest\x1a\x18.omni.v1.PredictResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.wire.gen.omni.v1.mtp_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREDICTREQUEST_TRACECONTEXTENTRY']._loaded_options = None
-  _globals['_PREDICTREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_PREDICTREQUEST']._serialized_start=75
-  _globals['_PREDICTREQUEST']._serialized_end=334
-  _globals['_PREDICTREQUEST_TRACECONTEXTENTRY']._serialized_start=274
-  _globals['_PREDICTREQUEST_TRACECONTEXTENTRY']._serialized_end=325
-  _globals['_PREDICTRESPONSE']._serialized_start=336
-  _globals['_PREDICTRESPONSE']._serialized_end=460
-  _globals['_MTP']._serialized_start=462
-  _globals['_MTP']._serialized_end=533
+  _globals['_MTPFRAME_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_MTPFRAME_TRACECONTEXTENTRY']._serialized_options = b'8\001'
+  _globals['_PREDICTREQUEST']._serialized_start=74
+  _globals['_PREDICTREQUEST']._serialized_end=125
+  _globals['_MTPFRAME']._serialized_start=128
+  _globals['_MTPFRAME']._serialized_end=375
+  _globals['_MTPFRAME_TRACECONTEXTENTRY']._serialized_start=315
+  _globals['_MTPFRAME_TRACECONTEXTENTRY']._serialized_end=366
+  _globals['_PREDICTRESPONSE']._serialized_start=377
+  _globals['_PREDICTRESPONSE']._serialized_end=431
+  _globals['_MTPANSWER']._serialized_start=433
+  _globals['_MTPANSWER']._serialized_end=551
+  _globals['_MTP']._serialized_start=553
+  _globals['_MTP']._serialized_end=624
 # @@protoc_insertion_point(module_scope)

@@ -3,12 +3,18 @@ from services.wire.gen.omni.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PredictRequest(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[MTPFrame]
+    def __init__(self, frames: _Optional[_Iterable[_Union[MTPFrame, _Mapping]]] = ...) -> None: ...
+
+class MTPFrame(_message.Message):
     __slots__ = ("request_id", "frame", "hidden", "c0", "greedy", "seed", "trace_context")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
@@ -34,6 +40,12 @@ class PredictRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., frame: _Optional[int] = ..., hidden: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., c0: _Optional[int] = ..., greedy: _Optional[bool] = ..., seed: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[MTPAnswer]
+    def __init__(self, answers: _Optional[_Iterable[_Union[MTPAnswer, _Mapping]]] = ...) -> None: ...
+
+class MTPAnswer(_message.Message):
     __slots__ = ("request_id", "frame", "codes", "embed_sum")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]

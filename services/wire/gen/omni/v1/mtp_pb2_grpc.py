@@ -45,8 +45,9 @@ class MTPServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Predict(self, request_iterator, context):
-        """A Talker replica keeps one stream open and sends one message per frame, for any of its requests; answers
-        come back in request order on the same stream.
+        """A Talker replica keeps one stream open for all its requests. Each message carries the frames its requests
+        queued together (a Talker step's, as a rule), so that they share an MTP step; each message is answered by one
+        message once all its frames have run, in whatever order messages complete.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
