@@ -8,6 +8,15 @@ from pydantic import BaseModel, Field, field_validator
 _DTYPES = ("float32", "bfloat16", "float16")  # torch's names; torch is imported only when one is used
 
 
+# How long a step waits for the requests in progress whose next input is not there yet (`services.batching`), in
+# process and as the stage apps' default `batch_wait_ms`. A request alone never waits. Talker: about one MTP round
+# trip, so that requests that fell into two groups (one in MTP while the other steps) merge into one step. Code2Wav:
+# a Talker step's frames reach it one stream at a time through the gateway. On 2 CPU cores, 6 turns at once:
+# 7.1 -> 10.2 audio s/s in process, 7.6 -> 10.6-12.4 through `omni serve` (`omni bench load`; 0 and 2 ms before).
+TALKER_BATCH_WAIT_MS = 20.0
+CODE2WAV_BATCH_WAIT_MS = 8.0
+
+
 class EngineConfig(BaseModel):
     """cpu/float32 here and in tests; cuda/bfloat16 on a GPU replica."""
 

@@ -21,6 +21,7 @@ from torch import Tensor
 from services import tracing
 from services.batching import StepBatcher
 from services.checkpoint.variant import INSTRUCT, Variant
+from services.config import CODE2WAV_BATCH_WAIT_MS, TALKER_BATCH_WAIT_MS
 from services.engines.audio_encoder import AudioEncoderEngine
 from services.engines.code2wav import Code2WavEngine, push_batch
 from services.engines.mtp import MTPEngine, MTPResult
@@ -254,7 +255,8 @@ class LocalTalker:
     sits the steps out. Each request samples its c0s with its own sampler. A session's request starts from the KV
     of its earlier turns' user parts, which the replica kept (`TalkerEngine.park`)."""
 
-    def __init__(self, engine: TalkerEngine, mtp: MTPStage, max_batch: int = 64, max_wait_s: float = 0.0):
+    def __init__(self, engine: TalkerEngine, mtp: MTPStage, max_batch: int = 64,
+                 max_wait_s: float = TALKER_BATCH_WAIT_MS / 1000):
         self.engine = engine
         self.mtp = mtp  # the Talker calls MTP itself every frame (in process or over gRPC)
         self._batcher = StepBatcher("talker", self._step_rows, max_batch=max_batch, max_wait_s=max_wait_s)
@@ -320,7 +322,7 @@ class LocalCode2Wav:
     `code2wav.push_batch`), each stream with its own convolution and attention state; a stream's first frame, or a
     push of several frames, runs alone."""
 
-    def __init__(self, engine: Code2WavEngine, max_batch: int = 64, max_wait_s: float = 0.0):
+    def __init__(self, engine: Code2WavEngine, max_batch: int = 64, max_wait_s: float = CODE2WAV_BATCH_WAIT_MS / 1000):
         self.engine = engine
         self._batcher = StepBatcher("code2wav", self._push_rows, max_batch=max_batch, max_wait_s=max_wait_s)
 

@@ -37,7 +37,7 @@ from ray import serve
 from ray.serve import Application
 
 from services.auth import AuthConfig
-from services.config import KVConfig
+from services.config import CODE2WAV_BATCH_WAIT_MS, TALKER_BATCH_WAIT_MS, KVConfig
 from services.errors import CheckpointError
 from services.hooks.registry import HooksConfig
 from services.metrics import STAGE_ONGOING
@@ -95,6 +95,13 @@ class DecoderArgs(StepArgs, KVConfig):
 
 class TalkerArgs(DecoderArgs):
     mtp_app: str = Field("mtp", description="name of the MTP application the Talker calls every frame")
+    batch_wait_ms: float = Field(TALKER_BATCH_WAIT_MS, ge=0, le=50, description="how long a step waits for the "
+                                 "requests in progress whose next input is not there yet (services/config.py)")
+
+
+class Code2WavArgs(StepArgs):
+    batch_wait_ms: float = Field(CODE2WAV_BATCH_WAIT_MS, ge=0, le=50, description="how long a step waits for the "
+                                 "streams in progress whose next frame is not there yet (services/config.py)")
 
 
 class HooksArgs(HooksConfig):
@@ -320,7 +327,7 @@ class MTPReplica(_StageReplica):
 
 @serve.deployment(name="Code2Wav")
 class Code2WavReplica(_StageReplica):
-    async def __init__(self, args: StepArgs):
+    async def __init__(self, args: Code2WavArgs):
         from services.engines.code2wav import Code2WavEngine
         from services.servicers.code2wav import Code2WavServicer
         from services.stages import LocalCode2Wav
@@ -436,7 +443,7 @@ def mtp_app(args: dict) -> Application:
 
 
 def code2wav_app(args: dict) -> Application:
-    return Code2WavReplica.bind(StepArgs.model_validate(args))
+    return Code2WavReplica.bind(Code2WavArgs.model_validate(args))
 
 
 def hooks_app(args: dict) -> Application:
