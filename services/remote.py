@@ -277,6 +277,8 @@ class RemoteTalker:
         rid = request_id()
         async with aclosing(_exchange(self._stub.Speak, requests(), "talker")) as responses:
             async for resp in responses:
+                if resp.WhichOneof("kind") == "end":  # no frame follows: leaving cancels the call (and our writes)
+                    return
                 yield tuple(resp.frame.codes)
 
 

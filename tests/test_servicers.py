@@ -286,6 +286,30 @@ async def test_frames_queued_together_cross_as_one_message_and_run_as_one_step(c
         assert torch.equal(ours.codes, alone.codes[i:i + 1]) and torch.equal(ours.embed_sum, alone.embed_sum[i:i + 1])
 
 
+async def test_speech_that_stops_before_its_text_ends_the_call_cleanly(cluster):
+    """The Talker reaches max_frames while its client is still writing text: the stage says `end` and reads on until
+    the client stops, so no write meets an ended call (which grpc.aio reports as INTERNAL, grpc/grpc#36066, with the
+    frames not yet read lost). Every try gives the frames the Talker gives in process."""
+    from services.engines.talker import default_talker_sampling
+
+    ids = cluster.local.processor.tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                                            return_tensors="pt").input_ids[0]
+    prompt, sampling = TalkerPrompt(input_ids=ids), default_talker_sampling(greedy=True)
+
+    async def text():  # far more text than 4 frames take, as fast as the call takes it
+        for i in range(3000):
+            yield 9707 + i % 50
+
+    expected = [codes async for codes in cluster.local.talker.speak(prompt, sampling, 4, text())]
+    talker = RemoteTalker(grpc.aio.insecure_channel(cluster.addresses["Talker"], options=GRPC_OPTIONS))
+    try:
+        for _ in range(5):
+            assert [codes async for codes in talker.speak(prompt, sampling, 4, text())] == expected
+    finally:
+        await talker.channel.close()
+    assert len(expected) == 3  # max_frames 4: the 4th c0 gets no residual codes
+
+
 async def test_unknown_speaker_is_invalid_argument(cluster):
     ids = cluster.local.processor.tokenizer("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
                                             return_tensors="pt").input_ids[0]

@@ -1,13 +1,19 @@
-"""Talker.Speak: a prompt in pieces, then released text tokens -> `TalkerStage.speak` -> one frame per message.
+"""Talker.Speak: a prompt in pieces, then released text tokens -> `TalkerStage.speak` -> one frame per message,
+then `end`.
 
 The stage calls MTP itself every frame: in a deployment its `mtp` is a `services.remote.RemoteMTP` holding one
 stream to the MTP stage for all of this replica's requests.
+
+The speech may stop before the text does (`max_frames`). The client is then still writing text, and a call that
+ended under a write reads as INTERNAL on the client's side (grpc/grpc#36066), losing the frames it had not read. So
+after its last frame the servicer says `end` and reads on until the client stops (at most END_GRACE_S).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 
 import grpc
 from torch import Tensor
@@ -19,8 +25,9 @@ from services.servicers.status import translate_errors
 from services.stages import TalkerStage
 from services.wire.gen.omni.v1 import talker_pb2_grpc
 from services.wire.gen.omni.v1.common_pb2 import CodecFrame
-from services.wire.gen.omni.v1.talker_pb2 import SpeakRequest, SpeakResponse
+from services.wire.gen.omni.v1.talker_pb2 import SpeakEnd, SpeakRequest, SpeakResponse
 
+END_GRACE_S = 5.0  # how long a call waits after `end` for its client to stop
 PROMPT_TENSORS = ("input_ids", "mm_hidden", "audio_feature_lengths", "image_grid_thw", "video_grid_thw",
                   "video_second_per_grid")
 
@@ -59,6 +66,11 @@ class TalkerServicer(talker_pb2_grpc.TalkerServicer):
             async with aclosing(frames):
                 async for codes in frames:
                     yield SpeakResponse(frame=CodecFrame(codes=codes))
+            yield SpeakResponse(end=SpeakEnd())
+            with suppress(TimeoutError):
+                async with asyncio.timeout(END_GRACE_S):
+                    async for _ in requests:  # text the client sent before it saw `end`
+                        pass
 
 
 async def _text(msg: SpeakRequest, requests: AsyncIterator[SpeakRequest]) -> AsyncIterator[int]:

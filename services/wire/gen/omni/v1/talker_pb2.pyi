@@ -44,7 +44,13 @@ class TextEnd(_message.Message):
     def __init__(self) -> None: ...
 
 class SpeakResponse(_message.Message):
-    __slots__ = ("frame",)
+    __slots__ = ("frame", "end")
     FRAME_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     frame: _common_pb2.CodecFrame
-    def __init__(self, frame: _Optional[_Union[_common_pb2.CodecFrame, _Mapping]] = ...) -> None: ...
+    end: SpeakEnd
+    def __init__(self, frame: _Optional[_Union[_common_pb2.CodecFrame, _Mapping]] = ..., end: _Optional[_Union[SpeakEnd, _Mapping]] = ...) -> None: ...
+
+class SpeakEnd(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

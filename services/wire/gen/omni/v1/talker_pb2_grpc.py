@@ -48,7 +48,8 @@ class TalkerServicer:
         """One turn: `start`, the prompt tensors in pieces, then released text tokens as they come and `text_end`. The
         first `text` (or `text_end`) closes the prompt; prefill needs the Thinker's first released token (but for
         `prefill_only`). The stage
-        answers with one `frame` per 80 ms frame and closes the stream after the codec's end token or `max_frames`.
+        answers with one `frame` per 80 ms frame, then `end` after the codec's end token or `max_frames`, and closes the
+        stream once the client has half-closed or cancelled.
         It takes one released token per frame and waits for the next when it is ahead of the text, which keeps the
         streamed speech equal to the reference's (which sees all text up front).
         """
