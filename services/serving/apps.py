@@ -71,14 +71,19 @@ class StageArgs(BaseModel):
         return EngineConfig(device=self.device, dtype=self.dtype)
 
 
+def _batch_wait_ms(default: float):
+    """The `batch_wait_ms` arg, its default the stage's (`services/config.py`)."""
+    return Field(default, ge=0, le=50, description="how long a step waits, at most, for the requests in progress whose "
+                                                   "next item is not there yet (a request alone never waits); 0: steps "
+                                                   "fill with what arrives while the previous one runs")
+
+
 class StepArgs(StageArgs):
     """A stage that batches its requests' steps (`services.batching`): Thinker, Talker, MTP, Code2Wav."""
 
     max_batch: int = Field(64, ge=1, le=1024, description="most requests' steps (MTP: frames, of any requests from "
                                                          "any Talker) in one engine call")
-    batch_wait_ms: float = Field(0.0, ge=0, le=50, description="how long an idle replica's step waits for more "
-                                                             "requests; 0: steps fill with what arrives while the "
-                                                             "previous one runs")
+    batch_wait_ms: float = _batch_wait_ms(0.0)
 
 
 class MTPArgs(StepArgs):
@@ -95,13 +100,11 @@ class DecoderArgs(StepArgs, KVConfig):
 
 class TalkerArgs(DecoderArgs):
     mtp_app: str = Field("mtp", description="name of the MTP application the Talker calls every frame")
-    batch_wait_ms: float = Field(TALKER_BATCH_WAIT_MS, ge=0, le=50, description="how long a step waits for the "
-                                 "requests in progress whose next input is not there yet (services/config.py)")
+    batch_wait_ms: float = _batch_wait_ms(TALKER_BATCH_WAIT_MS)
 
 
 class Code2WavArgs(StepArgs):
-    batch_wait_ms: float = Field(CODE2WAV_BATCH_WAIT_MS, ge=0, le=50, description="how long a step waits for the "
-                                 "streams in progress whose next frame is not there yet (services/config.py)")
+    batch_wait_ms: float = _batch_wait_ms(CODE2WAV_BATCH_WAIT_MS)
 
 
 class HooksArgs(HooksConfig):
