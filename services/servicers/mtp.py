@@ -64,11 +64,7 @@ class MTPServicer(mtp_pb2_grpc.MTPServicer):
             async for msg in requests:
                 if not 0 < len(msg.frames) <= MAX_IN_FLIGHT:
                     raise InvalidInput(f"MTP: a message carries 1 to {MAX_IN_FLIGHT} frames, got {len(msg.frames)}")
-                hidden = [from_proto(frame.hidden) for frame in msg.frames]
-                for frame, h in zip(msg.frames, hidden):
-                    if h.ndim != 1:
-                        raise InvalidInput(f"MTP frame {frame.request_id}/{frame.frame}: hidden must be "
-                                           f"[talker_hidden], got shape {list(h.shape)}")
+                hidden = [_hidden(frame) for frame in msg.frames]
                 for _ in msg.frames:
                     await slots.acquire()
                 messages.add(task := asyncio.create_task(self._answer(msg.frames, hidden, answers, slots)))
@@ -100,3 +96,11 @@ class MTPServicer(mtp_pb2_grpc.MTPServicer):
         with tracing.current(ctx=tracing.extract(frame.trace_context) or context_api.Context()):
             return await self.stage.predict(hidden[None], torch.tensor([frame.c0]), frame.greedy,
                                             frame.seed if frame.HasField("seed") else None)
+
+
+def _hidden(frame: MTPFrame) -> torch.Tensor:
+    hidden = from_proto(frame.hidden)
+    if hidden.ndim != 1:
+        raise InvalidInput(f"MTP frame {frame.request_id}/{frame.frame}: hidden must be [talker_hidden], got shape "
+                           f"{list(hidden.shape)}")
+    return hidden
