@@ -6,9 +6,7 @@ stream to the MTP stage for all of this replica's requests.
 
 The speech may stop before the text does (`max_frames`). The client is then still writing text, and a call that
 ended under a write reads as INTERNAL on the client's side (grpc/grpc#36066), losing the frames it had not read. So
-after its last frame the servicer says `end` and reads on until the client stops (at most END_GRACE_S). A failed
-call, whose client does not know to stop, reads on for ERROR_GRACE_S before its status: enough for the messages a
-client had in flight (a protocol error's), not for a gateway that goes on releasing text.
+after its last frame the servicer says `end` and reads on until the client stops (at most END_GRACE_S).
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ from services.wire.gen.omni.v1.common_pb2 import CodecFrame
 from services.wire.gen.omni.v1.talker_pb2 import SpeakEnd, SpeakRequest, SpeakResponse
 
 END_GRACE_S = 5.0  # how long a call waits after `end` for its client to stop
-ERROR_GRACE_S = 1.0  # how long a failed call reads on before its status, for the client's writes in flight
 PROMPT_TENSORS = ("input_ids", "mm_hidden", "audio_feature_lengths", "image_grid_thw", "video_grid_thw",
                   "video_second_per_grid")
 
@@ -51,35 +48,29 @@ class TalkerServicer(talker_pb2_grpc.TalkerServicer):
     async def Speak(self, requests: AsyncIterator[SpeakRequest],
                     context: grpc.aio.ServicerContext) -> AsyncIterator[SpeakResponse]:
         async with translate_errors(context, "talker"):
-            try:
-                async with aclosing(self._speak(requests)) as responses:
-                    async for response in responses:
-                        yield response
-            except Exception:  # its status ends the call, once the client's writes are in
-                await _read_out(requests, ERROR_GRACE_S)
-                raise
-            await _read_out(requests, END_GRACE_S)  # text the client sent before it saw `end`
-
-    async def _speak(self, requests: AsyncIterator[SpeakRequest]) -> AsyncIterator[SpeakResponse]:
-        start = await read_start(requests, "Speak")
-        REQUEST_ID.set(start.request_id)  # also names this request's MTP frames
-        tensors, first = await read_tensors(requests, "prompt", PROMPT_TENSORS, until=("text", "text_end"))
-        if first is None:
-            raise InvalidInput("Speak: the stream ended before text_end")
-        (input_ids,) = required(tensors, "input_ids")
-        prompt = TalkerPrompt(input_ids=input_ids, speaker=start.speaker,
-                              use_audio_in_video=start.use_audio_in_video, cache_key=start.cache_key,
-                              keep=keep_from_proto(start.keep),
-                              **{name: tensors.get(name) for name in PROMPT_TENSORS[1:]})
-        sampling = sampling_from_proto(start.sampling) if start.HasField("sampling") else default_talker_sampling()
-        if start.prefill_only and first.WhichOneof("kind") != "text_end":
-            raise InvalidInput("Speak: a prefill_only request takes no text: send text_end after the prompt")
-        max_frames = 0 if start.prefill_only else start.max_frames or DEFAULT_MAX_NEW_TOKENS
-        frames = self.stage.speak(prompt, sampling, max_frames, _text(first, requests))
-        async with aclosing(frames):
-            async for codes in frames:
-                yield SpeakResponse(frame=CodecFrame(codes=codes))
-        yield SpeakResponse(end=SpeakEnd())
+            start = await read_start(requests, "Speak")
+            REQUEST_ID.set(start.request_id)  # also names this request's MTP frames
+            tensors, first = await read_tensors(requests, "prompt", PROMPT_TENSORS, until=("text", "text_end"))
+            if first is None:
+                raise InvalidInput("Speak: the stream ended before text_end")
+            (input_ids,) = required(tensors, "input_ids")
+            prompt = TalkerPrompt(input_ids=input_ids, speaker=start.speaker,
+                                  use_audio_in_video=start.use_audio_in_video, cache_key=start.cache_key,
+                                  keep=keep_from_proto(start.keep),
+                                  **{name: tensors.get(name) for name in PROMPT_TENSORS[1:]})
+            sampling = sampling_from_proto(start.sampling) if start.HasField("sampling") else default_talker_sampling()
+            if start.prefill_only and first.WhichOneof("kind") != "text_end":
+                raise InvalidInput("Speak: a prefill_only request takes no text: send text_end after the prompt")
+            max_frames = 0 if start.prefill_only else start.max_frames or DEFAULT_MAX_NEW_TOKENS
+            frames = self.stage.speak(prompt, sampling, max_frames, _text(first, requests))
+            async with aclosing(frames):
+                async for codes in frames:
+                    yield SpeakResponse(frame=CodecFrame(codes=codes))
+            yield SpeakResponse(end=SpeakEnd())
+            with suppress(TimeoutError):
+                async with asyncio.timeout(END_GRACE_S):
+                    async for _ in requests:  # text the client sent before it saw `end`
+                        pass
 
 
 async def _text(msg: SpeakRequest, requests: AsyncIterator[SpeakRequest]) -> AsyncIterator[int]:
@@ -92,12 +83,3 @@ async def _text(msg: SpeakRequest, requests: AsyncIterator[SpeakRequest]) -> Asy
         msg = await anext(requests, None)
         if msg is None:
             raise InvalidInput("Speak: the stream ended before text_end")
-
-
-async def _read_out(requests: AsyncIterator[SpeakRequest], seconds: float) -> None:
-    """Read and drop what the client still sends, until it half-closes or `seconds` pass: a call that ends under a
-    client's write reads as INTERNAL on its side (grpc/grpc#36066), whatever its status."""
-    with suppress(Exception):  # the timeout, or the stream's own failure: the call's status is set by the caller
-        async with asyncio.timeout(seconds):
-            async for _ in requests:
-                pass
