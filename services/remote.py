@@ -32,7 +32,7 @@ from services.hooks.stage import plain_conversation
 from services.servicers import KEEP_TO_PROTO, request_id, required, sampling_to_proto
 from services.servicers.hooks import hook_event_from_proto
 from services.servicers.mtp import MAX_IN_FLIGHT
-from services.servicers.status import StageError, error_of
+from services.servicers.status import StageError, error_from, error_of, status_code
 from services.servicers.talker import prompt_tensors as talker_prompt_tensors
 from services.servicers.thinker import (
     EMBED_TENSORS,
@@ -278,6 +278,8 @@ class RemoteTalker:
         async with aclosing(_exchange(self._stub.Speak, requests(), "talker")) as responses:
             async for resp in responses:
                 if resp.WhichOneof("kind") == "end":  # no frame follows: leaving cancels the call (and our writes)
+                    if resp.end.code:
+                        raise error_from(status_code(resp.end.code), resp.end.details, "talker")
                     return
                 yield tuple(resp.frame.codes)
 

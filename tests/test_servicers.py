@@ -305,6 +305,11 @@ async def test_speech_that_stops_before_its_text_ends_the_call_cleanly(cluster):
     try:
         for _ in range(5):
             assert [codes async for codes in talker.speak(prompt, sampling, 4, text())] == expected
+            # A call that fails while the text still comes says its status in `end` the same way: the client gets
+            # the stage's error, not INTERNAL.
+            with pytest.raises(InvalidInput, match="unknown speaker 'nobody'"):
+                async for _ in talker.speak(replace(prompt, speaker="nobody"), sampling, 4, text()):
+                    pass
     finally:
         await talker.channel.close()
     assert len(expected) == 3  # max_frames 4: the 4th c0 gets no residual codes
@@ -381,11 +386,15 @@ async def test_protocol_violations_are_invalid_argument(cluster):
              *(SpeakRequest(prompt=piece) for piece in to_pieces("input_ids", ids)),
              SpeakRequest(text=Tokens(token_ids=[9707])), SpeakRequest(text_end=TextEnd())]
     async with grpc.aio.insecure_channel(cluster.addresses["Talker"]) as channel:
+        answers = []
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            async for _ in talker_pb2_grpc.TalkerStub(channel).Speak(iter(speak)):
-                pass
+            async for answer in talker_pb2_grpc.TalkerStub(channel).Speak(iter(speak)):
+                answers.append(answer)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prefill_only request takes no text" in \
         err.value.details()
+    # Said in band first, then as the call's status once the client stopped writing.
+    assert [(a.end.code, a.end.details) for a in answers] == [(grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                                               err.value.details())]
 
 
 async def test_remote_mtp_multiplexes_and_recovers(cluster):

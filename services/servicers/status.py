@@ -40,6 +40,7 @@ _CODES: dict[type[OmniError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 _ERRORS = {code: cls for cls, code in _CODES.items()}
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 _MAX_DETAILS = 500  # keep an unexpected exception's message short; the traceback goes to the log
 # A socket address as grpc and Ray write them: ipv4:/ipv6:/unix: URIs, IPv4 or bracketed IPv6 with an optional port.
 _ADDRESS = re.compile(r"\b(?:ipv4|ipv6|unix|unix-abstract|vsock):[^\s,;'\"()]+"
@@ -66,7 +67,11 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 def error_of(error: grpc.aio.AioRpcError, stage: str) -> OmniError:
     """The domain error for a failed call to `stage`."""
-    code, details = error.code(), error.details() or ""
+    return error_from(error.code(), error.details() or "", stage)
+
+
+def error_from(code: grpc.StatusCode, details: str, stage: str) -> OmniError:
+    """The domain error for a status `stage` answered (as a call's status, or in band)."""
     cls = _ERRORS.get(code)
     if cls is not None:
         return cls(public_details(details))
@@ -75,6 +80,11 @@ def error_of(error: grpc.aio.AioRpcError, stage: str) -> OmniError:
     if code == grpc.StatusCode.UNAVAILABLE and public != details:  # grpc's connection failure, naming addresses
         public = "no replica could be reached (connection failed; the gateway's log has the details)"
     return StageError(code, f"{stage} stage: {code.name}: {public}")
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The grpc status code numbered `number` (as a message carries it in band); UNKNOWN for a number it lacks."""
+    return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
 
 
 def public_details(details: str) -> str:
@@ -91,7 +101,12 @@ async def translate_errors(context: grpc.aio.ServicerContext, stage: str) -> Asy
     except (asyncio.CancelledError, grpc.aio.AbortError):
         raise
     except Exception as e:
-        code, details = status_of(e)
-        if code == grpc.StatusCode.INTERNAL:
-            log.exception("%s stage: unexpected error", stage)
-        await context.abort(code, details)
+        await context.abort(*reported(e, stage))
+
+
+def reported(error: Exception, stage: str) -> tuple[grpc.StatusCode, str]:
+    """`status_of(error)`, with the traceback logged where it is a bug (INTERNAL). Call it in the `except` block."""
+    code, details = status_of(error)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s stage: unexpected error", stage)
+    return code, details

@@ -52,5 +52,9 @@ class SpeakResponse(_message.Message):
     def __init__(self, frame: _Optional[_Union[_common_pb2.CodecFrame, _Mapping]] = ..., end: _Optional[_Union[SpeakEnd, _Mapping]] = ...) -> None: ...
 
 class SpeakEnd(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("code", "details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    details: str
+    def __init__(self, code: _Optional[int] = ..., details: _Optional[str] = ...) -> None: ...
