@@ -73,12 +73,34 @@ class TurnRequest:
     principal: str = ""  # the authenticated tenant (services.auth): logs, traces, the text filters' context
 
 
+@dataclass(eq=False)
+class MediaRows:
+    """A turn's `mm_hidden` (the Thinker's hidden states at its media placeholders: the Talker's input), kept
+    across the turn's calls, its live prefills and its answer (`services.live_input`). A call asks the Thinker only
+    for the rows past those held (`ThinkerPrompt.hidden_from`) and tells the Talker which its replica holds already
+    (`TalkerPrompt.mm_from`), so each row crosses the wire about once per turn, not once per prefill: at the end of a
+    long audio only its last window's rows do."""
+
+    rows: torch.Tensor | None = None  # [N, D] of placeholders 0..N-1 of the latest prompt
+    talker_has: int = 0  # rows whose inputs the Talker replica kept (the turn's last prefill), under `tag`
+    tag: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    @property
+    def held(self) -> int:
+        return 0 if self.rows is None else len(self.rows)
+
+    def update(self, mm_from: int, new: torch.Tensor) -> None:
+        """The Thinker's rows from placeholder `mm_from` on (those before it are unchanged)."""
+        self.rows = new if self.rows is None or mm_from == 0 else torch.cat((self.rows[:mm_from], new))
+        self.talker_has = min(self.talker_has, mm_from)
+
+
 @dataclass
 class _Turn:
     """Per-turn bookkeeping shared by the stage tasks."""
 
     t0: float
-    mm_hidden: torch.Tensor | None = None  # the Thinker's prefill output the Talker takes
+    rows: MediaRows = field(default_factory=MediaRows)  # the Thinker's prefill output the Talker takes
     token_ids: list[int] = field(default_factory=list)
     codes: list[list[int]] = field(default_factory=list)
     num_samples: int = 0
@@ -106,14 +128,16 @@ class Conductor:
         self.queue_size = queue_size
         self.stage_timeout_s = stage_timeout_s
 
-    async def run(self, req: TurnRequest, trace_parent: otel_context.Context | None = None) -> AsyncIterator[Event]:
+    async def run(self, req: TurnRequest, trace_parent: otel_context.Context | None = None,
+                  rows: MediaRows | None = None) -> AsyncIterator[Event]:
         """Stream a turn's events; the last one is the TurnSummary. Closing the iterator cancels the turn.
 
         The turn is one trace (`services.tracing`): its span is the child of `trace_parent` (a client's context)
-        or of the current one, and every stage call runs in its context, with the turn's request id."""
+        or of the current one, and every stage call runs in its context, with the turn's request id. `rows`: what
+        the turn's live prefills (`prefill`) left."""
         self._validate(req)
         req = _seeded(req)
-        turn = _Turn(t0=time.perf_counter())
+        turn = _Turn(t0=time.perf_counter(), rows=rows or MediaRows())
         out: asyncio.Queue = asyncio.Queue(self.queue_size)
         parent = tracing.turn_context(req.session_id, trace_parent)
         span = tracing.start_span("omni.turn", ctx=parent, request_id=req.request_id,
@@ -177,25 +201,28 @@ class Conductor:
                 e = e.exceptions[0]
             await out.put(e)
 
-    async def prefill(self, req: TurnRequest) -> int:
+    async def prefill(self, req: TurnRequest, rows: MediaRows) -> int:
         """Prefill the turn as it stands into the Thinker, and its user parts into the Talker when it is to be
         spoken, its input still streaming in (`services.live_input`): each replica keeps the KV under the turn's key
         for the next call, this turn's answer (`run`) included, which then prefills only what came since, or
-        changed. Returns the prompt's length."""
+        changed; `rows` keeps the turn's `mm_hidden` for them. Returns the prompt's length."""
         tracing.REQUEST_ID.set(req.request_id)
         # A session's key keeps the session's place (its next turn may be this one); a turn's own, the first to go.
         keep = KEEP_SESSION if req.session_id else KEEP_TURN
         media, _ = await self._prepare(req, _Turn(t0=time.perf_counter()), keep=keep)
+        media.prompt.hidden_from = rows.held
         tokens = self.stages.thinker.generate(media.prompt, req.thinker_sampling, 0, self.stages.stop_ids,
                                               embed=media.embed)
-        mm_hidden = None
         async for item in self._deadline(tokens, "thinker"):
-            mm_hidden = item.mm_hidden
+            if item.mm_hidden is not None:
+                rows.update(item.mm_from, item.mm_hidden)
         if req.audio_output and self.stages.talker is not None:  # the Talker: its user parts, from mm_hidden
-            prompt = _talker_prompt(req, media.prompt, mm_hidden, keep)
+            prompt = _talker_prompt(req, media.prompt, rows, keep)
+            rows.talker_has = 0  # until it has kept them again
             async for _ in self._deadline(self.stages.talker.speak(prompt, _talker_sampling(req), 0, _nothing()),
                                           "talker"):
                 pass
+            rows.talker_has = rows.held
         return media.prompt.input_ids.numel()
 
     async def _prepare(self, req: TurnRequest, turn: _Turn, keep: str | None = None) -> tuple[PromptMedia, TurnInputs]:
@@ -241,11 +268,12 @@ class Conductor:
         stop_ids = self.stages.stop_ids
         step_ids = []
         t_start = time.perf_counter()
+        media.prompt.hidden_from = turn.rows.held
         tokens = self.stages.thinker.generate(media.prompt, req.thinker_sampling, req.max_new_tokens, stop_ids,
                                               embed=media.embed)
         async for item in self._deadline(tokens, "thinker"):
-            if item.mm_hidden is not None:
-                turn.mm_hidden = item.mm_hidden  # the Talker's multimodal input, with the first token
+            if item.mm_hidden is not None:  # the Talker's multimodal input, with the first token
+                turn.rows.update(item.mm_from, item.mm_hidden)
             turn.token_ids.append(item.token_id)
             step_ids.append(item.token_id)
             turn.mark("thinker_ttft", t_start)
@@ -303,7 +331,7 @@ class Conductor:
                 yield token
 
         # The KV of a session's user parts stays on the replica for its next turn; this turn's own is freed.
-        prompt = _talker_prompt(req, thinker_prompt, turn.mm_hidden, KEEP_SESSION if req.session_id else KEEP_NONE)
+        prompt = _talker_prompt(req, thinker_prompt, turn.rows, KEEP_SESSION if req.session_id else KEEP_NONE)
         t_start = time.perf_counter()
         codes_stream = self.stages.talker.speak(prompt, sampling, req.max_audio_frames, text_from_first())
         async for codes in self._deadline(codes_stream, "talker"):
@@ -383,11 +411,11 @@ def cache_key(req: TurnRequest) -> str:
     return f"{req.principal}/turn/{req.request_id}" if req.request_id else ""
 
 
-def _talker_prompt(req: TurnRequest, thinker_prompt: ThinkerPrompt, mm_hidden: torch.Tensor | None,
-                   keep: str) -> TalkerPrompt:
-    """The Talker's prompt: the Thinker prompt's layout, its media's hidden states, and the Thinker's cache key."""
-    return TalkerPrompt(**layout_of(thinker_prompt), mm_hidden=mm_hidden, speaker=req.speaker,
-                        cache_key=thinker_prompt.cache_key, keep=keep)
+def _talker_prompt(req: TurnRequest, thinker_prompt: ThinkerPrompt, rows: MediaRows, keep: str) -> TalkerPrompt:
+    """The Talker's prompt: the Thinker prompt's layout, its media's hidden states (and which of them the Talker
+    replica holds already), and the Thinker's cache key."""
+    return TalkerPrompt(**layout_of(thinker_prompt), mm_hidden=rows.rows, speaker=req.speaker,
+                        cache_key=thinker_prompt.cache_key, keep=keep, mm_from=rows.talker_has, rows_tag=rows.tag)
 
 
 def _talker_sampling(req: TurnRequest) -> SamplingParams:

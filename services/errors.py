@@ -23,3 +23,8 @@ class DeadlineExceeded(OmniError):
 
 class Unauthenticated(OmniError):
     """A client call without valid credentials (gRPC: UNAUTHENTICATED)."""
+
+
+class PrefixGone(OmniError):
+    """A request builds on state its replica no longer holds (evicted, or another replica took the request): the
+    caller sends the request whole instead (gRPC: ABORTED)."""

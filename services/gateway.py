@@ -59,7 +59,7 @@ import numpy as np
 from opentelemetry import trace as otel_trace
 
 from services import auth, metrics, tracing
-from services.conductor import Conductor, TurnRequest, text_only_message
+from services.conductor import Conductor, MediaRows, TurnRequest, text_only_message
 from services.engines.sampling import SamplingParams
 from services.errors import DeadlineExceeded, InvalidInput, OmniError, ResourceExhausted
 from services.events import AudioChunk, Event, HookEvent, ReasoningDelta, TextDelta, TurnSummary
@@ -203,7 +203,9 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         conversation = history.conversation() + [{"role": m.role, "content": m.text} for m in config.history]
         parts = _TurnInput(budget=MediaBudget.for_processor(self.stages.processor, self.max_decoded_pixels,
                                                             self.max_decoded_samples))
-        live = LivePrefill(self.conductor, options, conversation, parts, self.window_s) if self.live_prefill else None
+        rows = MediaRows()  # the Thinker's output for the Talker, from the live prefills to the answer
+        live = LivePrefill(self.conductor, options, conversation, parts, self.window_s, rows) \
+            if self.live_prefill else None
         try:
             try:
                 complete = await self._read_parts(context, parts, live)
@@ -222,7 +224,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             if not complete:  # cancelled before end_of_turn
                 summary = self._cancelled_summary(options, _Progress(), t0)
             else:
-                summary = await self._turn(context, config, options, parts, history, conversation, inbox, t0)
+                summary = await self._turn(context, config, options, parts, history, conversation, inbox, t0, rows)
             await context.write(_summary_message(summary))
             await asyncio.wait({inbox.task}, timeout=HALF_CLOSE_GRACE_S)  # a late cancel must not meet an ended call
         finally:
@@ -245,7 +247,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
 
     async def _turn(self, context: grpc.aio.ServicerContext, config: omni_pb2.ConverseConfig, options: TurnRequest,
                     parts: _TurnInput, history: History, conversation: list[dict], inbox: _Inbox,
-                    t0: float) -> TurnSummary:
+                    t0: float, rows: MediaRows) -> TurnSummary:
         """Run a committed turn with its session's history; a finished answer joins the session."""
         owner, sid = options.principal, config.session_id
         if sid and history.nbytes + parts.nbytes > (limit := self.sessions.quotas.max_session_bytes):
@@ -253,7 +255,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
                                     f"over the limit of {limit} bytes per session; start a new session_id (or send "
                                     "smaller media)")
         req, user_message = await asyncio.to_thread(parts.request, options, conversation)
-        summary = await self._answer(context, req, inbox, t0)
+        summary = await self._answer(context, req, inbox, t0, rows)
         if summary.finish_reason != "cancelled":  # the conductor has recorded the turn's metrics
             if config.session_id:
                 answer = {"role": "assistant", "content": summary.text}
@@ -320,11 +322,11 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
                                    "without pauses that long, then end_of_turn") from None
 
     async def _answer(self, context: grpc.aio.ServicerContext, req: TurnRequest, inbox: _Inbox,
-                      t0: float) -> TurnSummary:
+                      t0: float, rows: MediaRows) -> TurnSummary:
         """Stream the conductor's events until its summary, or until a cancel message (a summary of the partial
         answer then). The conductor's iterator is closed before this returns."""
         progress = _Progress()
-        pump = asyncio.create_task(self._pump(context, req, progress))
+        pump = asyncio.create_task(self._pump(context, req, progress, rows))
         cancel = asyncio.create_task(inbox.cancelled.wait())
         try:
             pending = {pump, cancel, inbox.task}
@@ -348,8 +350,9 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             timings={"total_s": round(time.perf_counter() - t0, 6)}, reasoning="".join(progress.reasoning),
         )
 
-    async def _pump(self, context: grpc.aio.ServicerContext, req: TurnRequest, progress: _Progress) -> TurnSummary:
-        events = self.conductor.run(req, trace_parent=_client_trace(context))
+    async def _pump(self, context: grpc.aio.ServicerContext, req: TurnRequest, progress: _Progress,
+                    rows: MediaRows) -> TurnSummary:
+        events = self.conductor.run(req, trace_parent=_client_trace(context), rows=rows)
         try:
             async for event in events:
                 if isinstance(event, TurnSummary):

@@ -6,7 +6,9 @@ the last, and of a PCM audio still streaming in its whole encoder windows) and h
 Talker its user parts from the Thinker's hidden states at the media (`Conductor.prefill`); each replica keeps that KV
 under the turn's cache key, and the next prefill, or the answer at `end_of_turn`, takes it back and runs only what
 came since (`services.engines.prefix`, `TalkerEngine._claim`). What is left at `end_of_turn` is the last partial
-window and the prompt's tail.
+window and the prompt's tail. The Thinker's hidden states at the media (`mm_hidden`, the Talker's input) stay with
+the turn (`conductor.MediaRows`): each prefill asks the Thinker only for the rows past those held, and sends the
+Talker only the rows past those its replica kept, so a long audio's rows cross each hop once, not at every window.
 
 Exactness comes from the prefix check, not from here: a later prefill reuses only the ids and media windows it
 proves equal. A louder moment that changes the log-mel features of earlier windows (the extractor's clamp at the
@@ -29,7 +31,7 @@ import logging
 import time
 
 from services import metrics
-from services.conductor import Conductor, TurnRequest
+from services.conductor import Conductor, MediaRows, TurnRequest
 from services.errors import ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -40,11 +42,11 @@ MARGIN_S = 0.1  # audio kept past a window's end: its last frames' STFT (and res
 
 class LivePrefill:
     def __init__(self, conductor: Conductor, options: TurnRequest, history: list[dict], parts,
-                 window_s: float, debounce_s: float = DEBOUNCE_S):
+                 window_s: float, rows: MediaRows, debounce_s: float = DEBOUNCE_S):
         """`parts`: the turn's input as it arrives (the gateway's `_TurnInput`: `live_progress` says how far it
         can be prefilled, `live_view` copies that much, whose `request` makes the TurnRequest); `window_s`: the
-        audio encoder's window in seconds."""
-        self.conductor, self.options, self.history = conductor, options, history
+        audio encoder's window in seconds; `rows`: the turn's, for its answer (`Conductor.run`) too."""
+        self.conductor, self.options, self.history, self.rows = conductor, options, history, rows
         self.parts, self.window_s, self.debounce_s = parts, window_s, debounce_s
         self._done: tuple[int, int] = (0, 0)  # the progress prefilled so far
         self._task: asyncio.Task | None = None
@@ -89,7 +91,7 @@ class LivePrefill:
             try:
                 t = time.perf_counter()
                 req, _ = await asyncio.to_thread(snapshot.request, self.options, self.history)
-                tokens = await self.conductor.prefill(req)
+                tokens = await self.conductor.prefill(req, self.rows)
                 metrics.LIVE_PREFILLS.inc()
                 log.info("turn %s: prefilled %d tokens of its input so far in %.0f ms", self.options.request_id,
                          tokens, 1000 * (time.perf_counter() - t))

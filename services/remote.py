@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import replace
 
 import grpc
 import torch
@@ -26,7 +28,7 @@ from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt
 from services.engines.thinker import ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings
-from services.errors import InvalidInput, ResourceExhausted
+from services.errors import InvalidInput, PrefixGone, ResourceExhausted
 from services.hooks import HookContext, Released
 from services.hooks.stage import plain_conversation
 from services.servicers import KEEP_TO_PROTO, request_id, required, sampling_to_proto
@@ -41,6 +43,7 @@ from services.servicers.thinker import (
     segments_to_proto,
 )
 from services.servicers.thinker import prompt_tensors as thinker_prompt_tensors
+from services.serving.resume import Replay
 from services.stages import Codes, Embed, Stages, ThinkerToken
 from services.wire import cluster_tls
 from services.wire.cluster_tls import ClusterCredential
@@ -63,6 +66,8 @@ from services.wire.gen.omni.v1.thinker_pb2 import PromptEnd, ThinkEnd, ThinkRequ
 from services.wire.gen.omni.v1.vision_encoder_pb2 import EncodeVisionRequest, EncodeVisionStart
 from services.wire.server import GRPC_OPTIONS, MAX_MESSAGE_BYTES
 from services.wire.tensors import PieceAssembler, from_proto, to_pieces, to_proto
+
+log = logging.getLogger(__name__)
 
 STAGE_KEYS = ("audio", "vision", "thinker", "talker", "code2wav")  # `remote_stages` addresses, as Stages names them
 
@@ -119,7 +124,7 @@ class RemoteThinker:
                 request_id=rid, sampling=sampling_to_proto(sampling), max_new_tokens=max_new_tokens,
                 use_audio_in_video=prompt.use_audio_in_video, return_mm_hidden=True, cache_key=prompt.cache_key,
                 segments=segments_to_proto(prompt), defer_media=embed is not None, keep=KEEP_TO_PROTO[prompt.keep],
-                prefill_only=max_new_tokens == 0))
+                prefill_only=max_new_tokens == 0, mm_hidden_from=prompt.hidden_from))
             for msg in _prompt_messages(prompt, PROMPT_TENSORS if embed is None else LAYOUT_TENSORS):
                 yield msg
             if embed is not None:  # then the media the server asks for
@@ -128,21 +133,23 @@ class RemoteThinker:
             # then half-close: no resume
 
         rid = request_id()
-        assembler, mm_hidden = PieceAssembler(), None
+        assembler, mm_hidden, mm_from = PieceAssembler(), None, 0
         async with aclosing(_exchange(self._stub.Think, requests(), "thinker")) as responses:
             async for resp in responses:
                 kind = resp.WhichOneof("kind")
                 if kind == "prefix":
                     asked.put_nowait(resp.prefix.reused_tokens)
+                elif kind == "mm_hidden_from":
+                    mm_from = resp.mm_hidden_from
                 elif kind == "mm_hidden":
                     if done := assembler.add(resp.mm_hidden):
                         mm_hidden = done.tensor
                 elif kind == "tokens":
                     for token in resp.tokens.token_ids:
-                        yield ThinkerToken(token, mm_hidden)
+                        yield ThinkerToken(token, mm_hidden, mm_from)
                         mm_hidden = None
                 elif kind == "end" and max_new_tokens == 0:  # prefill only: its one item
-                    yield ThinkerToken(None, mm_hidden)
+                    yield ThinkerToken(None, mm_hidden, mm_from)
                 # after "end" the server closes the stream, since we half-closed
 
 
@@ -262,11 +269,37 @@ class RemoteTalker:
 
     async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
                     text: AsyncIterator[int]) -> AsyncIterator[Codes]:
+        """`prompt.mm_hidden` whole: only its rows from `mm_from` on are sent, and all of them again when the
+        replica no longer holds the others (PrefixGone, before any frame), the text sent again too."""
+        if not prompt.mm_from or prompt.mm_hidden is None:
+            async for codes in self._speak(replace(prompt, mm_from=0), sampling, max_frames, text):
+                yield codes
+            return
+        text, spoke = Replay(text), False
+        try:
+            try:
+                async for codes in self._speak(replace(prompt, mm_hidden=prompt.mm_hidden[prompt.mm_from:]), sampling,
+                                               max_frames, text.reader()):
+                    spoke = True
+                    yield codes
+                return
+            except PrefixGone:
+                if spoke:  # it comes before any frame; after one, sending again would repeat them
+                    raise
+                log.info("talker replica lacks the turn's first %d media rows: sending them all", prompt.mm_from)
+            async for codes in self._speak(replace(prompt, mm_from=0), sampling, max_frames, text.reader()):
+                yield codes
+        finally:
+            await text.close()
+
+    async def _speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
+                     text: AsyncIterator[int]) -> AsyncIterator[Codes]:
         async def requests():
             yield SpeakRequest(start=SpeakStart(
                 request_id=rid, speaker=prompt.speaker, sampling=sampling_to_proto(sampling), max_frames=max_frames,
                 use_audio_in_video=prompt.use_audio_in_video, cache_key=prompt.cache_key,
-                keep=KEEP_TO_PROTO[prompt.keep], prefill_only=max_frames == 0))
+                keep=KEEP_TO_PROTO[prompt.keep], prefill_only=max_frames == 0, mm_from=prompt.mm_from,
+                rows_tag=prompt.rows_tag))
             for name, t in talker_prompt_tensors(prompt).items():
                 for piece in to_pieces(name, t):
                     yield SpeakRequest(prompt=piece)

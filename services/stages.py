@@ -39,7 +39,10 @@ Codes = tuple[int, ...]  # one 80 ms frame: codebook 0 (the Talker's) then the 1
 @dataclass(frozen=True)
 class ThinkerToken:
     token_id: int | None  # None: the one item of a prefill only (max_new_tokens 0), which carries mm_hidden
-    mm_hidden: Tensor | None = None  # with the first item only: the Talker's multimodal input
+    # With the first item only: the Talker's multimodal input, the rows of the placeholders from `mm_from` on (the
+    # prompt's `hidden_from`, or where the prefix the Thinker reused ends if that is earlier).
+    mm_hidden: Tensor | None = None
+    mm_from: int = 0
 
 
 class AudioEncoderStage(Protocol):
@@ -175,18 +178,18 @@ class LocalThinker:
                 finally:
                     span.end()
                 if not max_new_tokens:  # prefill only
-                    yield ThinkerToken(None, prefill.mm_hidden)
+                    yield ThinkerToken(None, prefill.new_hidden, prefill.mm_from)
                     return
                 session = job.session
                 decode = tracing.start_span("thinker.decode", parent=timer.span)
                 sampler = Sampler(sampling)
-                logits, mm_hidden = prefill.logits, prefill.mm_hidden
+                logits, mm_hidden = prefill.logits, prefill.new_hidden
                 with self._batcher.member():
                     for step in range(max_new_tokens):
                         token = sampler(logits)
                         generated.append(token)
                         timer.output()
-                        yield ThinkerToken(token, mm_hidden)
+                        yield ThinkerToken(token, mm_hidden, prefill.mm_from)
                         mm_hidden = None
                         if token in stop_ids or step + 1 == max_new_tokens:
                             return

@@ -22,6 +22,7 @@ from services.engines.positions import layout_of
 from services.engines.prefix import MarkerIds, media_segments
 from services.engines.talker import TEXT_END, TalkerPrompt, default_talker_sampling
 from services.engines.thinker import ThinkerEngine, ThinkerPrompt
+from services.errors import PrefixGone
 from services.events import TurnSummary
 from services.preprocess import build_turn
 from services.stages import LocalThinker, Stages
@@ -144,9 +145,9 @@ def test_the_talker_prefills_a_turns_user_parts_before_its_first_token(engines, 
     thinker_session, prefill = thinker.prefill(layout, 1)
     thinker_session.close()
 
-    def talker_prompt(ids, key, keep):
-        return TalkerPrompt(**{**layout_of(layout), "input_ids": ids}, mm_hidden=prefill.mm_hidden, cache_key=key,
-                            keep=keep)
+    def talker_prompt(ids, key, keep, **fields):
+        return TalkerPrompt(**{**layout_of(layout), "input_ids": ids, "mm_hidden": prefill.mm_hidden,
+                               "cache_key": key, "keep": keep, "rows_tag": "t1", **fields})
 
     sampling = default_talker_sampling(greedy=True)
     partial = talker_prompt(so_far["input_ids"][0], "alice/turn/1", KEEP_TURN)
@@ -156,12 +157,16 @@ def test_the_talker_prefills_a_turns_user_parts_before_its_first_token(engines, 
     talker.park(job, partial)
     assert talker.kv.parked_positions >= job.user
 
-    full = talker_prompt(whole["input_ids"][0], "alice/turn/1", KEEP_NONE)
+    # The audio's rows are not sent again (`mm_from`): their inputs come from what the replica kept for the tag.
+    n_mm = len(prefill.mm_hidden)
+    full = talker_prompt(whole["input_ids"][0], "alice/turn/1", KEEP_NONE, mm_from=n_mm,
+                         mm_hidden=prefill.mm_hidden[n_mm:])
     job = talker.start(full, 9707, sampling, 8)
     # Reused: the user positions up to the audio's end (the turn so far, less its '<|im_end|>\n').
     assert job.session.length == int(talker._user_mask(so_far["input_ids"][0]).sum()) - 2
     session, frame = prefill_whole(job, talker.prefill_step)
-    fresh_session, fresh = talker.prefill(dataclasses.replace(full, cache_key=""), 9707, sampling, 8)
+    fresh_session, fresh = talker.prefill(dataclasses.replace(full, cache_key="", mm_from=0,
+                                                              mm_hidden=prefill.mm_hidden), 9707, sampling, 8)
     for _ in range(4):
         assert frame.c0 == fresh.c0
         torch.testing.assert_close(frame.hidden, fresh.hidden, atol=1e-5, rtol=0)
@@ -170,6 +175,15 @@ def test_the_talker_prefills_a_turns_user_parts_before_its_first_token(engines, 
         fresh = talker.step(fresh_session, embed_sum, TEXT_END)
     talker.park(job, full)  # KEEP_NONE: freed
     fresh_session.close()
+    # Kept for another turn's tag, or not kept at all: PrefixGone (the caller sends every row), the kept KV freed.
+    job = talker.start(partial, None, sampling)
+    while not job.done:
+        talker.prefill_step(job)
+    talker.park(job, partial)
+    for prompt in (dataclasses.replace(full, rows_tag="t2"), full):
+        with pytest.raises(PrefixGone):
+            talker.start(prompt, 9707, sampling, 8)
+    assert talker.kv.unpark("alice/turn/1") is None
     assert talker.kv.free_positions + talker.kv.parked_positions == talker.kv.capacity  # every page back
 
 

@@ -16,7 +16,7 @@ import pytest_asyncio
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.conductor import Conductor, TurnRequest
+from services.conductor import Conductor, MediaRows, TurnRequest
 from services.engines.bundle import Engines
 from services.engines.sampling import SamplingParams
 from services.engines.talker import TalkerPrompt
@@ -165,20 +165,37 @@ async def test_a_sessions_next_turn_over_grpc_sends_only_its_new_media(cluster, 
     assert_same_events(ours, expected)
 
 
-async def test_a_turns_input_prefilled_over_grpc_is_taken_back_by_its_answer(cluster, media):
+async def test_a_turns_input_prefilled_over_grpc_is_taken_back_by_its_answer(cluster, media, monkeypatch):
     """Live input across the wire: the Thinker server prefills the turn so far (`prefill_only`) and sends its
     mm_hidden back, the Talker server prefills its user parts (`prefill_only`); both keep them under the turn's key
-    for the answer, which takes them back, equals the turn run at once, and frees them (KEEP_NONE)."""
+    for the answer, which takes them back, equals the turn run at once, and frees them (KEEP_NONE). The image's
+    mm_hidden rows cross each hop once: the answer's Thinker sends none of them again, nor the gateway to the
+    Talker; a Talker that lost what it kept (evicted) is sent them all, with the same result."""
     full = replace(request("image", media), request_id="live-grpc", principal="p")
     expected = await run(cluster.local, replace(full, request_id=""))  # no key: nothing kept, nothing reused
-    before = _reused("thinker"), _reused("talker")
+    talker, sent = cluster.engines.talker, []  # what each Talker request got: (mm_from, rows)
+    start = talker.start
+    monkeypatch.setattr(talker, "start", lambda prompt, *args: sent.append(
+        (prompt.mm_from, 0 if prompt.mm_hidden is None else len(prompt.mm_hidden))) or start(prompt, *args))
     conductor = Conductor(cluster.remote, stage_timeout_s=60)
-    assert await conductor.prefill(replace(full, parts=full.parts[:1])) > 0  # the image, before the text came
-    ours = [e async for e in conductor.run(full)]
-    assert _reused("thinker") > before[0] and _reused("talker") > before[1]
-    assert_same_events(ours, expected)
-    for engine in (cluster.engines.thinker, cluster.engines.talker):
-        assert engine.kv.unpark("p/turn/live-grpc") is None
+    for evicted in (False, True):
+        turn, sent[:] = replace(full, request_id=f"live-grpc-{evicted}"), []
+        before = _reused("thinker"), _reused("talker")
+        rows = MediaRows()
+        assert await conductor.prefill(replace(turn, parts=turn.parts[:1]), rows) > 0  # the image, before the text
+        n = rows.held
+        assert n > 0 and rows.talker_has == n
+        if evicted:
+            talker.kv.unpark(f"p/turn/{turn.request_id}").slot.close()
+        thinker_sent, update = [], rows.update  # what the answer's Thinker sent: (mm_from, rows)
+        rows.update = lambda mm_from, new: thinker_sent.append((mm_from, len(new))) or update(mm_from, new)
+        ours = [e async for e in conductor.run(turn, rows=rows)]
+        assert thinker_sent == [(n, 0)]
+        assert sent == [(0, n), (n, 0)] + ([(0, n)] if evicted else [])
+        assert _reused("thinker") > before[0] and (_reused("talker") > before[1]) != evicted
+        assert_same_events(ours, expected)
+        for engine in (cluster.engines.thinker, talker):
+            assert engine.kv.unpark(f"p/turn/{turn.request_id}") is None
 
 
 def _reused(stage: str) -> float:

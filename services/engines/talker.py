@@ -48,7 +48,7 @@ from services.config import EngineConfig, KVConfig
 from services.engines.kv_pages import KEEP_SESSION, KVPool, KVSession, KVSlot, prefill_whole
 from services.engines.positions import PromptLayout, TMRoPE, step_positions
 from services.engines.sampling import Sampler, SamplingParams
-from services.errors import InvalidInput, ResourceExhausted
+from services.errors import InvalidInput, PrefixGone, ResourceExhausted
 
 TEXT_END = -1  # pass as the released text token to say "the Thinker's text has ended"
 _ASSISTANT_PREFIX = 3  # '<|im_start|>', 'assistant', '\n'
@@ -66,13 +66,21 @@ class TalkerPrompt(PromptLayout):
     """The Thinker prompt's layout (`input_ids`: every turn, ending with '<|im_start|>assistant\\n'; what places its
     media), the Thinker's `mm_hidden` for its media, and the voice: `TalkerPrompt(**layout_of(thinker_prompt), ...)`."""
 
-    mm_hidden: Tensor | None = None  # [N_mm, D_thinker] accept-layer hidden at audio/image/video placeholders
+    # [N_mm, D_thinker] accept-layer hidden at the audio/image/video placeholders; or [N_mm - mm_from, D_thinker],
+    # those from `mm_from` on (below)
+    mm_hidden: Tensor | None = None
     speaker: str = "ethan"  # case-insensitive name from talker_config.speaker_id
     # The replica keeps the KV of the user parts under `cache_key` when the request ends, as `keep` says, and the
     # key's next request reuses the longest prefix of equal inputs (a session's earlier turns, or this turn's
     # input prefilled while it streamed in).
     cache_key: str = ""
     keep: str = KEEP_SESSION
+    # The replica may hold the inputs at the placeholders before `mm_from`: it kept them under `cache_key` for an
+    # earlier request with the same `rows_tag` (the turn's live prefill). A client over the wire then sends only
+    # the rows from `mm_from` on, so each crosses once per turn, and sends them all when the replica answers
+    # PrefixGone (`services.remote.RemoteTalker`).
+    mm_from: int = 0
+    rows_tag: str = ""
 
 
 @dataclass(eq=False)
@@ -82,6 +90,7 @@ class ParkedTalker:
 
     slot: KVSlot
     user_embeds: Tensor  # [U, H]
+    rows_tag: str = ""  # the request's `TalkerPrompt.rows_tag`
 
 
 @dataclass
@@ -207,8 +216,8 @@ class TalkerEngine:
         if len(ids) < _ASSISTANT_PREFIX or ids[-3] != self.im_start_id or ids[-2] != self.assistant_id:
             raise InvalidInput("the Talker prompt must end with '<|im_start|>assistant\\n'")
         user = self._user_mask(ids)
-        user_embeds = self._user_embeds(ids, user, prompt.mm_hidden)
-        embeds, capacity = user_embeds, len(user_embeds)
+        n_user, assistant = int(user.sum()), None
+        length = capacity = n_user
         if first_token_id is not None:
             if max_new_tokens < 1:
                 raise InvalidInput(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -221,34 +230,39 @@ class TalkerEngine:
                 self.model.codec_embedding(torch.tensor(self._codec_prefix_ids + [speaker], device=self.device)),
                 self._codec_tail,
             ))
-            embeds = torch.cat((user_embeds, text + codec))  # [S, H]
-            capacity = len(embeds) + max_new_tokens - 1
+            assistant = text + codec
+            length = n_user + len(assistant)
+            capacity = length + max_new_tokens - 1
         if capacity > self.max_positions:
             raise ResourceExhausted(
-                f"Talker prompt of {len(embeds)} positions + {max_new_tokens} c0s exceeds {self.max_positions}"
+                f"Talker prompt of {length} positions + {max_new_tokens} c0s exceeds {self.max_positions}"
             )
         talker_ids = torch.cat((ids[user], ids.new_full((_ASSISTANT_LEN,), self.tts_pad_id)))
         positions = self.rope.layout_positions(prompt, talker_ids)
-        session = TalkerSession(kv=self._claim(prompt.cache_key, user_embeds, capacity),
-                                rope_delta=positions.rope_delta,
+        # What the replica kept for the key is this request's from here: claimed, or closed.
+        parked = self.kv.unpark(prompt.cache_key) if prompt.cache_key else None
+        try:
+            user_embeds = self._user_embeds(ids, user, prompt, parked)
+            kv = self._claim(parked, user_embeds, capacity)
+        except BaseException:
+            if parked is not None:
+                parked.slot.close()
+            raise
+        embeds = user_embeds if assistant is None else torch.cat((user_embeds, assistant))  # [S, H]
+        session = TalkerSession(kv=kv, rope_delta=positions.rope_delta,
                                 sampler=Sampler(sampling, self.suppress_tokens, self.device))
         return TalkerPrefillJob(session, embeds, positions.position_ids[:, :, :len(embeds)].to(self.device),
-                                user=len(user_embeds))
+                                user=n_user)
 
-    def _claim(self, key: str, user_embeds: Tensor, capacity: int) -> KVSlot:
-        """The request's KV: what the replica kept under `key`, its length the longest prefix of equal user inputs
+    def _claim(self, parked: ParkedTalker | None, user_embeds: Tensor, capacity: int) -> KVSlot:
+        """The request's KV: what the replica kept under its key, its length the longest prefix of equal user inputs
         (so the prefill starts there), grown to `capacity`; else fresh pages."""
-        parked = self.kv.unpark(key) if key else None
         if parked is not None:
             n = min(len(parked.user_embeds), len(user_embeds))
             differ = (parked.user_embeds[:n] != user_embeds[:n]).any(-1).nonzero()
             reused = int(differ[0]) if differ.numel() else n
             if reused:
-                try:
-                    self.kv.grow(parked.slot, capacity)
-                except BaseException:
-                    parked.slot.close()
-                    raise
+                self.kv.grow(parked.slot, capacity)  # failing, `start` closes it
                 parked.slot.length = reused
                 return parked.slot
             parked.slot.close()
@@ -262,7 +276,7 @@ class TalkerEngine:
             slot.close()
             return
         slot.length = job.user  # the assistant part and the speech are this turn's only
-        self.kv.park(prompt.cache_key, ParkedTalker(slot, job.embeds[:job.user]), prompt.keep)
+        self.kv.park(prompt.cache_key, ParkedTalker(slot, job.embeds[:job.user], prompt.rows_tag), prompt.keep)
 
     @torch.inference_mode()
     def prefill_step(self, job: TalkerPrefillJob) -> TalkerFrame | None:
@@ -343,19 +357,33 @@ class TalkerEngine:
         turn_start = torch.cummax(starts, dim=0).values.clamp_min(0)
         return ids[(turn_start + 1).clamp_max(len(ids) - 1)] == self.user_id
 
-    def _user_embeds(self, ids: Tensor, user: Tensor, mm_hidden: Tensor | None) -> Tensor:
+    def _user_embeds(self, ids: Tensor, user: Tensor, prompt: TalkerPrompt, parked: ParkedTalker | None) -> Tensor:
+        """[U, H] the inputs at the user positions: text embeddings, and the projected `mm_hidden` at the media;
+        where `mm_hidden` starts at `mm_from`, the inputs before it are copied from `parked`."""
         mm = torch.isin(ids, self.mm_token_ids)
-        n_mm = int(mm.sum())
-        want = (n_mm, self.hidden_projection.linear_fc1.in_features)
-        if n_mm and (mm_hidden is None or tuple(mm_hidden.shape) != want):
+        n_mm, mm_hidden = int(mm.sum()), prompt.mm_hidden
+        rows = 0 if mm_hidden is None else len(mm_hidden)
+        width = self.hidden_projection.linear_fc1.in_features
+        head = n_mm - rows  # placeholders whose rows were not sent
+        fits = 0 <= prompt.mm_from <= n_mm and head in (0, prompt.mm_from)
+        if not fits or (rows and tuple(mm_hidden.shape[1:]) != (width,)):
             got = None if mm_hidden is None else tuple(mm_hidden.shape)
-            raise InvalidInput(f"the prompt has {n_mm} multimodal placeholders: mm_hidden must be {want}, got {got}")
+            raise InvalidInput(f"the prompt has {n_mm} multimodal placeholders and mm_from {prompt.mm_from}: "
+                               f"mm_hidden must be ({n_mm}, {width}) or ({n_mm - prompt.mm_from}, {width}), got {got}")
         out = torch.empty(int(user.sum()), self._tts_pad.shape[-1], device=self.device, dtype=self.dtype)
         user_mm = mm[user]
         out[~user_mm] = self._embed_text(ids[user & ~mm])
-        if user_mm.any():
-            hidden = mm_hidden.to(self.device, self.dtype)[user[mm]]
-            out[user_mm] = self.hidden_projection(hidden)
+        at = user_mm.nonzero()[:, 0]  # where the user turns' placeholders sit in `out`, in order
+        in_user = user[mm]  # [N_mm]: the placeholder is in a user turn
+        kept = int(in_user[:head].sum())  # the user placeholders whose inputs come from `parked`
+        if kept:
+            if (parked is None or not prompt.rows_tag or parked.rows_tag != prompt.rows_tag
+                    or len(parked.user_embeds) <= int(at[kept - 1])):
+                raise PrefixGone("the Talker replica no longer holds the turn's earlier media inputs: send mm_hidden "
+                                 "whole")
+            out[at[:kept]] = parked.user_embeds[at[:kept]]
+        if kept < len(at):
+            out[at[kept:]] = self.hidden_projection(mm_hidden.to(self.device, self.dtype)[in_user[head:]])
         return out
 
 

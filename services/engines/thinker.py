@@ -48,12 +48,20 @@ class ThinkerPrompt(PromptLayout):
     segments: tuple[Segment, ...] = ()
     embeds_from: int = 0
     keep: str = KEEP_SESSION  # what becomes of the KV under `cache_key` when the request ends (KEEP_*)
+    # The caller holds `mm_hidden` of the placeholders before this one (a turn's earlier prefill): the result's
+    # rows start here, or where the reused prefix ends if that is earlier (`ThinkerPrefill.mm_from`).
+    hidden_from: int = 0
 
 
 @dataclass
 class ThinkerPrefill:
     logits: Tensor  # [V] float32, next-token logits after the prompt
     mm_hidden: Tensor  # [N_mm, D] layer-`accept_hidden_layer` states at audio/image/video placeholders, prompt order
+    mm_from: int = 0  # the caller needs the rows from here on (`ThinkerPrompt.hidden_from`); the earlier ones it has
+
+    @property
+    def new_hidden(self) -> Tensor:
+        return self.mm_hidden[self.mm_from:]
 
 
 class ThinkerSession(KVSession):
@@ -73,6 +81,7 @@ class ThinkerPrefillJob:
     visual_mask: Tensor | None  # [L - offset] image/video placeholders, with deepstack [layer][N_visual, D]
     deepstack: list[Tensor] | None
     mm_hidden: list[Tensor] = field(default_factory=list)  # the reused prefix's, then per chunk done
+    mm_from: int = 0  # `ThinkerPrefill.mm_from`
 
 
 @dataclass(eq=False)
@@ -196,7 +205,7 @@ class ThinkerEngine:
         visual_mask, deepstack = self._deepstack(prompt, masks, embeds, skip)
         if reuse is None:
             session = ThinkerSession(kv=self.kv.reserve(capacity), rope_delta=positions.rope_delta)
-            mm_hidden = []
+            prefix_mm, mm_hidden = 0, []
         else:
             self.kv.grow(reuse.parked.slot, capacity)
             reuse.parked.slot.length = offset
@@ -205,7 +214,8 @@ class ThinkerEngine:
             mm_hidden = [reuse.parked.mm_hidden[:prefix_mm]]
         return ThinkerPrefillJob(session, offset, embeds, positions.position_ids[:, :, offset:].to(self.config.device),
                                  mm_mask=masks["audio"] | masks["image"] | masks["video"],
-                                 visual_mask=visual_mask, deepstack=deepstack, mm_hidden=mm_hidden)
+                                 visual_mask=visual_mask, deepstack=deepstack, mm_hidden=mm_hidden,
+                                 mm_from=min(prompt.hidden_from, prefix_mm))
 
     @torch.inference_mode()
     def prefill_step(self, job: ThinkerPrefillJob) -> ThinkerPrefill | None:
@@ -225,7 +235,8 @@ class ThinkerEngine:
         job.mm_hidden.append(out.hidden_states[self.accept_hidden_layer][0][job.mm_mask[a:b]])
         if b < job.embeds.shape[0]:
             return None
-        return ThinkerPrefill(logits=self._logits(out.last_hidden_state)[0], mm_hidden=torch.cat(job.mm_hidden))
+        return ThinkerPrefill(logits=self._logits(out.last_hidden_state)[0], mm_hidden=torch.cat(job.mm_hidden),
+                              mm_from=job.mm_from)
 
     @torch.inference_mode()
     def decode(self, session: ThinkerSession, token_id: int) -> Tensor:

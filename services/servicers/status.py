@@ -3,7 +3,7 @@ back into the same errors, so a conductor behind gRPC sees what it would see in 
 
     InvalidInput <-> INVALID_ARGUMENT      ResourceExhausted <-> RESOURCE_EXHAUSTED
     DeadlineExceeded <-> DEADLINE_EXCEEDED  CheckpointError <-> FAILED_PRECONDITION
-    Unauthenticated <-> UNAUTHENTICATED
+    Unauthenticated <-> UNAUTHENTICATED     PrefixGone <-> ABORTED
     anything else -> INTERNAL (traceback logged); other statuses come back as StageError with their code
 
 Details that reach a client never carry internal addresses: grpc's own UNAVAILABLE text ("failed to connect to all
@@ -26,6 +26,7 @@ from services.errors import (
     DeadlineExceeded,
     InvalidInput,
     OmniError,
+    PrefixGone,
     ResourceExhausted,
     Unauthenticated,
 )
@@ -38,6 +39,7 @@ _CODES: dict[type[OmniError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     CheckpointError: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PrefixGone: grpc.StatusCode.ABORTED,
 }
 _ERRORS = {code: cls for cls, code in _CODES.items()}
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}

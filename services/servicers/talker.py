@@ -71,7 +71,7 @@ class TalkerServicer(talker_pb2_grpc.TalkerServicer):
         (input_ids,) = required(tensors, "input_ids")
         prompt = TalkerPrompt(input_ids=input_ids, speaker=start.speaker,
                               use_audio_in_video=start.use_audio_in_video, cache_key=start.cache_key,
-                              keep=keep_from_proto(start.keep),
+                              keep=keep_from_proto(start.keep), mm_from=start.mm_from, rows_tag=start.rows_tag,
                               **{name: tensors.get(name) for name in PROMPT_TENSORS[1:]})
         sampling = sampling_from_proto(start.sampling) if start.HasField("sampling") else default_talker_sampling()
         if start.prefill_only and first.WhichOneof("kind") != "text_end":

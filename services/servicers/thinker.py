@@ -68,7 +68,8 @@ def prompt_from_tensors(tensors: dict[str, Tensor], start: ThinkStart, embeds_fr
                            image_grid_thw=tensors.get("image_grid_thw"), video_grid_thw=tensors.get("video_grid_thw"),
                            video_second_per_grid=tensors.get("video_second_per_grid"),
                            use_audio_in_video=start.use_audio_in_video, cache_key=start.cache_key,
-                           segments=segments, embeds_from=embeds_from, keep=keep_from_proto(start.keep))
+                           segments=segments, embeds_from=embeds_from, keep=keep_from_proto(start.keep),
+                           hidden_from=start.mm_hidden_from)
     for kind in ("image", "video"):
         if f"{kind}_embeds" in tensors or f"{kind}_deepstack" in tensors:
             embeds, deepstack = required(tensors, f"{kind}_embeds", f"{kind}_deepstack")
@@ -122,6 +123,7 @@ class ThinkerServicer(thinker_pb2_grpc.ThinkerServicer):
                             yield item
                             continue
                         if item.mm_hidden is not None and want_mm_hidden:
+                            yield ThinkResponse(mm_hidden_from=item.mm_from)
                             for piece in to_pieces("mm_hidden", item.mm_hidden):
                                 yield ThinkResponse(mm_hidden=piece)
                         if item.token_id is None:  # prefill only: no token

@@ -26,7 +26,7 @@ from services.wire.gen.omni.v1 import common_pb2 as omni_dot_v1_dot_common__pb2
 from services.wire.gen.omni.v1 import tensor_pb2 as omni_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14omni/v1/talker.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\x1a\x14omni/v1/tensor.proto\"\xab\x01\n\x0cSpeakRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.omni.v1.SpeakStartH\x00\x12&\n\x06prompt\x18\x02 \x01(\x0b\x32\x14.omni.v1.TensorPieceH\x00\x12\x1f\n\x04text\x18\x03 \x01(\x0b\x32\x0f.omni.v1.TokensH\x00\x12$\n\x08text_end\x18\x04 \x01(\x0b\x32\x10.omni.v1.TextEndH\x00\x42\x06\n\x04kind\"\xd4\x01\n\nSpeakStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07speaker\x18\x02 \x01(\t\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.omni.v1.SamplingParams\x12\x12\n\nmax_frames\x18\x04 \x01(\x05\x12\x1a\n\x12use_audio_in_video\x18\x05 \x01(\x08\x12\x11\n\tcache_key\x18\x06 \x01(\t\x12\x1d\n\x04keep\x18\x07 \x01(\x0e\x32\x0f.omni.v1.KeepKV\x12\x14\n\x0cprefill_only\x18\x08 \x01(\x08\"\t\n\x07TextEnd\"_\n\rSpeakResponse\x12$\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x13.omni.v1.CodecFrameH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.omni.v1.SpeakEndH\x00\x42\x06\n\x04kind\")\n\x08SpeakEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t2D\n\x06Talker\x12:\n\x05Speak\x12\x15.omni.v1.SpeakRequest\x1a\x16.omni.v1.SpeakResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14omni/v1/talker.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\x1a\x14omni/v1/tensor.proto\"\xab\x01\n\x0cSpeakRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.omni.v1.SpeakStartH\x00\x12&\n\x06prompt\x18\x02 \x01(\x0b\x32\x14.omni.v1.TensorPieceH\x00\x12\x1f\n\x04text\x18\x03 \x01(\x0b\x32\x0f.omni.v1.TokensH\x00\x12$\n\x08text_end\x18\x04 \x01(\x0b\x32\x10.omni.v1.TextEndH\x00\x42\x06\n\x04kind\"\xf7\x01\n\nSpeakStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07speaker\x18\x02 \x01(\t\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.omni.v1.SamplingParams\x12\x12\n\nmax_frames\x18\x04 \x01(\x05\x12\x1a\n\x12use_audio_in_video\x18\x05 \x01(\x08\x12\x11\n\tcache_key\x18\x06 \x01(\t\x12\x1d\n\x04keep\x18\x07 \x01(\x0e\x32\x0f.omni.v1.KeepKV\x12\x14\n\x0cprefill_only\x18\x08 \x01(\x08\x12\x0f\n\x07mm_from\x18\t \x01(\x05\x12\x10\n\x08rows_tag\x18\n \x01(\t\"\t\n\x07TextEnd\"_\n\rSpeakResponse\x12$\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x13.omni.v1.CodecFrameH\x00\x12 \n\x03\x65nd\x18\x02 \x01(\x0b\x32\x11.omni.v1.SpeakEndH\x00\x42\x06\n\x04kind\")\n\x08SpeakEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t2D\n\x06Talker\x12:\n\x05Speak\x12\x15.omni.v1.SpeakRequest\x1a\x16.omni.v1.SpeakResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,13 +36,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SPEAKREQUEST']._serialized_start=78
   _globals['_SPEAKREQUEST']._serialized_end=249
   _globals['_SPEAKSTART']._serialized_start=252
-  _globals['_SPEAKSTART']._serialized_end=464
-  _globals['_TEXTEND']._serialized_start=466
-  _globals['_TEXTEND']._serialized_end=475
-  _globals['_SPEAKRESPONSE']._serialized_start=477
-  _globals['_SPEAKRESPONSE']._serialized_end=572
-  _globals['_SPEAKEND']._serialized_start=574
-  _globals['_SPEAKEND']._serialized_end=615
-  _globals['_TALKER']._serialized_start=617
-  _globals['_TALKER']._serialized_end=685
+  _globals['_SPEAKSTART']._serialized_end=499
+  _globals['_TEXTEND']._serialized_start=501
+  _globals['_TEXTEND']._serialized_end=510
+  _globals['_SPEAKRESPONSE']._serialized_start=512
+  _globals['_SPEAKRESPONSE']._serialized_end=607
+  _globals['_SPEAKEND']._serialized_start=609
+  _globals['_SPEAKEND']._serialized_end=650
+  _globals['_TALKER']._serialized_start=652
+  _globals['_TALKER']._serialized_end=720
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,7 @@ class SpeakRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[SpeakStart, _Mapping]] = ..., prompt: _Optional[_Union[_tensor_pb2.TensorPiece, _Mapping]] = ..., text: _Optional[_Union[_common_pb2.Tokens, _Mapping]] = ..., text_end: _Optional[_Union[TextEnd, _Mapping]] = ...) -> None: ...
 
 class SpeakStart(_message.Message):
-    __slots__ = ("request_id", "speaker", "sampling", "max_frames", "use_audio_in_video", "cache_key", "keep", "prefill_only")
+    __slots__ = ("request_id", "speaker", "sampling", "max_frames", "use_audio_in_video", "cache_key", "keep", "prefill_only", "mm_from", "rows_tag")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SPEAKER_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,8 @@ class SpeakStart(_message.Message):
     CACHE_KEY_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MM_FROM_FIELD_NUMBER: _ClassVar[int]
+    ROWS_TAG_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     speaker: str
     sampling: _common_pb2.SamplingParams
@@ -37,7 +39,9 @@ class SpeakStart(_message.Message):
     cache_key: str
     keep: _common_pb2.KeepKV
     prefill_only: bool
-    def __init__(self, request_id: _Optional[str] = ..., speaker: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_frames: _Optional[int] = ..., use_audio_in_video: _Optional[bool] = ..., cache_key: _Optional[str] = ..., keep: _Optional[_Union[_common_pb2.KeepKV, str]] = ..., prefill_only: _Optional[bool] = ...) -> None: ...
+    mm_from: int
+    rows_tag: str
+    def __init__(self, request_id: _Optional[str] = ..., speaker: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_frames: _Optional[int] = ..., use_audio_in_video: _Optional[bool] = ..., cache_key: _Optional[str] = ..., keep: _Optional[_Union[_common_pb2.KeepKV, str]] = ..., prefill_only: _Optional[bool] = ..., mm_from: _Optional[int] = ..., rows_tag: _Optional[str] = ...) -> None: ...
 
 class TextEnd(_message.Message):
     __slots__ = ()

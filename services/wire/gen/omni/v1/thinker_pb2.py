@@ -26,7 +26,7 @@ from services.wire.gen.omni.v1 import common_pb2 as omni_dot_v1_dot_common__pb2
 from services.wire.gen.omni.v1 import tensor_pb2 as omni_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15omni/v1/thinker.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\x1a\x14omni/v1/tensor.proto\"\xb6\x01\n\x0cThinkRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.omni.v1.ThinkStartH\x00\x12&\n\x06prompt\x18\x02 \x01(\x0b\x32\x14.omni.v1.TensorPieceH\x00\x12(\n\nprompt_end\x18\x03 \x01(\x0b\x32\x12.omni.v1.PromptEndH\x00\x12&\n\x06resume\x18\x04 \x01(\x0b\x32\x14.omni.v1.ThinkResumeH\x00\x42\x06\n\x04kind\"\x9f\x02\n\nThinkStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.omni.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12use_audio_in_video\x18\x04 \x01(\x08\x12\x18\n\x10return_mm_hidden\x18\x05 \x01(\x08\x12\x11\n\tcache_key\x18\x06 \x01(\t\x12\'\n\x08segments\x18\x07 \x03(\x0b\x32\x15.omni.v1.MediaSegment\x12\x13\n\x0b\x64\x65\x66\x65r_media\x18\x08 \x01(\x08\x12\x1d\n\x04keep\x18\t \x01(\x0e\x32\x0f.omni.v1.KeepKV\x12\x14\n\x0cprefill_only\x18\n \x01(\x08\":\n\x0cMediaSegment\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\"\x0b\n\tPromptEnd\"8\n\x0bThinkResume\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\"\xaa\x01\n\rThinkResponse\x12)\n\tmm_hidden\x18\x01 \x01(\x0b\x32\x14.omni.v1.TensorPieceH\x00\x12!\n\x06tokens\x18\x02 \x01(\x0b\x32\x0f.omni.v1.TokensH\x00\x12 \n\x03\x65nd\x18\x03 \x01(\x0b\x32\x11.omni.v1.ThinkEndH\x00\x12!\n\x06prefix\x18\x04 \x01(\x0b\x32\x0f.omni.v1.PrefixH\x00\x42\x06\n\x04kind\"\x1f\n\x06Prefix\x12\x15\n\rreused_tokens\x18\x01 \x01(\x05\"i\n\x08ThinkEnd\x12,\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x15.omni.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x05\x32\x45\n\x07Thinker\x12:\n\x05Think\x12\x15.omni.v1.ThinkRequest\x1a\x16.omni.v1.ThinkResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15omni/v1/thinker.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\x1a\x14omni/v1/tensor.proto\"\xb6\x01\n\x0cThinkRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.omni.v1.ThinkStartH\x00\x12&\n\x06prompt\x18\x02 \x01(\x0b\x32\x14.omni.v1.TensorPieceH\x00\x12(\n\nprompt_end\x18\x03 \x01(\x0b\x32\x12.omni.v1.PromptEndH\x00\x12&\n\x06resume\x18\x04 \x01(\x0b\x32\x14.omni.v1.ThinkResumeH\x00\x42\x06\n\x04kind\"\xb7\x02\n\nThinkStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.omni.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12use_audio_in_video\x18\x04 \x01(\x08\x12\x18\n\x10return_mm_hidden\x18\x05 \x01(\x08\x12\x11\n\tcache_key\x18\x06 \x01(\t\x12\'\n\x08segments\x18\x07 \x03(\x0b\x32\x15.omni.v1.MediaSegment\x12\x13\n\x0b\x64\x65\x66\x65r_media\x18\x08 \x01(\x08\x12\x1d\n\x04keep\x18\t \x01(\x0e\x32\x0f.omni.v1.KeepKV\x12\x14\n\x0cprefill_only\x18\n \x01(\x08\x12\x16\n\x0emm_hidden_from\x18\x0b \x01(\x05\":\n\x0cMediaSegment\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\x12\x0e\n\x06\x64igest\x18\x03 \x01(\x0c\"\x0b\n\tPromptEnd\"8\n\x0bThinkResume\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\"\xc4\x01\n\rThinkResponse\x12)\n\tmm_hidden\x18\x01 \x01(\x0b\x32\x14.omni.v1.TensorPieceH\x00\x12\x18\n\x0emm_hidden_from\x18\x05 \x01(\x05H\x00\x12!\n\x06tokens\x18\x02 \x01(\x0b\x32\x0f.omni.v1.TokensH\x00\x12 \n\x03\x65nd\x18\x03 \x01(\x0b\x32\x11.omni.v1.ThinkEndH\x00\x12!\n\x06prefix\x18\x04 \x01(\x0b\x32\x0f.omni.v1.PrefixH\x00\x42\x06\n\x04kind\"\x1f\n\x06Prefix\x12\x15\n\rreused_tokens\x18\x01 \x01(\x05\"i\n\x08ThinkEnd\x12,\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x15.omni.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x03 \x01(\x05\x32\x45\n\x07Thinker\x12:\n\x05Think\x12\x15.omni.v1.ThinkRequest\x1a\x16.omni.v1.ThinkResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_THINKREQUEST']._serialized_start=79
   _globals['_THINKREQUEST']._serialized_end=261
   _globals['_THINKSTART']._serialized_start=264
-  _globals['_THINKSTART']._serialized_end=551
-  _globals['_MEDIASEGMENT']._serialized_start=553
-  _globals['_MEDIASEGMENT']._serialized_end=611
-  _globals['_PROMPTEND']._serialized_start=613
-  _globals['_PROMPTEND']._serialized_end=624
-  _globals['_THINKRESUME']._serialized_start=626
-  _globals['_THINKRESUME']._serialized_end=682
-  _globals['_THINKRESPONSE']._serialized_start=685
-  _globals['_THINKRESPONSE']._serialized_end=855
-  _globals['_PREFIX']._serialized_start=857
-  _globals['_PREFIX']._serialized_end=888
-  _globals['_THINKEND']._serialized_start=890
-  _globals['_THINKEND']._serialized_end=995
-  _globals['_THINKER']._serialized_start=997
-  _globals['_THINKER']._serialized_end=1066
+  _globals['_THINKSTART']._serialized_end=575
+  _globals['_MEDIASEGMENT']._serialized_start=577
+  _globals['_MEDIASEGMENT']._serialized_end=635
+  _globals['_PROMPTEND']._serialized_start=637
+  _globals['_PROMPTEND']._serialized_end=648
+  _globals['_THINKRESUME']._serialized_start=650
+  _globals['_THINKRESUME']._serialized_end=706
+  _globals['_THINKRESPONSE']._serialized_start=709
+  _globals['_THINKRESPONSE']._serialized_end=905
+  _globals['_PREFIX']._serialized_start=907
+  _globals['_PREFIX']._serialized_end=938
+  _globals['_THINKEND']._serialized_start=940
+  _globals['_THINKEND']._serialized_end=1045
+  _globals['_THINKER']._serialized_start=1047
+  _globals['_THINKER']._serialized_end=1116
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,7 @@ class ThinkRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[ThinkStart, _Mapping]] = ..., prompt: _Optional[_Union[_tensor_pb2.TensorPiece, _Mapping]] = ..., prompt_end: _Optional[_Union[PromptEnd, _Mapping]] = ..., resume: _Optional[_Union[ThinkResume, _Mapping]] = ...) -> None: ...
 
 class ThinkStart(_message.Message):
-    __slots__ = ("request_id", "sampling", "max_new_tokens", "use_audio_in_video", "return_mm_hidden", "cache_key", "segments", "defer_media", "keep", "prefill_only")
+    __slots__ = ("request_id", "sampling", "max_new_tokens", "use_audio_in_video", "return_mm_hidden", "cache_key", "segments", "defer_media", "keep", "prefill_only", "mm_hidden_from")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class ThinkStart(_message.Message):
     DEFER_MEDIA_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MM_HIDDEN_FROM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sampling: _common_pb2.SamplingParams
     max_new_tokens: int
@@ -42,7 +43,8 @@ class ThinkStart(_message.Message):
     defer_media: bool
     keep: _common_pb2.KeepKV
     prefill_only: bool
-    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., use_audio_in_video: _Optional[bool] = ..., return_mm_hidden: _Optional[bool] = ..., cache_key: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[MediaSegment, _Mapping]]] = ..., defer_media: _Optional[bool] = ..., keep: _Optional[_Union[_common_pb2.KeepKV, str]] = ..., prefill_only: _Optional[bool] = ...) -> None: ...
+    mm_hidden_from: int
+    def __init__(self, request_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., use_audio_in_video: _Optional[bool] = ..., return_mm_hidden: _Optional[bool] = ..., cache_key: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[MediaSegment, _Mapping]]] = ..., defer_media: _Optional[bool] = ..., keep: _Optional[_Union[_common_pb2.KeepKV, str]] = ..., prefill_only: _Optional[bool] = ..., mm_hidden_from: _Optional[int] = ...) -> None: ...
 
 class MediaSegment(_message.Message):
     __slots__ = ("start", "end", "digest")
@@ -67,16 +69,18 @@ class ThinkResume(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
 
 class ThinkResponse(_message.Message):
-    __slots__ = ("mm_hidden", "tokens", "end", "prefix")
+    __slots__ = ("mm_hidden", "mm_hidden_from", "tokens", "end", "prefix")
     MM_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    MM_HIDDEN_FROM_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     mm_hidden: _tensor_pb2.TensorPiece
+    mm_hidden_from: int
     tokens: _common_pb2.Tokens
     end: ThinkEnd
     prefix: Prefix
-    def __init__(self, mm_hidden: _Optional[_Union[_tensor_pb2.TensorPiece, _Mapping]] = ..., tokens: _Optional[_Union[_common_pb2.Tokens, _Mapping]] = ..., end: _Optional[_Union[ThinkEnd, _Mapping]] = ..., prefix: _Optional[_Union[Prefix, _Mapping]] = ...) -> None: ...
+    def __init__(self, mm_hidden: _Optional[_Union[_tensor_pb2.TensorPiece, _Mapping]] = ..., mm_hidden_from: _Optional[int] = ..., tokens: _Optional[_Union[_common_pb2.Tokens, _Mapping]] = ..., end: _Optional[_Union[ThinkEnd, _Mapping]] = ..., prefix: _Optional[_Union[Prefix, _Mapping]] = ...) -> None: ...
 
 class Prefix(_message.Message):
     __slots__ = ("reused_tokens",)
