@@ -30,7 +30,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from services import tracing
-from services.metrics import STAGE_BATCH, STAGE_QUEUE, STAGE_ROWS, STAGE_STEP, stage_executor
+from services.metrics import STAGE_BATCH, STAGE_QUEUE, STAGE_ROWS, STAGE_STEP
+from services.workers import on_worker
 
 
 @dataclass
@@ -123,8 +124,7 @@ class StepBatcher:
         STAGE_ROWS.inc(len(batch), stage=self.stage)
         span = self._step_span(batch)
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                stage_executor(self.stage), self._timed_run, [w.item for w in batch])
+            results = await on_worker(self.stage, self._timed_run, [w.item for w in batch])
         except Exception as e:  # every request in the step gets the step's error
             tracing.end_span(span, e)
             for waiting in batch:

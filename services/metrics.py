@@ -10,7 +10,6 @@ Names follow Prometheus conventions (DESIGN.md section 6): `omni_` prefix, base 
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 
@@ -226,12 +225,3 @@ def record_turn(timings: dict[str, float]) -> None:
         TIME_TO_FIRST_AUDIO.observe(timings["time_to_first_audio_s"])
     if "rtf" in timings:
         REAL_TIME_FACTOR.observe(timings["rtf"])
-
-
-@functools.cache
-def stage_executor(stage: str):
-    """One worker thread per stage engine in a process: engine steps of concurrent requests run one at a time (as
-    on one GPU stream), and the wait for that thread is the stage's queue time."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"omni-{stage}")

@@ -30,7 +30,8 @@ from services.engines.sampling import Sampler, SamplingParams
 from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt
 from services.engines.thinker import ThinkerEngine, ThinkerPrompt
 from services.engines.vision_encoder import VisionEmbeddings, VisionEncoderEngine
-from services.metrics import PREFIX_REDOS, PREFIX_TOKENS, STAGE_QUEUE, StageTimer, stage_executor
+from services.metrics import PREFIX_REDOS, PREFIX_TOKENS, STAGE_QUEUE, StageTimer
+from services.workers import on_worker, share_cores
 
 
 Codes = tuple[int, ...]  # one 80 ms frame: codebook 0 (the Talker's) then the 15 residual codebooks (MTP's)
@@ -95,7 +96,7 @@ async def run_engine(stage: str, fn, *args):
         STAGE_QUEUE.observe(time.perf_counter() - submitted, stage=stage)
         return fn(*args)
 
-    return await asyncio.get_running_loop().run_in_executor(stage_executor(stage), call)
+    return await on_worker(stage, call)
 
 
 async def start_job(stage: str, start, *args):
@@ -381,7 +382,9 @@ class Stages:
 
     @classmethod
     def local(cls, engines) -> "Stages":
-        """In-process stages over `services.engines.bundle.Engines`."""
+        """In-process stages over `services.engines.bundle.Engines`, sharing the process's cores
+        (`services.workers`)."""
+        share_cores()
         audio_out = engines.talker is not None
         return cls(
             processor=engines.processor,

@@ -257,3 +257,24 @@ def test_a_step_waits_only_for_requests_in_progress():
     waited, alone = asyncio.run(scenario())
     assert steps == [["a", "b"], ["c"]]  # b joined a's step: the step waited for it
     assert 0.04 < waited < 0.45 and alone < 0.25  # neither step waited the whole max_wait_s
+
+
+def test_in_process_stage_workers_compute_with_their_share_of_the_cores(engines):
+    """In one process the stages' worker threads compute at once: at torch's default each would run a thread per
+    core and their OpenMP threads would spin against each other. Each takes its share; the caller keeps its own."""
+    from services.workers import CONCURRENT_ENGINES, on_worker
+
+    async def worker_threads() -> list[int]:
+        return list(await asyncio.gather(*(on_worker(stage, torch.get_num_threads)
+                                           for stage in ("thinker", "talker", "mtp", "code2wav"))))
+
+    own = torch.get_num_threads()
+    torch.set_num_threads(2 * CONCURRENT_ENGINES)  # a machine of 8 cores: 2 each
+    try:
+        Stages.local(engines)
+        assert asyncio.run(worker_threads()) == [2] * 4
+        assert torch.get_num_threads() == 2 * CONCURRENT_ENGINES
+    finally:
+        torch.set_num_threads(own)
+        Stages.local(engines)  # the share of this machine's cores, for the tests after this one
+    assert asyncio.run(worker_threads()) == [max(1, own // CONCURRENT_ENGINES)] * 4

@@ -179,9 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import transformers
 
+    from services.workers import shared_threads
+
     transformers.logging.set_verbosity_error()
     print(f"omni bench load: {args.turns} turns per client, {args.tokens} tokens / <= {args.frames} frames each, "
-          f"greedy; concurrency {args.concurrency}; {torch.get_num_threads()} CPU threads")
+          f"greedy; concurrency {args.concurrency}; {torch.get_num_threads()} CPU threads, "
+          f"{shared_threads()} per stage in process")
     print(HEADER)
     if args.address:
         asyncio.run(bench("served", deployed(args.address, args.metrics_port), args))
