@@ -7,7 +7,8 @@ Audio: real speech (`espeak-ng` reads a text, repeated to length) streamed as PC
 time and as fast as the client sends, then `end_of_turn`; for each of `--seconds`. Text: a `--turns`-turn
 conversation in a session (the replica keeps its KV) against a 1-turn one, and against the same history sent
 without a session (prefilled whole). Each row is the median of `--repeats` turns (the session row's each in a new
-session), timed at the client over gRPC; "live" is the gateway prefilling while the input streams in
+session), taken in turn with the other rows of its group (so that drift weighs on each alike: a group prints when
+its last turn is done), timed at the client over gRPC; "live" is the gateway prefilling while the input streams in
 (`services.live_input`), "whole" the same gateway with it off (in process only: a deployment's gateway is
 configured one way). Columns: end of turn to first audio (ms), the ratio to the first row of its group, then per
 turn the live prefills, the prefills redone from a changed window (the log-mel clamp), the prompt positions the
@@ -30,6 +31,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -152,28 +154,33 @@ HEADER = f"{'where':<6} {'path':<6} {'input':<22} {'eot->audio':>10} {'ratio':>6
          f"{'reused':>7} {'prefilled':>9} {'t.reused':>8} {'t.prefilled':>11} {'prep':>6} {'thinker':>7} {'talker':>6}"
 
 
-async def row(target: Target, where: str, path: str, what: str, turn, base: list, repeats: int,
-              pace_s: float = 0.0) -> float:
-    """Time `repeats` turns (`await turn()` gives one's requests, after any set-up turns of its own) and print the
-    median's wait and stage times, and the counters per turn."""
-    timed, delta = [], dict.fromkeys(COUNTERS, 0.0)
+async def group(target: Target, where: str, path: str, rows: list[tuple[str, Callable, float]],
+                repeats: int) -> None:
+    """Time `repeats` turns of each row (what, `await turn()` for one turn's requests after any set-up turns of its
+    own, the audio's pace), one of each row in turn, so that the machine's drift over a run weighs on every row
+    alike; then print each row: the median turn's wait and stage times, the counters per turn, the ratio to the
+    first row's wait."""
+    timed = {what: [] for what, _, _ in rows}
+    delta = {what: dict.fromkeys(COUNTERS, 0.0) for what, _, _ in rows}
     for _ in range(repeats):
-        requests = await turn()
-        before = target.counters()
-        timed.append(await target.turn(requests, pace_s))
-        await asyncio.sleep(target.lag_s)
-        after = target.counters()
-        for k in COUNTERS:
-            delta[k] += (after.get(k, 0.0) - before.get(k, 0.0)) / repeats
-    wait, summary = sorted(timed, key=lambda t: t[0])[(repeats - 1) // 2]
-    stages = " ".join(f"{summary.timings.get(key, float('nan')) * 1e3:>{width}.0f}"
-                      for key, width in (("preprocess_s", 6), ("thinker_ttft_s", 7), ("talker_ttft_s", 6)))
-    if not base:
-        base.append(wait)
-    print(f"{where:<6} {path:<6} {what:<22} {wait * 1e3:>8.0f}ms {wait / base[0]:>6.2f} {delta['prefills']:>8.0f} "
-          f"{delta['redos']:>5.0f} {delta['reused']:>7.0f} {delta['prefilled']:>9.0f} "
-          f"{delta['t.reused']:>8.0f} {delta['t.prefilled']:>11.0f} {stages}", flush=True)
-    return wait
+        for what, turn, pace_s in rows:
+            requests = await turn()
+            before = target.counters()
+            timed[what].append(await target.turn(requests, pace_s))
+            await asyncio.sleep(target.lag_s)
+            after = target.counters()
+            for k in COUNTERS:
+                delta[what][k] += (after.get(k, 0.0) - before.get(k, 0.0)) / repeats
+    base = None
+    for what, _, _ in rows:
+        wait, summary = sorted(timed[what], key=lambda t: t[0])[(repeats - 1) // 2]
+        base = base or wait
+        stages = " ".join(f"{summary.timings.get(key, float('nan')) * 1e3:>{width}.0f}"
+                          for key, width in (("preprocess_s", 6), ("thinker_ttft_s", 7), ("talker_ttft_s", 6)))
+        d = delta[what]
+        print(f"{where:<6} {path:<6} {what:<22} {wait * 1e3:>8.0f}ms {wait / base:>6.2f} {d['prefills']:>8.0f} "
+              f"{d['redos']:>5.0f} {d['reused']:>7.0f} {d['prefilled']:>9.0f} "
+              f"{d['t.reused']:>8.0f} {d['t.prefilled']:>11.0f} {stages}", flush=True)
 
 
 def _given(requests: list):
@@ -190,16 +197,12 @@ async def bench(where: str, targets: dict[str, Target], args, tmp: Path) -> None
     await first.turn(audio_turn(args, *speech(2.0, tmp)))
     paces = {"realtime": ["realtime"], "fast": ["fast"], "both": ["realtime", "fast"]}[args.pace]
     for pace in paces:
+        pace_s = args.chunk_ms / 1000 if pace == "realtime" else 0.0
         for path, target in targets.items():
-            base: list[float] = []
-            for seconds in args.seconds:
-                pcm, rate = speech(seconds, tmp)
-                await row(target, where, path, f"audio {seconds:g} s {pace}", _given(audio_turn(args, pcm, rate)),
-                          base, args.repeats, args.chunk_ms / 1000 if pace == "realtime" else 0.0)
+            await group(target, where, path, [(f"audio {seconds:g} s {pace}",
+                                               _given(audio_turn(args, *speech(seconds, tmp))), pace_s)
+                                              for seconds in args.seconds], args.repeats)
     for path, target in targets.items():
-        base = []
-        await row(target, where, path, "text, 1 turn", _given(text_turn(args, "Tell me about the sea.")), base,
-                  args.repeats)
         histories = []
 
         async def in_session() -> list:  # a new session each time: the conversation so far, then the timed turn
@@ -215,8 +218,9 @@ async def bench(where: str, targets: dict[str, Target], args, tmp: Path) -> None
             history = [omni_pb2.ChatMessage(role=r, text=t) for r, t in histories[0]]
             return text_turn(args, "Tell me about the sea.", history=history)
 
-        await row(target, where, path, f"text, {args.turns} turns", in_session, base, args.repeats)
-        await row(target, where, path, f"text, {args.turns} no sess.", no_session, base, args.repeats)
+        await group(target, where, path, [("text, 1 turn", _given(text_turn(args, "Tell me about the sea.")), 0.0),
+                                          (f"text, {args.turns} turns", in_session, 0.0),
+                                          (f"text, {args.turns} no sess.", no_session, 0.0)], args.repeats)
 
 
 def slice_config(real_config_path: Path):
@@ -280,9 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import transformers
 
+    from services.workers import shared_threads
+
     transformers.logging.set_verbosity_error()
     print(f"omni bench input: audio {args.seconds} s in {args.chunk_ms} ms chunks ({args.pace}), text {args.turns} "
-          f"turns; {args.tokens} tokens per answer, greedy; {torch.get_num_threads()} CPU threads")
+          f"turns; {args.tokens} tokens per answer, greedy; {torch.get_num_threads()} CPU threads, "
+          f"{shared_threads()} per stage in process")
     print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
