@@ -7,8 +7,8 @@ Audio: real speech (`espeak-ng` reads a text, repeated to length) streamed as PC
 time and as fast as the client sends, then `end_of_turn`; for each of `--seconds`. Text: a `--turns`-turn
 conversation in a session (the replica keeps its KV) against a 1-turn one, and against the same history sent
 without a session (prefilled whole). Each row is the median of `--repeats` turns (the session row's each in a new
-session), taken in turn with the other rows of its group (so that drift weighs on each alike: a group prints when
-its last turn is done), timed at the client over gRPC; "live" is the gateway prefilling while the input streams in
+session), taken in turn with the other rows of its group, both paths' (so that drift weighs on each alike: a group
+prints when its last turn is done), timed at the client over gRPC; "live" is the gateway prefilling while the input streams in
 (`services.live_input`), "whole" the same gateway with it off (in process only: a deployment's gateway is
 configured one way). Columns: end of turn to first audio (ms), the ratio to the first row of its group, then per
 turn the live prefills, the prefills redone from a changed window (the log-mel clamp), the prompt positions the
@@ -154,32 +154,31 @@ HEADER = f"{'where':<6} {'path':<6} {'input':<22} {'eot->audio':>10} {'ratio':>6
          f"{'reused':>7} {'prefilled':>9} {'t.reused':>8} {'t.prefilled':>11} {'prep':>6} {'thinker':>7} {'talker':>6}"
 
 
-async def group(target: Target, where: str, path: str, rows: list[tuple[str, Callable, float]],
-                repeats: int) -> None:
-    """Time `repeats` turns of each row (what, `await turn()` for one turn's requests after any set-up turns of its
-    own, the audio's pace), one of each row in turn, so that the machine's drift over a run weighs on every row
-    alike; then print each row: the median turn's wait and stage times, the counters per turn, the ratio to the
-    first row's wait."""
-    timed = {what: [] for what, _, _ in rows}
-    delta = {what: dict.fromkeys(COUNTERS, 0.0) for what, _, _ in rows}
+async def group(where: str, rows: list[tuple[str, Target, str, Callable, float]], repeats: int) -> None:
+    """Time `repeats` turns of each row (path, target, what, `await turn()` for one turn's requests after any set-up
+    turns of its own, the audio's pace), one of each row in turn, so that the machine's drift over a run weighs on
+    every row alike; then print each row: the median turn's wait and stage times, the counters per turn, the ratio
+    to its path's first row."""
+    timed = [[] for _ in rows]
+    delta = [dict.fromkeys(COUNTERS, 0.0) for _ in rows]
     for _ in range(repeats):
-        for what, turn, pace_s in rows:
+        for i, (_, target, _, turn, pace_s) in enumerate(rows):
             requests = await turn()
             before = target.counters()
-            timed[what].append(await target.turn(requests, pace_s))
+            timed[i].append(await target.turn(requests, pace_s))
             await asyncio.sleep(target.lag_s)
             after = target.counters()
             for k in COUNTERS:
-                delta[what][k] += (after.get(k, 0.0) - before.get(k, 0.0)) / repeats
-    base = None
-    for what, _, _ in rows:
-        wait, summary = sorted(timed[what], key=lambda t: t[0])[(repeats - 1) // 2]
-        base = base or wait
+                delta[i][k] += (after.get(k, 0.0) - before.get(k, 0.0)) / repeats
+    base: dict[str, float] = {}
+    for i, (path, _, what, _, _) in enumerate(rows):
+        wait, summary = sorted(timed[i], key=lambda t: t[0])[(repeats - 1) // 2]
+        base.setdefault(path, wait)
         stages = " ".join(f"{summary.timings.get(key, float('nan')) * 1e3:>{width}.0f}"
                           for key, width in (("preprocess_s", 6), ("thinker_ttft_s", 7), ("talker_ttft_s", 6)))
-        d = delta[what]
-        print(f"{where:<6} {path:<6} {what:<22} {wait * 1e3:>8.0f}ms {wait / base:>6.2f} {d['prefills']:>8.0f} "
-              f"{d['redos']:>5.0f} {d['reused']:>7.0f} {d['prefilled']:>9.0f} "
+        d = delta[i]
+        print(f"{where:<6} {path:<6} {what:<22} {wait * 1e3:>8.0f}ms {wait / base[path]:>6.2f} "
+              f"{d['prefills']:>8.0f} {d['redos']:>5.0f} {d['reused']:>7.0f} {d['prefilled']:>9.0f} "
               f"{d['t.reused']:>8.0f} {d['t.prefilled']:>11.0f} {stages}", flush=True)
 
 
@@ -190,37 +189,41 @@ def _given(requests: list):
 
 
 async def bench(where: str, targets: dict[str, Target], args, tmp: Path) -> None:
-    from services.wire.gen.omni.v1 import omni_pb2
-
     first = next(iter(targets.values()))
     await first.turn(text_turn(args, "Hello."))  # warm-up: text, then audio (the first row is not a cold one)
     await first.turn(audio_turn(args, *speech(2.0, tmp)))
     paces = {"realtime": ["realtime"], "fast": ["fast"], "both": ["realtime", "fast"]}[args.pace]
     for pace in paces:
         pace_s = args.chunk_ms / 1000 if pace == "realtime" else 0.0
-        for path, target in targets.items():
-            await group(target, where, path, [(f"audio {seconds:g} s {pace}",
-                                               _given(audio_turn(args, *speech(seconds, tmp))), pace_s)
-                                              for seconds in args.seconds], args.repeats)
-    for path, target in targets.items():
-        histories = []
+        audio = {seconds: _given(audio_turn(args, *speech(seconds, tmp))) for seconds in args.seconds}
+        await group(where, [(path, target, f"audio {seconds:g} s {pace}", audio[seconds], pace_s)
+                            for path, target in targets.items() for seconds in args.seconds], args.repeats)
+    await group(where, [row for path, target in targets.items()
+                        for row in _text_rows(args, path, target)], args.repeats)
 
-        async def in_session() -> list:  # a new session each time: the conversation so far, then the timed turn
-            session, history = f"bench-{time.monotonic_ns()}", []
-            for k in range(args.turns - 1):
-                _, summary = await target.turn(text_turn(args, f"Question {k}: tell me about the sea.",
-                                                         session_id=session))
-                history += [("user", f"Question {k}: tell me about the sea."), ("assistant", summary.text)]
-            histories.append(history)
-            return text_turn(args, "Tell me about the sea.", session_id=session)
 
-        async def no_session() -> list:  # the same history sent with the turn, prefilled whole
-            history = [omni_pb2.ChatMessage(role=r, text=t) for r, t in histories[0]]
-            return text_turn(args, "Tell me about the sea.", history=history)
+def _text_rows(args, path: str, target: Target) -> list[tuple[str, Target, str, Callable, float]]:
+    """A 1-turn conversation; `args.turns` turns in a session; the same history sent without one."""
+    from services.wire.gen.omni.v1 import omni_pb2
 
-        await group(target, where, path, [("text, 1 turn", _given(text_turn(args, "Tell me about the sea.")), 0.0),
-                                          (f"text, {args.turns} turns", in_session, 0.0),
-                                          (f"text, {args.turns} no sess.", no_session, 0.0)], args.repeats)
+    histories = []
+
+    async def in_session() -> list:  # a new session each time: the conversation so far, then the timed turn
+        session, history = f"bench-{time.monotonic_ns()}", []
+        for k in range(args.turns - 1):
+            _, summary = await target.turn(text_turn(args, f"Question {k}: tell me about the sea.",
+                                                     session_id=session))
+            history += [("user", f"Question {k}: tell me about the sea."), ("assistant", summary.text)]
+        histories.append(history)
+        return text_turn(args, "Tell me about the sea.", session_id=session)
+
+    async def no_session() -> list:  # the same history sent with the turn, prefilled whole
+        history = [omni_pb2.ChatMessage(role=r, text=t) for r, t in histories[0]]
+        return text_turn(args, "Tell me about the sea.", history=history)
+
+    return [(path, target, "text, 1 turn", _given(text_turn(args, "Tell me about the sea.")), 0.0),
+            (path, target, f"text, {args.turns} turns", in_session, 0.0),
+            (path, target, f"text, {args.turns} no sess.", no_session, 0.0)]
 
 
 def slice_config(real_config_path: Path):
