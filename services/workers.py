@@ -5,8 +5,8 @@ computes with.
 A process that hosts several stages that compute at once (in process, a spoken turn keeps the Thinker, Talker, MTP
 and Code2Wav busy together: `Stages.local`) gives each worker its share of torch's threads (`share_cores`). At
 torch's default, a thread per core for each, their OpenMP threads spin against each other: on 2 cores, 6 turns at
-once in process made 7.0 audio s/s at 2 threads each and 14.5 at one (`omni bench load --skip-wide`), and one
-turn's first audio came in 56 ms, not 74. A stage replica of its own (`serving.apps`) computes with the CPUs Ray
+once in process made 7.0-9.7 audio s/s at 2 threads each and 15.2 at one (`omni bench load --skip-wide`), and one
+turn's first audio came in 58-64 ms, not 74-81. A stage replica of its own (`serving.apps`) computes with the CPUs Ray
 gave it and never shares.
 
     results = await on_worker("talker", engine.step_batch, sessions, embeds, tokens)
@@ -42,7 +42,7 @@ def on_worker(stage: str, fn, *args) -> asyncio.Future:
 
 def _call(fn, args):
     if _threads is not None and torch.get_num_threads() != _threads:
-        torch.set_num_threads(_threads)  # this thread's OpenMP and MKL teams; other threads keep theirs
+        torch.set_num_threads(_threads)  # this thread's OpenMP and MKL teams (threads that computed keep theirs)
     return fn(*args)
 
 

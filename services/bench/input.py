@@ -5,16 +5,16 @@
 
 Audio: real speech (`espeak-ng` reads a text, repeated to length) streamed as PCM in `--chunk-ms` chunks, at real
 time and as fast as the client sends, then `end_of_turn`; for each of `--seconds`. Text: a `--turns`-turn
-conversation in a session (the replica keeps its KV) against a 1-turn one, and against the same history sent
-without a session (prefilled whole). Each row is the median of `--repeats` turns (the session row's each in a new
-session), taken in turn with the other rows of its group, both paths' (so that drift weighs on each alike: a group
-prints when its last turn is done), timed at the client over gRPC; "live" is the gateway prefilling while the input streams in
-(`services.live_input`), "whole" the same gateway with it off (in process only: a deployment's gateway is
-configured one way). Columns: end of turn to first audio (ms), the ratio to the first row of its group, then per
-turn the live prefills, the prefills redone from a changed window (the log-mel clamp), the prompt positions the
-Thinker reused and prefilled, the Talker's (t.), and where the median turn's time went (ms, from its summary:
-preprocessing the whole turn, the Thinker's first token after its prompt was ready, the Talker's first frame after
-its first text). Goals (issue 9): 120 s within 1.2x of 2 s; 20 turns within 1.2x of 1 turn.
+conversation in a session (the replica keeps its KV) against a 1-turn one, and against the same history sent without
+a session (prefilled whole). Each row is the median of `--repeats` turns (the session row's each in a new session),
+taken in turn with the other rows of its group, both paths' (so that drift weighs on each alike: a group prints when
+its last turn is done), timed at the client over gRPC; "live" is the gateway prefilling while the input streams in
+(`services.live_input`), "whole" the same gateway with it off (in process only: a deployment's gateway is configured
+one way). Columns: end of turn to first audio (ms), the ratio to its path's first row in its group, then per turn
+the live prefills, the prefills redone from a changed window (the log-mel clamp), the prompt positions the Thinker
+reused and prefilled, the Talker's (t.), and where the median turn's time went (ms, from its summary: preprocessing
+the whole turn, the Thinker's first token after its prompt was ready, the Talker's first frame after its first
+text). Goals (issue 9): 120 s within 1.2x of 2 s; 20 turns within 1.2x of 1 turn.
 
 The slice has the real Thinker and audio-encoder widths (2 layers, 8 experts, top 8) and random weights: prefill
 costs what it costs per layer in the real model, which the tiny checkpoint does not show.
