@@ -29,6 +29,11 @@ def shared_threads() -> int:
     return max(1, torch.get_num_threads() // CONCURRENT_ENGINES)
 
 
+def threads_summary() -> str:
+    """How many torch threads this process computes with, for the benches' headers."""
+    return f"{torch.get_num_threads()} CPU threads, {shared_threads()} per stage in process"
+
+
 def share_cores() -> None:
     """From now on each stage's worker computes with its share of the cores (`shared_threads`)."""
     global _threads

@@ -284,15 +284,13 @@ async def in_process(where: str, model_dir: Path, args, tmp: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import torch
     import transformers
 
-    from services.workers import shared_threads
+    from services.workers import threads_summary
 
     transformers.logging.set_verbosity_error()
     print(f"omni bench input: audio {args.seconds} s in {args.chunk_ms} ms chunks ({args.pace}), text {args.turns} "
-          f"turns; {args.tokens} tokens per answer, greedy; {torch.get_num_threads()} CPU threads, "
-          f"{shared_threads()} per stage in process")
+          f"turns; {args.tokens} tokens per answer, greedy; {threads_summary()}")
     print(HEADER)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

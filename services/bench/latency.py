@@ -188,14 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     import transformers
 
-    from services.workers import shared_threads
+    from services.workers import threads_summary
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"reference generate vs streaming conductor, greedy, {args.tokens} Thinker tokens, "
-          f"<= {args.frames} frames, {torch.get_num_threads()} CPU threads, "
-          f"{shared_threads()} per stage in process")
+          f"<= {args.frames} frames, {threads_summary()}")
     print(HEADER)
     if args.address and not args.model:
         p.error("--address needs --model, the checkpoint the deployment serves")

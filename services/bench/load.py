@@ -176,15 +176,13 @@ async def bench(where: str, turns: Turns, args) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    import torch
     import transformers
 
-    from services.workers import shared_threads
+    from services.workers import threads_summary
 
     transformers.logging.set_verbosity_error()
     print(f"omni bench load: {args.turns} turns per client, {args.tokens} tokens / <= {args.frames} frames each, "
-          f"greedy; concurrency {args.concurrency}; {torch.get_num_threads()} CPU threads, "
-          f"{shared_threads()} per stage in process")
+          f"greedy; concurrency {args.concurrency}; {threads_summary()}")
     print(HEADER)
     if args.address:
         asyncio.run(bench("served", deployed(args.address, args.metrics_port), args))
