@@ -323,8 +323,8 @@ class LocalTalker:
 
 class LocalCode2Wav:
     """Each call is one utterance's stream. Its frames share forwards with the other streams' (`services.batching`,
-    `code2wav.push_batch`), each stream with its own convolution and attention state; a stream's first frame, or a
-    push of several frames, runs alone."""
+    `code2wav.push_batch`), each stream with its own convolution and attention state: first frames with first
+    frames (turns that start together), later ones with later ones; a push of several frames runs alone."""
 
     def __init__(self, engine: Code2WavEngine, max_batch: int = 64, max_wait_s: float = CODE2WAV_BATCH_WAIT_MS / 1000):
         self.engine = engine
@@ -347,11 +347,13 @@ class LocalCode2Wav:
     def _push_rows(self, rows: list[tuple]) -> list[Tensor]:
         """One step over streams' next frames (on the stage's worker thread)."""
         out: list[Tensor | None] = [None] * len(rows)
-        together = [i for i, (stream, codes) in enumerate(rows) if stream.steady and codes.shape[0] == 1]
+        groups: dict[str, list[int]] = {}  # one forward per phase: new streams' first frames, steady streams' next
         for i, (stream, codes) in enumerate(rows):
-            if i not in together:
+            if codes.shape[0] == 1 and stream.phase is not None:
+                groups.setdefault(stream.phase, []).append(i)
+            else:
                 out[i] = stream.push(codes)
-        if together:
+        for together in groups.values():
             pushed = push_batch([rows[i][0] for i in together], torch.cat([rows[i][1] for i in together]))
             for i, samples in zip(together, pushed):
                 out[i] = samples

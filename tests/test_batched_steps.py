@@ -278,3 +278,37 @@ def test_in_process_stage_workers_compute_with_their_share_of_the_cores(engines)
         torch.set_num_threads(own)
         Stages.local(engines)  # the share of this machine's cores, for the tests after this one
     assert asyncio.run(worker_threads()) == [max(1, own // CONCURRENT_ENGINES)] * 4
+
+
+def test_streams_that_start_together_share_their_first_code2wav_frame(engines, monkeypatch):
+    """Turns that start together hand Code2Wav their first frames together: one forward for all of them (never
+    with a steady stream's frame, whose transposed convs no longer trim), and each gets the samples it gets alone."""
+    from services.engines import code2wav
+    from services.stages import LocalCode2Wav
+
+    forwards = []  # streams per Code2Wav forward
+    push = code2wav._push
+    monkeypatch.setattr(code2wav, "_push", lambda streams, codes: forwards.append(len(streams)) or push(streams, codes))
+
+    g = torch.Generator().manual_seed(3)
+    codes = [torch.randint(0, engines.code2wav.codebook_size, (2, engines.code2wav.num_quantizers), generator=g)
+             for _ in range(3)]
+    alone = [engines.code2wav.decode(c) for c in codes]
+    stage = LocalCode2Wav(engines.code2wav)
+
+    async def stream(c):
+        async def frames():
+            for frame in c.tolist():
+                yield tuple(frame)
+        return torch.cat([s async for s in stage.decode(frames())])
+
+    async def together():
+        return await asyncio.gather(*(stream(c) for c in codes))
+
+    total, steps = _batch_sizes("code2wav")
+    got = asyncio.run(together())
+    total_after, steps_after = _batch_sizes("code2wav")
+    assert (total_after - total, steps_after - steps) == (6, 2)  # 3 first frames, then 3 second frames
+    assert forwards == [3, 3]
+    for want, samples in zip(alone, got):
+        torch.testing.assert_close(samples, want, rtol=0, atol=1e-4)

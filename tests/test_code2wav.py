@@ -155,27 +155,27 @@ def test_interleaved_streams_are_independent(loud):
 
 def test_batched_streams_equal_each_stream_alone(loud):
     """Streams that join at different frames (so their windows hold different lengths, some full, some not) share
-    `push_batch` forwards, one frame each, and leave at different frames: each gets its own full decode."""
-    starts, lengths = [0, 0, 5, 30, 80], [150, 40, 120, 90, 20]
+    `push_batch` forwards, one frame each, and leave at different frames; streams that start together share their
+    first frame's: each gets its own full decode."""
+    starts, lengths = [0, 0, 0, 5, 30, 80], [150, 40, 3, 120, 90, 20]
     codes = [random_codes(n, seed=20 + i) for i, n in enumerate(lengths)]
     streams = [loud.stream() for _ in starts]
     outs = [[] for _ in starts]
-    batch_sizes = []
+    batch_sizes = {"new": [], "steady": []}
     for t in range(max(s + n for s, n in zip(starts, lengths))):
         ready = [i for i, (s, n) in enumerate(zip(starts, lengths)) if s <= t < s + n]
-        first = [i for i in ready if streams[i].frames == 0]
-        for i in first:  # a stream's first frame runs alone
-            outs[i].append(streams[i].push(codes[i][:1]))
-        rows = [i for i in ready if i not in first]
-        if rows:
-            frames = torch.stack([codes[i][streams[i].frames] for i in rows])
-            for i, samples in zip(rows, push_batch([streams[i] for i in rows], frames)):
-                outs[i].append(samples)
-            batch_sizes.append(len(rows))
-    assert max(batch_sizes) == 4
+        phases = {i: streams[i].phase for i in ready}
+        for phase in ("new", "steady"):  # a batch never mixes new streams with steady ones
+            rows = [i for i in ready if phases[i] == phase]
+            if rows:
+                frames = torch.stack([codes[i][streams[i].frames] for i in rows])
+                for i, samples in zip(rows, push_batch([streams[i] for i in rows], frames)):
+                    outs[i].append(samples)
+                batch_sizes[phase].append(len(rows))
+    assert max(batch_sizes["new"]) == 3 and max(batch_sizes["steady"]) == 4
     for i, c in enumerate(codes):
         torch.testing.assert_close(torch.cat(outs[i]), loud.decode(c), rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match="past their first frame"):
+    with pytest.raises(ValueError, match="all new or all past their first frame"):
         push_batch([loud.stream(), streams[0]], random_codes(2, seed=1))
 
 

@@ -6,9 +6,12 @@
 For each concurrency N, N clients each run `--turns` greedy turns back to back (the same text, `--tokens` Thinker
 tokens, at most `--frames` frames). Per stream: time to the first audio packet (p50/p95) and RTF (turn time / audio
 seconds, p50); for the whole round: audio seconds produced per wall second, and the mean batch per engine step of
-every stage ("b." columns: `omni_stage_batch_rows_total` over steps; in process from this process's registry, for a deployment from Ray's
-Prometheus endpoint). The last columns set each N against N = 1; the goals on a 2-core machine (issue 8): RTF at 6
-within 1.5x of RTF at 1, audio per second at 6 at least 3.5x that at 1, first audio at 6 within 2x of 1.
+every stage ("b." columns: `omni_stage_batch_rows_total` over steps; in process from this process's registry, for a
+deployment from Ray's Prometheus endpoint). The ratio columns set each N against N = 1; the goals on a 2-core machine (issue 8): RTF at 6
+within 1.5x of RTF at 1, audio per second at 6 at least 3.5x that at 1, first audio at 6 within 2x of 1. The last
+column says where the gateway's first audio went (p50 of each part over the turns, from the turns' summaries):
+preprocessing, the Thinker's first token from its start, the Talker's first frame from that, and the rest (Code2Wav's
+first packet, hops and waits).
 
 The wide checkpoint has the real Talker, MTP and Code2Wav widths and a narrow Thinker (`omni bench latency`'s), with
 random weights. MTP alone at batch 1, 8 and 32: `omni bench mtp`.
@@ -120,15 +123,26 @@ def ray_sum(prometheus_text: str, name: str, labels: dict[str, str]) -> float:
                if line.startswith(f"ray_{name}{{") and all(w in line for w in want))
 
 
-async def _timed(events, audio_type, summary_type) -> tuple[float | None, float, float]:
-    """(first audio s, turn s, audio s) of one turn's events."""
-    t0, first, audio_s = time.perf_counter(), None, 0.0
+async def _timed(events, audio_type, summary_type) -> tuple[float | None, float, float, dict]:
+    """(first audio s, turn s, audio s, where its first audio went) of one turn's events."""
+    t0, first, audio_s, split = time.perf_counter(), None, 0.0, {}
     async for event in events:
         if isinstance(event, audio_type) and first is None:
             first = time.perf_counter() - t0
         elif isinstance(event, summary_type):
             audio_s = event.num_samples / event.sample_rate
-    return first, time.perf_counter() - t0, audio_s
+            split = first_audio_split(event.timings)
+    return first, time.perf_counter() - t0, audio_s, split
+
+
+def first_audio_split(timings: dict) -> dict:
+    """The gateway's first audio (s) in its stages' parts: preprocessing, the Thinker's first token from its start,
+    the Talker's first frame from that, and the rest (Code2Wav's first packet, hops, waits)."""
+    need = ("preprocess_s", "thinker_ttft_s", "talker_ttft_s", "time_to_first_audio_s")
+    if not all(k in timings for k in need):
+        return {}
+    prep, think, talk, total = (timings[k] for k in need)
+    return dict(prep=prep, thinker=think, talker=talk, rest=total - prep - think - talk)
 
 
 async def _round(turns: Turns, args, n: int) -> dict:
@@ -143,26 +157,30 @@ async def _round(turns: Turns, args, n: int) -> dict:
     if args.address:
         await asyncio.sleep(6)  # Ray exports metrics every few seconds
     after = turns.batch_sizes()
-    firsts = [f for f, _, _ in results if f is not None]
-    rtfs = [t / a for _, t, a in results if a > 0]
+    firsts = [f for f, _, _, _ in results if f is not None]
+    rtfs = [t / a for _, t, a, _ in results if a > 0]
+    splits = [s for _, _, _, s in results if s]
     batch = {s: (after[s][0] - before[s][0]) / (after[s][1] - before[s][1])
              for s in after if after[s][1] > before[s][1]}
     return dict(n=n, turns=len(results), first_p50=np.percentile(firsts, 50) if firsts else float("nan"),
                 first_p95=np.percentile(firsts, 95) if firsts else float("nan"),
                 rtf=float(np.median(rtfs)) if rtfs else float("nan"),
-                throughput=sum(a for _, _, a in results) / wall, batch=batch)
+                throughput=sum(a for _, _, a, _ in results) / wall, batch=batch,
+                split={k: float(np.median([s[k] for s in splits])) for k in splits[0]} if splits else {})
 
 
 HEADER = (f"{'where':<8} {'N':>3} {'turns':>5} {'1st audio p50/p95':>18} {'RTF':>6} {'audio s/s':>9} "
-          + " ".join(f"{'b.' + s:>10}" for s in STAGES) + f" {'RTF/1':>6} {'thru/1':>6} {'1st/1':>6}")
+          + " ".join(f"{'b.' + s:>10}" for s in STAGES) + f" {'RTF/1':>6} {'thru/1':>6} {'1st/1':>6}"
+          + f"  {'prep/thinker/talker/rest p50':>28}")
 
 
 def print_row(where: str, row: dict, base: dict) -> None:
     batch = " ".join(f"{row['batch'][s]:>10.2f}" if s in row["batch"] else f"{'-':>10}" for s in STAGES)
     first = f"{row['first_p50'] * 1e3:.0f}/{row['first_p95'] * 1e3:.0f} ms"
+    split = "/".join(f"{v * 1e3:.0f}" for v in row["split"].values()) + " ms" if row["split"] else "-"
     print(f"{where:<8} {row['n']:>3} {row['turns']:>5} {first:>18} {row['rtf']:>6.2f} {row['throughput']:>9.2f} "
           f"{batch} {row['rtf'] / base['rtf']:>6.2f} {row['throughput'] / base['throughput']:>6.2f} "
-          f"{row['first_p50'] / base['first_p50']:>6.2f}", flush=True)
+          f"{row['first_p50'] / base['first_p50']:>6.2f}  {split:>28}", flush=True)
 
 
 async def bench(where: str, turns: Turns, args) -> list[dict]:

@@ -24,9 +24,10 @@ N*1920 - 555 samples), so `finish()` emits nothing: the stream has already retur
 forward.
 
 Batching (Moshi's per-slot streaming state): each stream keeps its own state; `push_batch` stacks the states of
-streams past their first frame along the batch, runs one forward over their next frames (each stream's window
-padded and masked), and splits the state back. A stream's first frame runs alone: it is the one frame whose
-transposed convs still trim their output, so its rows would not line up with the others'.
+streams along the batch, runs one forward over their next frames (each stream's window padded and masked), and
+splits the state back. Streams in one batch are all at their first frame or all past it: the first frame is the
+one whose transposed convs still trim their output, the same trim for every new stream, so new streams (turns
+that start together) share a forward too, but never one with older streams, whose rows would not line up.
 """
 
 from __future__ import annotations
@@ -157,6 +158,14 @@ class Code2WavStream:
         a forward with other steady streams' (`push_batch`)."""
         return all(not isinstance(st, _TransConvState) or st.to_drop == 0 for st in self._state.values())
 
+    @property
+    def phase(self) -> str | None:
+        """Which streams this one's next frame can share a forward with (`push_batch`): "new" ones (no frame yet),
+        "steady" ones, or none (finished, or part way through a first push's trim)."""
+        if self.finished:
+            return None
+        return "steady" if self.steady else "new" if self.frames == 0 else None
+
     def push(self, codes: Tensor) -> Tensor:
         """codes: [n, num_quantizers] -> every waveform sample [k] that these frames make final (float32)."""
         if self.finished:
@@ -175,9 +184,11 @@ class Code2WavStream:
 
 def push_batch(streams: list[Code2WavStream], codes: Tensor) -> list[Tensor]:
     """The next frame of each stream (codes [B, num_quantizers], checked), one forward for all: each stream gets
-    the samples its own `push` would give (up to float rounding). Every stream must be `steady` and unfinished."""
-    if len(streams) > 1 and not all(s.steady and not s.finished for s in streams):
-        raise ValueError("push_batch takes unfinished streams past their first frame")
+    the samples its own `push` would give (up to float rounding). The streams share a `phase`: all new, or all past
+    their first frame."""
+    phases = {s.phase for s in streams}
+    if len(streams) > 1 and (None in phases or len(phases) > 1):
+        raise ValueError("push_batch takes unfinished streams that are all new or all past their first frame")
     return _push(streams, codes[:, None])
 
 
@@ -257,7 +268,7 @@ def _stacked(streams: list[Code2WavStream]) -> dict:
         if isinstance(first, _ConvState):
             out[m] = _ConvState(torch.cat([s._state[m].context for s in streams]))
         else:
-            out[m] = _TransConvState(torch.cat([s._state[m].overlap for s in streams]), 0)
+            out[m] = _TransConvState(torch.cat([s._state[m].overlap for s in streams]), first.to_drop)  # one phase
     return out
 
 
@@ -269,7 +280,7 @@ def _unstack(streams: list[Code2WavStream], states: dict) -> None:
             if isinstance(state, _ConvState):
                 stream._state[m] = _ConvState(state.context[row:row + 1])
             else:
-                stream._state[m] = _TransConvState(state.overlap[row:row + 1], 0)
+                stream._state[m] = _TransConvState(state.overlap[row:row + 1], state.to_drop)
 
 
 def _step(module: nn.Module, x: Tensor, states: dict) -> Tensor:
