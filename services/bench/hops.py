@@ -557,6 +557,12 @@ def _size_name(size: int) -> str:
 COLUMNS = ("size", "p50 ms", "p90 ms", "p50 x", "msg/s", "MB/s", "tput x")
 
 
+def _ratio(x: float) -> str:
+    """Two decimals, or three significant digits below 0.01: a baseline that stalled (a busy machine) makes the
+    other routes' ratios tiny, and "0.00" would read as no figure at all."""
+    return f"{x:.2f}" if x >= 0.01 else f"{x:.3g}"
+
+
 def print_table(rows: list[Row]) -> None:
     """One line per route and size; then whether the per-frame routes meet the goal."""
     width = max(len(row.route.name) for row in rows) + 2
@@ -569,8 +575,8 @@ def print_table(rows: list[Row]) -> None:
         if row.route.per_frame and slower > GOAL:
             misses.append(f"{row.route.name} at {_size_name(row.size)}: {slower:.1f}x")
         values = (_size_name(row.size) if row.route.sized else "token", f"{row.p50 * 1e3:.3f}",
-                  f"{row.p90 * 1e3:.3f}", f"{slower:.2f}", f"{row.rate:.0f}",
-                  f"{row.rate * row.size / 1e6:.1f}" if row.route.sized else "-", f"{ref.rate / row.rate:.2f}")
+                  f"{row.p90 * 1e3:.3f}", _ratio(slower), f"{row.rate:.0f}",
+                  f"{row.rate * row.size / 1e6:.1f}" if row.route.sized else "-", _ratio(ref.rate / row.rate))
         print(row.route.name.ljust(width) + "".join(v.rjust(9) for v in values))
         if row is _last(rows, row.size):
             print()
