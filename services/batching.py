@@ -5,7 +5,8 @@ them as one engine step on the stage's worker thread, then hands each request it
 a step runs wait for the next one, so under load batches fill by themselves; `max_wait_s` can hold a step back a
 little for the requests in progress (`member`) whose items are not there yet, e.g. the Talker's requests, whose
 MTP results come back one by one. A request that gives up (cancelled, its client gone) is dropped
-before the next step and never holds a row.
+before the next step and never holds a row. A caller with a long job in pieces on the same worker (a prompt's
+prefill chunks) calls `make_way` between them, so that the requests in progress step between its pieces.
 
     batcher = StepBatcher("mtp", run_rows, max_batch=32)   # run_rows(list of items) -> list of results, in order
     result = await batcher.submit(item)
@@ -47,6 +48,8 @@ class _Lane:
     waiting: deque[_Waiting] = field(default_factory=deque)
     task: asyncio.Task | None = None  # the loop's steps, while items wait
     arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set by each submit
+    handed: int = 0  # steps handed to the worker so far
+    handing: asyncio.Event = field(default_factory=asyncio.Event)  # set (and replaced) at each hand-off
 
 
 class StepBatcher:
@@ -70,6 +73,24 @@ class StepBatcher:
         finally:
             self._members -= 1
 
+    def handed(self) -> int:
+        """Steps handed to the worker so far in this event loop: `make_way`'s mark."""
+        lane = self._lanes.get(asyncio.get_running_loop())
+        return lane.handed if lane is not None else 0
+
+    async def make_way(self, since: int, timeout_s: float) -> None:
+        """Between two jobs of one caller on the stage's worker (a long prompt's chunks): let the requests in
+        progress take a step first. Returns at once when a step was handed to the worker since `since` (a
+        `handed()` taken when the caller's last job was queued: the worker runs jobs in turn, so that step goes
+        first) or no request is in progress; else when the next step is handed, or after `timeout_s` (a request in
+        progress may be waiting on something else). Without it, a request queues its next step a few event-loop
+        turns after its last one, and a short chunk that ends first lets the next chunk go ahead of it."""
+        lane = self._lanes.get(asyncio.get_running_loop())
+        if not self._members or lane is None or lane.handed > since:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lane.handing.wait(), timeout_s)
+
     async def submit(self, item: Any, span: trace.Span | None = None) -> Any:
         """The item's result, once a step has run it; the step's error if it failed. `span`: the request's, which
         the step links to (default: the current one)."""
@@ -91,6 +112,9 @@ class StepBatcher:
             if self.max_wait_s:
                 await self._gather(lane)
             if batch := self._take(lane):
+                lane.handed += 1
+                lane.handing.set()  # `make_way` waiters wake once `_step` below has queued the step on the worker
+                lane.handing = asyncio.Event()
                 await self._step(batch)
 
     async def _gather(self, lane: _Lane) -> None:

@@ -135,6 +135,11 @@ class LocalVisionEncoder:
         return await timed_call("vision_encoder", self.engine.encode, pixel_values, grid_thw)
 
 
+# How long a prompt's next chunk waits for the decoding requests to queue their step first (`StepBatcher.make_way`):
+# they do within a few event-loop turns; one that waits on something else holds the prompt up no longer than this.
+MAKE_WAY_S = 0.005
+
+
 class LocalThinker:
     """Each call is one request's generation. Its prompt prefills in chunks on the stage's worker thread, between
     the decode steps of the requests already running; its decode steps join theirs (`services.batching`), each
@@ -173,8 +178,12 @@ class LocalThinker:
                     PREFIX_TOKENS.inc(prompt.input_ids.numel() - reused, stage="thinker", kind="prefilled")
                     in_step = True
                     job = await start_job("thinker", engine.start, prompt, max_new_tokens, reuse)
-                    while (prefill := await run_engine("thinker", engine.prefill_step, job)) is None:
-                        pass
+                    prefill, chunks = None, 0
+                    while prefill is None:
+                        if chunks:  # the requests decoding take a step between this prompt's chunks
+                            await self._batcher.make_way(handed, MAKE_WAY_S)
+                        handed, chunks = self._batcher.handed(), chunks + 1
+                        prefill = await run_engine("thinker", engine.prefill_step, job)
                     in_step = False
                 finally:
                     span.end()
@@ -281,8 +290,11 @@ class LocalTalker:
                 if session.length:  # taken from the KV this replica kept for the key
                     PREFIX_TOKENS.inc(session.length, stage="talker", kind="reused")
                 PREFIX_TOKENS.inc(len(job.embeds) - session.length, stage="talker", kind="prefilled")
-                frame = None
+                frame, chunks = None, 0
                 while not job.done:
+                    if chunks:  # the requests speaking take a step between this prompt's chunks
+                        await self._batcher.make_way(handed, MAKE_WAY_S)
+                    handed, chunks = self._batcher.handed(), chunks + 1
                     frame = await run_engine("talker", engine.prefill_step, job)
                 in_step = False
                 if frame is None:  # prefill only: its KV is kept (below)

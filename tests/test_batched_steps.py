@@ -224,12 +224,10 @@ def test_a_long_prefill_holds_the_running_requests_up_one_chunk_at_a_time(tiny_c
     assert len(first_ids) == 200 and second_ids == _solo(engines.thinker, long)[0][:2]
     mine = [i for i, c in enumerate(calls) if c == f"chunk{len(long.input_ids)}"]
     assert len(mine) == chunks
-    # Between two chunks of the long prompt, the running request took a step: it waited one chunk, not the prompt.
-    # The worker takes jobs in the order they come, and the running request queues its next step a few event-loop
-    # turns after its last one: on a busy machine a chunk now and then ends first and the next chunk follows it
-    # (seen once in a CI run). Run whole, the prompt would leave no step between any two chunks.
-    stepped = ["step" in calls[a + 1:b] for a, b in zip(mine, mine[1:])]
-    assert 2 * sum(stepped) > len(stepped), calls
+    # Between two chunks of the long prompt, the running request took a step: it waited one chunk, not the prompt
+    # (`StepBatcher.make_way`: without it a short chunk that ends before the request queues its next step lets the
+    # next chunk go first, as one CI run saw).
+    assert all("step" in calls[a + 1:b] for a, b in zip(mine, mine[1:])), calls
 
 
 def test_a_step_waits_only_for_requests_in_progress():
@@ -261,6 +259,50 @@ def test_a_step_waits_only_for_requests_in_progress():
     waited, alone = asyncio.run(scenario())
     assert steps == [["a", "b"], ["c"]]  # b joined a's step: the step waited for it
     assert 0.04 < waited < 0.45 and alone < 0.25  # neither step waited the whole max_wait_s
+
+
+def test_a_long_job_makes_way_for_the_step_of_the_requests_in_progress():
+    """`make_way` between a caller's jobs on the stage's worker (a long prompt's chunks) lets the requests in
+    progress step first, even one that queues its next item many event-loop turns after its last result; without
+    it, short jobs run back to back ahead of that request."""
+    from services.batching import StepBatcher
+    from services.workers import on_worker
+
+    def scenario(make_way: bool) -> list[str]:
+        order: list[str] = []
+        batcher = StepBatcher("test-make-way", lambda items: [order.append("step") for _ in items], max_batch=4)
+
+        async def decoding(done: asyncio.Event):
+            with batcher.member():
+                while not done.is_set():
+                    await batcher.submit("token")
+                    for _ in range(2000):  # a request's own work before its next step (sampling, its consumer)
+                        await asyncio.sleep(0)
+
+        async def prompt(done: asyncio.Event):
+            while order.count("step") < 2:
+                await asyncio.sleep(0.001)
+            handed = batcher.handed()
+            for chunk in range(6):
+                if chunk and make_way:
+                    await batcher.make_way(handed, timeout_s=2.0)
+                handed = batcher.handed()
+                await on_worker("test-make-way", order.append, "chunk")
+            done.set()
+
+        async def run():
+            done = asyncio.Event()
+            await asyncio.gather(decoding(done), prompt(done))
+
+        asyncio.run(run())
+        return order
+
+    def back_to_back(order: list[str]) -> int:
+        chunks = [i for i, what in enumerate(order) if what == "chunk"]
+        return sum("step" not in order[a + 1:b] for a, b in zip(chunks, chunks[1:]))
+
+    assert back_to_back(scenario(make_way=False)) > 0  # the scenario shows the race
+    assert back_to_back(scenario(make_way=True)) == 0
 
 
 def test_in_process_stage_workers_compute_with_their_share_of_the_cores(engines):
