@@ -110,6 +110,24 @@ async def start_job(stage: str, start, *args):
         raise
 
 
+# How long a prompt's next chunk waits for the decoding requests to queue their step first (`StepBatcher.make_way`):
+# they do within a few event-loop turns; one that waits on something else holds the prompt up no longer than this.
+MAKE_WAY_S = 0.005
+
+
+async def prefill_in_chunks(stage: str, batcher: StepBatcher, prefill_step, job, finished):
+    """`prefill_step(job)` (one chunk of a prompt) on the stage's worker until `finished(its result)`; between
+    chunks, the requests in progress on `batcher` take a step first. Returns the last chunk's result (None: no
+    chunk ran)."""
+    result, handed = None, None
+    while not finished(result):
+        if handed is not None:
+            await batcher.make_way(handed, MAKE_WAY_S)
+        handed = batcher.handed()
+        result = await run_engine(stage, prefill_step, job)
+    return result
+
+
 async def timed_call(stage: str, fn, *args, first: bool = True):
     """One engine call that is a whole request's output (encoders; MTP's frames, of which only a request's first
     counts as its first output)."""
@@ -133,11 +151,6 @@ class LocalVisionEncoder:
 
     async def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> VisionEmbeddings:
         return await timed_call("vision_encoder", self.engine.encode, pixel_values, grid_thw)
-
-
-# How long a prompt's next chunk waits for the decoding requests to queue their step first (`StepBatcher.make_way`):
-# they do within a few event-loop turns; one that waits on something else holds the prompt up no longer than this.
-MAKE_WAY_S = 0.005
 
 
 class LocalThinker:
@@ -178,12 +191,8 @@ class LocalThinker:
                     PREFIX_TOKENS.inc(prompt.input_ids.numel() - reused, stage="thinker", kind="prefilled")
                     in_step = True
                     job = await start_job("thinker", engine.start, prompt, max_new_tokens, reuse)
-                    prefill, chunks = None, 0
-                    while prefill is None:
-                        if chunks:  # the requests decoding take a step between this prompt's chunks
-                            await self._batcher.make_way(handed, MAKE_WAY_S)
-                        handed, chunks = self._batcher.handed(), chunks + 1
-                        prefill = await run_engine("thinker", engine.prefill_step, job)
+                    prefill = await prefill_in_chunks("thinker", self._batcher, engine.prefill_step, job,
+                                                      lambda result: result is not None)
                     in_step = False
                 finally:
                     span.end()
@@ -290,12 +299,8 @@ class LocalTalker:
                 if session.length:  # taken from the KV this replica kept for the key
                     PREFIX_TOKENS.inc(session.length, stage="talker", kind="reused")
                 PREFIX_TOKENS.inc(len(job.embeds) - session.length, stage="talker", kind="prefilled")
-                frame, chunks = None, 0
-                while not job.done:
-                    if chunks:  # the requests speaking take a step between this prompt's chunks
-                        await self._batcher.make_way(handed, MAKE_WAY_S)
-                    handed, chunks = self._batcher.handed(), chunks + 1
-                    frame = await run_engine("talker", engine.prefill_step, job)
+                frame = await prefill_in_chunks("talker", self._batcher, engine.prefill_step, job,
+                                                lambda _: job.done)
                 in_step = False
                 if frame is None:  # prefill only: its KV is kept (below)
                     return
