@@ -18,13 +18,14 @@ whole audio (tests/test_streamed_audio.py compares them).
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import WhisperFeatureExtractor
+from transformers import BatchFeature, WhisperFeatureExtractor
 
 MAX_BYTES = 256 * 2**20  # samples and frames kept per process
 MIN_WIDTH = 64  # frames per mel matmul, at least
@@ -76,7 +77,10 @@ class LogMelFrames:
 
     def _compute(self, samples: np.ndarray, first: int, frames: int) -> Tensor:
         """Frames [first, frames) from their samples, reflected at the end (and at the start for frames 0, 1)."""
-        half, x, at = self.n_fft // 2, torch.from_numpy(samples), first * self.hop
+        with warnings.catch_warnings():  # decoded audio is read-only; torch only reads it here
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(samples)
+        half, at = self.n_fft // 2, first * self.hop
         if at >= half:
             padded = torch.nn.functional.pad(x[None, None, at - half:], (0, half), mode="reflect")[0, 0]
         else:
@@ -136,13 +140,48 @@ class LogMelExtractor(WhisperFeatureExtractor):
         out.pop("frames", None)
         return out
 
+    def __call__(self, raw_speech, truncation: bool = True, pad_to_multiple_of: int | None = None,
+                 return_tensors=None, return_attention_mask: bool | None = None, padding="max_length",
+                 max_length: int | None = None, sampling_rate: int | None = None, do_normalize: bool | None = None,
+                 device: str = "cpu", **kwargs) -> BatchFeature:
+        """The processor's call (its audios, mono float32, padded to the longest, not truncated) without the
+        parent's copies of every sample (4 ms for 120 s); any other call is the parent's."""
+        simple = (isinstance(raw_speech, (list, tuple)) and len(raw_speech) > 0
+                  and all(isinstance(a, np.ndarray) and a.ndim == 1 and a.dtype == np.float32 for a in raw_speech)
+                  and padding in (True, "longest") and not truncation and pad_to_multiple_of is None
+                  and not do_normalize and return_attention_mask and sampling_rate == self.sampling_rate
+                  and device == "cpu" and self.dither == 0.0)
+        if not simple:
+            return super().__call__(raw_speech, truncation=truncation, pad_to_multiple_of=pad_to_multiple_of,
+                                    return_tensors=return_tensors, return_attention_mask=return_attention_mask,
+                                    padding=padding, max_length=max_length, sampling_rate=sampling_rate,
+                                    do_normalize=do_normalize, device=device, **kwargs)
+        lengths = [len(a) for a in raw_speech]
+        longest = max(lengths)
+        if len(raw_speech) == 1:  # kept as it is if no one can write it (decoded audio: `preprocess.AudioInput`)
+            rows = np.ascontiguousarray(raw_speech[0])[None]
+            features = self._log_mel(rows, keep_views=not rows.flags.writeable)
+        else:  # zero-padded to the longest, as the parent's `pad`
+            rows = np.zeros((len(raw_speech), longest), np.float32)
+            for row, audio in zip(rows, raw_speech):
+                row[:len(audio)] = audio
+            features = self._log_mel(rows, keep_views=False)
+        # The parent's mask: a frame is the audio's while its first sample is (every frame but the last).
+        mask = np.zeros((len(lengths), longest // self.hop_length), np.int32)
+        for row, length in zip(mask, lengths):
+            row[:-(-length // self.hop_length)] = 1
+        return BatchFeature({"input_features": features, "attention_mask": mask}, tensor_type=return_tensors)
+
     def _torch_extract_fbank_features(self, waveform: np.ndarray, device: str = "cpu") -> np.ndarray:
         if self.dither != 0.0 or device != "cpu" or waveform.ndim != 2:
             return super()._torch_extract_fbank_features(waveform, device)
-        rows = np.asarray(waveform, dtype=np.float32)
+        # The parent's padded copy of one audio: no one else holds it.
+        return self._log_mel(np.asarray(waveform, dtype=np.float32), keep_views=len(waveform) == 1)
+
+    def _log_mel(self, rows: np.ndarray, keep_views: bool) -> np.ndarray:
         log_spec = torch.empty(rows.shape[0], self.feature_size, rows.shape[1] // self.hop_length)
         for row, out in zip(rows, log_spec):
-            self.frames.fill(np.ascontiguousarray(row), out, keep_views=len(rows) == 1)
+            self.frames.fill(np.ascontiguousarray(row), out, keep_views=keep_views)
         # From here on the parent's code, into a new tensor (the frames kept are not written).
         max_val = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0]
         log_spec = torch.maximum(log_spec, max_val - 8.0)

@@ -167,7 +167,9 @@ def _mono(pcm: np.ndarray) -> np.ndarray:
 def _audio_input(mono: np.ndarray, sample_rate: int) -> AudioInput:
     if len(mono) < MIN_SAMPLES:
         raise InvalidInput(f"audio is too short: {len(mono)} samples at 16 kHz, need at least {MIN_SAMPLES} (25 ms)")
-    return AudioInput(mono.astype(np.float32, copy=False), int(sample_rate))
+    samples = mono.astype(np.float32, copy=False)
+    samples.flags.writeable = False  # shared (a stream's decode, the log-mel frames kept: `services.log_mel`)
+    return AudioInput(samples, int(sample_rate))
 
 
 def load_audio(

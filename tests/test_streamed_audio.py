@@ -117,6 +117,27 @@ def test_log_mel_of_a_batch_of_audios_equals_the_whole_computation(extractors):
     assert np.array_equal(features(cached, new, history), features(plain, new, history))
 
 
+@pytest.mark.parametrize("tensors", ["pt", "np"])
+def test_the_processors_call_gives_the_parents_outputs_without_copying_decoded_audio(extractors, tensors):
+    """The processor's call (mono float32 audios, padded to the longest) skips the parent's copies; its features
+    and mask are the parent's, also for lengths that are not whole frames."""
+    plain, cached = extractors
+    one = decode_audio(speechlike(2.0, 16000, seed=6)[:32037], 16000).samples  # read-only: decoded audio
+    two = decode_audio(speechlike(1.0, 16000, seed=7)[:15999], 16000).samples
+    assert not one.flags.writeable
+    kwargs = dict(sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True,
+                  return_tensors=tensors)
+    cached([one], **kwargs)
+    kept = [seen.samples for group in cached.frames._seen.values() for seen in group]
+    assert any(np.shares_memory(samples, one) for samples in kept)  # kept as it is, not copied
+    for audios in ([one], [two, one], [one, two], [one.copy()]):
+        ours, theirs = cached(audios, **kwargs), plain(audios, **kwargs)
+        assert ours.keys() == theirs.keys() == {"input_features", "attention_mask"}
+        for key in theirs:
+            assert type(ours[key]) is type(theirs[key]) and ours[key].dtype == theirs[key].dtype, key
+            assert np.array_equal(np.asarray(ours[key]), np.asarray(theirs[key])), (key, [len(a) for a in audios])
+
+
 def test_the_frames_kept_are_bounded_in_bytes():
     plain = WhisperFeatureExtractor(feature_size=128)
     cached = LogMelExtractor.of(plain)

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
 
+from services.engines.digests import TENSOR_DIGESTS
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -112,8 +114,7 @@ def _audio_segments(start: int, end: int, features: Tensor, window: AudioWindow)
     per_window = window.tokens(window.frames)
     segments = []
     for w, first in enumerate(range(0, features.shape[-1], window.frames)):
-        digest = hashlib.sha256(_buffer(features[:, first:first + window.frames]))
-        digest.update(b"audio")
+        digest = hashlib.sha256(b"audio" + TENSOR_DIGESTS.digest(features[:, first:first + window.frames]))
         a = start if w == 0 else start + 1 + w * per_window
         b = min(start + 1 + (w + 1) * per_window, end - 1)
         segments.append(Segment(a, end if b == end - 1 else b, digest.digest()[:16]))
@@ -161,23 +162,18 @@ class _MediaTensors:
     def add(self, kind: str, digest) -> None:
         digest.update(kind.encode())
         if kind == "audio":
-            digest.update(_buffer(self.audio_features()))
+            digest.update(TENSOR_DIGESTS.digest(self.audio_features()))
             return
         k = self.taken[kind]
         self.taken[kind] += 1
         grid = self.outputs[f"{kind}_grid_thw"][k]
         pixels = self.outputs["pixel_values" if kind == "image" else "pixel_values_videos"]
         n = int(grid.prod())
-        digest.update(_buffer(grid))
-        digest.update(_buffer(pixels[self.rows[kind]:self.rows[kind] + n]))
+        digest.update(TENSOR_DIGESTS.digest(grid))
+        digest.update(TENSOR_DIGESTS.digest(pixels[self.rows[kind]:self.rows[kind] + n]))
         self.rows[kind] += n
         if kind == "video" and "video_second_per_grid" in self.outputs:
-            digest.update(_buffer(torch.as_tensor(self.outputs["video_second_per_grid"]).view(-1)[k]))
-
-
-def _buffer(t: Tensor):
-    """`t`'s memory, to hash (SHA-256: with the CPU's SHA extensions, twice BLAKE2b's speed here)."""
-    return t.detach().contiguous().cpu().numpy()
+            digest.update(TENSOR_DIGESTS.digest(torch.as_tensor(self.outputs["video_second_per_grid"]).view(-1)[k]))
 
 
 @dataclass(eq=False)
