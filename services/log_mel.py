@@ -160,7 +160,7 @@ class LogMelExtractor(WhisperFeatureExtractor):
         longest = max(lengths)
         if len(raw_speech) == 1:  # kept as it is if no one can write it (decoded audio: `preprocess.AudioInput`)
             rows = np.ascontiguousarray(raw_speech[0])[None]
-            features = self._log_mel(rows, keep_views=not rows.flags.writeable)
+            features = self._log_mel(rows, keep_views=_frozen(rows))
         else:  # zero-padded to the longest, as the parent's `pad`
             rows = np.zeros((len(raw_speech), longest), np.float32)
             for row, audio in zip(rows, raw_speech):
@@ -186,3 +186,12 @@ class LogMelExtractor(WhisperFeatureExtractor):
         max_val = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0]
         log_spec = torch.maximum(log_spec, max_val - 8.0)
         return log_spec.add_(4.0).div_(4.0).numpy()
+
+
+def _frozen(a: np.ndarray) -> bool:
+    """No one can write `a`'s memory: it and every array it views are read-only (or it views bytes)."""
+    while isinstance(a, np.ndarray):
+        if a.flags.writeable:
+            return False
+        a = a.base
+    return a is None or isinstance(a, bytes)

@@ -197,7 +197,7 @@ def _pcm_to_float(data: np.ndarray) -> np.ndarray:
     if data.dtype == np.int32:
         return (data / 2147483648.0).astype(np.float32)
     if data.dtype in (np.float32, np.float64):
-        return data.astype(np.float32, copy=False)
+        return np.array(data, dtype=np.float32)  # a copy: decoded audio is read-only (`_audio_input`), not theirs
     raise InvalidInput(f"audio array dtype must be int16, int32, float32 or float64, got {data.dtype}")
 
 

@@ -158,3 +158,17 @@ def test_the_served_processor_gives_the_plain_processors_outputs(tiny_ckpt, proc
         assert ours.keys() == theirs.keys()
         for key in theirs:
             assert np.array_equal(np.asarray(ours[key]), np.asarray(theirs[key])), key
+
+
+def test_decoded_audio_is_read_only_and_never_the_callers_array(extractors):
+    """The log-mel frames keep decoded audio as it is, so no one may write it: not the caller either."""
+    _, cached = extractors
+    theirs = np.random.default_rng(8).uniform(-0.5, 0.5, 16000).astype(np.float32)
+    decoded = decode_audio(theirs, 16000).samples
+    assert not decoded.flags.writeable and not np.shares_memory(decoded, theirs)
+    assert theirs.flags.writeable  # their array is left as it was
+    view = theirs.view()
+    view.flags.writeable = False  # read-only, but its base is not: kept as a copy
+    cached([view], sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True)
+    kept = [seen.samples for group in cached.frames._seen.values() for seen in group]
+    assert kept and not any(np.shares_memory(samples, theirs) for samples in kept)
