@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-MAX_BYTES = 256 * 2**20  # tensors kept per process
+MAX_BYTES = 128 * 2**20  # tensors kept per process (2.7 hours of audio windows)
 PER_KEY = 4  # tensors kept per sample of values (equal samples, other contents: a compare each)
 _INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
