@@ -175,7 +175,8 @@ def _audio_input(mono: np.ndarray, sample_rate: int) -> AudioInput:
 def load_audio(
     data: bytes | str | Path | np.ndarray, sample_rate: int | None = None, *, max_seconds: float = 600.0
 ) -> np.ndarray:
-    """Decoded mono float32 samples at 16 kHz (any input rate is resampled with soxr, high quality)."""
+    """Decoded mono float32 samples at 16 kHz (any input rate is resampled with soxr, high quality); read-only, as
+    all decoded audio (`_audio_input`): copy them to write."""
     return decode_audio(data, sample_rate, max_seconds=max_seconds).samples
 
 
