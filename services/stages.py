@@ -294,13 +294,21 @@ class LocalTalker:
         in_step = True  # an engine call for this request is running (a cancel then must not park its KV)
         with StageTimer("talker") as timer:
             try:
-                job = await start_job("talker", engine.start, prompt, first, sampling, max_frames)
-                session = job.session
-                if session.length:  # taken from the KV this replica kept for the key
-                    PREFIX_TOKENS.inc(session.length, stage="talker", kind="reused")
-                PREFIX_TOKENS.inc(len(job.embeds) - session.length, stage="talker", kind="prefilled")
-                frame = await prefill_in_chunks("talker", self._batcher, engine.prefill_step, job,
-                                                lambda _: job.done)
+                # The prefill and the first frame's c0 (what a turn's first audio waits for, with its MTP).
+                span = tracing.start_span("talker.prefill", parent=timer.span,
+                                          prompt_tokens=int(prompt.input_ids.numel()))
+                try:
+                    job = await start_job("talker", engine.start, prompt, first, sampling, max_frames)
+                    session = job.session
+                    span.set_attribute("omni.reused_positions", session.length)
+                    span.set_attribute("omni.prefilled_positions", len(job.embeds) - session.length)
+                    if session.length:  # taken from the KV this replica kept for the key
+                        PREFIX_TOKENS.inc(session.length, stage="talker", kind="reused")
+                    PREFIX_TOKENS.inc(len(job.embeds) - session.length, stage="talker", kind="prefilled")
+                    frame = await prefill_in_chunks("talker", self._batcher, engine.prefill_step, job,
+                                                    lambda _: job.done)
+                finally:
+                    span.end()
                 in_step = False
                 if frame is None:  # prefill only: its KV is kept (below)
                     return

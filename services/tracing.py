@@ -4,7 +4,7 @@
     ├── audio_encoder / vision_encoder                 (the stage replica's span, under its gRPC server span)
     ├── thinker ── thinker.prefill, thinker.decode
     ├── hooks
-    ├── talker ── mtp (one span per frame, on the MTP replica)
+    ├── talker ── talker.prefill, mtp (one span per frame, on the MTP replica)
     └── code2wav
 
 Off by default. The standard variables turn it on: `OTEL_TRACES_EXPORTER=otlp` (or `console`), or an OTLP endpoint

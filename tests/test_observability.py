@@ -222,7 +222,10 @@ async def test_one_trace_per_turn_spans_every_stage_under_the_clients_span(gatew
     assert steps and all(s.attributes["omni.batch_size"] == len(s.links) >= 1 for s in steps)
     assert {(link.context.trace_id, link.context.span_id) for s in steps for link in s.links} == frame_contexts
     names = {s.name for s in finished}
-    assert {"thinker.prefill", "thinker.decode"} <= names
+    assert {"thinker.prefill", "thinker.decode", "talker.prefill"} <= names
+    talker_prefill = next(s for s in finished if s.name == "talker.prefill")
+    assert ancestors(talker_prefill)[0] == "talker"
+    assert talker_prefill.attributes["omni.prefilled_positions"] > 0
     rpc = [s for s in finished if s.name.startswith("/omni.v1.")]  # opentelemetry-instrumentation-grpc's
     assert {s.name.split("/")[1] for s in rpc} >= {"omni.v1.Thinker", "omni.v1.Talker", "omni.v1.Hooks",
                                                    "omni.v1.Code2Wav", "omni.v1.AudioEncoder"}
