@@ -300,11 +300,12 @@ class LocalTalker:
                 try:
                     job = await start_job("talker", engine.start, prompt, first, sampling, max_frames)
                     session = job.session
-                    span.set_attribute("omni.reused_positions", session.length)
-                    span.set_attribute("omni.prefilled_positions", len(job.embeds) - session.length)
-                    if session.length:  # taken from the KV this replica kept for the key
-                        PREFIX_TOKENS.inc(session.length, stage="talker", kind="reused")
-                    PREFIX_TOKENS.inc(len(job.embeds) - session.length, stage="talker", kind="prefilled")
+                    reused, prefilled = session.length, len(job.embeds) - session.length
+                    span.set_attribute("omni.reused_positions", reused)
+                    span.set_attribute("omni.prefilled_positions", prefilled)
+                    if reused:  # taken from the KV this replica kept for the key
+                        PREFIX_TOKENS.inc(reused, stage="talker", kind="reused")
+                    PREFIX_TOKENS.inc(prefilled, stage="talker", kind="prefilled")
                     frame = await prefill_in_chunks("talker", self._batcher, engine.prefill_step, job,
                                                     lambda _: job.done)
                 finally:

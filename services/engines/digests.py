@@ -58,7 +58,7 @@ class TensorDigests:
         return self._bytes
 
     def _keep(self, key: tuple, t: Tensor, digest: bytes) -> None:
-        size = t.numel() * t.element_size()
+        size = _size(t)
         if size > self.max_bytes:
             return
         with self._lock:
