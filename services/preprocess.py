@@ -55,6 +55,7 @@ import torch
 from services.errors import CheckpointError, InvalidInput, ResourceExhausted
 from services.log_mel import LogMelExtractor
 from services.media_cache import HISTORY
+from services.placeholder_runs import RunLengthPlaceholders
 from services.turn_parts import is_blank
 
 log = logging.getLogger(__name__)
@@ -479,7 +480,8 @@ class TurnInputs:
 
 def load_processor(path: str | Path):
     """The checkpoint's `Qwen3OmniMoeProcessor`, its log-mel features computed once per STFT frame of audio seen
-    lately (`services.log_mel`: a streamed turn's audio, a session's history)."""
+    lately (`services.log_mel`: a streamed turn's audio, a session's history), and each run of a medium's
+    placeholders tokenized once (`services.placeholder_runs`)."""
     from transformers import AutoProcessor
 
     try:
@@ -487,6 +489,8 @@ def load_processor(path: str | Path):
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot load the processor/tokenizer: {e}") from e
     processor.feature_extractor = LogMelExtractor.of(processor.feature_extractor)
+    RunLengthPlaceholders.adopt(processor.tokenizer, [getattr(processor, f"{kind}_token", None)
+                                                      for kind in ("audio", "image", "video")])
     return processor
 
 
