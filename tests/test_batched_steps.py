@@ -18,7 +18,7 @@ from services.config import KVConfig
 from services.engines.bundle import Engines
 from services.engines.sampling import SamplingParams
 from services.engines.thinker import ThinkerEngine, ThinkerPrompt
-from services.errors import ResourceExhausted
+from services.errors import InvalidInput, ResourceExhausted
 from services.events import AudioChunk, TurnSummary
 from services.stages import Stages
 from services.turn_parts import audio_part, image_part, text_part
@@ -135,6 +135,22 @@ def test_prompts_prefilled_together_equal_each_alone(tiny_ckpt, engines, process
         assert ids == _solo(thinker, prompt)[0], i
     print(f"max |logit difference| prefilled together vs alone: {worst:.2e}")
     assert worst < 1e-4, worst
+    assert thinker.kv.free_positions == thinker.kv.capacity
+
+
+def test_a_closed_prompt_in_a_shared_prefill_fails_alone(engines, processor):
+    """A request cancelled while its chunk waits gets its own error; the prompts beside it prefill as usual."""
+    thinker = engines.thinker
+    prompts = [p for p in _prompts(processor, engines) if p.image is None]
+    jobs = [thinker.start(p, NEW_TOKENS) for p in prompts]
+    jobs[1].session.close()
+    results = thinker.prefill_batch(jobs)
+    assert isinstance(results[1], InvalidInput) and "closed" in str(results[1])
+    for i in (0, 2):
+        session, alone = thinker.prefill(prompts[i], NEW_TOKENS)
+        session.close()
+        assert int(results[i].logits.argmax()) == int(alone.logits.argmax())
+        jobs[i].session.close()
     assert thinker.kv.free_positions == thinker.kv.capacity
 
 

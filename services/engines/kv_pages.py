@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from services.errors import ResourceExhausted
+from services.errors import InvalidInput, ResourceExhausted
 
 # What becomes of a request's KV when it ends, if it has a cache key (`ThinkerPrompt.keep`, `TalkerPrompt.keep`):
 KEEP_SESSION = "session"  # kept for the session's next request
@@ -101,6 +101,27 @@ def padded_chunks(chunks: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tens
         positions[:, row] = p[:, -1:]  # the padding's positions: any
         positions[:, row, :len(e)] = p
     return embeds, positions, lengths
+
+
+def prefill_chunks(jobs: Sequence, prefill_step, prefill_padded, alone, closed: str) -> list:
+    """The next chunk of each prefill job: `prefill_step(job)` for one that runs `alone(job)`, the others' in one
+    `prefill_padded(jobs)` (a single one's by `prefill_step`). A closed session's result is `InvalidInput(closed)`,
+    for its caller to raise: one request's error never fails the others'."""
+    out: list = [None] * len(jobs)
+    together = []
+    for i, job in enumerate(jobs):
+        if job.session.closed:
+            out[i] = InvalidInput(closed)
+        elif alone(job):
+            out[i] = prefill_step(job)
+        else:
+            together.append(i)
+    if len(together) == 1:
+        out[together[0]] = prefill_step(jobs[together[0]])
+    elif together:
+        for i, result in zip(together, prefill_padded([jobs[i] for i in together]), strict=True):
+            out[i] = result
+    return out
 
 
 class KVPool:

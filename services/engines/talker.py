@@ -45,7 +45,15 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig, KVConfig
-from services.engines.kv_pages import KEEP_SESSION, KVPool, KVSession, KVSlot, padded_chunks, prefill_whole
+from services.engines.kv_pages import (
+    KEEP_SESSION,
+    KVPool,
+    KVSession,
+    KVSlot,
+    padded_chunks,
+    prefill_chunks,
+    prefill_whole,
+)
 from services.engines.positions import PromptLayout, TMRoPE, step_positions
 from services.engines.sampling import Sampler, SamplingParams
 from services.errors import InvalidInput, PrefixGone, ResourceExhausted
@@ -287,14 +295,8 @@ class TalkerEngine:
     def prefill_batch(self, jobs: list[TalkerPrefillJob]) -> list[TalkerFrame | None | InvalidInput]:
         """The next chunk of several prompts (`prefill_step` of each) as one forward, each padded to the longest
         (turns that start together). A closed session's result is its InvalidInput, for its caller to raise."""
-        out: list = [InvalidInput("the Talker session is closed") if job.session.closed else None for job in jobs]
-        open_ = [i for i, job in enumerate(jobs) if not job.session.closed]
-        if len(open_) == 1:
-            out[open_[0]] = self.prefill_step(jobs[open_[0]])
-        elif open_:
-            for i, frame in zip(open_, self._prefill_padded([jobs[i] for i in open_]), strict=True):
-                out[i] = frame
-        return out
+        return prefill_chunks(jobs, self.prefill_step, self._prefill_padded, lambda _: False,
+                              "the Talker session is closed")
 
     def _prefill_padded(self, jobs: list[TalkerPrefillJob]) -> list[TalkerFrame | None]:
         spans = [job.next_chunk(self.prefill_chunk) for job in jobs]

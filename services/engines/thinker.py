@@ -23,7 +23,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig, KVConfig
-from services.engines.kv_pages import KEEP_SESSION, KVPool, KVSession, padded_chunks, prefill_whole
+from services.engines.kv_pages import KEEP_SESSION, KVPool, KVSession, padded_chunks, prefill_chunks, prefill_whole
 from services.engines.prefix import MarkerIds, ParkedPrefix, Segment, reusable_tokens
 from services.engines.positions import PromptLayout, TMRoPE, step_positions
 from services.engines.vision_encoder import VisionEmbeddings
@@ -227,23 +227,14 @@ class ThinkerEngine:
     def prefill_batch(self, jobs: list[ThinkerPrefillJob]) -> list[ThinkerPrefill | None | InvalidInput]:
         """The next chunk of several prompts (`prefill_step` of each), those without images or video in it as one
         forward, each padded to the longest (prompts that arrive together: a burst of new turns). A closed session's
-        result is its InvalidInput, for its caller to raise; the others run."""
-        out: list = [None] * len(jobs)
-        together = []
-        for i, job in enumerate(jobs):
-            a, b = job.next_chunk(self.prefill_chunk)
-            if job.session.closed:
-                out[i] = InvalidInput("the Thinker session is closed")
-            elif len(jobs) == 1 or (job.visual_mask is not None and bool(job.visual_mask[a:b].any())):
-                out[i] = self.prefill_step(job)  # deepstack features go by position: such a chunk runs alone
-            else:
-                together.append(i)
-        if len(together) == 1:
-            out[together[0]] = self.prefill_step(jobs[together[0]])
-        elif together:
-            for i, result in zip(together, self._prefill_padded([jobs[i] for i in together]), strict=True):
-                out[i] = result
-        return out
+        result is its InvalidInput, for its caller to raise."""
+        return prefill_chunks(jobs, self.prefill_step, self._prefill_padded, self._visual_chunk,
+                              "the Thinker session is closed")
+
+    def _visual_chunk(self, job: ThinkerPrefillJob) -> bool:
+        """The job's next chunk holds image or video positions: it runs alone (deepstack features go by position)."""
+        a, b = job.next_chunk(self.prefill_chunk)
+        return job.visual_mask is not None and bool(job.visual_mask[a:b].any())
 
     def _prefill_padded(self, jobs: list[ThinkerPrefillJob]) -> list[ThinkerPrefill | None]:
         spans = [job.next_chunk(self.prefill_chunk) for job in jobs]
