@@ -2,11 +2,11 @@
 video's pads) tokenized as a single token whose id is then repeated N times.
 
 The processor writes a medium's placeholder once per embedding: a 120 s audio is 1,560 `<|audio_pad|>` in the prompt
-text. Tokenizing that text and turning its ids into tensors took 6 of the 14 ms of `build_turn` at the end of such a
-turn (and grows with the audio, to about 0.2 s for the paper's 40 minutes), though the text around the media is
+text. Tokenizing that text and turning its ids into tensors took 6 of the 12-14 ms of `build_turn` at the end of
+such a turn (and grows with the audio: about 0.1 s for the paper's 40 minutes), though the text around the media is
 short. A placeholder is an added special token: the tokenizer splits the text at added tokens before anything else,
 so a run of N of them is N of its id whatever surrounds the run, and the text between the runs tokenizes the same.
-The result equals the tokenizer's own (tests/test_preprocess.py compares them); any call but the processor's
+The result equals the tokenizer's own (tests/test_placeholder_runs.py compares them); any call but the processor's
 (one text, `padding_side` and `return_tensors` at most) is the tokenizer's own.
 
     RunLengthPlaceholders.adopt(processor.tokenizer, [processor.audio_token, ...])   # `preprocess.load_processor`

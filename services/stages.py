@@ -129,6 +129,19 @@ async def prefill_in_chunks(batcher: StepBatcher, prefill_chunk, job, finished):
     return result
 
 
+def prompt_batcher(stage: str, engine: ThinkerEngine | TalkerEngine, max_batch: int) -> StepBatcher:
+    """The stage's prompt chunks, on its worker: those that wait together run as one forward (the engine's
+    `prefill_batch`, padded to the longest), while their count times the longest fits one `prefill_chunk`."""
+    chunk = engine.prefill_chunk
+
+    def tokens(job) -> int:
+        a, b = job.next_chunk(chunk)
+        return b - a
+
+    return StepBatcher(f"{stage}_prefill", engine.prefill_batch, max_batch=max_batch, worker=stage, max_tokens=chunk,
+                       tokens=tokens)
+
+
 async def prefill_chunk(prefills: StepBatcher, job):
     """The job's next chunk, in a step with the chunks of the prompts waiting beside it (an engine's
     `prefill_batch`, which gives a job's own error as its result)."""
@@ -174,10 +187,7 @@ class LocalThinker:
     def __init__(self, engine: ThinkerEngine, max_batch: int = 64, max_wait_s: float = 0.0):
         self.engine = engine
         self._batcher = StepBatcher("thinker", self._decode_rows, max_batch=max_batch, max_wait_s=max_wait_s)
-        # Prompts that arrive together prefill their chunks in one forward, padded, no wider than one chunk.
-        self._prefills = StepBatcher("thinker_prefill", engine.prefill_batch, max_batch=max_batch, worker="thinker",
-                                     max_tokens=engine.prefill_chunk,
-                                     tokens=lambda job: len(range(*job.next_chunk(engine.prefill_chunk))))
+        self._prefills = prompt_batcher("thinker", engine, max_batch)
 
     async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
                        stop_ids: frozenset[int], embed: Embed | None = None) -> AsyncIterator[ThinkerToken]:
@@ -298,9 +308,7 @@ class LocalTalker:
         self.engine = engine
         self.mtp = mtp  # the Talker calls MTP itself every frame (in process or over gRPC)
         self._batcher = StepBatcher("talker", self._step_rows, max_batch=max_batch, max_wait_s=max_wait_s)
-        self._prefills = StepBatcher("talker_prefill", engine.prefill_batch, max_batch=max_batch, worker="talker",
-                                     max_tokens=engine.prefill_chunk,
-                                     tokens=lambda job: len(range(*job.next_chunk(engine.prefill_chunk))))
+        self._prefills = prompt_batcher("talker", engine, max_batch)
 
     async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
                     text: AsyncIterator[int]) -> AsyncIterator[Codes]:
