@@ -13,7 +13,6 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Protocol
 
 import torch
@@ -116,38 +115,16 @@ async def start_job(stage: str, start, *args):
 MAKE_WAY_S = 0.005
 
 
-async def prefill_in_chunks(batcher: StepBatcher, prefill_chunk, job, finished):
-    """`await prefill_chunk(job)` (one chunk of a prompt, on the stage's worker) until `finished(its result)`;
-    between chunks, the requests in progress on `batcher` take a step first. Returns the last chunk's result (None:
-    no chunk ran)."""
+async def prefill_in_chunks(stage: str, batcher: StepBatcher, prefill_step, job, finished):
+    """`prefill_step(job)` (one chunk of a prompt) on the stage's worker until `finished(its result)`; between
+    chunks, the requests in progress on `batcher` take a step first. Returns the last chunk's result (None: no
+    chunk ran)."""
     result, handed = None, None
     while not finished(result):
         if handed is not None:
             await batcher.make_way(handed, MAKE_WAY_S)
         handed = batcher.handed()
-        result = await prefill_chunk(job)
-    return result
-
-
-def prompt_batcher(stage: str, engine: ThinkerEngine | TalkerEngine, max_batch: int) -> StepBatcher:
-    """The stage's prompt chunks, on its worker: those that wait together run as one forward (the engine's
-    `prefill_batch`, padded to the longest), while their count times the longest fits one `prefill_chunk`."""
-    chunk = engine.prefill_chunk
-
-    def tokens(job) -> int:
-        a, b = job.next_chunk(chunk)
-        return b - a
-
-    return StepBatcher(f"{stage}_prefill", engine.prefill_batch, max_batch=max_batch, worker=stage, max_tokens=chunk,
-                       tokens=tokens)
-
-
-async def prefill_chunk(prefills: StepBatcher, job):
-    """The job's next chunk, in a step with the chunks of the prompts waiting beside it (an engine's
-    `prefill_batch`, which gives a job's own error as its result)."""
-    result = await prefills.submit(job)
-    if isinstance(result, Exception):
-        raise result
+        result = await run_engine(stage, prefill_step, job)
     return result
 
 
@@ -178,16 +155,14 @@ class LocalVisionEncoder:
 
 class LocalThinker:
     """Each call is one request's generation. Its prompt prefills in chunks on the stage's worker thread, between
-    the decode steps of the requests already running, each chunk in one forward with the chunks of the prompts
-    waiting beside it; its decode steps join theirs (`services.batching`), each request sampled by its own
-    sampler. A request with a cache key starts from the KV this replica kept under it (only past the prefix proven
-    equal: `services.engines.prefix`), asks `embed` for the media past that, and leaves its own KV there when it
-    ends (`ThinkerPrompt.keep`); one cancelled mid-step frees it."""
+    the decode steps of the requests already running; its decode steps join theirs (`services.batching`), each
+    request sampled by its own sampler. A request with a cache key starts from the KV this replica kept under it
+    (only past the prefix proven equal: `services.engines.prefix`), asks `embed` for the media past that, and
+    leaves its own KV there when it ends (`ThinkerPrompt.keep`); one cancelled mid-step frees it."""
 
     def __init__(self, engine: ThinkerEngine, max_batch: int = 64, max_wait_s: float = 0.0):
         self.engine = engine
         self._batcher = StepBatcher("thinker", self._decode_rows, max_batch=max_batch, max_wait_s=max_wait_s)
-        self._prefills = prompt_batcher("thinker", engine, max_batch)
 
     async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
                        stop_ids: frozenset[int], embed: Embed | None = None) -> AsyncIterator[ThinkerToken]:
@@ -216,7 +191,7 @@ class LocalThinker:
                     PREFIX_TOKENS.inc(prompt.input_ids.numel() - reused, stage="thinker", kind="prefilled")
                     in_step = True
                     job = await start_job("thinker", engine.start, prompt, max_new_tokens, reuse)
-                    prefill = await prefill_in_chunks(self._batcher, partial(prefill_chunk, self._prefills), job,
+                    prefill = await prefill_in_chunks("thinker", self._batcher, engine.prefill_step, job,
                                                       lambda result: result is not None)
                     in_step = False
                 finally:
@@ -298,17 +273,15 @@ class LocalMTP:
 
 class LocalTalker:
     """Each call is one request's speech. Its prompt prefills in chunks between the steps of the requests already
-    speaking (with the chunks of the prompts waiting beside it), and its steps join theirs (`services.batching`); a
-    request waiting for its next released text token sits the steps out. Each request samples its c0s with its own
-    sampler. A session's request starts from the KV of its earlier turns' user parts, which the replica kept
-    (`TalkerEngine.park`)."""
+    speaking, and its steps join theirs (`services.batching`); a request waiting for its next released text token
+    sits the steps out. Each request samples its c0s with its own sampler. A session's request starts from the KV
+    of its earlier turns' user parts, which the replica kept (`TalkerEngine.park`)."""
 
     def __init__(self, engine: TalkerEngine, mtp: MTPStage, max_batch: int = 64,
                  max_wait_s: float = TALKER_BATCH_WAIT_MS / 1000):
         self.engine = engine
         self.mtp = mtp  # the Talker calls MTP itself every frame (in process or over gRPC)
         self._batcher = StepBatcher("talker", self._step_rows, max_batch=max_batch, max_wait_s=max_wait_s)
-        self._prefills = prompt_batcher("talker", engine, max_batch)
 
     async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
                     text: AsyncIterator[int]) -> AsyncIterator[Codes]:
@@ -333,7 +306,7 @@ class LocalTalker:
                     if reused:  # taken from the KV this replica kept for the key
                         PREFIX_TOKENS.inc(reused, stage="talker", kind="reused")
                     PREFIX_TOKENS.inc(prefilled, stage="talker", kind="prefilled")
-                    frame = await prefill_in_chunks(self._batcher, partial(prefill_chunk, self._prefills), job,
+                    frame = await prefill_in_chunks("talker", self._batcher, engine.prefill_step, job,
                                                     lambda _: job.done)
                 finally:
                     span.end()
