@@ -11,6 +11,10 @@ prefill chunks) calls `make_way` between them, so that the requests in progress 
     batcher = StepBatcher("mtp", run_rows, max_batch=32)   # run_rows(list of items) -> list of results, in order
     result = await batcher.submit(item)
 
+Items of different sizes (prompt chunks, padded to the longest in one forward) can be held to a budget: with
+`max_tokens` and `tokens(item)`, a step takes items while their count times the largest item's tokens fits (the first
+always), so a step of prompts costs no more than one chunk; another batcher's `worker` (its stage's) can run them.
+
 Each step is one span ("<stage>.step") linked to the span of every request in it, and records the real batch size
 (`omni_stage_batch_size`, and `omni_stage_batch_rows_total` for an exact mean), the step's time
 (`omni_stage_step_seconds`) and each item's wait for its step (`omni_stage_queue_seconds`).
@@ -54,10 +58,14 @@ class _Lane:
 
 class StepBatcher:
     def __init__(self, stage: str, run: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = 32,
-                 max_wait_s: float = 0.0):
+                 max_wait_s: float = 0.0, worker: str | None = None, max_tokens: int | None = None,
+                 tokens: Callable[[Any], int] | None = None):
+        """`stage`: the metrics' and spans' name, and the worker thread's unless `worker` names another."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.stage, self.run, self.max_batch, self.max_wait_s = stage, run, max_batch, max_wait_s
+        self.worker = worker or stage
+        self.max_tokens, self.tokens = max_tokens, tokens
         self._members = 0  # requests in progress (`member`); none: a step waits for a full batch
         # One lane per event loop (a replica has one; a test or `omni generate` may run several in turn): futures
         # and tasks belong to the loop they were made in. Steps of every lane share the stage's worker thread.
@@ -133,11 +141,17 @@ class StepBatcher:
                 return
 
     def _take(self, lane: _Lane) -> list[_Waiting]:
-        batch = []
+        batch, widest = [], 0
         while lane.waiting and len(batch) < self.max_batch:
-            waiting = lane.waiting.popleft()
-            if not waiting.future.done():  # a cancelled request is dropped here
-                batch.append(waiting)
+            if lane.waiting[0].future.done():  # a cancelled request is dropped here
+                lane.waiting.popleft()
+                continue
+            if self.max_tokens is not None:  # padded to the widest item: does the next one fit?
+                wider = max(widest, self.tokens(lane.waiting[0].item))
+                if batch and (len(batch) + 1) * wider > self.max_tokens:
+                    break
+                widest = wider
+            batch.append(lane.waiting.popleft())
         return batch
 
     async def _step(self, batch: list[_Waiting]) -> None:
@@ -148,7 +162,7 @@ class StepBatcher:
         STAGE_ROWS.inc(len(batch), stage=self.stage)
         span = self._step_span(batch)
         try:
-            results = await on_worker(self.stage, self._timed_run, [w.item for w in batch])
+            results = await on_worker(self.worker, self._timed_run, [w.item for w in batch])
         except Exception as e:  # every request in the step gets the step's error
             tracing.end_span(span, e)
             for waiting in batch:

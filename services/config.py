@@ -13,6 +13,10 @@ _DTYPES = ("float32", "bfloat16", "float16")  # torch's names; torch is imported
 # trip, so that requests that fell into two groups (one in MTP while the other steps) merge into one step. Code2Wav:
 # a Talker step's frames reach it one stream at a time through the gateway. On 2 CPU cores, 6 turns at once:
 # 7.1 -> 10.2 audio s/s in process, 7.6 -> 10.6-12.4 through `omni serve` (`omni bench load`; 0 and 2 ms before).
+# Thinker: a request sends its next token a few event-loop turns after its last one, so without a wait its steps
+# split in two or three (2.9 rows a step at 6 turns at once in process, 5.3-6.0 with it). The Thinker's and the
+# Talker's prompts wait as long for those that are starting beside them: turns that start together prefill together.
+THINKER_BATCH_WAIT_MS = 5.0
 TALKER_BATCH_WAIT_MS = 20.0
 CODE2WAV_BATCH_WAIT_MS = 8.0
 

@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor
 from services import tracing
 from services.batching import StepBatcher
 from services.checkpoint.variant import INSTRUCT, Variant
-from services.config import CODE2WAV_BATCH_WAIT_MS, TALKER_BATCH_WAIT_MS
+from services.config import CODE2WAV_BATCH_WAIT_MS, TALKER_BATCH_WAIT_MS, THINKER_BATCH_WAIT_MS
 from services.engines.audio_encoder import AudioEncoderEngine
 from services.engines.code2wav import Code2WavEngine, push_batch
 from services.engines.mtp import MTPEngine, MTPResult
@@ -115,16 +116,40 @@ async def start_job(stage: str, start, *args):
 MAKE_WAY_S = 0.005
 
 
-async def prefill_in_chunks(stage: str, batcher: StepBatcher, prefill_step, job, finished):
-    """`prefill_step(job)` (one chunk of a prompt) on the stage's worker until `finished(its result)`; between
-    chunks, the requests in progress on `batcher` take a step first. Returns the last chunk's result (None: no
-    chunk ran)."""
+async def prefill_in_chunks(batcher: StepBatcher, prefill_chunk, job, finished):
+    """`await prefill_chunk(job)` (one chunk of a prompt, on the stage's worker) until `finished(its result)`;
+    between chunks, the requests in progress on `batcher` take a step first. Returns the last chunk's result (None:
+    no chunk ran)."""
     result, handed = None, None
     while not finished(result):
         if handed is not None:
             await batcher.make_way(handed, MAKE_WAY_S)
         handed = batcher.handed()
-        result = await run_engine(stage, prefill_step, job)
+        result = await prefill_chunk(job)
+    return result
+
+
+def prompt_batcher(stage: str, engine: ThinkerEngine | TalkerEngine, max_batch: int, max_wait_s: float) -> StepBatcher:
+    """The stage's prompt chunks, on its worker: those that wait together run as one forward (the engine's
+    `prefill_batch`, padded to the longest), while their count times the longest fits one `prefill_chunk`. A step
+    waits up to `max_wait_s` for the chunks of the prompts that are starting (its `member`s): turns that arrive
+    together prefill together, and reach the next stage together."""
+    chunk = engine.prefill_chunk
+
+    def tokens(job) -> int:
+        a, b = job.next_chunk(chunk)
+        return b - a
+
+    return StepBatcher(f"{stage}_prefill", engine.prefill_batch, max_batch=max_batch, max_wait_s=max_wait_s,
+                       worker=stage, max_tokens=chunk, tokens=tokens)
+
+
+async def prefill_chunk(prefills: StepBatcher, job):
+    """The job's next chunk, in a step with the chunks of the prompts waiting beside it (an engine's
+    `prefill_batch`, which gives a job's own error as its result)."""
+    result = await prefills.submit(job)
+    if isinstance(result, Exception):
+        raise result
     return result
 
 
@@ -155,14 +180,16 @@ class LocalVisionEncoder:
 
 class LocalThinker:
     """Each call is one request's generation. Its prompt prefills in chunks on the stage's worker thread, between
-    the decode steps of the requests already running; its decode steps join theirs (`services.batching`), each
-    request sampled by its own sampler. A request with a cache key starts from the KV this replica kept under it
-    (only past the prefix proven equal: `services.engines.prefix`), asks `embed` for the media past that, and
-    leaves its own KV there when it ends (`ThinkerPrompt.keep`); one cancelled mid-step frees it."""
+    the decode steps of the requests already running, each chunk in one forward with the chunks of the prompts
+    waiting beside it; its decode steps join theirs (`services.batching`), each request sampled by its own
+    sampler. A request with a cache key starts from the KV this replica kept under it (only past the prefix proven
+    equal: `services.engines.prefix`), asks `embed` for the media past that, and leaves its own KV there when it
+    ends (`ThinkerPrompt.keep`); one cancelled mid-step frees it."""
 
-    def __init__(self, engine: ThinkerEngine, max_batch: int = 64, max_wait_s: float = 0.0):
+    def __init__(self, engine: ThinkerEngine, max_batch: int = 64, max_wait_s: float = THINKER_BATCH_WAIT_MS / 1000):
         self.engine = engine
         self._batcher = StepBatcher("thinker", self._decode_rows, max_batch=max_batch, max_wait_s=max_wait_s)
+        self._prefills = prompt_batcher("thinker", engine, max_batch, max_wait_s)
 
     async def generate(self, prompt: ThinkerPrompt, sampling: SamplingParams, max_new_tokens: int,
                        stop_ids: frozenset[int], embed: Embed | None = None) -> AsyncIterator[ThinkerToken]:
@@ -190,9 +217,10 @@ class LocalThinker:
                         PREFIX_REDOS.inc()
                     PREFIX_TOKENS.inc(prompt.input_ids.numel() - reused, stage="thinker", kind="prefilled")
                     in_step = True
-                    job = await start_job("thinker", engine.start, prompt, max_new_tokens, reuse)
-                    prefill = await prefill_in_chunks("thinker", self._batcher, engine.prefill_step, job,
-                                                      lambda result: result is not None)
+                    with self._prefills.member():  # its chunks: a step waits for them beside the others'
+                        job = await start_job("thinker", engine.start, prompt, max_new_tokens, reuse)
+                        prefill = await prefill_in_chunks(self._batcher, partial(prefill_chunk, self._prefills),
+                                                          job, lambda result: result is not None)
                     in_step = False
                 finally:
                     span.end()
@@ -273,15 +301,17 @@ class LocalMTP:
 
 class LocalTalker:
     """Each call is one request's speech. Its prompt prefills in chunks between the steps of the requests already
-    speaking, and its steps join theirs (`services.batching`); a request waiting for its next released text token
-    sits the steps out. Each request samples its c0s with its own sampler. A session's request starts from the KV
-    of its earlier turns' user parts, which the replica kept (`TalkerEngine.park`)."""
+    speaking (with the chunks of the prompts waiting beside it), and its steps join theirs (`services.batching`); a
+    request waiting for its next released text token sits the steps out. Each request samples its c0s with its own
+    sampler. A session's request starts from the KV of its earlier turns' user parts, which the replica kept
+    (`TalkerEngine.park`)."""
 
     def __init__(self, engine: TalkerEngine, mtp: MTPStage, max_batch: int = 64,
                  max_wait_s: float = TALKER_BATCH_WAIT_MS / 1000):
         self.engine = engine
         self.mtp = mtp  # the Talker calls MTP itself every frame (in process or over gRPC)
         self._batcher = StepBatcher("talker", self._step_rows, max_batch=max_batch, max_wait_s=max_wait_s)
+        self._prefills = prompt_batcher("talker", engine, max_batch, max_wait_s)
 
     async def speak(self, prompt: TalkerPrompt, sampling: SamplingParams, max_frames: int,
                     text: AsyncIterator[int]) -> AsyncIterator[Codes]:
@@ -298,16 +328,17 @@ class LocalTalker:
                 span = tracing.start_span("talker.prefill", parent=timer.span,
                                           prompt_tokens=int(prompt.input_ids.numel()))
                 try:
-                    job = await start_job("talker", engine.start, prompt, first, sampling, max_frames)
-                    session = job.session
-                    reused, prefilled = session.length, len(job.embeds) - session.length
-                    span.set_attribute("omni.reused_positions", reused)
-                    span.set_attribute("omni.prefilled_positions", prefilled)
-                    if reused:  # taken from the KV this replica kept for the key
-                        PREFIX_TOKENS.inc(reused, stage="talker", kind="reused")
-                    PREFIX_TOKENS.inc(prefilled, stage="talker", kind="prefilled")
-                    frame = await prefill_in_chunks("talker", self._batcher, engine.prefill_step, job,
-                                                    lambda _: job.done)
+                    with self._prefills.member():  # its chunks: a step waits for them beside the others'
+                        job = await start_job("talker", engine.start, prompt, first, sampling, max_frames)
+                        session = job.session
+                        reused, prefilled = session.length, len(job.embeds) - session.length
+                        span.set_attribute("omni.reused_positions", reused)
+                        span.set_attribute("omni.prefilled_positions", prefilled)
+                        if reused:  # taken from the KV this replica kept for the key
+                            PREFIX_TOKENS.inc(reused, stage="talker", kind="reused")
+                        PREFIX_TOKENS.inc(prefilled, stage="talker", kind="prefilled")
+                        frame = await prefill_in_chunks(self._batcher, partial(prefill_chunk, self._prefills),
+                                                        job, lambda _: job.done)
                 finally:
                     span.end()
                 in_step = False

@@ -18,7 +18,7 @@ from services.config import KVConfig
 from services.engines.bundle import Engines
 from services.engines.sampling import SamplingParams
 from services.engines.thinker import ThinkerEngine, ThinkerPrompt
-from services.errors import ResourceExhausted
+from services.errors import InvalidInput, ResourceExhausted
 from services.events import AudioChunk, TurnSummary
 from services.stages import Stages
 from services.turn_parts import audio_part, image_part, text_part
@@ -103,6 +103,135 @@ def test_chunked_prefill_equals_one_prefill(tiny_ckpt, engines, processor):
     assert _solo(chunked, prompt)[0] == _solo(engines.thinker, prompt)[0]
 
 
+def test_prompts_prefilled_together_equal_each_alone(tiny_ckpt, engines, processor):
+    """Prompts of different lengths and modalities prefill their chunks in shared forwards (padded to the longest;
+    a chunk with an image runs alone): each equals its prefill alone, and decodes the same greedy ids."""
+    ckpt = Checkpoint.open(tiny_ckpt)
+    thinker = ThinkerEngine.from_checkpoint(ckpt, kv=KVConfig(prefill_chunk=16, page_size=4, kv_tokens=4096))
+    prompts = _prompts(processor, engines)
+    padded = []
+    prefill_padded = thinker._prefill_padded
+    thinker._prefill_padded = lambda jobs: padded.append(len(jobs)) or prefill_padded(jobs)
+    jobs = [thinker.start(p, NEW_TOKENS) for p in prompts]
+    results: dict[int, object] = {}
+    while len(results) < len(jobs):
+        waiting = [i for i in range(len(jobs)) if i not in results]
+        for i, result in zip(waiting, thinker.prefill_batch([jobs[i] for i in waiting])):
+            if result is not None:
+                results[i] = result
+    assert padded and max(padded) >= 3  # really shared
+    worst = 0.0
+    for i, prompt in enumerate(prompts):
+        session, alone = thinker.prefill(prompt, NEW_TOKENS)
+        session.close()
+        assert int(results[i].logits.argmax()) == int(alone.logits.argmax())
+        worst = max(worst, float((results[i].logits - alone.logits).abs().max()))
+        torch.testing.assert_close(results[i].mm_hidden, alone.mm_hidden, atol=1e-4, rtol=0)
+        ids, logits = [int(results[i].logits.argmax())], []
+        for _ in range(NEW_TOKENS - 1):
+            logits.append(thinker.decode(jobs[i].session, ids[-1]))
+            ids.append(int(logits[-1].argmax()))
+        jobs[i].session.close()
+        assert ids == _solo(thinker, prompt)[0], i
+    print(f"max |logit difference| prefilled together vs alone: {worst:.2e}")
+    assert worst < 1e-4, worst
+    assert thinker.kv.free_positions == thinker.kv.capacity
+
+
+def test_a_closed_prompt_in_a_shared_prefill_fails_alone(engines, processor):
+    """A request cancelled while its chunk waits gets its own error; the prompts beside it prefill as usual."""
+    thinker = engines.thinker
+    prompts = [p for p in _prompts(processor, engines) if p.image is None]
+    jobs = [thinker.start(p, NEW_TOKENS) for p in prompts]
+    jobs[1].session.close()
+    results = thinker.prefill_batch(jobs)
+    assert isinstance(results[1], InvalidInput) and "closed" in str(results[1])
+    for i in (0, 2):
+        session, alone = thinker.prefill(prompts[i], NEW_TOKENS)
+        session.close()
+        assert int(results[i].logits.argmax()) == int(alone.logits.argmax())
+        jobs[i].session.close()
+    assert thinker.kv.free_positions == thinker.kv.capacity
+
+
+def test_turns_that_arrive_together_share_their_prefill(tiny_ckpt, engines, processor):
+    """Through the stage: prompts submitted at once prefill in one forward (the step waits for those still
+    starting), and each request's tokens equal its run alone."""
+    from services.stages import LocalThinker
+
+    thinker = ThinkerEngine.from_checkpoint(Checkpoint.open(tiny_ckpt), kv=KVConfig(prefill_chunk=2048))
+    stage = LocalThinker(thinker)
+    prompts = [p for p in _prompts(processor, engines) if p.image is None]  # text, audio, multi-turn
+    before = _batch_sizes("thinker_prefill")
+
+    async def generate(prompt):
+        return [t.token_id async for t in stage.generate(prompt, GREEDY, NEW_TOKENS, frozenset())]
+
+    async def together():
+        return await asyncio.gather(*(generate(p) for p in prompts))
+
+    got = asyncio.run(together())
+    rows, steps = (after - b for after, b in zip(_batch_sizes("thinker_prefill"), before))
+    assert (rows, steps) == (len(prompts), 1)  # one chunk each, all in one step
+    assert got == [_solo(engines.thinker, p)[0] for p in prompts]
+    assert thinker.kv.free_positions == thinker.kv.capacity
+
+
+def test_talker_prompts_prefilled_together_equal_each_alone(tiny_ckpt, engines, processor):
+    """The Talker's prompts (user parts, assistant prefix) prefill in shared forwards too: the same first c0 and
+    hidden as alone, then the same steps; a prompt of user parts only gives no frame."""
+    from services.engines.positions import layout_of
+    from services.engines.talker import TalkerEngine, TalkerPrompt
+
+    talker = TalkerEngine.from_checkpoint(Checkpoint.open(tiny_ckpt),
+                                          kv=KVConfig(prefill_chunk=16, page_size=4, kv_tokens=4096))
+    width = engines.thinker.hidden_size
+    prompts = []
+    for i, p in enumerate(_prompts(processor, engines)):
+        n_mm = int(torch.isin(p.input_ids, talker.mm_token_ids).sum())
+        prompts.append(TalkerPrompt(**layout_of(p), mm_hidden=torch.randn(n_mm, width,
+                                                                          generator=torch.Generator().manual_seed(i))))
+    first_tokens = [9707 + i for i in range(len(prompts))]
+    padded = []
+    prefill_padded = talker._prefill_padded
+    talker._prefill_padded = lambda jobs: padded.append(len(jobs)) or prefill_padded(jobs)
+    jobs = [talker.start(p, t, GREEDY, 8) for p, t in zip(prompts, first_tokens)]
+    jobs.append(talker.start(prompts[0], None, GREEDY))  # user parts only
+    frames: dict[int, object] = {}
+    while any(not job.done for job in jobs):
+        waiting = [i for i, job in enumerate(jobs) if not job.done]
+        for i, frame in zip(waiting, talker.prefill_batch([jobs[i] for i in waiting])):
+            frames[i] = frame
+    assert padded and max(padded) >= 3 and frames[len(prompts)] is None
+    codec_embed_sum = torch.zeros(talker.model.config.hidden_size)
+    for i, (prompt, token) in enumerate(zip(prompts, first_tokens)):
+        session, alone = talker.prefill(prompt, token, GREEDY, 8)
+        assert frames[i].c0 == alone.c0, i
+        torch.testing.assert_close(frames[i].hidden, alone.hidden, atol=1e-4, rtol=0)
+        ours, theirs = (talker.step(s, codec_embed_sum, 9707) for s in (jobs[i].session, session))
+        assert ours.c0 == theirs.c0, i
+        torch.testing.assert_close(ours.hidden, theirs.hidden, atol=1e-4, rtol=0)
+        session.close()
+        jobs[i].session.close()
+    jobs[-1].session.close()
+    assert talker.kv.free_positions == talker.kv.capacity
+
+
+def test_a_step_of_prompt_chunks_fits_one_chunk():
+    """Items padded to the widest: a step takes them while their count times the widest fits the budget."""
+    from services.batching import StepBatcher
+
+    steps: list[list[int]] = []
+    batcher = StepBatcher("budget", lambda items: steps.append(list(items)) or list(items), max_tokens=16,
+                          tokens=lambda n: n)
+
+    async def run():
+        return await asyncio.gather(*(batcher.submit(n) for n in (4, 4, 4, 4, 9, 20, 1)))
+
+    assert asyncio.run(run()) == [4, 4, 4, 4, 9, 20, 1]
+    assert steps == [[4, 4, 4, 4], [9], [20], [1]]  # 5 x 9 > 16; 2 x 20 > 16; a wide one alone still runs
+
+
 def test_the_kv_cache_refuses_what_cannot_fit_and_frees_every_page(tiny_ckpt):
     thinker = ThinkerEngine.from_checkpoint(Checkpoint.open(tiny_ckpt), kv=KVConfig(kv_tokens=64, page_size=16))
     prompt = ThinkerPrompt(input_ids=torch.tensor([151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]))
@@ -184,6 +313,31 @@ def test_concurrent_turns_share_steps_and_equal_their_solo_runs(engines, media):
         assert (total_after - total) / (steps_after - steps) > 1.2, stage  # rows per step: really batched
     for engine in (engines.thinker, engines.talker):  # the abandoned turn's pages came back too
         assert engine.kv.free_positions == engine.kv.capacity
+
+
+def test_turns_that_start_together_step_together_from_their_prefill(engines):
+    """Turns that start at once prefill in one Thinker step and one Talker step (each waits for the prompts
+    still starting beside it); each equals its run alone."""
+    requests = [TurnRequest(parts=[text_part(text)], max_new_tokens=8, max_audio_frames=12, thinker_sampling=GREEDY)
+                for text in ("Hello there.", "What is the time in Paris, please?", "Sing.", "Count to three.")]
+    conductor = Conductor(Stages.local(engines), stage_timeout_s=120)
+
+    async def alone():
+        return [await _turn(conductor, r) for r in requests]
+
+    async def together():
+        return await asyncio.gather(*(_turn(conductor, r) for r in requests))
+
+    solo = asyncio.run(alone())
+    stages = ("thinker_prefill", "talker_prefill")
+    before = {stage: _batch_sizes(stage) for stage in stages}
+    shared = asyncio.run(together())
+    for (want, want_samples), (got, got_samples) in zip(solo, shared):
+        assert got.thinker_token_ids == want.thinker_token_ids and got.codes == want.codes
+        np.testing.assert_allclose(got_samples, want_samples, atol=1e-4)
+    for stage in stages:
+        rows, steps = (after - b for after, b in zip(_batch_sizes(stage), before[stage]))
+        assert (rows, steps) == (len(requests), 1), stage
 
 
 def test_a_long_prefill_holds_the_running_requests_up_one_chunk_at_a_time(tiny_ckpt, engines, processor):

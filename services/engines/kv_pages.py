@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from services.errors import ResourceExhausted
+from services.errors import InvalidInput, ResourceExhausted
 
 # What becomes of a request's KV when it ends, if it has a cache key (`ThinkerPrompt.keep`, `TalkerPrompt.keep`):
 KEEP_SESSION = "session"  # kept for the session's next request
@@ -90,6 +90,40 @@ def prefill_whole(job, prefill_step):
     return job.session, result
 
 
+def padded_chunks(chunks: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, list[int]]:
+    """Prompt chunks of several requests, each (embeds [n_i, H], position_ids [4, n_i]), as one `KVPool.forward`'s
+    input: embeds [B, n, H] and position_ids [4, B, n] padded to the longest chunk, and the `lengths`."""
+    lengths = [len(e) for e, _ in chunks]
+    embeds = chunks[0][0].new_zeros(len(chunks), max(lengths), chunks[0][0].shape[1])
+    positions = chunks[0][1].new_zeros(4, len(chunks), max(lengths))
+    for row, (e, p) in enumerate(chunks):
+        embeds[row, :len(e)] = e
+        positions[:, row] = p[:, -1:]  # the padding's positions: any
+        positions[:, row, :len(e)] = p
+    return embeds, positions, lengths
+
+
+def prefill_chunks(jobs: Sequence, prefill_step, prefill_padded, alone, closed: str) -> list:
+    """The next chunk of each prefill job: `prefill_step(job)` for one that runs `alone(job)`, the others' in one
+    `prefill_padded(jobs)` (a single one's by `prefill_step`). A closed session's result is `InvalidInput(closed)`,
+    for its caller to raise: one request's error never fails the others'."""
+    out: list = [None] * len(jobs)
+    together = []
+    for i, job in enumerate(jobs):
+        if job.session.closed:
+            out[i] = InvalidInput(closed)
+        elif alone(job):
+            out[i] = prefill_step(job)
+        else:
+            together.append(i)
+    if len(together) == 1:
+        out[together[0]] = prefill_step(jobs[together[0]])
+    elif together:
+        for i, result in zip(together, prefill_padded([jobs[i] for i in together]), strict=True):
+            out[i] = result
+    return out
+
+
 class KVPool:
     def __init__(self, config, tokens: int, page_size: int, device: str | torch.device, dtype: torch.dtype,
                  stage: str):
@@ -98,11 +132,13 @@ class KVPool:
             raise ValueError(f"kv_tokens and page_size must be positive, got {tokens} and {page_size}")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         pages = -(-tokens // page_size)
-        shape = (config.num_hidden_layers, pages, config.num_key_value_heads, page_size, head_dim)
+        # One more page than the requests': where the padding of a batch of prompt chunks writes (`forward`).
+        shape = (config.num_hidden_layers, pages + 1, config.num_key_value_heads, page_size, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.page_size, self.stage, self.device = page_size, stage, torch.device(device)
         self.capacity = pages * page_size
+        self._scratch = pages
         self._free = list(range(pages - 1, -1, -1))  # popped from the end: low pages first
         self._lock = threading.Lock()  # reserve/release come from the event loop, steps run on the worker thread
         self._parked: OrderedDict[str, object] = OrderedDict()  # cache key -> what `park` kept, first to go first
@@ -174,9 +210,11 @@ class KVPool:
             return self._parked.pop(key, None)
 
     def forward(self, model: torch.nn.Module, slots: Sequence[KVSlot], embeds: Tensor, position_ids: Tensor,
-                **kwargs):
+                lengths: Sequence[int] | None = None, **kwargs):
         """embeds [B, n, H]: each slot's next n positions, after its `length` filled ones; position_ids [4, B, n].
-        Returns the model's output; every slot's length grows by n. The caller checks capacity."""
+        With `lengths`, row b's first lengths[b] positions are its own and the rest padding (prompt chunks of
+        different lengths in one forward): the padding's keys go to a scratch page, and its outputs mean nothing.
+        Returns the model's output; every slot's length grows by n (lengths[b]). The caller checks capacity."""
         n = embeds.shape[1]
         starts = torch.tensor([s.length for s in slots], device=self.device)
         positions = starts[:, None] + torch.arange(n, device=self.device)  # [B, n]
@@ -188,11 +226,15 @@ class KVPool:
         if not self._sdpa:  # eager attention adds the mask to the scores
             mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=self.device).masked_fill(
                 ~mask, torch.finfo(embeds.dtype).min)
-        cache = _StepCache(self, table, table.gather(1, positions // self.page_size), positions % self.page_size)
+        write_pages, write_offsets = table.gather(1, positions // self.page_size), positions % self.page_size
+        if lengths is not None:  # a padded position's key comes after its row's: no row attends to it
+            padding = torch.arange(n, device=self.device) >= torch.tensor(lengths, device=self.device)[:, None]
+            write_pages = write_pages.masked_fill(padding, self._scratch)
+        cache = _StepCache(self, table, write_pages, write_offsets)
         out = model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
                     use_cache=True, **kwargs)
-        for slot in slots:
-            slot.length += n
+        for slot, grown in zip(slots, lengths or [n] * len(slots), strict=True):
+            slot.length += grown
         return out
 
 

@@ -45,7 +45,15 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig, KVConfig
-from services.engines.kv_pages import KEEP_SESSION, KVPool, KVSession, KVSlot, prefill_whole
+from services.engines.kv_pages import (
+    KEEP_SESSION,
+    KVPool,
+    KVSession,
+    KVSlot,
+    padded_chunks,
+    prefill_chunks,
+    prefill_whole,
+)
 from services.engines.positions import PromptLayout, TMRoPE, step_positions
 from services.engines.sampling import Sampler, SamplingParams
 from services.errors import InvalidInput, PrefixGone, ResourceExhausted
@@ -120,6 +128,11 @@ class TalkerPrefillJob:
     @property
     def done(self) -> bool:
         return self.session.length >= len(self.embeds)
+
+    def next_chunk(self, chunk: int) -> tuple[int, int]:
+        """The positions [a, b) of `embeds` that the next step of `chunk` positions runs."""
+        a = self.session.length
+        return a, min(a + chunk, len(self.embeds))
 
 
 class TalkerEngine:
@@ -279,13 +292,32 @@ class TalkerEngine:
         self.kv.park(prompt.cache_key, ParkedTalker(slot, job.embeds[:job.user], prompt.rows_tag), prompt.keep)
 
     @torch.inference_mode()
+    def prefill_batch(self, jobs: list[TalkerPrefillJob]) -> list[TalkerFrame | None | InvalidInput]:
+        """The next chunk of several prompts (`prefill_step` of each) as one forward, each padded to the longest
+        (turns that start together). A closed session's result is its InvalidInput, for its caller to raise."""
+        return prefill_chunks(jobs, self.prefill_step, self._prefill_padded, lambda _: False,
+                              "the Talker session is closed")
+
+    def _prefill_padded(self, jobs: list[TalkerPrefillJob]) -> list[TalkerFrame | None]:
+        spans = [job.next_chunk(self.prefill_chunk) for job in jobs]
+        embeds, positions, lengths = padded_chunks([(job.embeds[a:b], job.position_ids[:, 0, a:b])
+                                                    for job, (a, b) in zip(jobs, spans)])
+        out = self.kv.forward(self.model, [job.session.kv for job in jobs], embeds, positions, lengths=lengths)
+        ending = [row for row, (job, (_, b)) in enumerate(zip(jobs, spans)) if b == len(job.embeds) > job.user]
+        frames: list[TalkerFrame | None] = [None] * len(jobs)
+        if ending:
+            last = torch.stack([out.last_hidden_state[row, lengths[row] - 1] for row in ending])[:, None]
+            for row, frame in zip(ending, self._frames([jobs[row].session for row in ending], last), strict=True):
+                frames[row] = frame
+        return frames
+
+    @torch.inference_mode()
     def prefill_step(self, job: TalkerPrefillJob) -> TalkerFrame | None:
         """Prefill the job's next chunk (`prefill_chunk` positions); after the last one, the first frame (none when
         prefilling the user parts only)."""
         if job.session.closed:
             raise InvalidInput("the Talker session is closed")
-        a = job.session.length
-        b = min(a + self.prefill_chunk, job.embeds.shape[0])
+        a, b = job.next_chunk(self.prefill_chunk)
         out = self.kv.forward(self.model, [job.session.kv], job.embeds[None, a:b], job.position_ids[:, :, a:b])
         if b < job.embeds.shape[0] or job.user == len(job.embeds):
             return None

@@ -5,7 +5,8 @@ this module re-does only what `Qwen3OmniMoeThinkerModel.forward` and `generate` 
 scatter encoder embeddings at the placeholder tokens, join the deepstack features of images and videos, build
 TM-RoPE positions (see `positions.py`), keep each request's KV in the replica's paged cache (`kv_pages.py`), and
 return the hidden states of layer `talker_config.accept_hidden_layer` at the multimodal positions, which the Talker
-consumes. Prompts prefill in chunks of `prefill_chunk` tokens, and `decode_batch` runs one step of many requests.
+consumes. Prompts prefill in chunks of `prefill_chunk` tokens (`prefill_batch`: the next chunk of several prompts as
+one padded forward), and `decode_batch` runs one step of many requests.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig, KVConfig
-from services.engines.kv_pages import KEEP_SESSION, KVPool, KVSession, prefill_whole
+from services.engines.kv_pages import KEEP_SESSION, KVPool, KVSession, padded_chunks, prefill_chunks, prefill_whole
 from services.engines.prefix import MarkerIds, ParkedPrefix, Segment, reusable_tokens
 from services.engines.positions import PromptLayout, TMRoPE, step_positions
 from services.engines.vision_encoder import VisionEmbeddings
@@ -82,6 +83,11 @@ class ThinkerPrefillJob:
     deepstack: list[Tensor] | None
     mm_hidden: list[Tensor] = field(default_factory=list)  # the reused prefix's, then per chunk done
     mm_from: int = 0  # `ThinkerPrefill.mm_from`
+
+    def next_chunk(self, chunk: int) -> tuple[int, int]:
+        """The positions [a, b) of `embeds` that the next step of `chunk` tokens runs."""
+        a = self.session.length - self.offset
+        return a, min(a + chunk, self.embeds.shape[0])
 
 
 @dataclass(eq=False)
@@ -218,12 +224,42 @@ class ThinkerEngine:
                                  mm_from=min(prompt.hidden_from, prefix_mm))
 
     @torch.inference_mode()
+    def prefill_batch(self, jobs: list[ThinkerPrefillJob]) -> list[ThinkerPrefill | None | InvalidInput]:
+        """The next chunk of several prompts (`prefill_step` of each), those without images or video in it as one
+        forward, each padded to the longest (prompts that arrive together: a burst of new turns). A closed session's
+        result is its InvalidInput, for its caller to raise."""
+        return prefill_chunks(jobs, self.prefill_step, self._prefill_padded, self._visual_chunk,
+                              "the Thinker session is closed")
+
+    def _visual_chunk(self, job: ThinkerPrefillJob) -> bool:
+        """The job's next chunk holds image or video positions: it runs alone (deepstack features go by position)."""
+        a, b = job.next_chunk(self.prefill_chunk)
+        return job.visual_mask is not None and bool(job.visual_mask[a:b].any())
+
+    def _prefill_padded(self, jobs: list[ThinkerPrefillJob]) -> list[ThinkerPrefill | None]:
+        spans = [job.next_chunk(self.prefill_chunk) for job in jobs]
+        embeds, positions, lengths = padded_chunks([(job.embeds[a:b], job.position_ids[:, 0, a:b])
+                                                    for job, (a, b) in zip(jobs, spans)])
+        out = self.kv.forward(self.model, [job.session.kv for job in jobs], embeds, positions, lengths=lengths,
+                              output_hidden_states=[self.accept_hidden_layer])
+        hidden = out.hidden_states[self.accept_hidden_layer]
+        results = []
+        for row, (job, (a, b)) in enumerate(zip(jobs, spans)):
+            job.mm_hidden.append(hidden[row, :b - a][job.mm_mask[a:b]])
+            if b < job.embeds.shape[0]:
+                results.append(None)
+                continue
+            last = out.last_hidden_state[row:row + 1, b - a - 1:b - a]
+            results.append(ThinkerPrefill(logits=self._logits(last)[0], mm_hidden=torch.cat(job.mm_hidden),
+                                          mm_from=job.mm_from))
+        return results
+
+    @torch.inference_mode()
     def prefill_step(self, job: ThinkerPrefillJob) -> ThinkerPrefill | None:
         """Prefill the job's next chunk (`prefill_chunk` tokens); after the last one, its result."""
         if job.session.closed:
             raise InvalidInput("the Thinker session is closed")
-        a = job.session.length - job.offset  # of the positions to run
-        b = min(a + self.prefill_chunk, job.embeds.shape[0])
+        a, b = job.next_chunk(self.prefill_chunk)  # of the positions to run
         extra = {}
         if job.visual_mask is not None and bool(job.visual_mask[a:b].any()):
             first = int(job.visual_mask[:a].sum())

@@ -23,7 +23,7 @@ from services.tracing import REQUEST_ID, request_id  # noqa: F401  (re-exported 
 from services.wire import cluster_tls
 from services.wire.cluster_tls import ClusterCredential
 from services.wire.gen.omni.v1 import common_pb2
-from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES, add_standard_services
+from services.wire.server import GRPC_OPTIONS, SERVICE_NAMES, CloseStreams, add_standard_services
 from services.wire.tensors import PieceAssembler
 
 
@@ -33,7 +33,7 @@ async def serve_stage(servicer, port: int = 0, host: str = "[::]", options: list
     it and its bound port. `port=0` picks a free port; `credential` (`services.wire.cluster_tls`): mutual TLS,
     only peers holding it get through the handshake; None: plaintext. Stop it with `await server.stop(grace)`."""
     tracing.setup()
-    server = grpc.aio.server(options=options, interceptors=tracing.server_interceptors())
+    server = grpc.aio.server(options=options, interceptors=[CloseStreams(), *tracing.server_interceptors()])
     servicer.add_to_server(servicer, server)
     await add_standard_services(server, [SERVICE_NAMES[servicer.service]], reflection_on=False)
     bound = cluster_tls.add_port(server, _host_port(host, port), credential)

@@ -37,7 +37,7 @@ from ray import serve
 from ray.serve import Application
 
 from services.auth import AuthConfig
-from services.config import CODE2WAV_BATCH_WAIT_MS, TALKER_BATCH_WAIT_MS, KVConfig
+from services.config import CODE2WAV_BATCH_WAIT_MS, TALKER_BATCH_WAIT_MS, THINKER_BATCH_WAIT_MS, KVConfig
 from services.errors import CheckpointError
 from services.hooks.registry import HooksConfig
 from services.metrics import STAGE_ONGOING
@@ -96,6 +96,10 @@ class DecoderArgs(StepArgs, KVConfig):
 
     def kv_config(self) -> KVConfig:
         return KVConfig(**{name: getattr(self, name) for name in KVConfig.model_fields})
+
+
+class ThinkerArgs(DecoderArgs):
+    batch_wait_ms: float = _batch_wait_ms(THINKER_BATCH_WAIT_MS)
 
 
 class TalkerArgs(DecoderArgs):
@@ -287,7 +291,7 @@ class VisionEncoderReplica(_StageReplica):
 
 @serve.deployment(name="Thinker")
 class ThinkerReplica(_StageReplica):
-    async def __init__(self, args: DecoderArgs):
+    async def __init__(self, args: ThinkerArgs):
         from services.checkpoint.loading import Checkpoint
         from services.engines.thinker import ThinkerEngine
         from services.servicers.thinker import ThinkerServicer
@@ -434,7 +438,7 @@ def vision_encoder_app(args: dict) -> Application:
 
 
 def thinker_app(args: dict) -> Application:
-    return ThinkerReplica.bind(DecoderArgs.model_validate(args))
+    return ThinkerReplica.bind(ThinkerArgs.model_validate(args))
 
 
 def talker_app(args: dict) -> Application:

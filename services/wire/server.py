@@ -1,8 +1,11 @@
-"""gRPC plumbing shared by every stage server and client: channel options, service names, health and reflection."""
+"""gRPC plumbing shared by every stage server and client: channel options, service names, health and reflection,
+and the interceptor that closes a streaming handler in its own call (`CloseStreams`)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
+from contextlib import aclosing
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,3 +54,29 @@ async def add_standard_services(server: grpc.aio.Server, service_names: Iterable
     if reflection_on:
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return servicer
+
+
+class CloseStreams(grpc.aio.ServerInterceptor):
+    """Runs each streaming handler's async generator itself and closes it in the call's own task. grpc.aio leaves
+    the generator open when a write fails (the client cancelled the call, as a stage client does once it has read
+    the stream's `end`; grpc/grpc#42295); the garbage collector then closes it in another task, so the handler's
+    cleanup runs late, and OpenTelemetry's server interceptor, whose context is attached across its yields, logs
+    "Failed to detach context" (open-telemetry/opentelemetry-python-contrib#2357). Put it first: the outermost."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not handler.response_streaming:
+            return handler
+        streams_in = handler.request_streaming
+        behavior = handler.stream_stream if streams_in else handler.unary_stream
+        if not inspect.isasyncgenfunction(behavior):
+            return handler
+
+        async def respond(request, context):
+            async with aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    await context.write(response)
+
+        wrap = grpc.stream_stream_rpc_method_handler if streams_in else grpc.unary_stream_rpc_method_handler
+        return wrap(respond, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
