@@ -4,9 +4,10 @@ Concurrent requests `submit` items; one loop per stage takes every item that is 
 them as one engine step on the stage's worker thread, then hands each request its result. Items that arrive while
 a step runs wait for the next one, so under load batches fill by themselves; `max_wait_s` can hold a step back a
 little for the requests in progress (`member`) whose items are not there yet, e.g. the Talker's requests, whose
-MTP results come back one by one, or prompts still starting beside the ones waiting. A request that gives up (cancelled, its client gone) is dropped
-before the next step and never holds a row. A caller with a long job in pieces on the same worker (a prompt's
-prefill chunks) calls `make_way` between them, so that the requests in progress step between its pieces.
+MTP results come back one by one, or prompts still starting beside the ones waiting. A request that gives up
+(cancelled, its client gone) is dropped before the next step and never holds a row. A caller with a long job in
+pieces on the same worker (a prompt's prefill chunks) calls `make_way` between them, so that the requests in
+progress step between its pieces.
 
     batcher = StepBatcher("mtp", run_rows, max_batch=32)   # run_rows(list of items) -> list of results, in order
     result = await batcher.submit(item)

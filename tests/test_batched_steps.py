@@ -171,7 +171,7 @@ def test_turns_that_arrive_together_share_their_prefill(tiny_ckpt, engines, proc
         return await asyncio.gather(*(generate(p) for p in prompts))
 
     got = asyncio.run(together())
-    rows, steps = (after - b for after, b in zip(_batch_sizes("thinker_prefill"), before))
+    rows, steps = _since("thinker_prefill", before)
     assert (rows, steps) == (len(prompts), 1)  # one chunk each, all in one step
     assert got == [_solo(engines.thinker, p)[0] for p in prompts]
     assert thinker.kv.free_positions == thinker.kv.capacity
@@ -255,6 +255,11 @@ def _batch_sizes(stage: str) -> tuple[float, float]:
             REGISTRY.get_sample_value("omni_stage_step_seconds_count", labels) or 0.0)
 
 
+def _since(stage: str, before: tuple[float, float]) -> tuple[float, float]:
+    """(items, steps) of the stage's engine steps since `before` (a `_batch_sizes`)."""
+    return tuple(after - b for after, b in zip(_batch_sizes(stage), before))
+
+
 async def _turn(conductor: Conductor, req: TurnRequest, delay_s: float = 0.0, stop_after_audio: bool = False):
     await asyncio.sleep(delay_s)
     samples, summary = [], None
@@ -307,10 +312,10 @@ def test_concurrent_turns_share_steps_and_equal_their_solo_runs(engines, media):
         assert got.codes == want.codes and len(want.codes) > 0
         assert got_samples.shape == want_samples.shape
         np.testing.assert_allclose(got_samples, want_samples, atol=1e-4)
-    for stage, (total, steps) in before.items():
-        total_after, steps_after = _batch_sizes(stage)
-        print(f"{stage}: {(total_after - total) / (steps_after - steps):.2f} requests per step")
-        assert (total_after - total) / (steps_after - steps) > 1.2, stage  # rows per step: really batched
+    for stage, counts in before.items():
+        rows, steps = _since(stage, counts)
+        print(f"{stage}: {rows / steps:.2f} requests per step")
+        assert rows / steps > 1.2, stage  # rows per step: really batched
     for engine in (engines.thinker, engines.talker):  # the abandoned turn's pages came back too
         assert engine.kv.free_positions == engine.kv.capacity
 
@@ -336,7 +341,7 @@ def test_turns_that_start_together_step_together_from_their_prefill(engines):
         assert got.thinker_token_ids == want.thinker_token_ids and got.codes == want.codes
         np.testing.assert_allclose(got_samples, want_samples, atol=1e-4)
     for stage in stages:
-        rows, steps = (after - b for after, b in zip(_batch_sizes(stage), before[stage]))
+        rows, steps = _since(stage, before[stage])
         assert (rows, steps) == (len(requests), 1), stage
 
 
@@ -505,10 +510,9 @@ def test_streams_that_start_together_share_their_first_code2wav_frame(engines, m
     async def together():
         return await asyncio.gather(*(stream(c) for c in codes))
 
-    total, steps = _batch_sizes("code2wav")
+    before = _batch_sizes("code2wav")
     got = asyncio.run(together())
-    total_after, steps_after = _batch_sizes("code2wav")
-    assert (total_after - total, steps_after - steps) == (6, 2)  # 3 first frames, then 3 second frames
+    assert _since("code2wav", before) == (6, 2)  # 3 first frames, then 3 second frames
     assert forwards == [3, 3]
     for want, samples in zip(alone, got):
         torch.testing.assert_close(samples, want, rtol=0, atol=1e-4)
