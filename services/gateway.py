@@ -65,6 +65,7 @@ from services.errors import DeadlineExceeded, InvalidInput, OmniError, ResourceE
 from services.events import AudioChunk, Event, HookEvent, ReasoningDelta, TextDelta, TurnSummary
 from services.hooks import FilterChain, HookStage
 from services.live_input import LivePrefill
+from services.log_mel import LogMelExtractor
 from services.media_budget import DEFAULT_MAX_DECODED_PIXELS, DEFAULT_MAX_DECODED_SAMPLES, MediaBudget
 from services.preprocess import AudioInput, PcmStream, decode_audio, load_video
 from services.sessions import History, SessionStore, SessionStoreError, check_session_id
@@ -399,6 +400,7 @@ class _Audio:
     # its end then resamples only what came since. None: decoded whole (a format `decode_audio` refuses).
     stream: PcmStream | None = None
     view: bool = False  # a live prefill's copy: its prefix is decoded whole, and fed to the stream
+    warmed: int = 0  # bytes of `data` that `warm` was given
 
     def decode(self) -> tuple[dict, AudioInput]:
         """The stored form (what a chat-message audio part takes: file bytes, or PCM with its rate) and the
@@ -422,6 +424,18 @@ class _Audio:
             self.stream.feed(self.data)
             return raw, decode_audio(pcm, self.sample_rate)  # a prefix's end differs from the stream's
         return raw, self.stream.decode(self.data)
+
+    @property
+    def bytes_per_s(self) -> int:
+        return 2 * max(self.channels, 1) * self.sample_rate
+
+    def warm(self, extractor) -> None:
+        """Resample a PCM audio still arriving, and compute its log-mel frames, up to what has come (on a worker
+        thread, while the turn streams in: `services.live_input`), so that its decode at the end of the turn, and
+        the processor's call, compute only what came after."""
+        self.stream.feed(self.data)
+        if isinstance(extractor, LogMelExtractor):
+            extractor.warm(self.stream.so_far())
 
     def charge(self, where: str, budget: MediaBudget) -> None:
         """Count the samples this audio decodes to against the turn's budget, from its header or byte count."""
@@ -510,6 +524,13 @@ class _TurnInput:
                     order.append((kind, key))
         media = sum(kind != "text" for kind, _ in order)
         return (media - (windows > 0), windows), order, cut
+
+    def arriving_audio(self) -> _Audio | None:
+        """The last part if it is PCM audio that a stream decodes: more of it may come."""
+        if self.order and self.order[-1][0] == "audio":
+            audio = self.audios[self.order[-1][1]]
+            return audio if audio.stream is not None else None
+        return None
 
     def live_view(self, window_s: float, margin_s: float) -> tuple[_TurnInput, tuple[int, int]] | None:
         """A copy of `live_progress`'s parts, to decode while more input arrives, and their progress; None without

@@ -15,6 +15,9 @@ proves equal. A louder moment that changes the log-mel features of earlier windo
 maximum over the whole audio minus 8) changes their digests, and they are prefilled again from the first changed
 one: `omni_thinker_prefix_redos_total` counts those.
 
+Between prefills, a PCM audio still arriving is resampled and its log-mel frames computed every `WARM_S` of it
+(`_Audio.warm`, on a worker thread), so that `end_of_turn` does that for its last second, not its last window.
+
 At most one prefill of a turn runs at a time, started `debounce_s` after the input that made it worth one (a new
 complete medium, or a new whole window of audio), so a turn uploaded at once (all parts, then `end_of_turn`)
 costs nothing extra. At `end_of_turn` the one running is waited for (it holds one window's work at most); one not
@@ -37,6 +40,7 @@ from services.errors import ResourceExhausted
 log = logging.getLogger(__name__)
 
 DEBOUNCE_S = 0.05
+WARM_S = 1.0  # seconds of a streaming audio that arrive between its warm-ups
 MARGIN_S = 0.1  # audio kept past a window's end: its last frames' STFT (and resampler) see real samples
 
 
@@ -50,21 +54,42 @@ class LivePrefill:
         self.parts, self.window_s, self.debounce_s = parts, window_s, debounce_s
         self._done: tuple[int, int] = (0, 0)  # the progress prefilled so far
         self._task: asyncio.Task | None = None
+        self._warming: asyncio.Task | None = None
         self._working = False  # the task is past its debounce: waiting for it costs less than redoing its work
         self._stopped = False
         self.error: ResourceExhausted | None = None  # a limit the turn passed: the gateway ends it with this
 
     def update(self) -> None:
         """Input has arrived: prefill it soon if it adds a complete medium or a window of audio."""
-        if self._stopped or (self._task is not None and not self._task.done()):
+        if self._stopped:
+            return
+        self._warm()
+        if self._task is not None and not self._task.done():
             return
         progress, _, _ = self.parts.live_progress(self.window_s, MARGIN_S)
         if progress != self._done and progress != (0, 0):
             self._task = asyncio.create_task(self._prefills(), name="omni-live-prefill")
 
+    def _warm(self) -> None:
+        audio = self.parts.arriving_audio()
+        if audio is None or (self._warming is not None and not self._warming.done()):
+            return
+        if len(audio.data) - audio.warmed >= WARM_S * audio.bytes_per_s:
+            audio.warmed = len(audio.data)
+            self._warming = asyncio.create_task(self._warm_up(audio), name="omni-live-warm")
+
+    async def _warm_up(self, audio) -> None:
+        try:
+            await asyncio.to_thread(audio.warm, self.conductor.stages.processor.feature_extractor)
+        except Exception as e:  # the turn's own decode at its end does it all, and reports a real error
+            log.info("turn %s: warming its audio stopped: %s", self.options.request_id, e)
+
     async def settle(self) -> None:
-        """`end_of_turn`: no more prefills; wait for the one running, drop one not started."""
+        """`end_of_turn`: no more prefills; wait for the one running, drop one not started; wait for a warm-up
+        (its frames are the end's to reuse)."""
         self._stopped = True
+        if self._warming is not None:
+            await self._warming
         if self._task is None or self._task.done():
             return
         if not self._working:
@@ -75,6 +100,8 @@ class LivePrefill:
 
     async def close(self) -> None:
         self._stopped = True
+        if self._warming is not None:
+            self._warming.cancel()  # its thread runs on: nothing waits for it
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

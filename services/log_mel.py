@@ -6,7 +6,9 @@ the processor computes the features of the whole audio each time: 30 ms for 120 
 all of it at the end of the turn. Yet a frame's log-mel before the clamp depends only on its own 400 samples (the
 first frames also on the reflected start), so `LogMelExtractor` keeps those frames for the audios it saw lately and
 computes only the frames past the longest prefix of samples a new audio shares with one of them (compared sample by
-sample). What is input-wide, the clamp at "maximum minus 8", runs over the whole audio as before.
+sample). What is input-wide, the clamp at "maximum minus 8", runs over the whole audio as before. While an audio
+still streams in, `warm` computes its frames from what is decoded of it so far, every second of it, so that the end
+of its turn computes those of about its last second.
 
 The mel matmul computes at least `MIN_WIDTH` frames at once (all of a shorter audio, as the processor does): BLAS
 rounds a matrix a few columns wide otherwise (its vector kernels), a wide one as the processor's one matmul over the
@@ -172,6 +174,14 @@ class LogMelExtractor(WhisperFeatureExtractor):
             row[:-(-length // self.hop_length)] = 1
         return BatchFeature({"input_features": features, "attention_mask": mask}, tensor_type=return_tensors)
 
+    def warm(self, samples: np.ndarray) -> None:
+        """Compute and keep the frames of an audio still arriving: `samples`, what is decoded of it so far, never
+        written after (`PcmStream.so_far`). The call with the whole audio then computes only the frames past it
+        (`services.live_input`)."""
+        frames = len(samples) // self.hop_length
+        if frames > MIN_WIDTH:
+            self.frames.fill(samples, torch.empty(self.feature_size, frames), keep_views=True)
+
     def _torch_extract_fbank_features(self, waveform: np.ndarray, device: str = "cpu") -> np.ndarray:
         if self.dither != 0.0 or device != "cpu" or waveform.ndim != 2:
             return super()._torch_extract_fbank_features(waveform, device)
@@ -182,10 +192,9 @@ class LogMelExtractor(WhisperFeatureExtractor):
         log_spec = torch.empty(rows.shape[0], self.feature_size, rows.shape[1] // self.hop_length)
         for row, out in zip(rows, log_spec):
             self.frames.fill(np.ascontiguousarray(row), out, keep_views=keep_views)
-        # From here on the parent's code, into a new tensor (the frames kept are not written).
-        max_val = log_spec.max(dim=2, keepdim=True)[0].max(dim=1, keepdim=True)[0]
-        log_spec = torch.maximum(log_spec, max_val - 8.0)
-        return log_spec.add_(4.0).div_(4.0).numpy()
+        # From here on the parent's arithmetic, into a new tensor (the frames kept may be `log_spec`'s rows).
+        max_val = log_spec.amax(dim=(1, 2), keepdim=True)
+        return torch.maximum(log_spec, max_val - 8.0).add_(4.0).div_(4.0).numpy()
 
 
 def _frozen(a: np.ndarray) -> bool:

@@ -113,14 +113,17 @@ def decode_audio(
 class PcmStream:
     """16-bit PCM decoded to 16 kHz mono as its chunks arrive, so that decoding a long stream at its end costs what
     was not fed before: `decode` gives what `decode_audio` gives for the whole PCM, bit for bit (soxr's stream gives
-    its one-shot output, however it is fed: tests/test_streamed_audio.py). Thread-safe: fed from worker threads."""
+    its one-shot output, however it is fed: tests/test_streamed_audio.py). The samples go into one buffer that grows
+    by half when full, so the end copies none of them (a third of it at most is unused); a write never touches a
+    sample already decoded, so `so_far`'s views stay as they are. Thread-safe: fed from worker threads."""
 
     def __init__(self, sample_rate: int, channels: int):
         _check_rate(sample_rate)
         self.sample_rate, self.channels = sample_rate, channels
         self._soxr = (None if sample_rate == SAMPLE_RATE else
                       soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32", quality=_QUALITY))
-        self._pieces: list[np.ndarray] = []
+        self._buf = np.empty(0, np.float32)
+        self._n = 0  # samples decoded so far, in _buf[:_n]
         self._fed = 0  # bytes of the PCM resampled so far: whole frames
         self._done: AudioInput | None = None
         self._lock = threading.Lock()
@@ -130,14 +133,21 @@ class PcmStream:
         with self._lock:
             self._feed(data, last=False)
 
+    def so_far(self) -> np.ndarray:
+        """The samples decoded so far, read-only: a prefix of `decode`'s (the resampler holds back its last few)."""
+        with self._lock:
+            view = self._buf[:self._n]
+        view.flags.writeable = False
+        return view
+
     def decode(self, data: bytes | bytearray, max_seconds: float = 600.0) -> AudioInput:
         """All of `data` decoded: the stream ends here. `data` must be whole frames."""
         with self._lock:
             if self._done is None:
                 _check_length(len(data) // (2 * self.channels), self.sample_rate, max_seconds)
                 self._feed(data, last=True)
-                self._done = _audio_input(np.concatenate(self._pieces), self.sample_rate)
-                self._pieces = []
+                self._buf.flags.writeable = False  # written no more: its samples may be kept as they are
+                self._done = _audio_input(self._buf[:self._n], self.sample_rate)
             elif len(data) != self._fed:
                 raise RuntimeError("the PCM stream was decoded before its last chunk")
             return self._done
@@ -145,13 +155,23 @@ class PcmStream:
     def _feed(self, data: bytes | bytearray, last: bool) -> None:
         if self._done is not None:
             raise RuntimeError("the PCM stream was decoded before its last chunk")
-        end = len(data) - len(data) % (2 * self.channels)
+        size = len(data)  # once: the event loop may extend `data` meanwhile
+        end = size - size % (2 * self.channels)
         if end <= self._fed and not last:
             return
         pcm = np.frombuffer(data[self._fed:end], "<i2").astype(np.float32) / 32768.0  # as `_pcm_to_float`
         self._fed = max(end, self._fed)
         mono = _mono(pcm.reshape(-1, self.channels) if self.channels > 1 else pcm)
-        self._pieces.append(mono if self._soxr is None else self._soxr.resample_chunk(mono, last=last))
+        self._append(mono if self._soxr is None else self._soxr.resample_chunk(mono, last=last))
+
+    def _append(self, samples: np.ndarray) -> None:
+        n = self._n + len(samples)
+        if n > len(self._buf):
+            grown = np.empty(max(n, len(self._buf) * 3 // 2, SAMPLE_RATE), np.float32)
+            grown[:self._n] = self._buf[:self._n]
+            self._buf = grown
+        self._buf[self._n:n] = samples
+        self._n = n
 
 
 def _check_length(samples: int, sample_rate: int, max_seconds: float) -> None:

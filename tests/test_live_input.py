@@ -19,6 +19,8 @@ from prometheus_client import REGISTRY
 
 from services.engines.bundle import Engines
 from services.gateway import OmniServicer, start_gateway
+from services.live_input import WARM_S
+from services.log_mel import MIN_WIDTH
 from services.sessions import InProcessSessions
 from services.stages import Stages
 from services.wire.gen.omni.v1 import common_pb2, omni_pb2, omni_pb2_grpc
@@ -140,6 +142,30 @@ async def test_an_image_before_streamed_audio_is_prefilled_early(gateways, speec
     image = open(media["image"], "rb").read()
     done = await assert_live_equals_whole(gateways, turn(speech[:int(4 * RATE)], 0.1, image), speed=20.0)
     assert done["prefills"] >= 1 and done["reused"] > 0 and done["talker_reused"] > 0, done
+
+
+async def test_streaming_audio_is_resampled_and_transformed_as_it_arrives(gateways, speech):
+    """Between prefills the gateway resamples a streaming audio and computes its log-mel frames every `WARM_S` of
+    it, so that end_of_turn computes the frames of about its last second, not all those past its last whole window
+    (7.8 s here): those of the last second, the matmul's `MIN_WIDTH` and a few the resampler held back."""
+    frames = gateways.engines.processor.feature_extractor.frames
+    msgs = turn(speech[:int(23.9 * RATE)], 0.1)
+    at_end = {}
+
+    async def send():
+        for msg in msgs:
+            if msg.WhichOneof("kind") == "text":  # the audio is complete: the text after it, then end_of_turn
+                await asyncio.sleep(0.5)  # the last warm-up and window's prefill are done
+                at_end["computed"] = frames.frames_computed
+            yield msg
+            if msg.WhichOneof("kind") == "audio":
+                await asyncio.sleep(0.1 / 20)
+
+    async with grpc.aio.insecure_channel(gateways.live) as channel:
+        replies = [msg async for msg in omni_pb2_grpc.OmniStub(channel).Converse(send())]
+    assert replies[-1].WhichOneof("kind") == "summary" and replies[-1].summary.num_samples > 0
+    at_eot = frames.frames_computed - at_end["computed"]
+    assert 0 < at_eot <= (WARM_S + 0.1) * 100 + MIN_WIDTH + 10, at_eot
 
 
 async def test_a_turn_cancelled_mid_stream_leaves_its_kv_first_to_go(gateways, speech):

@@ -31,7 +31,7 @@ def test_pcm_resampled_as_it_arrives_equals_the_whole_decode(rate, channels):
     data = pcm.tobytes()
     stream = PcmStream(rate, channels)
     rng = np.random.default_rng(1)
-    got, at = bytearray(), 0
+    got, at, views = bytearray(), 0, []
     while at < len(data):
         step = int(rng.integers(1, 9000))  # any bytes: half samples, odd frames
         got += data[at:at + step]
@@ -40,9 +40,14 @@ def test_pcm_resampled_as_it_arrives_equals_the_whole_decode(rate, channels):
             stream.feed(got[:int(rng.integers(0, len(got) + 1))])  # a live view's prefix, fed from its thread
         else:
             stream.feed(got)
+        views.append((view := stream.so_far(), view.copy()))
     decoded = stream.decode(got)
     whole = decode_audio(pcm, rate)
     assert np.array_equal(decoded.samples, whole.samples) and decoded.source_rate == whole.source_rate == rate
+    # What was decoded so far is a prefix of the whole, and no later write (or growth of the buffer) changed it.
+    assert all(np.array_equal(view, copy) and np.array_equal(view, whole.samples[:len(view)])
+               for view, copy in views)
+    assert len(views[-1][0]) > len(whole.samples) * 0.9 and not views[-1][0].flags.writeable
     assert stream.decode(got) is decoded  # once
     with pytest.raises(RuntimeError, match="decoded before its last chunk"):
         stream.feed(got + b"\0\0" * channels)
