@@ -4,17 +4,18 @@
     omni bench input --address 127.0.0.1:9000 --metrics-port 8080   # a deployment (omni serve), at the client
 
 Audio: real speech (`espeak-ng` reads a text, repeated to length) streamed as PCM in `--chunk-ms` chunks, at real
-time and as fast as the client sends, then `end_of_turn`; for each of `--seconds`. Text: a `--turns`-turn
-conversation in a session (the replica keeps its KV) against a 1-turn one, and against the same history sent without
-a session (prefilled whole). Each row is the median of `--repeats` turns (the session row's each in a new session),
-taken in turn with the other rows of its group, both paths' (so that drift weighs on each alike: a group prints when
-its last turn is done), timed at the client over gRPC; "live" is the gateway prefilling while the input streams in
-(`services.live_input`), "whole" the same gateway with it off (in process only: a deployment's gateway is configured
-one way). Columns: end of turn to first audio (ms), the ratio to its path's first row in its group, then per turn
-the live prefills, the prefills redone from a changed window (the log-mel clamp), the prompt positions the Thinker
-reused and prefilled, the Talker's (t.), and where the median turn's time went (ms, from its summary: preprocessing
-the whole turn, the Thinker's first token after its prompt was ready, the Talker's first frame after its first
-text). Goals (issue 9): 120 s within 1.2x of 2 s; 20 turns within 1.2x of 1 turn.
+time and as fast as the client sends, then `end_of_turn`; for each of `--seconds`; every turn's audio starts at
+another point of the text, so no cache holds it from an earlier turn, as none would a user's new audio. Text: a
+`--turns`-turn conversation in a session (the replica keeps its KV) against a 1-turn one, and against the same
+history sent without a session (prefilled whole). Each row is the median of `--repeats` turns (the session row's
+each in a new session), taken in turn with the other rows of its group, both paths' (so that drift weighs on each
+alike: a group prints when its last turn is done), timed at the client over gRPC; "live" is the gateway prefilling
+while the input streams in (`services.live_input`), "whole" the same gateway with it off (in process only: a
+deployment's gateway is configured one way). Columns: end of turn to first audio (ms), the ratio to its path's first
+row in its group, then per turn the live prefills, the prefills redone from a changed window (the log-mel clamp),
+the prompt positions the Thinker reused and prefilled, the Talker's (t.), and where the median turn's time went (ms,
+from its summary: preprocessing the whole turn, the Thinker's first token after its prompt was ready, the Talker's
+first frame after its first text). Goals (issue 9): 120 s within 1.2x of 2 s; 20 turns within 1.2x of 1 turn.
 
 The slice has the real Thinker and audio-encoder widths (2 layers, 8 experts, top 8) and random weights: prefill
 costs what it costs per layer in the real model, which the tiny checkpoint does not show.
@@ -25,13 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import itertools
 import json
 import shutil
 import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def speech(seconds: float, tmp: Path) -> tuple[np.ndarray, int]:
-    """`seconds` of espeak-ng speech (PCM16), the text read again as often as needed."""
+def speech(seconds: float, tmp: Path, start_s: float = 0.0) -> tuple[np.ndarray, int]:
+    """`seconds` of espeak-ng speech (PCM16) from `start_s` into it, the text read again as often as needed."""
     if shutil.which("espeak-ng") is None:
         raise SystemExit("omni bench input needs espeak-ng for real speech: apt-get install espeak-ng")
     wav = tmp / "speech.wav"
@@ -85,7 +87,18 @@ def speech(seconds: float, tmp: Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     pcm, rate = sf.read(wav, dtype="int16")
-    return np.tile(pcm, int(np.ceil(seconds * rate / len(pcm))))[:int(seconds * rate)], rate
+    first = int(start_s * rate) % len(pcm)
+    return np.tile(pcm, int(np.ceil((seconds * rate + first) / len(pcm))))[first:first + int(seconds * rate)], rate
+
+
+def new_speech(args, seconds: float, tmp: Path, turns: Iterator[int]) -> Callable:
+    """Each call: an audio turn of `seconds` of speech that no turn before had (the `turns`' next start into the
+    text), so that no cache of the gateway's (decoded samples, log-mel frames, digests) holds it from another row or
+    repeat, as none would hold a user's new audio."""
+
+    async def turn() -> list:
+        return audio_turn(args, *speech(seconds, tmp, start_s=0.37 * next(turns)))
+    return turn
 
 
 class Target:
@@ -193,11 +206,11 @@ async def bench(where: str, targets: dict[str, Target], args, tmp: Path) -> None
     await first.turn(text_turn(args, "Hello."))  # warm-up: text, then audio (the first row is not a cold one)
     await first.turn(audio_turn(args, *speech(2.0, tmp)))
     paces = {"realtime": ["realtime"], "fast": ["fast"], "both": ["realtime", "fast"]}[args.pace]
+    turns = itertools.count(1)  # 0: the warm-up's
     for pace in paces:
         pace_s = args.chunk_ms / 1000 if pace == "realtime" else 0.0
-        audio = {seconds: _given(audio_turn(args, *speech(seconds, tmp))) for seconds in args.seconds}
-        await group(where, [(path, target, f"audio {seconds:g} s {pace}", audio[seconds], pace_s)
-                            for path, target in targets.items() for seconds in args.seconds], args.repeats)
+        await group(where, [(path, target, f"audio {seconds:g} s {pace}", new_speech(args, seconds, tmp, turns),
+                             pace_s) for path, target in targets.items() for seconds in args.seconds], args.repeats)
     await group(where, [row for path, target in targets.items()
                         for row in _text_rows(args, path, target)], args.repeats)
 
