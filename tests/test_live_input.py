@@ -149,12 +149,13 @@ async def test_streaming_audio_is_resampled_and_transformed_as_it_arrives(gatewa
     it, so that end_of_turn computes the frames of about its last second, not all those past its last whole window
     (7.8 s here): those of the last second, the matmul's `MIN_WIDTH` and a few the resampler held back."""
     frames = gateways.engines.processor.feature_extractor.frames
-    msgs = turn(speech[:int(23.9 * RATE)], 0.1)
+    config, *audio, text, end = turn(speech[:int(23.9 * RATE)], 0.1)
+    msgs = [config, text, *audio, end]  # the audio last: nothing but end_of_turn completes it
     at_end = {}
 
     async def send():
         for msg in msgs:
-            if msg.WhichOneof("kind") == "text":  # the audio is complete: the text after it, then end_of_turn
+            if msg.WhichOneof("kind") == "end_of_turn":
                 await asyncio.sleep(0.5)  # the last warm-up and window's prefill are done
                 at_end["computed"] = frames.frames_computed
             yield msg
