@@ -112,6 +112,28 @@ def test_log_mel_of_growing_audio_equals_the_whole_computation_and_computes_each
     assert frames.frames_reused - before == 16000 // 160 - MIN_WIDTH
 
 
+def test_a_streams_frames_are_reused_without_comparing_its_samples(extractors, monkeypatch):
+    """A stream's warm-ups (`so_far`) and its decode view one buffer: the frames of what they share are reused
+    without a sample-by-sample compare (1 ms at 120 s, 4 ms at 10 min), and the features stay the parent's."""
+    plain, cached = extractors
+    pcm = speechlike(10.0, 16000).tobytes()  # the buffer last grows at 7.6 s (by half): the end shares it
+    stream, got = PcmStream(16000, 1), bytearray()
+    for at in range(0, len(pcm), 3200):  # 100 ms chunks, a warm-up every second
+        got += pcm[at:at + 3200]
+        stream.feed(got)
+        if at % 32000 == 0 and len(stream.so_far()) > 16000:
+            cached.warm(stream.so_far())
+    decoded = stream.decode(got).samples
+    compared = []
+    real = np.flatnonzero
+    monkeypatch.setattr(np, "flatnonzero", lambda a: compared.append(len(a)) or real(a))
+    reused = cached.frames.frames_reused
+    assert np.array_equal(features(cached, decoded), features(plain, decoded))
+    assert cached.frames.frames_reused - reused > 800 and not compared  # (the parent compares nothing)
+    copy = decoded.copy()  # equal samples elsewhere in memory: compared, and reused as well
+    assert np.array_equal(features(cached, copy), features(plain, copy)) and compared
+
+
 def test_log_mel_of_a_batch_of_audios_equals_the_whole_computation(extractors):
     """A session's turn: the history's audio (seen before, now padded to the longest) and a new one."""
     plain, cached = extractors
