@@ -6,7 +6,8 @@ the processor computes the features of the whole audio each time: 30 ms for 120 
 all of it at the end of the turn. Yet a frame's log-mel before the clamp depends only on its own 400 samples (the
 first frames also on the reflected start), so `LogMelExtractor` keeps those frames for the audios it saw lately and
 computes only the frames past the longest prefix of samples a new audio shares with one of them (compared sample by
-sample). What is input-wide, the clamp at "maximum minus 8", runs over the whole audio as before. While an audio
+sample, unless both view one stream's buffer). What is input-wide is the clamp at "maximum minus 8": where the maximum is the kept audio's too, the
+features of the frames they share are copied from it, else computed over the whole audio as before. While an audio
 still streams in, `warm` computes its frames from what is decoded of it so far, every second of it, so that the end
 of its turn computes those of about its last second.
 
@@ -37,10 +38,14 @@ MIN_WIDTH = 64  # frames per mel matmul, at least
 class _Seen:
     samples: np.ndarray  # [L] float32, the audio the frames were computed from (not written after)
     log_mel: Tensor  # [n_mels, L // hop] log10(max(mel, 1e-10)) of its frames (not the last), before the clamp
+    peaks: Tensor  # [L // hop] each frame's maximum over the mels
+    features: Tensor | None = None  # [n_mels, L // hop] the extractor's output from them (clamped at `peak` - 8)
+    peak: Tensor | None = None  # the maximum of `log_mel`
 
     @property
     def nbytes(self) -> int:
-        return self.samples.nbytes + self.log_mel.numel() * self.log_mel.element_size()
+        tensors = (self.log_mel, self.peaks) + ((self.features,) if self.features is not None else ())
+        return self.samples.nbytes + sum(t.numel() * t.element_size() for t in tensors)
 
 
 class LogMelFrames:
@@ -54,13 +59,16 @@ class LogMelFrames:
         self.key_samples = key_samples  # an entry's key: its first samples (a candidate is then compared in full)
         self.window = torch.hann_window(n_fft)
         self.frames_reused = self.frames_computed = 0
+        self.features_reused = 0  # frames whose features were copied (`_scale`)
         self._seen: OrderedDict[bytes, list[_Seen]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def fill(self, samples: np.ndarray, out: Tensor, keep_views: bool = False) -> None:
+    def fill(self, samples: np.ndarray, out: Tensor, features: Tensor | None = None,
+             keep_views: bool = False) -> None:
         """Write the log-mel frames of `samples` [L] (torch.stft: centered, reflect-padded, Hann; every frame but
-        the last, as the extractor uses them) into `out` [n_mels, L // hop], and keep them. With `keep_views`,
-        `samples` and `out` are kept as they are (no one writes them after)."""
+        the last, as the extractor uses them) into `out` [n_mels, L // hop], and keep them; and into `features`,
+        if given, the extractor's output from them, Whisper's clamp at their maximum minus 8 and scaling. With
+        `keep_views`, `samples`, `out` and `features` are kept as they are (no one writes them after)."""
         key = samples[:self.key_samples].tobytes()
         with self._lock:
             candidates = list(self._seen.get(key, ()))
@@ -74,8 +82,28 @@ class LogMelFrames:
         out[:, first:] = self._compute(samples, first, out.shape[1])
         self.frames_reused += first
         self.frames_computed += out.shape[1] - first
-        kept = _Seen(samples, out) if keep_views else _Seen(samples.copy(), out.clone())
+        peaks = out[:, first:].amax(dim=0)
+        kept = _Seen(samples, out, torch.cat((base.peaks[:first], peaks)) if base is not None else peaks)
+        if features is not None:
+            self._scale(kept, base, first, features)
+        if not keep_views:
+            kept = _Seen(samples.copy(), out.clone(), kept.peaks)  # its features are the caller's
         self._keep(key, kept, base)
+
+    def _scale(self, seen: _Seen, base: _Seen | None, first: int, features: Tensor) -> None:
+        """`features` = (max(log_mel, peak - 8) + 4) / 4 of `seen`'s frames, `peak` their maximum, as the parent
+        computes it. Where the base's first frames and peak are the same, so are its features there: copied, one
+        pass over the audio's frames for the four of the arithmetic (10 ms of the end of a 10-minute turn)."""
+        seen.peak = seen.peaks.max()
+        if base is None or base.features is None or not torch.equal(base.peak, seen.peak):
+            first = 0
+        if first:
+            features[:, :first] = base.features[:, :first]
+            self.features_reused += first
+        rest = features[:, first:]
+        torch.maximum(seen.log_mel[:, first:], seen.peak - 8.0, out=rest)
+        rest.add_(4.0).div_(4.0)
+        seen.features = features
 
     def _compute(self, samples: np.ndarray, first: int, frames: int) -> Tensor:
         """Frames [first, frames) from their samples, reflected at the end (and at the start for frames 0, 1)."""
@@ -186,7 +214,8 @@ class LogMelExtractor(WhisperFeatureExtractor):
         (`services.live_input`)."""
         frames = len(samples) // self.hop_length
         if frames > MIN_WIDTH:
-            self.frames.fill(samples, torch.empty(self.feature_size, frames), keep_views=True)
+            self.frames.fill(samples, torch.empty(self.feature_size, frames), torch.empty(self.feature_size, frames),
+                             keep_views=True)
 
     def _torch_extract_fbank_features(self, waveform: np.ndarray, device: str = "cpu") -> np.ndarray:
         if self.dither != 0.0 or device != "cpu" or waveform.ndim != 2:
@@ -195,12 +224,13 @@ class LogMelExtractor(WhisperFeatureExtractor):
         return self._log_mel(np.asarray(waveform, dtype=np.float32), keep_views=len(waveform) == 1)
 
     def _log_mel(self, rows: np.ndarray, keep_views: bool) -> np.ndarray:
+        """Each row's features, the parent's arithmetic over its log-mel frames (`LogMelFrames.fill`). They are
+        returned as they are kept: the conductor and the encoders only read the processor's outputs."""
         log_spec = torch.empty(rows.shape[0], self.feature_size, rows.shape[1] // self.hop_length)
-        for row, out in zip(rows, log_spec):
-            self.frames.fill(np.ascontiguousarray(row), out, keep_views=keep_views)
-        # From here on the parent's arithmetic, into a new tensor (the frames kept may be `log_spec`'s rows).
-        max_val = log_spec.amax(dim=(1, 2), keepdim=True)
-        return torch.maximum(log_spec, max_val - 8.0).add_(4.0).div_(4.0).numpy()
+        features = torch.empty_like(log_spec)
+        for row, out, scaled in zip(rows, log_spec, features):
+            self.frames.fill(np.ascontiguousarray(row), out, scaled, keep_views=keep_views)
+        return features.numpy()
 
 
 def _frozen(a: np.ndarray) -> bool:

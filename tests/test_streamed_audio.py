@@ -112,9 +112,10 @@ def test_log_mel_of_growing_audio_equals_the_whole_computation_and_computes_each
     assert frames.frames_reused - before == 16000 // 160 - MIN_WIDTH
 
 
-def test_a_streams_frames_are_reused_without_comparing_its_samples(extractors, monkeypatch):
+def test_a_streams_frames_and_features_are_reused_without_comparing_its_samples(extractors, monkeypatch):
     """A stream's warm-ups (`so_far`) and its decode view one buffer: the frames of what they share are reused
-    without a sample-by-sample compare (1 ms at 120 s, 4 ms at 10 min), and the features stay the parent's."""
+    without a sample-by-sample compare (1 ms at 120 s, 4 ms at 10 min), and so are their features while the
+    maximum is the same; the features stay the parent's."""
     plain, cached = extractors
     pcm = speechlike(10.0, 16000).tobytes()  # the buffer last grows at 7.6 s (by half): the end shares it
     stream, got = PcmStream(16000, 1), bytearray()
@@ -127,11 +128,18 @@ def test_a_streams_frames_are_reused_without_comparing_its_samples(extractors, m
     compared = []
     real = np.flatnonzero
     monkeypatch.setattr(np, "flatnonzero", lambda a: compared.append(len(a)) or real(a))
-    reused = cached.frames.frames_reused
+    frames = cached.frames
+    reused, scaled = frames.frames_reused, frames.features_reused
     assert np.array_equal(features(cached, decoded), features(plain, decoded))
-    assert cached.frames.frames_reused - reused > 800 and not compared  # (the parent compares nothing)
+    assert frames.frames_reused - reused > 800 and not compared  # (the parent compares nothing)
+    assert frames.features_reused - scaled == frames.frames_reused - reused  # the same maximum
     copy = decoded.copy()  # equal samples elsewhere in memory: compared, and reused as well
     assert np.array_equal(features(cached, copy), features(plain, copy)) and compared
+    louder = decoded.copy()
+    louder[-1600:] *= 4.0  # a louder last 0.1 s raises the clamp of every frame: no features are copied
+    reused, scaled = frames.frames_reused, frames.features_reused
+    assert np.array_equal(features(cached, louder), features(plain, louder))
+    assert frames.frames_reused - reused > 800 and frames.features_reused == scaled
 
 
 def test_log_mel_of_a_batch_of_audios_equals_the_whole_computation(extractors):
