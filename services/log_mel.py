@@ -6,10 +6,10 @@ the processor computes the features of the whole audio each time: 30 ms for 120 
 all of it at the end of the turn. Yet a frame's log-mel before the clamp depends only on its own 400 samples (the
 first frames also on the reflected start), so `LogMelExtractor` keeps those frames for the audios it saw lately and
 computes only the frames past the longest prefix of samples a new audio shares with one of them (compared sample by
-sample, unless both view one stream's buffer). What is input-wide is the clamp at "maximum minus 8": where the maximum is the kept audio's too, the
-features of the frames they share are copied from it, else computed over the whole audio as before. While an audio
-still streams in, `warm` computes its frames from what is decoded of it so far, every second of it, so that the end
-of its turn computes those of about its last second.
+sample, unless both view one stream's buffer). What is input-wide is the clamp at "maximum minus 8": where the
+maximum is the kept audio's too, the features of the frames they share are copied from it, else computed over the
+whole audio as before. While an audio still streams in, `warm` computes its frames from what is decoded of it so
+far, every second of it, so that the end of its turn computes those of about its last second.
 
 The mel matmul computes at least `MIN_WIDTH` frames at once (all of a shorter audio, as the processor does): BLAS
 rounds a matrix a few columns wide otherwise (its vector kernels), a wide one as the processor's one matmul over the
