@@ -39,8 +39,7 @@ class _Seen:
     samples: np.ndarray  # [L] float32, the audio the frames were computed from (not written after)
     log_mel: Tensor  # [n_mels, L // hop] log10(max(mel, 1e-10)) of its frames (not the last), before the clamp
     peaks: Tensor  # [L // hop] each frame's maximum over the mels
-    features: Tensor | None = None  # [n_mels, L // hop] the extractor's output from them (clamped at `peak` - 8)
-    peak: Tensor | None = None  # the maximum of `log_mel`
+    features: Tensor | None = None  # [n_mels, L // hop] the extractor's output from them (none kept for a copy)
 
     @property
     def nbytes(self) -> int:
@@ -63,12 +62,11 @@ class LogMelFrames:
         self._seen: OrderedDict[bytes, list[_Seen]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def fill(self, samples: np.ndarray, out: Tensor, features: Tensor | None = None,
-             keep_views: bool = False) -> None:
+    def fill(self, samples: np.ndarray, out: Tensor, features: Tensor, keep_views: bool = False) -> None:
         """Write the log-mel frames of `samples` [L] (torch.stft: centered, reflect-padded, Hann; every frame but
-        the last, as the extractor uses them) into `out` [n_mels, L // hop], and keep them; and into `features`,
-        if given, the extractor's output from them, Whisper's clamp at their maximum minus 8 and scaling. With
-        `keep_views`, `samples`, `out` and `features` are kept as they are (no one writes them after)."""
+        the last, as the extractor uses them) into `out` [n_mels, L // hop], and keep them; and into `features`
+        (the same shape) the extractor's output from them, Whisper's clamp at their maximum minus 8 and scaling.
+        With `keep_views`, `samples`, `out` and `features` are kept as they are (no one writes them after)."""
         key = samples[:self.key_samples].tobytes()
         with self._lock:
             candidates = list(self._seen.get(key, ()))
@@ -84,8 +82,7 @@ class LogMelFrames:
         self.frames_computed += out.shape[1] - first
         peaks = out[:, first:].amax(dim=0)
         kept = _Seen(samples, out, torch.cat((base.peaks[:first], peaks)) if base is not None else peaks)
-        if features is not None:
-            self._scale(kept, base, first, features)
+        self._scale(kept, base, first, features)
         if not keep_views:
             kept = _Seen(samples.copy(), out.clone(), kept.peaks)  # its features are the caller's
         self._keep(key, kept, base)
@@ -93,15 +90,15 @@ class LogMelFrames:
     def _scale(self, seen: _Seen, base: _Seen | None, first: int, features: Tensor) -> None:
         """`features` = (max(log_mel, peak - 8) + 4) / 4 of `seen`'s frames, `peak` their maximum, as the parent
         computes it. Where the base's first frames and peak are the same, so are its features there: copied, one
-        pass over the audio's frames for the four of the arithmetic (10 ms of the end of a 10-minute turn)."""
-        seen.peak = seen.peaks.max()
-        if base is None or base.features is None or not torch.equal(base.peak, seen.peak):
+        pass over the audio's frames for the four of the arithmetic (6 ms of the end of a 10-minute turn)."""
+        peak = seen.peaks.max()
+        if base is None or base.features is None or not torch.equal(base.peaks.max(), peak):
             first = 0
         if first:
             features[:, :first] = base.features[:, :first]
             self.features_reused += first
         rest = features[:, first:]
-        torch.maximum(seen.log_mel[:, first:], seen.peak - 8.0, out=rest)
+        torch.maximum(seen.log_mel[:, first:], peak - 8.0, out=rest)
         rest.add_(4.0).div_(4.0)
         seen.features = features
 
