@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from contextlib import contextmanager
 
@@ -15,7 +16,7 @@ from services.checkpoint.loading import Checkpoint
 from services.engines.mtp import MTPEngine
 from services.engines.sampling import Sampler, SamplingParams
 from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt, default_talker_sampling
-from services.errors import InvalidInput, ResourceExhausted
+from services.errors import CheckpointError, InvalidInput, ResourceExhausted
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing `repetition_penalty`:UserWarning")  # the reference's
 
@@ -171,6 +172,34 @@ def test_mtp_batch_equals_one_by_one(mtp, talker):
     sampled = [mtp.predict(hidden, c0, greedy=False, generator=torch.Generator().manual_seed(7)).codes for _ in "ab"]
     torch.testing.assert_close(sampled[0], sampled[1], rtol=0, atol=0)  # the generator alone decides the draw
     assert (sampled[0][:, 1:] < mtp.predictor.config.vocab_size).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_mtp_codes_equal_the_code_predictors_generate(mtp, talker, rows):
+    """The engine's steps (the reference layers' arithmetic without their wrappers) against the code predictor's
+    own `generate`, greedy, called as the reference Talker calls it: the same codes for every row, whatever the
+    batch (padded to its size bucket) and the scale of the hidden states; the embedding sum is the one the
+    reference Talker builds from those codes."""
+    gen = torch.Generator().manual_seed(rows)
+    for scale in (0.1, 1.0, 30.0):
+        hidden = scale * torch.randn(rows, talker.codec_head.in_features, generator=gen)
+        c0 = torch.randint(0, mtp.vocab_size, (rows,), generator=gen)
+        with torch.inference_mode():
+            c0_embed = mtp.c0_embedding(c0)
+            expected = mtp.predictor.generate(inputs_embeds=torch.stack((hidden, c0_embed), dim=1),
+                                              max_new_tokens=mtp.num_code_groups - 1, do_sample=False)
+            ours = mtp.predict(hidden, c0)
+            tables = mtp.predictor.get_input_embeddings()
+            embeds = [c0_embed] + [tables[i](ours.codes[:, i + 1]) for i in range(mtp.num_code_groups - 1)]
+        torch.testing.assert_close(ours.codes[:, 1:], expected, rtol=0, atol=0)
+        torch.testing.assert_close(ours.embed_sum, torch.stack(embeds, dim=1).sum(dim=1), rtol=0, atol=0)
+
+
+def test_mtp_refuses_a_code_predictor_it_does_not_mirror(mtp):
+    predictor = copy.deepcopy(mtp.predictor)
+    predictor.config._attn_implementation = "eager"
+    with pytest.raises(CheckpointError, match="sdpa attention"):
+        MTPEngine(predictor, mtp.c0_embedding, mtp.device)
 
 
 def test_mtp_rows_sample_on_their_own(mtp, talker):

@@ -6,6 +6,10 @@ Per frame it runs the reference module `Qwen3OmniMoeTalkerCodePredictorModelForC
 i+1 with `lm_head[i]`. The sum of the 16 codebook embeddings is the Talker's next input (before adding text).
 No state survives a frame, so a batch holds independent requests, one row each (`services.batching` gathers the
 frames of concurrent requests into one call).
+
+A step runs the reference layers' arithmetic op for op (`_decoder_layer`: the same torch calls on the same tensors,
+so the same bits), without their module, cache and attention-dispatch wrappers, over a preallocated cache: at the
+tiny checkpoint's widths those wrappers were a fifth of a frame's time, and MTP is on every frame's path.
 """
 
 from __future__ import annotations
@@ -15,9 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import StaticCache
-from transformers.masking_utils import create_causal_mask
+from transformers.integrations.sdpa_attention import pack_gqa, repeat_kv
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
+    Qwen3OmniMoeRMSNorm,
+    Qwen3OmniMoeTalkerCodePredictorDecoderLayer,
+    rotate_half,
+)
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration as CodePredictor,
 )
@@ -25,7 +34,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig
 from services.engines.sampling import SamplingParams, draw, warpers
-from services.errors import InvalidInput
+from services.errors import CheckpointError, InvalidInput
 
 # What the reference's code predictor uses when the Talker samples (prepare_inputs_for_generation); greedy otherwise.
 MTP_SAMPLING = SamplingParams(greedy=False, top_k=50, top_p=0.8)
@@ -46,7 +55,12 @@ class MTPEngine:
         self.vocab_size = c0_embedding.num_embeddings
         self.parameter_bytes = parameter_bytes(predictor, c0_embedding)
         self._warpers = warpers(MTP_SAMPLING)
-        self._caches: dict[int, StaticCache] = {}  # by batch size bucket: the 16-step cache, allocated once
+        config = predictor.config
+        if config._attn_implementation != "sdpa" or set(config.layer_types) != {"full_attention"}:
+            raise CheckpointError(f"MTP runs the code predictor's sdpa attention over full-attention layers; this "
+                                  f"one has {config._attn_implementation!r} attention and layers {config.layer_types}")
+        self._layers = list(predictor.model.layers[:config.num_hidden_layers])
+        self._kv: dict[int, list[tuple[Tensor, Tensor]]] = {}  # by batch size bucket: each layer's keys and values
         self._fixed: dict[tuple[int, int], tuple] = {}  # by bucket and step: positions, causal mask, RoPE (`_step`)
 
     @classmethod
@@ -101,27 +115,26 @@ class MTPEngine:
         return MTPResult(codes=torch.stack(codes, dim=1)[:rows],
                          embed_sum=torch.stack(embeds, dim=1).sum(dim=1)[:rows])
 
-    def _step(self, i: int, step_input: Tensor, cache: StaticCache) -> Tensor:
-        """Step i (0: the prefill of hidden and c0's embedding) through the model's layers and final norm: its
-        `forward` less the per-call work (its wrappers, the causal mask, the RoPE tables), which is the same for
-        each step of a batch size, so made once by the model's own functions and kept. A tiny checkpoint's step
-        costs a third less."""
+    def _step(self, i: int, step_input: Tensor, cache: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Step i (0: the prefill of hidden and c0's embedding) through the layers and the final norm. Its
+        positions, mask and RoPE tables are the same for each call of a batch size, so made once and kept: the mask
+        is the one transformers' `create_causal_mask` makes for a static cache of 16 positions (none at step 0,
+        whose two positions attend causally; then every position up to the step's own)."""
         model = self.predictor.model
         size, n = step_input.shape[:2]
         fixed = self._fixed.get((size, i))
-        if fixed is None:  # what `forward` computes from the same inputs
+        if fixed is None:
             first = 0 if i == 0 else i + 1
             positions = torch.arange(first, first + n, device=self.device)
-            position_ids = positions[None]
-            mask = create_causal_mask(config=model.config, inputs_embeds=step_input, attention_mask=None,
-                                      past_key_values=cache, position_ids=position_ids)
-            fixed = self._fixed[(size, i)] = (positions, position_ids, mask, model.rotary_emb(step_input, position_ids))
-        positions, position_ids, mask, rope = fixed
+            mask = None if i == 0 else (torch.arange(self.num_code_groups, device=self.device) <= first).expand(
+                size, 1, 1, self.num_code_groups).contiguous()
+            cos, sin = model.rotary_emb(step_input, positions[None])
+            fixed = self._fixed[(size, i)] = (positions, mask, cos.unsqueeze(1), sin.unsqueeze(1))
+        positions, mask, cos, sin = fixed
         hidden = step_input
-        for layer in model.layers[:model.config.num_hidden_layers]:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                           use_cache=True, position_embeddings=rope, cache_position=positions)
-        return model.norm(hidden)
+        for layer, (keys, values) in zip(self._layers, cache, strict=True):
+            hidden = _decoder_layer(layer, hidden, positions, mask, cos, sin, keys, values)
+        return _rms_norm(model.norm, hidden)
 
     def check_frames(self, hidden: Tensor, c0: Tensor) -> None:
         """hidden [B, H] and c0 [B] of codebook-0 ids in range, or InvalidInput: checked before a frame joins a
@@ -138,16 +151,70 @@ class MTPEngine:
                 ids[row] = draw(self._warpers(None, scores[row:row + 1]), False, gen)[0]
         return ids
 
-    def _cache(self, size: int) -> StaticCache:
-        """The batch size bucket's cache, allocated on its first use and reset (zeroed) for each call."""
-        cache = self._caches.get(size)
+    def _cache(self, size: int) -> list[tuple[Tensor, Tensor]]:
+        """The batch size bucket's keys and values per layer ([size, kv_heads, 16, head_dim]), allocated on its
+        first use and zeroed for each call (no row's values outlive its frame)."""
+        cache = self._kv.get(size)
         if cache is None:
-            cache = self._caches[size] = StaticCache(config=self.predictor.config, max_cache_len=self.num_code_groups)
+            c, weight = self.predictor.config, self.c0_embedding.weight
+            shape = (size, c.num_key_value_heads, self.num_code_groups, getattr(c, "head_dim", None)
+                     or c.hidden_size // c.num_attention_heads)
+            cache = self._kv[size] = [(weight.new_zeros(shape), weight.new_zeros(shape))
+                                      for _ in range(c.num_hidden_layers)]
         else:
-            cache.reset()
+            for keys, values in cache:
+                keys.zero_()
+                values.zero_()
         return cache
 
 
 def _bucket(rows: int) -> int:
     """Batch sizes run as the next power of two: few shapes (and caches) for any mix of requests."""
     return 1 << (rows - 1).bit_length()
+
+
+def _rms_norm(norm: Qwen3OmniMoeRMSNorm, x: Tensor) -> Tensor:
+    """`Qwen3OmniMoeRMSNorm.forward`."""
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * x.to(dtype)
+
+
+def _decoder_layer(layer: Qwen3OmniMoeTalkerCodePredictorDecoderLayer, x: Tensor, positions: Tensor,
+                   mask: Tensor | None, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """The layer's `forward` with sdpa attention and a static cache (`keys`, `values`: [B, kv_heads, 16, head_dim],
+    written at `positions`), as the reference runs it: the attention's projections, q/k norms, RoPE
+    (`apply_rotary_pos_emb`), `StaticLayer.update`, `sdpa_attention_forward` (its grouped-query choice: packed
+    queries for one position under a mask, repeated keys for more, `enable_gqa` without a mask), then the MLP."""
+    attn, mlp = layer.self_attn, layer.mlp
+    b, n, _ = x.shape
+    heads = (b, n, -1, attn.head_dim)
+    residual = x
+    h = _rms_norm(layer.input_layernorm, x)
+    q = _rms_norm(attn.q_norm, F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(heads)).transpose(1, 2)
+    k = _rms_norm(attn.k_norm, F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(heads)).transpose(1, 2)
+    v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(heads).transpose(1, 2)
+    q = (q * cos) + (rotate_half(q) * sin)
+    k = (k * cos) + (rotate_half(k) * sin)
+    keys.index_copy_(2, positions, k)
+    values.index_copy_(2, positions, v)
+    groups, extra, causal = attn.num_key_value_groups, {}, mask is None and n > 1
+    query, key, value, attn_mask = q, keys, values, mask
+    if groups > 1 and mask is None:
+        extra["enable_gqa"] = True
+    elif groups > 1 and n == 1:
+        query, attn_mask = pack_gqa(q, groups), pack_gqa(mask, groups)
+    elif groups > 1:
+        key, value = repeat_kv(keys, groups), repeat_kv(values, groups)
+    if causal and key.shape[2] > n:  # the keys past the new positions are not there yet
+        key, value = key[:, :, :n], value[:, :, :n]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=0.0, scale=attn.scaling,
+                                         is_causal=causal, **extra)
+    out = out.reshape(out.shape[0], -1, n, value.shape[-1]).transpose(1, 2).contiguous()
+    x = residual + F.linear(out.reshape(b, n, -1).contiguous(), attn.o_proj.weight, attn.o_proj.bias)
+    residual = x
+    h = _rms_norm(layer.post_attention_layernorm, x)
+    h = F.linear(mlp.act_fn(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight), mlp.down_proj.weight)
+    return residual + h
