@@ -66,6 +66,23 @@ def draw(scores: Tensor, greedy: bool, generator: torch.Generator | None = None)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
+class _SuppressTokens(SuppressTokensLogitsProcessor):
+    """transformers' processor, its mask over the vocabulary made once per vocabulary size and device rather than at
+    every call: its `torch.isin` of every id was two thirds of a Talker row's sampling."""
+
+    def __init__(self, suppress_tokens, device: str | torch.device = "cpu"):
+        super().__init__(suppress_tokens, device=device)
+        self._masks: dict[tuple[int, torch.device], Tensor] = {}
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        key = (scores.shape[-1], scores.device)
+        mask = self._masks.get(key)
+        if mask is None:
+            vocab = torch.arange(scores.shape[-1], device=scores.device)
+            mask = self._masks[key] = torch.isin(vocab, self.suppress_tokens.to(scores.device))
+        return torch.where(mask, -float("inf"), scores)
+
+
 class Sampler:
     """Per-request token selection: the token history (for the repetition penalty) and the request's RNG."""
 
@@ -77,7 +94,7 @@ class Sampler:
         if params.repetition_penalty != 1.0:
             self.processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if suppress_tokens:
-            self.processors.append(SuppressTokensLogitsProcessor(suppress_tokens, device=self.device))
+            self.processors.append(_SuppressTokens(suppress_tokens, device=self.device))
         self.processors.extend(warpers(params))
         self.generator = torch.Generator(self.device)
         if params.seed is None:
@@ -87,8 +104,15 @@ class Sampler:
 
     def process(self, logits: Tensor) -> Tensor:
         """logits: [V] -> [1, V] float32 scores after every processor, given the history so far."""
+        scores = logits.reshape(1, -1).to(device=self.device, dtype=torch.float32)
+        if not self.processors:
+            return scores
         history = torch.tensor([self.history], dtype=torch.long, device=self.device)
-        return self.processors(history, logits.reshape(1, -1).to(device=self.device, dtype=torch.float32))
+        # What `LogitsProcessorList.__call__` does for processors of (input_ids, scores) only, as all of these are,
+        # less its `inspect.signature` of each at every call: a fifth of a Talker step's time at 6 rows.
+        for processor in self.processors:
+            scores = processor(history, scores)
+        return scores
 
     def __call__(self, logits: Tensor) -> int:
         token = int(draw(self.process(logits), self.params.greedy, self.generator)[0])
