@@ -58,6 +58,14 @@ def warpers(params: SamplingParams) -> LogitsProcessorList:
     return out
 
 
+def process(processors: LogitsProcessorList, input_ids: Tensor | None, scores: Tensor) -> Tensor:
+    """What `LogitsProcessorList.__call__` does for processors of (input_ids, scores) only, as all of ours are, less
+    its `inspect.signature` of each processor at every call (a fifth of a Talker step's time at 6 rows)."""
+    for processor in processors:
+        scores = processor(input_ids, scores)
+    return scores
+
+
 def draw(scores: Tensor, greedy: bool, generator: torch.Generator | None = None) -> Tensor:
     """scores: [B, V] processed float32 scores -> [B] ids."""
     if greedy:
@@ -107,12 +115,7 @@ class Sampler:
         scores = logits.reshape(1, -1).to(device=self.device, dtype=torch.float32)
         if not self.processors:
             return scores
-        history = torch.tensor([self.history], dtype=torch.long, device=self.device)
-        # What `LogitsProcessorList.__call__` does for processors of (input_ids, scores) only, as all of these are,
-        # less its `inspect.signature` of each at every call: a fifth of a Talker step's time at 6 rows.
-        for processor in self.processors:
-            scores = processor(history, scores)
-        return scores
+        return process(self.processors, torch.tensor([self.history], dtype=torch.long, device=self.device), scores)
 
     def __call__(self, logits: Tensor) -> int:
         token = int(draw(self.process(logits), self.params.greedy, self.generator)[0])
