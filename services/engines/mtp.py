@@ -33,7 +33,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig
-from services.engines.sampling import SamplingParams, draw, process, warpers
+from services.engines.sampling import SamplingParams, apply_processors, draw, warpers
 from services.errors import CheckpointError, InvalidInput
 
 # What the reference's code predictor uses when the Talker samples (prepare_inputs_for_generation); greedy otherwise.
@@ -151,7 +151,7 @@ class MTPEngine:
         ids = scores.argmax(dim=-1)
         sampled = [row for row, row_greedy in enumerate(greedy) if not row_greedy]
         if sampled:
-            warped = process(self._warpers, None, scores[sampled])
+            warped = apply_processors(self._warpers, None, scores[sampled])
             for i, row in enumerate(sampled):
                 ids[row] = draw(warped[i:i + 1], False, generators[row])[0]
         return ids
