@@ -179,6 +179,37 @@ def test_batched_streams_equal_each_stream_alone(loud):
         push_batch([loud.stream(), streams[0]], random_codes(2, seed=1))
 
 
+def test_a_kept_stack_gives_what_restacking_gives(loud):
+    """Streams pushed together frame after frame keep their state stacked (in whatever order the batch comes), and
+    one that is pushed alone, or leaves and comes back, takes its row back: every frame's samples are those of
+    streams whose state is split and stacked again at every push, bit for bit, and each stream's its decode's."""
+    codes = [random_codes(40, seed=40 + i) for i in range(4)]
+    kept, restacked = ([loud.stream() for _ in codes] for _ in "ab")
+    outs = [[] for _ in codes]
+    order = torch.Generator().manual_seed(0)
+    for t in range(40):
+        ready = [i for i in range(4) if not (i == 3 and 10 <= t < 20)]  # stream 3 sits out ten frames
+        ready = [ready[i] for i in torch.randperm(len(ready), generator=order)]
+        if t in (25, 26):  # stream 0 alone, then the others
+            groups = [ready[:1], ready[1:]] if ready[0] == 0 else [[0], [i for i in ready if i]]
+        else:
+            groups = [ready]
+        for rows in groups:
+            frames = torch.stack([codes[i][kept[i].frames] for i in rows])
+            for stream in restacked:
+                stream._detach()
+            got = push_batch([kept[i] for i in rows], frames)
+            want = push_batch([restacked[i] for i in rows], frames)
+            for i, a, b in zip(rows, got, want, strict=True):
+                assert torch.equal(a, b)
+                outs[i].append(a)
+        if t >= 1:
+            assert kept[1]._batch is not None and kept[1]._batch.size == len(groups[-1])
+    assert [s.frames for s in kept] == [40, 40, 40, 30]
+    for i, c in enumerate(codes):
+        torch.testing.assert_close(torch.cat(outs[i]), loud.decode(c[:kept[i].frames]), rtol=0, atol=1e-4)
+
+
 def test_loads_only_code2wav_tensors(tiny_ckpt_sharded):
     ckpt = Checkpoint.open(tiny_ckpt_sharded)
     engine = Code2WavEngine.from_checkpoint(ckpt)
