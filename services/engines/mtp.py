@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.integrations.sdpa_attention import pack_gqa, repeat_kv
+from transformers.integrations.sdpa_attention import pack_gqa, repeat_kv, use_gqa_in_sdpa
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
     Qwen3OmniMoeRMSNorm,
     Qwen3OmniMoeTalkerCodePredictorDecoderLayer,
@@ -191,8 +191,8 @@ def _decoder_layer(layer: Qwen3OmniMoeTalkerCodePredictorDecoderLayer, x: Tensor
                    mask: Tensor | None, cos: Tensor, sin: Tensor, keys: Tensor, values: Tensor) -> Tensor:
     """The layer's `forward` with sdpa attention and a static cache (`keys`, `values`: [B, kv_heads, 16, head_dim],
     written at `positions`), as the reference runs it: the attention's projections, q/k norms, RoPE
-    (`apply_rotary_pos_emb`), `StaticLayer.update`, `sdpa_attention_forward` (its grouped-query choice: packed
-    queries for one position under a mask, repeated keys for more, `enable_gqa` without a mask), then the MLP."""
+    (`apply_rotary_pos_emb`), `StaticLayer.update`, `sdpa_attention_forward` (its grouped-query choice: its own
+    `use_gqa_in_sdpa`, else packed queries for one position, repeated keys for more), then the MLP."""
     attn, mlp = layer.self_attn, layer.mlp
     b, n, _ = x.shape
     heads = (b, n, -1, attn.head_dim)
@@ -207,7 +207,7 @@ def _decoder_layer(layer: Qwen3OmniMoeTalkerCodePredictorDecoderLayer, x: Tensor
     values.index_copy_(2, positions, v)
     groups, extra, causal = attn.num_key_value_groups, {}, mask is None and n > 1
     query, key, value, attn_mask = q, keys, values, mask
-    if groups > 1 and mask is None:
+    if groups > 1 and use_gqa_in_sdpa(mask, keys, values):
         extra["enable_gqa"] = True
     elif groups > 1 and n == 1:
         query, attn_mask = pack_gqa(q, groups), pack_gqa(mask, groups)
