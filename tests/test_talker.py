@@ -319,3 +319,26 @@ def test_sampling_params_validation():
         SamplingParams(top_p=0)
     with pytest.raises(InvalidInput, match="temperature"):
         SamplingParams(temperature=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_mtp_replayed_frames_give_the_eager_steps_bits(mtp, talker, rows):
+    """A frame replayed from traces (`services.engines.replay`: a batch of greedy rows as one whole frame, one with
+    sampled rows step by step) gives the codes and embedding sums of the same steps run eagerly, bit for bit, at
+    every scale, for each size bucket; and the traces are what ran."""
+    eager = MTPEngine(mtp.predictor, mtp.c0_embedding, mtp.device, replay=False)
+    gen = torch.Generator().manual_seed(100 + rows)
+    mixed = [i % 2 == 1 for i in range(rows)]  # rows = 1: the one row sampled
+
+    def gens(flags):
+        return [None if g else torch.Generator().manual_seed(50 + i) for i, g in enumerate(flags)]
+
+    for scale in (0.1, 1.0, 30.0):
+        hidden = scale * torch.randn(rows, talker.codec_head.in_features, generator=gen)
+        c0 = torch.randint(0, mtp.vocab_size, (rows,), generator=gen)
+        for flags in ([True] * rows, mixed):
+            got, want = (engine.predict(hidden, c0, flags, gens(flags)) for engine in (mtp, eager))
+            assert torch.equal(got.codes, want.codes) and torch.equal(got.embed_sum, want.embed_sum)
+    bucket = 1 << (rows - 1).bit_length()
+    assert bucket in mtp._greedy.traced() and all(bucket in step.traced() for step in mtp._steps)
+    assert not eager._greedy.traced() and not any(step.traced() for step in eager._steps)

@@ -29,7 +29,9 @@ state stays stacked while the same streams are pushed together again, in any ord
 after frame: splitting and stacking it at each was 7% of a step of 6); a stream pushed in other company first takes
 its row back as its own state. Streams in one batch are all at their first frame or all past it: the first frame is
 the one whose transposed convs still trim their output, the same trim for every new stream, so new streams (turns
-that start together) share a forward too, but never one with older streams, whose rows would not line up.
+that start together) share a forward too, but never one with older streams, whose rows would not line up. A push
+of one steady frame per stream (all but a stream's first) runs its convolutions from a trace per batch size
+(`_SteadyDecoder`, `services.engines.replay`): the same ops, without the GIL.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as ref
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig
+from services.engines.replay import Replays
 from services.errors import CheckpointError, InvalidInput
 
 PREFIX = "code2wav."
@@ -52,9 +55,12 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class Code2WavEngine:
-    def __init__(self, module: nn.Module, config: EngineConfig = EngineConfig()):
-        """module: a `Qwen3OmniMoeCode2Wav` (loaded, or with random weights for benchmarks)."""
-        self.model = module.to(device=config.device, dtype=config.torch_dtype).eval()
+    def __init__(self, module: nn.Module, config: EngineConfig = EngineConfig(), replay: bool = True):
+        """module: a `Qwen3OmniMoeCode2Wav` (loaded, or with random weights for benchmarks), its weights fixed from
+        the first steady frame on (traces keep what they read); `replay`: False runs every frame eagerly (the tests
+        compare the two)."""
+        # Inference only; and a trace keeps the weights as constants (`_SteadyDecoder`), which must not need grad.
+        self.model = module.to(device=config.device, dtype=config.torch_dtype).eval().requires_grad_(False)
         self.config = config
         c = module.config
         self.sample_rate = SAMPLE_RATE
@@ -63,6 +69,7 @@ class Code2WavEngine:
         self.codebook_size: int = c.codebook_size
         self.held_samples = _held_samples(module)
         self.parameter_bytes = parameter_bytes(module)
+        self._steady = _SteadyDecoder(self.model, replay)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig()) -> "Code2WavEngine":
@@ -87,6 +94,13 @@ class Code2WavEngine:
 
     def stream(self) -> "Code2WavStream":
         return Code2WavStream(self)
+
+    def warm(self) -> None:
+        """Trace one stream's steady frame now, not on a request's second frame (~0.1 s at the tiny checkpoint's
+        widths); other batch sizes are traced at their first steady frame."""
+        stream = self.stream()
+        for _ in range(2):  # the first frame runs eagerly (it trims), the second is steady
+            stream.push(torch.zeros(1, self.num_quantizers, dtype=torch.long, device=self.config.device))
 
     def check_codes(self, codes: Tensor) -> Tensor:
         """Validate [n, num_quantizers] integer codes in [0, codebook_size); return them as int64 on the device."""
@@ -228,12 +242,10 @@ def _push(streams: list[Code2WavStream], codes: Tensor) -> list[Tensor]:
         streams, codes = [streams[i] for i in order], codes[order]
     hidden = model.code_embedding(codes.transpose(1, 2) + model.code_offset).mean(1)  # [B, n, hidden]
     hidden = _pre_transformer(model, streams, hidden).permute(0, 2, 1)  # [B, hidden, n]
-    for blocks in model.upsample:
-        for block in blocks:
-            hidden = _step(block, hidden, states)
-    for block in model.decoder:
-        hidden = _step(block, hidden, states)
-    wav = hidden.clamp(min=-1, max=1)[:, 0].float()
+    if n == 1 and streams[0].steady:  # one steady frame each: the same ops at every push of this batch size
+        wav = streams[0].engine._steady(hidden, states)
+    else:
+        wav = _decoder(model, hidden, states)
     for stream in streams:
         stream.frames += n
         stream.samples += wav.shape[1]
@@ -308,6 +320,54 @@ def _stacked(streams: list[Code2WavStream]) -> tuple[dict, list[int]]:
     for row, stream in enumerate(streams):
         stream._batch, stream._row = batch, row
     return states, rows
+
+
+def _decoder(model: nn.Module, hidden: Tensor, states: dict) -> Tensor:
+    """The upsampling and the decoder over the next samples hidden [B, hidden, n] with the streams' (stacked) state:
+    the waveform [B, samples] (float32)."""
+    for blocks in model.upsample:
+        for block in blocks:
+            hidden = _step(block, hidden, states)
+    for block in model.decoder:
+        hidden = _step(block, hidden, states)
+    return hidden.clamp(min=-1, max=1)[:, 0].float()
+
+
+class _SteadyDecoder:
+    """`_decoder` for one steady frame per stream, replayed from a trace per batch size (`services.engines.replay`:
+    the same ops, without the GIL). Code2Wav's ops are many and small (about 800 a step at the tiny checkpoint's
+    widths), and in process the Talker and MTP, on every frame's path, waited for its Python between theirs. The
+    states go in and come back as tensors, so the trace keeps none; a steady frame trims nothing (`to_drop` 0)."""
+
+    def __init__(self, model: nn.Module, replay: bool):
+        self.model = model
+        self.stateful = [m for m in model.modules()  # registration order, as `Code2WavStream` makes its state
+                         if isinstance(m, (ref.Qwen3OmniMoeCausalConvNet, ref.Qwen3OmniMoeCausalTransConvNet))]
+        self.replays = Replays("Code2Wav", self._run, replay)  # by batch size
+
+    def __call__(self, hidden: Tensor, states: dict) -> Tensor:
+        wav, *after = self.replays(int(hidden.shape[0]), hidden, *(_state_tensor(states[m]) for m in self.stateful))
+        for m, tensor in zip(self.stateful, after, strict=True):
+            _set_state_tensor(states[m], tensor)
+        return wav
+
+    def _run(self, hidden: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """`_decoder` over states made of `tensors` (it writes none of them): the waveform, then the new states."""
+        states = {m: _ConvState(t) if isinstance(m, ref.Qwen3OmniMoeCausalConvNet) else _TransConvState(t, 0)
+                  for m, t in zip(self.stateful, tensors, strict=True)}
+        wav = _decoder(self.model, hidden, states)
+        return (wav, *(_state_tensor(states[m]) for m in self.stateful))
+
+
+def _state_tensor(state: _ConvState | _TransConvState) -> Tensor:
+    return state.context if isinstance(state, _ConvState) else state.overlap
+
+
+def _set_state_tensor(state: _ConvState | _TransConvState, tensor: Tensor) -> None:
+    if isinstance(state, _ConvState):
+        state.context = tensor
+    else:
+        state.overlap = tensor
 
 
 def _step(module: nn.Module, x: Tensor, states: dict) -> Tensor:

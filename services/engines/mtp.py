@@ -10,12 +10,16 @@ frames of concurrent requests into one call).
 A step runs the reference layers' arithmetic op for op (`_decoder_layer`: the same torch calls on the same tensors,
 so the same bits), without their module, cache and attention-dispatch wrappers, over a preallocated cache: at the
 tiny checkpoint's widths those wrappers were a fifth of a frame's time, and MTP is on every frame's path.
+
+Steps are replayed from traces (`services.engines.replay`: the same ops, without the GIL): a batch of greedy rows
+runs its whole frame as one replay per batch size bucket; one with sampled rows replays each step's scores and
+draws between them in Python, as each sampled row needs its own generator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +37,7 @@ from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
 
 from services.checkpoint.loading import Checkpoint, load_pretrained_part, parameter_bytes
 from services.config import EngineConfig
+from services.engines.replay import Replays
 from services.engines.sampling import SamplingParams, apply_processors, draw, warpers
 from services.errors import CheckpointError, InvalidInput
 
@@ -46,9 +51,21 @@ class MTPResult:
     embed_sum: Tensor  # [B, H] sum of the 16 codebook embeddings = the Talker's next input before adding text
 
 
+@dataclass
+class _Bucket:
+    """What a batch size bucket's frames reuse: each layer's keys and values ([size, kv_heads, 16, head_dim]),
+    zeroed for each frame (no row's values outlive its frame), and each step's positions, causal mask and RoPE
+    tables."""
+
+    cache: list[tuple[Tensor, Tensor]]
+    fixed: list[tuple] = field(default_factory=list)
+
+
 class MTPEngine:
-    def __init__(self, predictor: CodePredictor, c0_embedding: nn.Embedding, device: torch.device):
-        self.predictor = predictor
+    def __init__(self, predictor: CodePredictor, c0_embedding: nn.Embedding, device: torch.device,
+                 replay: bool = True):
+        """`replay`: False runs every step eagerly (the tests compare the two)."""
+        self.predictor = predictor.requires_grad_(False)  # inference only; a trace keeps weights as constants
         self.c0_embedding = c0_embedding  # the Talker's codec_embedding: codebook 0 is the Talker's own vocabulary
         self.device = device
         self.num_code_groups = predictor.config.num_code_groups
@@ -60,8 +77,10 @@ class MTPEngine:
             raise CheckpointError(f"MTP runs the code predictor's sdpa attention over full-attention layers; this "
                                   f"one has {config._attn_implementation!r} attention and layers {config.layer_types}")
         self._layers = list(predictor.model.layers[:config.num_hidden_layers])
-        self._kv: dict[int, list[tuple[Tensor, Tensor]]] = {}  # by batch size bucket: each layer's keys and values
-        self._fixed: dict[tuple[int, int], tuple] = {}  # by bucket and step: positions, causal mask, RoPE (`_step`)
+        self._buckets: dict[int, _Bucket] = {}  # by batch size bucket
+        self._greedy = Replays("MTP", self._greedy_frame, replay)  # by bucket: a frame of greedy rows
+        self._steps = [Replays("MTP", self._step_scores(i), replay)  # by bucket: step i's scores
+                       for i in range(self.num_code_groups - 1)]
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig()) -> "MTPEngine":
@@ -95,13 +114,37 @@ class MTPEngine:
             raise InvalidInput(f"MTP wants one greedy flag and generator per row, got {len(greedy)} and "
                                f"{len(generators)} for {rows} rows")
         c0 = c0.to(self.device, torch.long)
-        model = self.predictor.model
         hidden = hidden.to(self.device, self.c0_embedding.weight.dtype)
         size = _bucket(rows)
         if size > rows:  # pad with copies of row 0, dropped below: fixed shapes per bucket
             hidden = torch.cat([hidden, hidden[:1].expand(size - rows, -1)])
             c0 = torch.cat([c0, c0[:1].expand(size - rows)])
-        cache = self._cache(size)
+        self._bucket_of(size)
+        if all(greedy):
+            codes, embed_sum = self._greedy(size, hidden, c0)
+        else:
+            codes, embed_sum = self._frame(
+                hidden, c0, lambda i, x: self._draw(self._steps[i](size, x), greedy, generators))
+        return MTPResult(codes=codes[:rows], embed_sum=embed_sum[:rows])
+
+    def warm(self) -> None:
+        """Trace bucket 1's frames (greedy and sampled) now, not on a request's first frame (~0.2 s each at the tiny
+        checkpoint's widths); other buckets are traced at their first frame."""
+        hidden = self.c0_embedding.weight.new_zeros(1, self.c0_embedding.embedding_dim)
+        c0 = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.predict(hidden, c0, True)
+        self.predict(hidden, c0, False, torch.Generator(self.device).manual_seed(0))
+
+    def _greedy_frame(self, hidden: Tensor, c0: Tensor) -> tuple[Tensor, Tensor]:
+        return self._frame(hidden, c0, lambda i, x: self._scores(i, x).argmax(dim=-1))
+
+    def _frame(self, hidden: Tensor, c0: Tensor, next_code) -> tuple[Tensor, Tensor]:
+        """Codes [B, 16] and their embeddings' sum [B, H] of a frame: step 0 prefills hidden and c0's embedding,
+        step i > 0 embeds code i with `codec_embedding[i-1]`; `next_code(i, step input)` gives code i + 1."""
+        model = self.predictor.model
+        for keys, values in self._buckets[int(hidden.shape[0])].cache:
+            keys.zero_()
+            values.zero_()
         embeds = [self.c0_embedding(c0)]
         codes = [c0]
         step_input = torch.stack((hidden, embeds[0]), dim=1)  # [B, 2, H]
@@ -109,32 +152,24 @@ class MTPEngine:
             if i > 0:
                 embeds.append(model.codec_embedding[i - 1](codes[-1]))
                 step_input = embeds[-1][:, None]
-            last = self._step(i, step_input, cache)[:, -1]
-            codes.append(self._draw(self.predictor.lm_head[i](last).float(), greedy, generators))
+            codes.append(next_code(i, step_input))
         embeds.append(model.codec_embedding[-1](codes[-1]))
-        return MTPResult(codes=torch.stack(codes, dim=1)[:rows],
-                         embed_sum=torch.stack(embeds, dim=1).sum(dim=1)[:rows])
+        return torch.stack(codes, dim=1), torch.stack(embeds, dim=1).sum(dim=1)
 
-    def _step(self, i: int, step_input: Tensor, cache: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Step i (0: the prefill of hidden and c0's embedding) through the layers and the final norm. Its
-        positions, mask and RoPE tables are the same for each call of a batch size, so made once and kept: the mask
-        is the one transformers' `create_causal_mask` makes for a static cache of 16 positions (none at step 0,
-        whose two positions attend causally; then every position up to the step's own)."""
-        model = self.predictor.model
-        size, n = step_input.shape[:2]
-        fixed = self._fixed.get((size, i))
-        if fixed is None:
-            first = 0 if i == 0 else i + 1
-            positions = torch.arange(first, first + n, device=self.device)
-            mask = None if i == 0 else (torch.arange(self.num_code_groups, device=self.device) <= first).expand(
-                size, 1, 1, self.num_code_groups).contiguous()
-            cos, sin = model.rotary_emb(step_input, positions[None])
-            fixed = self._fixed[(size, i)] = (positions, mask, cos.unsqueeze(1), sin.unsqueeze(1))
-        positions, mask, cos, sin = fixed
+    def _step_scores(self, i: int):
+        def scores(step_input: Tensor) -> Tensor:
+            return self._scores(i, step_input)
+
+        return scores
+
+    def _scores(self, i: int, step_input: Tensor) -> Tensor:
+        """Step i's scores [B, vocab] (float32): the layers, the final norm, and `lm_head[i]` at the last position."""
+        bucket = self._buckets[int(step_input.shape[0])]
+        positions, mask, cos, sin = bucket.fixed[i]
         hidden = step_input
-        for layer, (keys, values) in zip(self._layers, cache, strict=True):
+        for layer, (keys, values) in zip(self._layers, bucket.cache, strict=True):
             hidden = _decoder_layer(layer, hidden, positions, mask, cos, sin, keys, values)
-        return _rms_norm(model.norm, hidden)
+        return self.predictor.lm_head[i](_rms_norm(self.predictor.model.norm, hidden)[:, -1]).float()
 
     def check_frames(self, hidden: Tensor, c0: Tensor) -> None:
         """hidden [B, H] and c0 [B] of codebook-0 ids in range, or InvalidInput: checked before a frame joins a
@@ -156,22 +191,29 @@ class MTPEngine:
                 ids[row] = draw(warped[i:i + 1], False, generators[row])[0]
         return ids
 
-    def _cache(self, size: int) -> list[tuple[Tensor, Tensor]]:
-        """The batch size bucket's keys and values per layer ([size, kv_heads, 16, head_dim]), allocated on its
-        first use and zeroed for each call (no row's values outlive its frame)."""
-        cache = self._kv.get(size)
-        if cache is None:
-            weight = self.c0_embedding.weight
-            cache = self._kv[size] = []
-            for layer in self._layers:  # the layer's own attention sizes
-                attn = layer.self_attn
-                shape = (size, attn.config.num_key_value_heads, self.num_code_groups, attn.head_dim)
-                cache.append((weight.new_zeros(shape), weight.new_zeros(shape)))
-        else:
-            for keys, values in cache:
-                keys.zero_()
-                values.zero_()
-        return cache
+    def _bucket_of(self, size: int) -> _Bucket:
+        """The bucket's cache and tables, made at its first use. The tables are the same for each frame: the mask
+        is the one transformers' `create_causal_mask` makes for a static cache of 16 positions (none at step 0,
+        whose two positions attend causally; then every position up to the step's own)."""
+        bucket = self._buckets.get(size)
+        if bucket is not None:
+            return bucket
+        like = self.c0_embedding.weight
+        cache = []
+        for layer in self._layers:  # the layer's own attention sizes
+            attn = layer.self_attn
+            shape = (size, attn.config.num_key_value_heads, self.num_code_groups, attn.head_dim)
+            cache.append((like.new_zeros(shape), like.new_zeros(shape)))
+        bucket = _Bucket(cache)
+        for i in range(self.num_code_groups - 1):
+            first, n = (0, 2) if i == 0 else (i + 1, 1)
+            positions = torch.arange(first, first + n, device=self.device)
+            mask = None if i == 0 else (torch.arange(self.num_code_groups, device=self.device) <= first).expand(
+                size, 1, 1, self.num_code_groups).contiguous()
+            cos, sin = self.predictor.model.rotary_emb(like.new_zeros(size, n, like.shape[1]), positions[None])
+            bucket.fixed.append((positions, mask, cos.unsqueeze(1), sin.unsqueeze(1)))
+        self._buckets[size] = bucket
+        return bucket
 
 
 def _bucket(rows: int) -> int:
@@ -195,7 +237,7 @@ def _decoder_layer(layer: Qwen3OmniMoeTalkerCodePredictorDecoderLayer, x: Tensor
     (`apply_rotary_pos_emb`), `StaticLayer.update`, `sdpa_attention_forward` (its grouped-query choice: its own
     `use_gqa_in_sdpa`, else packed queries for one position, repeated keys for more), then the MLP."""
     attn, mlp = layer.self_attn, layer.mlp
-    b, n, _ = x.shape
+    b, n = int(x.shape[0]), int(x.shape[1])  # Python ints, also while traced
     heads = (b, n, -1, attn.head_dim)
     residual = x
     h = _rms_norm(layer.input_layernorm, x)

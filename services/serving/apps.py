@@ -329,6 +329,7 @@ class MTPReplica(_StageReplica):
         from services.stages import LocalMTP
 
         engine = await asyncio.to_thread(MTPEngine.from_checkpoint, args.model, args.engine_config())
+        await asyncio.to_thread(engine.warm)  # its first frames' traces: not on the first request's path
         await self._serve(LocalMTP(engine, args.max_batch, args.batch_wait_ms / 1000), MTPServicer)
 
 
@@ -340,6 +341,7 @@ class Code2WavReplica(_StageReplica):
         from services.stages import LocalCode2Wav
 
         engine = await asyncio.to_thread(Code2WavEngine.from_checkpoint, args.model, args.engine_config())
+        await asyncio.to_thread(engine.warm)  # a steady frame's trace: not on the first request's path
         await self._serve(LocalCode2Wav(engine, args.max_batch, args.batch_wait_ms / 1000), Code2WavServicer,
                           engine.sample_rate)
 
