@@ -342,3 +342,15 @@ def test_mtp_replayed_frames_give_the_eager_steps_bits(mtp, talker, rows):
     bucket = 1 << (rows - 1).bit_length()
     assert bucket in mtp._greedy.traced() and all(bucket in step.traced() for step in mtp._steps)
     assert not eager._greedy.traced() and not any(step.traced() for step in eager._steps)
+
+
+def test_mtp_replays_modules_handed_to_it_with_grad_on(mtp, talker):
+    """Benchmarks build the engine from fresh modules, whose weights require grad: it still traces (a trace keeps
+    weights as constants, which must not), rather than falling back to eager steps."""
+    predictor = copy.deepcopy(mtp.predictor).requires_grad_(True)
+    c0_embedding = torch.nn.Embedding.from_pretrained(mtp.c0_embedding.weight.clone(), freeze=False)
+    engine = MTPEngine(predictor, c0_embedding, mtp.device)
+    hidden = torch.randn(2, talker.codec_head.in_features, generator=torch.Generator().manual_seed(3))
+    c0 = torch.tensor([1, 2])
+    assert torch.equal(engine.predict(hidden, c0).codes, mtp.predict(hidden, c0).codes)
+    assert engine._greedy.traced() == {2}

@@ -65,8 +65,9 @@ class MTPEngine:
     def __init__(self, predictor: CodePredictor, c0_embedding: nn.Embedding, device: torch.device,
                  replay: bool = True):
         """`replay`: False runs every step eagerly (the tests compare the two)."""
-        self.predictor = predictor.requires_grad_(False)  # inference only; a trace keeps weights as constants
-        self.c0_embedding = c0_embedding  # the Talker's codec_embedding: codebook 0 is the Talker's own vocabulary
+        # Inference only; and a trace keeps the weights as constants, which must not need grad.
+        self.predictor = predictor.requires_grad_(False)
+        self.c0_embedding = c0_embedding.requires_grad_(False)  # the Talker's: codebook 0 is its own vocabulary
         self.device = device
         self.num_code_groups = predictor.config.num_code_groups
         self.vocab_size = c0_embedding.num_embeddings

@@ -55,8 +55,9 @@ class Replays:
     def _trace(self, key, inputs: tuple):
         try:
             trace = torch.jit.trace(self.fn, inputs, check_trace=False)
-        except Exception:
-            log.warning("%s: torch.jit.trace failed; its steps run eagerly", self.what, exc_info=True)
+        except Exception as e:  # its message may hold a whole tensor: the first line says what failed
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            log.warning("%s: torch.jit.trace failed (%s); its steps run eagerly", self.what, reason)
             self.enabled = False
             return None
         self._traces[key] = trace
