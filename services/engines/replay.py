@@ -2,9 +2,9 @@
 
 An engine step at small widths is hundreds of small torch ops, each a Python call holding the GIL between them.
 Where several stages step at once in one process (in process, the Talker, MTP, Code2Wav and the Thinker on every
-frame's path), each waits for the others' Python between its own ops: MTP's frame of 8 took 6.8 ms alone and 20 ms
-beside a Code2Wav stepping in a loop. `torch.jit.trace` records the ops of one call with fixed shapes, and
-TorchScript's interpreter replays them with the GIL released: 3.6 ms, alone or beside Code2Wav.
+frame's path), each waits for the others' Python between its own ops: MTP's frame of 8 took 7.9 ms alone and 21 ms
+beside a thread stepping Code2Wav (one thread each, tiny checkpoint). `torch.jit.trace` records the ops of one call
+with fixed shapes, and TorchScript's interpreter replays them with the GIL released: 4.0 ms alone, 4.3 ms beside.
 
 The replay runs unoptimized (no profiling executor, hence no fusion on any device): the same aten calls on the
 same tensors, so the same bits as the eager call (the engines' tests compare them). Tensors the traced function
