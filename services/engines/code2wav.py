@@ -163,10 +163,10 @@ class Code2WavStream:
         self._state: dict[nn.Module, _ConvState | _TransConvState] = {}  # its own, unless `_batch` holds it
         self._batch: _Batch | None = None  # the stacked state of the streams it was last pushed with, and its row
         self._row = 0
-        for m in self.model.modules():
+        for m in _stateful(self.model):
             if isinstance(m, ref.Qwen3OmniMoeCausalConvNet):
                 self._state[m] = _ConvState(like.new_zeros(1, m.conv.in_channels, m.kernel_size - 1))
-            elif isinstance(m, ref.Qwen3OmniMoeCausalTransConvNet):
+            else:
                 pending = m.conv.kernel_size[0] - m.conv.stride[0]
                 self._state[m] = _TransConvState(like.new_zeros(1, m.conv.out_channels, pending), m.left_pad)
 
@@ -341,8 +341,7 @@ class _SteadyDecoder:
 
     def __init__(self, model: nn.Module, replay: bool):
         self.model = model
-        self.stateful = [m for m in model.modules()  # registration order, as `Code2WavStream` makes its state
-                         if isinstance(m, (ref.Qwen3OmniMoeCausalConvNet, ref.Qwen3OmniMoeCausalTransConvNet))]
+        self.stateful = _stateful(model)  # the order of every state dict (`Code2WavStream`, `_stacked`)
         self.replays = Replays("Code2Wav", self._run, replay)  # by batch size
 
     def __call__(self, hidden: Tensor, states: dict) -> Tensor:
@@ -357,6 +356,12 @@ class _SteadyDecoder:
                   for m, t in zip(self.stateful, tensors, strict=True)}
         wav = _decoder(self.model, hidden, states)
         return (wav, *(_state_tensor(states[m]) for m in self.stateful))
+
+
+def _stateful(model: nn.Module) -> list[nn.Module]:
+    """The modules with streaming state (causal convs and transposed convs), in registration order."""
+    return [m for m in model.modules()
+            if isinstance(m, (ref.Qwen3OmniMoeCausalConvNet, ref.Qwen3OmniMoeCausalTransConvNet))]
 
 
 def _state_tensor(state: _ConvState | _TransConvState) -> Tensor:

@@ -158,6 +158,7 @@ class MTPEngine:
         return torch.stack(codes, dim=1), torch.stack(embeds, dim=1).sum(dim=1)
 
     def _step_scores(self, i: int):
+        # A named function, not a functools.partial: torch.jit.trace names its trace after what it traces.
         def scores(step_input: Tensor) -> Tensor:
             return self._scores(i, step_input)
 

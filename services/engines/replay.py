@@ -56,7 +56,8 @@ class Replays:
         try:
             trace = torch.jit.trace(self.fn, inputs, check_trace=False)
         except Exception as e:  # its message may hold a whole tensor: the first line says what failed
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            message = str(e)
+            reason = message.splitlines()[0][:200] if message else type(e).__name__
             log.warning("%s: torch.jit.trace failed (%s); its steps run eagerly", self.what, reason)
             self.enabled = False
             return None
