@@ -220,13 +220,13 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
         finally:
             if live is not None:
                 await live.close()
-        inbox = _Inbox(context)
+        inbox, outbox = _Inbox(context), _Outbox(context)
         try:
             if not complete:  # cancelled before end_of_turn
                 summary = self._cancelled_summary(options, _Progress(), t0)
             else:
-                summary = await self._turn(context, config, options, parts, history, conversation, inbox, t0, rows)
-            await context.write(_summary_message(summary))
+                summary = await self._turn(outbox, config, options, parts, history, conversation, inbox, t0, rows)
+            await outbox.write(_summary_message(summary))
             await asyncio.wait({inbox.task}, timeout=HALF_CLOSE_GRACE_S)  # a late cancel must not meet an ended call
         finally:
             await _finish(inbox.task)
@@ -246,7 +246,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             started=omni_pb2.TurnStarted(request_id=config.request_id, session_id=config.session_id)))
         return config, options
 
-    async def _turn(self, context: grpc.aio.ServicerContext, config: omni_pb2.ConverseConfig, options: TurnRequest,
+    async def _turn(self, outbox: _Outbox, config: omni_pb2.ConverseConfig, options: TurnRequest,
                     parts: _TurnInput, history: History, conversation: list[dict], inbox: _Inbox,
                     t0: float, rows: MediaRows) -> TurnSummary:
         """Run a committed turn with its session's history; a finished answer joins the session."""
@@ -256,7 +256,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
                                     f"over the limit of {limit} bytes per session; start a new session_id (or send "
                                     "smaller media)")
         req, user_message = await asyncio.to_thread(parts.request, options, conversation)
-        summary = await self._answer(context, req, inbox, t0, rows)
+        summary = await self._answer(outbox, req, inbox, t0, rows)
         if summary.finish_reason != "cancelled":  # the conductor has recorded the turn's metrics
             if config.session_id:
                 answer = {"role": "assistant", "content": summary.text}
@@ -322,12 +322,12 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             raise DeadlineExceeded(f"no input for {self.input_idle_s:g} s before end_of_turn: send the turn's parts "
                                    "without pauses that long, then end_of_turn") from None
 
-    async def _answer(self, context: grpc.aio.ServicerContext, req: TurnRequest, inbox: _Inbox,
+    async def _answer(self, outbox: _Outbox, req: TurnRequest, inbox: _Inbox,
                       t0: float, rows: MediaRows) -> TurnSummary:
         """Stream the conductor's events until its summary, or until a cancel message (a summary of the partial
         answer then). The conductor's iterator is closed before this returns."""
         progress = _Progress()
-        pump = asyncio.create_task(self._pump(context, req, progress, rows))
+        pump = asyncio.create_task(self._pump(outbox, req, progress, rows))
         cancel = asyncio.create_task(inbox.cancelled.wait())
         try:
             pending = {pump, cancel, inbox.task}
@@ -351,15 +351,14 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
             timings={"total_s": round(time.perf_counter() - t0, 6)}, reasoning="".join(progress.reasoning),
         )
 
-    async def _pump(self, context: grpc.aio.ServicerContext, req: TurnRequest, progress: _Progress,
-                    rows: MediaRows) -> TurnSummary:
-        events = self.conductor.run(req, trace_parent=_client_trace(context), rows=rows)
+    async def _pump(self, outbox: _Outbox, req: TurnRequest, progress: _Progress, rows: MediaRows) -> TurnSummary:
+        events = self.conductor.run(req, trace_parent=_client_trace(outbox.context), rows=rows)
         try:
             async for event in events:
                 if isinstance(event, TurnSummary):
                     return event
                 progress.add(event)
-                await context.write(_event_message(event))
+                await outbox.write(_event_message(event))
             raise RuntimeError("the conductor ended without a summary")
         finally:
             await events.aclose()
@@ -736,6 +735,24 @@ class _Inbox:
             if (kind := msg.WhichOneof("kind")) != "cancel":
                 raise InvalidInput(f"{kind or 'an empty message'} after end_of_turn: only cancel may follow it")
             self.cancelled.set()
+
+
+class _Outbox:
+    """The turn's answer messages, written one at a time. A cancel stops the pump while its write may still wait
+    for the client's flow-control window; that write goes on (the summary counts its frame as sent), and the
+    summary's write waits for it: two sends at once fail the call (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self.context = context
+        self._last: asyncio.Future | None = None
+
+    async def write(self, msg: omni_pb2.ConverseResponse) -> None:
+        if self._last is not None:
+            await asyncio.shield(self._last)
+        self._last = asyncio.ensure_future(self.context.write(msg))
+        # A write that nobody awaits any more (its pump was cancelled, then the call failed) logs no stray error.
+        self._last.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.shield(self._last)
 
 
 async def _finish(*tasks: asyncio.Task) -> None:

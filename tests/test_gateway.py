@@ -590,3 +590,28 @@ def test_a_cancelled_turn_summary_has_the_codes_of_the_audio_sent(gateway):
     summary = events[-1]
     assert summary.finish_reason == "cancelled" and len(full.codes) > len(summary.codes) >= 2
     assert summary.codes == full.codes[:len(summary.codes)]  # greedy: the same frames, in order
+
+
+def test_a_cancel_while_the_answer_waits_for_a_slow_reader_ends_with_the_summary(gateway):
+    """A client that stops reading fills its flow-control window, so the gateway's write of the next packet waits
+    when the cancel comes; the summary must follow that write, not fail the call with INTERNAL (CI saw this)."""
+
+    async def cancel_unread_answer():
+        # Without BDP probing the window stays at its 64 KiB start: about 1.4 s of audio.
+        async with grpc.aio.insecure_channel(gateway[0], options=[("grpc.http2.bdp_probe", 0)]) as channel:
+            call = omni_pb2_grpc.OmniStub(channel).Converse(timeout=60)
+            for msg in (config(max_new_tokens=400, max_audio_frames=4000),
+                        omni_pb2.ConverseRequest(text=omni_pb2.TextInput(text="Tell me a long story.")), END):
+                await call.write(msg)
+            await asyncio.sleep(1.5)  # the answer fills the window meanwhile
+            await call.write(omni_pb2.ConverseRequest(cancel=omni_pb2.Cancel()))
+            await call.done_writing()
+            return [msg async for msg in call]
+
+    for _ in range(2):  # each try hit the bug before the fix (6 of 6)
+        messages = asyncio.run(cancel_unread_answer())
+        summary = messages[-1].summary
+        assert summary.finish_reason == common_pb2.FINISH_REASON_CANCELLED
+        audio = [m.audio for m in messages if m.WhichOneof("kind") == "audio"]
+        assert len(audio) >= 10  # more than the window holds: the answer was waiting on the client
+        assert summary.num_samples == sum(len(a.pcm16) // 2 for a in audio) and len(summary.codes) == len(audio)
