@@ -71,8 +71,13 @@ class LogMelFrames:
         with self._lock:
             candidates = list(self._seen.get(key, ()))
         first, base = 0, None
-        for seen in candidates:
-            n = min(self.stable_frames(seen.samples, samples), seen.log_mel.shape[1], out.shape[1] - MIN_WIDTH)
+        cap = out.shape[1] - MIN_WIDTH
+        # The stream's own buffer first (no compare), then the longest: an entry no longer than the best so far is
+        # not compared (live prefills' copies, each as long as the audio: 5 ms apiece for 10 minutes).
+        for seen in sorted(candidates, key=lambda c: (not _same_memory(c.samples, samples), -c.log_mel.shape[1])):
+            if min(seen.log_mel.shape[1], cap) <= first:
+                continue
+            n = min(self.stable_frames(seen.samples, samples), seen.log_mel.shape[1], cap)
             if n > first:
                 first, base = n, seen
         if base is not None:
@@ -121,7 +126,7 @@ class LogMelFrames:
         (frame 0 reflects samples 1 .. n_fft/2), which must all lie before the first differing sample, hence before
         `old`'s end too."""
         m = min(len(old), len(new))
-        if old.ctypes.data == new.ctypes.data and old.strides == new.strides:
+        if _same_memory(old, new):
             # The same memory, so equal: a stream's warm-ups and its decode view one buffer (`PcmStream`). A kept
             # entry's samples are copies, or arrays no one writes after (`keep_views`), so still what its frames
             # came from.
@@ -228,6 +233,10 @@ class LogMelExtractor(WhisperFeatureExtractor):
         for row, out, scaled in zip(rows, log_spec, features):
             self.frames.fill(np.ascontiguousarray(row), out, scaled, keep_views=keep_views)
         return features.numpy()
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.ctypes.data == b.ctypes.data and a.strides == b.strides
 
 
 def _frozen(a: np.ndarray) -> bool:

@@ -4,6 +4,8 @@ whole-audio computation it replaces (the reference's inputs must not change)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from transformers import WhisperFeatureExtractor
@@ -51,6 +53,21 @@ def test_pcm_resampled_as_it_arrives_equals_the_whole_decode(rate, channels):
     assert stream.decode(got) is decoded  # once
     with pytest.raises(RuntimeError, match="decoded before its last chunk"):
         stream.feed(got + b"\0\0" * channels)
+
+
+def test_a_turns_own_pcm_is_stored_as_a_read_only_view_of_its_bytes():
+    """At end_of_turn the PCM's stored form (the session history's) views the turn's bytes, which nothing appends
+    to any more: no copy of them at the end (5 ms for 10 minutes). A live prefill's copy of a prefix owns its bytes."""
+    from services.gateway import _Audio
+
+    pcm = speechlike(2.0, 22050)
+    audio = _Audio("pcm16", 22050, 1, "", bytearray(pcm.tobytes()), stream=PcmStream(22050, 1))
+    live = dataclasses.replace(audio, data=audio.data[:20000], view=True)
+    for part, shares in ((live, False), (audio, True)):
+        raw, decoded = part.decode()
+        assert np.shares_memory(raw["audio"], np.frombuffer(audio.data, np.uint8)) == shares
+        assert not raw["audio"].flags.writeable and np.array_equal(raw["audio"], pcm[:len(raw["audio"])])
+    assert np.array_equal(decoded.samples, decode_audio(pcm, 22050).samples)
 
 
 def test_pcm_stream_limits_are_decode_audios():
@@ -114,8 +131,8 @@ def test_log_mel_of_growing_audio_equals_the_whole_computation_and_computes_each
 
 def test_a_streams_frames_and_features_are_reused_without_comparing_its_samples(extractors, monkeypatch):
     """A stream's warm-ups (`so_far`) and its decode view one buffer: the frames of what they share are reused
-    without a sample-by-sample compare (1 ms at 120 s, 4 ms at 10 min), and so are their features while the
-    maximum is the same; the features stay the parent's."""
+    without a sample-by-sample compare (1 ms at 120 s, 4 ms at 10 min), also beside the copies live prefills keep,
+    and so are their features while the maximum is the same; the features stay the parent's."""
     plain, cached = extractors
     pcm = speechlike(10.0, 16000).tobytes()  # the buffer last grows at 7.6 s (by half): the end shares it
     stream, got = PcmStream(16000, 1), bytearray()
@@ -124,6 +141,13 @@ def test_a_streams_frames_and_features_are_reused_without_comparing_its_samples(
         stream.feed(got)
         if at % 32000 == 0 and len(stream.so_far()) > 16000:
             cached.warm(stream.so_far())
+            if at in (96000, 192000):
+                # A live prefill's decode: a copy, kept beside the warm-ups (as when it raced the next one for the
+                # same base, which each replaces).
+                keep = cached.frames._keep
+                with monkeypatch.context() as m:
+                    m.setattr(cached.frames, "_keep", lambda key, seen, _base: keep(key, seen, None))
+                    features(cached, stream.so_far().copy())
     decoded = stream.decode(got).samples
     compared = []
     real = np.flatnonzero
