@@ -1,7 +1,7 @@
 """A replica's paged KV cache, shared by its requests, and the batched forward over it (DESIGN.md section 7).
 
 The pool preallocates `kv_tokens` positions per layer as pages of `page_size` positions (keys and values
-`[layers, pages, kv_heads, page_size, head_dim]`). A request reserves the pages of its whole capacity (prompt +
+`[layers, pages, page_size, kv_heads, head_dim]`). A request reserves the pages of its whole capacity (prompt +
 new tokens) when it starts, so a running request never runs out, and one that cannot fit is refused at once with
 RESOURCE_EXHAUSTED. `forward` runs rows of any requests through the model in one call (one request's prefill
 chunk, or the next token of many requests whose caches hold different lengths): each row writes its new positions
@@ -133,7 +133,9 @@ class KVPool:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         pages = -(-tokens // page_size)
         # One more page than the requests': where the padding of a batch of prompt chunks writes (`forward`).
-        shape = (config.num_hidden_layers, pages + 1, config.num_key_value_heads, page_size, head_dim)
+        # Page-major, then position: a row's pages read as one [positions, kv_heads, head_dim] run, which attention
+        # takes as it is (a view), where [kv_heads, positions] pages would need a transposing copy per layer per step.
+        shape = (config.num_hidden_layers, pages + 1, page_size, config.num_key_value_heads, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.page_size, self.stage, self.device = page_size, stage, torch.device(device)
@@ -230,7 +232,9 @@ class KVPool:
         if lengths is not None:  # a padded position's key comes after its row's: no row attends to it
             padding = torch.arange(n, device=self.device) >= torch.tensor(lengths, device=self.device)[:, None]
             write_pages = write_pages.masked_fill(padding, self._scratch)
-        cache = _StepCache(self, table, write_pages, write_offsets)
+        # One request whose pages are consecutive (a fresh pool hands out runs) reads them in place: no gather.
+        run = slots[0].pages[0] if len(slots) == 1 and _consecutive(slots[0].pages[:n_pages]) else None
+        cache = _StepCache(self, table, write_pages, write_offsets, run)
         out = model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
                     use_cache=True, **kwargs)
         for slot, grown in zip(slots, lengths or [n] * len(slots), strict=True):
@@ -244,18 +248,26 @@ class _StepCache:
 
     is_compileable = False
 
-    def __init__(self, pool: KVPool, table: Tensor, write_pages: Tensor, write_offsets: Tensor):
-        self.pool, self.table = pool, table
+    def __init__(self, pool: KVPool, table: Tensor, write_pages: Tensor, write_offsets: Tensor, run: int | None):
+        self.pool, self.table, self.run = pool, table, run
         self.write_pages, self.write_offsets = write_pages, write_offsets  # [B, n]
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *_args, **_kwargs) -> tuple[Tensor, Tensor]:
         out = []
         for store, new in ((self.pool.keys[layer_idx], key), (self.pool.values[layer_idx], value)):
-            store[self.write_pages, :, self.write_offsets] = new.transpose(1, 2).to(store.dtype)  # [B, n, h, d]
-            rows = store[self.table]  # [B, pages, h, page_size, d]
-            b, p, h, s, d = rows.shape
-            out.append(rows.permute(0, 2, 1, 3, 4).reshape(b, h, p * s, d))
+            store[self.write_pages, self.write_offsets] = new.transpose(1, 2).to(store.dtype)  # [B, n, h, d]
+            pages = self.table.shape[1]
+            # [B, pages, page_size, h, d]: the run's view, else a gather (one copy)
+            rows = store[None, self.run:self.run + pages] if self.run is not None else store[self.table]
+            rows = rows.flatten(1, 2).transpose(1, 2)  # [B, h, pages * page_size, d], a view
+            # A prompt chunk's many queries read each key: laid out for them (one copy), a 64-token chunk is no
+            # slower than before, where the strided view was about 5% slower.
+            out.append(rows.contiguous() if key.shape[2] > 1 else rows)
         return out[0], out[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always given; nothing should ask
+
+
+def _consecutive(pages: list[int]) -> bool:
+    return pages == list(range(pages[0], pages[0] + len(pages)))
