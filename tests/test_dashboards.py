@@ -326,8 +326,11 @@ def _serve_traffic(address: str, url: str, media: dict) -> None:
     turn = {**TURN, "audios": [media["audio"]], "images": [media["image"]]}  # every stage takes part
     client.converse_sync(**turn)
     # Once the first turn's series are scraped, the second turn's observations are increases that rate() sees.
+    # Serve's proxy exports its own series with a lag of its own: its latency histogram must be there too, or all of
+    # its observations may first appear at once, and rate() sees no increase (CI saw NaN quantiles).
     _wait_until(url, [f"count(count by (stage) (ray_omni_stage_ttft_seconds_count)) >= {len(STAGES)}",
-                      "ray_omni_rtf_count", "ray_omni_hook_overhead_seconds_count"])
+                      "ray_omni_rtf_count", "ray_omni_hook_overhead_seconds_count",
+                      'ray_serve_grpc_request_latency_ms_count{method="/omni.v1.Omni/Converse"}'])
     summary, samples = client.converse_sync(**turn)
     assert summary.thinker_token_ids and samples.size
     with pytest.raises(ConverseError) as bad_speaker:
