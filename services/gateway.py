@@ -414,9 +414,9 @@ class _Audio:
         if len(self.data) % (2 * self.channels):
             raise InvalidInput(f"{len(self.data)} bytes of pcm16 is not a whole number of {self.channels}-channel "
                                "16-bit samples")
-        # The turn's own decode views its bytes (nothing is appended after end_of_turn: no copy of 10 minutes' 20 MB
-        # at its end); a live prefill's copy may be a slice of a buffer still growing.
-        pcm = np.frombuffer(bytes(self.data) if self.view else self.data, "<i2")
+        # A view, not a copy (10 minutes' 20 MB at the turn's end): nothing appends to these bytes any more (decoded
+        # at end_of_turn, or a live prefill's own copy).
+        pcm = np.frombuffer(self.data, "<i2")
         pcm.flags.writeable = False
         pcm = pcm.reshape(-1, self.channels) if self.channels > 1 else pcm
         raw = {"audio": pcm, "sample_rate": self.sample_rate}
