@@ -135,7 +135,7 @@ def test_state_stays_bounded(loud):
         stream.push(codes[i : i + 1])
         sizes.append(
             [keys.shape[-2] for keys in stream._window.keys]
-            + [s.context.shape[-1] if hasattr(s, "context") else s.overlap.shape[-1] for s in stream._state.values()]
+            + [s.tail.shape[-1] for s in stream._state.values()]
         )
     assert max(size[0] for size in sizes) == 71  # sliding window 72, minus the current frame
     assert sizes[100] == sizes[-1]  # nothing grows once the window is full

@@ -69,7 +69,8 @@ class Code2WavEngine:
         self.codebook_size: int = c.codebook_size
         self.held_samples = _held_samples(module)
         self.parameter_bytes = parameter_bytes(module)
-        self._steady = _SteadyDecoder(self.model, replay)
+        self.stateful = _stateful(self.model)  # the modules with streaming state: every state dict's order
+        self._steady = _SteadyDecoder(self.model, self.stateful, replay)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig()) -> "Code2WavEngine":
@@ -124,14 +125,13 @@ class Code2WavEngine:
 
 
 @dataclass
-class _ConvState:
-    context: Tensor  # [B, C_in, kernel - 1]: the last inputs, which the full forward's left padding starts as
+class _State:
+    """A causal conv's or transposed conv's streaming state, stacked along the batch."""
 
-
-@dataclass
-class _TransConvState:
-    overlap: Tensor  # [B, C_out, k - s]: partial outputs that the next input completes (bias not yet added)
-    to_drop: int  # how many of the first output samples the full forward still trims
+    # conv: [B, C_in, kernel - 1], the last inputs (which the full forward's left padding starts as); transposed
+    # conv: [B, C_out, k - s], partial outputs that the next input completes (bias not yet added)
+    tail: Tensor
+    to_drop: int = 0  # transposed conv: how many of the first output samples the full forward still trims
 
 
 @dataclass
@@ -160,22 +160,22 @@ class Code2WavStream:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         empty = like.new_zeros(1, heads, 0, head_dim)
         self._window = _Window([empty] * c.num_hidden_layers, [empty] * c.num_hidden_layers)
-        self._state: dict[nn.Module, _ConvState | _TransConvState] = {}  # its own, unless `_batch` holds it
+        self._state: dict[nn.Module, _State] = {}  # its own, unless `_batch` holds it
         self._batch: _Batch | None = None  # the stacked state of the streams it was last pushed with, and its row
         self._row = 0
-        for m in _stateful(self.model):
+        for m in engine.stateful:
             if isinstance(m, ref.Qwen3OmniMoeCausalConvNet):
-                self._state[m] = _ConvState(like.new_zeros(1, m.conv.in_channels, m.kernel_size - 1))
+                self._state[m] = _State(like.new_zeros(1, m.conv.in_channels, m.kernel_size - 1))
             else:
                 pending = m.conv.kernel_size[0] - m.conv.stride[0]
-                self._state[m] = _TransConvState(like.new_zeros(1, m.conv.out_channels, pending), m.left_pad)
+                self._state[m] = _State(like.new_zeros(1, m.conv.out_channels, pending), m.left_pad)
 
     @property
     def steady(self) -> bool:
         """Past its first frame: no transposed conv trims its output any more, so the stream's next frame can share
         a forward with other steady streams' (`push_batch`)."""
         states = self._state if self._batch is None else self._batch.states  # to_drop: the same for every row
-        return all(not isinstance(st, _TransConvState) or st.to_drop == 0 for st in states.values())
+        return all(st.to_drop == 0 for st in states.values())
 
     @property
     def phase(self) -> str | None:
@@ -205,10 +205,7 @@ class Code2WavStream:
         if self._batch is None:
             return
         for m, state in self._batch.states.items():
-            if isinstance(state, _ConvState):
-                self._state[m] = _ConvState(state.context[self._row:self._row + 1])
-            else:
-                self._state[m] = _TransConvState(state.overlap[self._row:self._row + 1], state.to_drop)
+            self._state[m] = _State(state.tail[self._row:self._row + 1], state.to_drop)
         self._batch = None
 
 
@@ -311,11 +308,8 @@ def _stacked(streams: list[Code2WavStream]) -> tuple[dict, list[int]]:
     if len(streams) == 1:
         return streams[0]._state, rows
     states = {}
-    for m, first in streams[0]._state.items():
-        if isinstance(first, _ConvState):
-            states[m] = _ConvState(torch.cat([s._state[m].context for s in streams]))
-        else:
-            states[m] = _TransConvState(torch.cat([s._state[m].overlap for s in streams]), first.to_drop)  # one phase
+    for m, first in streams[0]._state.items():  # one phase: the same to_drop in every row
+        states[m] = _State(torch.cat([s._state[m].tail for s in streams]), first.to_drop)
     batch = _Batch(states, len(streams))
     for row, stream in enumerate(streams):
         stream._batch, stream._row = batch, row
@@ -339,40 +333,27 @@ class _SteadyDecoder:
     widths), and in process the Talker and MTP, on every frame's path, waited for its Python between theirs. The
     states go in and come back as tensors, so the trace keeps none; a steady frame trims nothing (`to_drop` 0)."""
 
-    def __init__(self, model: nn.Module, replay: bool):
-        self.model = model
-        self.stateful = _stateful(model)  # the order of every state dict (`Code2WavStream`, `_stacked`)
+    def __init__(self, model: nn.Module, stateful: list[nn.Module], replay: bool):
+        self.model, self.stateful = model, stateful
         self.replays = Replays("Code2Wav", self._run, replay)  # by batch size
 
     def __call__(self, hidden: Tensor, states: dict) -> Tensor:
-        wav, *after = self.replays(int(hidden.shape[0]), hidden, *(_state_tensor(states[m]) for m in self.stateful))
-        for m, tensor in zip(self.stateful, after, strict=True):
-            _set_state_tensor(states[m], tensor)
+        wav, *after = self.replays(int(hidden.shape[0]), hidden, *(states[m].tail for m in self.stateful))
+        for m, tail in zip(self.stateful, after, strict=True):
+            states[m].tail = tail
         return wav
 
-    def _run(self, hidden: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
-        """`_decoder` over states made of `tensors` (it writes none of them): the waveform, then the new states."""
-        states = {m: _ConvState(t) if isinstance(m, ref.Qwen3OmniMoeCausalConvNet) else _TransConvState(t, 0)
-                  for m, t in zip(self.stateful, tensors, strict=True)}
+    def _run(self, hidden: Tensor, *tails: Tensor) -> tuple[Tensor, ...]:
+        """`_decoder` over states made of `tails` (it writes none of them): the waveform, then the new tails."""
+        states = {m: _State(t) for m, t in zip(self.stateful, tails, strict=True)}
         wav = _decoder(self.model, hidden, states)
-        return (wav, *(_state_tensor(states[m]) for m in self.stateful))
+        return (wav, *(states[m].tail for m in self.stateful))
 
 
 def _stateful(model: nn.Module) -> list[nn.Module]:
     """The modules with streaming state (causal convs and transposed convs), in registration order."""
     return [m for m in model.modules()
             if isinstance(m, (ref.Qwen3OmniMoeCausalConvNet, ref.Qwen3OmniMoeCausalTransConvNet))]
-
-
-def _state_tensor(state: _ConvState | _TransConvState) -> Tensor:
-    return state.context if isinstance(state, _ConvState) else state.overlap
-
-
-def _set_state_tensor(state: _ConvState | _TransConvState, tensor: Tensor) -> None:
-    if isinstance(state, _ConvState):
-        state.context = tensor
-    else:
-        state.overlap = tensor
 
 
 def _step(module: nn.Module, x: Tensor, states: dict) -> Tensor:
@@ -415,10 +396,10 @@ _SNAKE_FACTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Snake
 
 def _conv(conv: nn.Module, x: Tensor, states: dict) -> Tensor:
     state = states[conv]
-    keep = state.context.shape[-1]
+    keep = state.tail.shape[-1]
     if keep:
-        x = torch.cat([state.context, x], dim=-1)
-        state.context = x[..., -keep:].contiguous()  # a copy, so the chunk itself is not kept alive
+        x = torch.cat([state.tail, x], dim=-1)
+        state.tail = x[..., -keep:].contiguous()  # a copy, so the chunk itself is not kept alive
     return conv.conv(x)
 
 
@@ -433,11 +414,11 @@ def _trans_conv(tconv: nn.Module, x: Tensor, states: dict) -> Tensor:
     pieces = (x.transpose(1, 2) @ conv.weight.view(c_in, c_out * k)).view(b, n, c_out, k // s, s)
     pieces = pieces.permute(0, 3, 2, 1, 4).reshape(b, k // s, c_out, n * s)
     y = x.new_zeros(b, c_out, n * s + k - s)
-    y[:, :, : k - s] = state.overlap
+    y[:, :, : k - s] = state.tail
     for i in range(k // s):
         y[:, :, i * s : i * s + n * s] += pieces[:, i]
     done = n * s  # samples no later input can reach
-    state.overlap = y[:, :, done:].clone()
+    state.tail = y[:, :, done:].clone()
     out = y[:, :, :done] + conv.bias[:, None]
     drop = min(state.to_drop, done)
     state.to_drop -= drop
