@@ -9,7 +9,10 @@ computes only the frames past the longest prefix of samples a new audio shares w
 sample, unless both view one stream's buffer). What is input-wide is the clamp at "maximum minus 8": where the
 maximum is the kept audio's too, the features of the frames they share are copied from it, else computed over the
 whole audio as before. While an audio still streams in, `warm` computes its frames from what is decoded of it so
-far, every second of it, so that the end of its turn computes those of about its last second.
+far, every second of it, so that the end of its turn computes those of about its last second. The frames and the
+features are kept frame-major, in storage with room past them: each warm-up, and the end, grows its stream's in
+place (`_Rows`), and the processor's output is a (transposed) view of it, so the end of a long turn copies none of
+what came before.
 
 The mel matmul computes at least `MIN_WIDTH` frames at once (all of a shorter audio, as the processor does): BLAS
 rounds a matrix a few columns wide otherwise (its vector kernels), a wide one as the processor's one matmul over the
@@ -32,19 +35,49 @@ from transformers import BatchFeature, WhisperFeatureExtractor
 
 MAX_BYTES = 256 * 2**20  # samples and frames kept per process
 MIN_WIDTH = 64  # frames per mel matmul, at least
+GROW_FRAMES = 1000  # room for 10 s more, at least, past an audio's frames (0.5 MB each of log-mel and features)
+
+
+@dataclass(eq=False)
+class _Rows:
+    """Frame-major storage [capacity, n_mels] of one stream's frames (and [capacity] of their peaks), which the
+    entry at its end (`tip`) leaves for the next fill that extends it to grow in place: the end of a long turn then
+    copies none of the frames its warm-ups computed (its log-mel took 2.6 ms for 120 s, 10 ms for 10 minutes, with
+    the copies; 0.9 and 1.1 ms without)."""
+
+    log_mel: Tensor
+    peaks: Tensor
+    tip: _Seen | None = None
+
+    @classmethod
+    def empty(cls, frames: int, n_mels: int) -> "_Rows":
+        return cls(torch.empty(_room(frames), n_mels), torch.empty(_room(frames)))
 
 
 @dataclass(eq=False)
 class _Seen:
     samples: np.ndarray  # [L] float32, the audio the frames were computed from (not written after)
-    log_mel: Tensor  # [n_mels, L // hop] log10(max(mel, 1e-10)) of its frames (not the last), before the clamp
-    peaks: Tensor  # [L // hop] each frame's maximum over the mels
-    features: Tensor | None = None  # [n_mels, L // hop] the extractor's output from them (none kept for a copy)
+    rows: _Rows  # its frames are rows [:frames]: log10(max(mel, 1e-10)) before the clamp, and each one's maximum
+    frames: int  # L // hop: every frame but the last, as the extractor uses them
+    stable: int  # its first frames whose samples all lie in `samples` (past them, the reflected end)
+    # [frames, n_mels] the extractor's output (transposed), rows of storage that may hold room past them; None for
+    # a copy's; `given`: returned to a caller, so no one writes those rows again
+    features: Tensor | None = None
+    given: bool = False
+    peak: Tensor | None = None  # the maximum its features were clamped at (its peaks' rows may be grown over)
 
     @property
-    def nbytes(self) -> int:
-        tensors = (self.log_mel, self.peaks) + ((self.features,) if self.features is not None else ())
-        return self.samples.nbytes + sum(t.numel() * t.element_size() for t in tensors)
+    def log_mel(self) -> Tensor:
+        return self.rows.log_mel[:self.frames]
+
+    @property
+    def peaks(self) -> Tensor:
+        return self.rows.peaks[:self.frames]
+
+    @property
+    def nbytes(self) -> int:  # storage, room included (shared storage counted for each: an upper bound)
+        tensors = (self.rows.log_mel, self.rows.peaks) + ((self.features,) if self.features is not None else ())
+        return self.samples.nbytes + sum(t.untyped_storage().nbytes() for t in tensors)
 
 
 class LogMelFrames:
@@ -55,57 +88,89 @@ class LogMelFrames:
                  key_samples: int = 1024):
         self.n_fft, self.hop, self.max_bytes = n_fft, hop, max_bytes
         self.mel_filters = torch.from_numpy(mel_filters).to(torch.float32)  # [n_fft // 2 + 1, n_mels]
+        self.n_mels = self.mel_filters.shape[1]
         self.key_samples = key_samples  # an entry's key: its first samples (a candidate is then compared in full)
         self.window = torch.hann_window(n_fft)
         self.frames_reused = self.frames_computed = 0
         self.features_reused = 0  # frames whose features were copied (`_scale`)
+        self.grown_in_place = 0  # fills that extended their base's storage (`_Rows`) rather than copying it
         self._seen: OrderedDict[bytes, list[_Seen]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def fill(self, samples: np.ndarray, out: Tensor, features: Tensor, keep_views: bool = False) -> None:
-        """Write the log-mel frames of `samples` [L] (torch.stft: centered, reflect-padded, Hann; every frame but
-        the last, as the extractor uses them) into `out` [n_mels, L // hop], and keep them; and into `features`
-        (the same shape) the extractor's output from them, Whisper's clamp at their maximum minus 8 and scaling.
-        With `keep_views`, `samples`, `out` and `features` are kept as they are (no one writes them after)."""
+    def fill(self, samples: np.ndarray, keep_views: bool = False, give: bool = True) -> Tensor:
+        """The extractor's output [n_mels, L // hop] for `samples` [L]: the log-mel frames (torch.stft: centered,
+        reflect-padded, Hann; every frame but the last, as the extractor uses them), Whisper's clamp at their
+        maximum minus 8, and scaling. The frames are kept; with `keep_views`, `samples` and the output are kept
+        as they are (no one writes them after), and the output may view kept storage (read it only). `give`: the
+        caller keeps the output (a warm-up does not)."""
+        frames = len(samples) // self.hop
         key = samples[:self.key_samples].tobytes()
         with self._lock:
             candidates = list(self._seen.get(key, ()))
-        first, base = 0, None
-        cap = out.shape[1] - MIN_WIDTH
+        first = shared = 0
+        base = None
+        cap = frames - MIN_WIDTH
         # The stream's own buffer first (no compare), then the longest: an entry no longer than the best so far is
         # not compared (live prefills' copies, each as long as the audio: 5 ms apiece for 10 minutes).
-        for seen in sorted(candidates, key=lambda c: (not _same_memory(c.samples, samples), -c.log_mel.shape[1])):
-            if min(seen.log_mel.shape[1], cap) <= first:
+        for seen in sorted(candidates, key=lambda c: (not _same_memory(c.samples, samples), -c.frames)):
+            if min(seen.frames, cap) <= first:
                 continue
-            n = min(self.stable_frames(seen.samples, samples), seen.log_mel.shape[1], cap)
-            if n > first:
-                first, base = n, seen
-        if base is not None:
-            out[:, :first] = base.log_mel[:, :first]
-        out[:, first:] = self._compute(samples, first, out.shape[1])
+            n = self.stable_frames(seen.samples, samples)
+            if min(n, seen.frames, cap) > first:
+                first, shared, base = min(n, seen.frames, cap), n, seen
+        # In place: past `first`, the base's rows are recomputed from the same samples (the same bits) up to its
+        # stable frames, and written new past them, its reflected end, which no other fill reads.
+        in_place = self._claim(base, shared) and base.rows.log_mel.shape[0] >= frames
+        if in_place:
+            rows = base.rows
+            self.grown_in_place += 1
+        else:
+            rows = _Rows.empty(frames, self.n_mels)
+            if base is not None:
+                rows.log_mel[:first], rows.peaks[:first] = base.log_mel[:first], base.peaks[:first]
+        computed = self._compute(samples, first, frames)  # [n_mels, frames - first]
+        rows.log_mel[first:frames] = computed.T
+        torch.amax(computed, dim=0, out=rows.peaks[first:frames])
         self.frames_reused += first
-        self.frames_computed += out.shape[1] - first
-        peaks = out[:, first:].amax(dim=0)
-        kept = _Seen(samples, out, torch.cat((base.peaks[:first], peaks)) if base is not None else peaks)
-        self._scale(kept, base, first, features)
+        self.frames_computed += frames - first
+        half = self.n_fft // 2
+        kept = _Seen(samples, rows, frames, min(frames, (len(samples) - half) // self.hop + 1), given=give)
+        self._scale(kept, base, first, in_place)
+        features = kept.features.T
         if not keep_views:
-            kept = _Seen(samples.copy(), out.clone(), kept.peaks)  # its features are the caller's
+            kept = _Seen(samples.copy(), rows, frames, kept.stable)  # its features are the caller's
         self._keep(key, kept, base)
+        return features
 
-    def _scale(self, seen: _Seen, base: _Seen | None, first: int, features: Tensor) -> None:
-        """`features` = (max(log_mel, peak - 8) + 4) / 4 of `seen`'s frames, `peak` their maximum, as the parent
-        computes it. Where the base's first frames and peak are the same, so are its features there: copied, one
-        pass over the audio's frames for the four of the arithmetic (6 ms of the end of a 10-minute turn)."""
+    def _claim(self, base: _Seen | None, shared: int) -> bool:
+        """Whether this fill may grow `base`'s storage in place: it shares all of the base's stable frames, and no
+        other fill has grown it since (then the base is no longer its storage's tip)."""
+        with self._lock:
+            if base is None or shared < base.stable or base.rows.tip is not base:
+                return False
+            base.rows.tip = None  # this fill's until it keeps its entry
+            return True
+
+    def _scale(self, seen: _Seen, base: _Seen | None, first: int, in_place: bool) -> None:
+        """`seen.features` = (max(log_mel, peak - 8) + 4) / 4 of its frames, `peak` their maximum, as the parent
+        computes it. Where the base's first frames and peak are the same, so are its features there: kept (their
+        rows grown in place, if no caller holds them) or copied."""
         peak = seen.peaks.max()
-        if base is None or base.features is None or not torch.equal(base.peaks.max(), peak):
+        if base is None or base.features is None or not torch.equal(base.peak, peak):
             first = 0
-        if first:
-            features[:, :first] = base.features[:, :first]
-            self.features_reused += first
-        rest = features[:, first:]
-        torch.maximum(seen.log_mel[:, first:], peak - 8.0, out=rest)
+        room = 0 if base is None or base.features is None else base.features.untyped_storage().nbytes() // (
+            self.n_mels * base.features.element_size())
+        if first and in_place and not base.given and room >= seen.frames:
+            features = base.features.as_strided((seen.frames, self.n_mels), (self.n_mels, 1))
+        else:
+            features = torch.empty(_room(seen.frames), self.n_mels)[:seen.frames]
+            if first:
+                features[:first] = base.features[:first]
+        self.features_reused += first
+        rest = features[first:]
+        torch.maximum(seen.log_mel[first:], peak - 8.0, out=rest)
         rest.add_(4.0).div_(4.0)
-        seen.features = features
+        seen.features, seen.peak = features, peak
 
     def _compute(self, samples: np.ndarray, first: int, frames: int) -> Tensor:
         """Frames [first, frames) from their samples, reflected at the end (and at the start for frames 0, 1)."""
@@ -152,6 +217,7 @@ class LogMelFrames:
         with self._lock:
             entries = [s for s in self._seen.pop(key, []) if s is not replaces]  # the new one extends it
             self._seen[key] = [*entries, seen]
+            seen.rows.tip = seen  # the next fill that extends it may grow its storage
             total = sum(s.nbytes for group in self._seen.values() for s in group)
             while total > self.max_bytes and self._seen:
                 oldest = next(iter(self._seen))
@@ -216,8 +282,7 @@ class LogMelExtractor(WhisperFeatureExtractor):
         (`services.live_input`)."""
         frames = len(samples) // self.hop_length
         if frames > MIN_WIDTH:
-            self.frames.fill(samples, torch.empty(self.feature_size, frames), torch.empty(self.feature_size, frames),
-                             keep_views=True)
+            self.frames.fill(samples, keep_views=True, give=False)
 
     def _torch_extract_fbank_features(self, waveform: np.ndarray, device: str = "cpu") -> np.ndarray:
         if self.dither != 0.0 or device != "cpu" or waveform.ndim != 2:
@@ -226,13 +291,20 @@ class LogMelExtractor(WhisperFeatureExtractor):
         return self._log_mel(np.asarray(waveform, dtype=np.float32), keep_views=len(waveform) == 1)
 
     def _log_mel(self, rows: np.ndarray, keep_views: bool) -> np.ndarray:
-        """Each row's features, the parent's arithmetic over its log-mel frames (`LogMelFrames.fill`). They are
-        returned as they are kept: the conductor and the encoders only read the processor's outputs."""
-        log_spec = torch.empty(rows.shape[0], self.feature_size, rows.shape[1] // self.hop_length)
-        features = torch.empty_like(log_spec)
-        for row, out, scaled in zip(rows, log_spec, features):
-            self.frames.fill(np.ascontiguousarray(row), out, scaled, keep_views=keep_views)
+        """Each row's features, the parent's arithmetic over its log-mel frames (`LogMelFrames.fill`). One audio's
+        are returned as they are kept (a transposed view): the conductor and the encoders only read the processor's
+        outputs."""
+        if len(rows) == 1:
+            return self.frames.fill(np.ascontiguousarray(rows[0]), keep_views=keep_views)[None].numpy()
+        features = torch.empty(rows.shape[0], self.feature_size, rows.shape[1] // self.hop_length)
+        for row, out in zip(rows, features):
+            out.copy_(self.frames.fill(np.ascontiguousarray(row), keep_views=keep_views))
         return features.numpy()
+
+
+def _room(frames: int) -> int:
+    """Rows to allocate for `frames`: a stream grows, by a warm-up's second at a time, to its end."""
+    return frames + max(frames // 2, GROW_FRAMES)
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:

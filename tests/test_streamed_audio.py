@@ -166,6 +166,39 @@ def test_a_streams_frames_and_features_are_reused_without_comparing_its_samples(
     assert frames.frames_reused - reused > 800 and frames.features_reused == scaled
 
 
+def test_a_streams_end_grows_the_storage_of_its_warm_ups_and_what_a_caller_holds_never_changes(extractors):
+    """A stream's warm-ups and its end grow one storage in place (the end of a long turn copies none of the frames
+    before it); a live prefill's output, which its caller holds, is never written again, though the stream's
+    next warm-ups extend the frames it ends with."""
+    plain, cached = extractors
+    frames = cached.frames
+    pcm = speechlike(10.0, 16000).tobytes()  # within the room the first warm-up leaves
+    stream, got, held = PcmStream(16000, 1), bytearray(), []
+    for at in range(0, len(pcm), 3200):  # 100 ms chunks, a warm-up every second
+        got += pcm[at:at + 3200]
+        stream.feed(got)
+        if at % 32000 == 0 and len(stream.so_far()) > 16000:
+            grown = frames.grown_in_place
+            cached.warm(stream.so_far())
+            assert frames.grown_in_place == grown + (len(stream.so_far()) > 32000), at  # after the first one
+            if at in (96000, 224000):  # a live prefill's own decode (read-only), as the gateway's
+                copy = stream.so_far().copy()
+                copy.flags.writeable = False
+                out = features(cached, copy)
+                assert np.array_equal(out, features(plain, copy))
+                held.append((out, out.copy()))
+    decoded = stream.decode(got).samples
+    grown, copied = frames.grown_in_place, frames.features_reused
+    assert np.array_equal(features(cached, decoded), features(plain, decoded))
+    assert frames.grown_in_place == grown + 1 and frames.features_reused > copied
+    for out, before in held:
+        assert np.array_equal(out, before)
+    ours = features(cached, decoded)  # the same audio again: its features are read, not written
+    assert np.array_equal(ours, features(plain, decoded))
+    for out, before in held:
+        assert np.array_equal(out, before)
+
+
 def test_log_mel_of_a_batch_of_audios_equals_the_whole_computation(extractors):
     """A session's turn: the history's audio (seen before, now padded to the longest) and a new one."""
     plain, cached = extractors

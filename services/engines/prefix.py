@@ -114,7 +114,9 @@ def _audio_segments(start: int, end: int, features: Tensor, window: AudioWindow)
     per_window = window.tokens(window.frames)
     segments = []
     for w, first in enumerate(range(0, features.shape[-1], window.frames)):
-        digest = hashlib.sha256(b"audio" + TENSOR_DIGESTS.digest(features[:, first:first + window.frames]))
+        # Frame-major, as the extractor keeps a stream's features (`services.log_mel`): a window is then a view.
+        frames = features[:, first:first + window.frames].T
+        digest = hashlib.sha256(b"audio" + TENSOR_DIGESTS.digest(frames))
         a = start if w == 0 else start + 1 + w * per_window
         b = min(start + 1 + (w + 1) * per_window, end - 1)
         segments.append(Segment(a, end if b == end - 1 else b, digest.digest()[:16]))
