@@ -116,6 +116,8 @@ class LogMelFrames:
             if min(seen.frames, cap) <= first:
                 continue
             n = self.stable_frames(seen.samples, samples)
+            if n == frames == seen.frames and (again := self._again(key, seen, give)) is not None:
+                return again
             if min(n, seen.frames, cap) > first:
                 first, shared, base = min(n, seen.frames, cap), n, seen
         # In place: past `first`, the base's rows are recomputed from the same samples (the same bits) up to its
@@ -141,6 +143,19 @@ class LogMelFrames:
             kept = _Seen(samples.copy(), rows, frames, kept.stable)  # its features are the caller's
         self._keep(key, kept, base)
         return features
+
+    def _again(self, key: bytes, seen: _Seen, give: bool) -> Tensor | None:
+        """The features of an audio seen before (a session's history, rendered again every turn), as they are kept,
+        from now on never written again; None while a fill may be growing them."""
+        with self._lock:
+            if seen.features is None or not (seen.given or seen.rows.tip is seen):
+                return None
+            seen.given = seen.given or give
+            if key in self._seen:
+                self._seen.move_to_end(key)
+        self.frames_reused += seen.frames
+        self.features_reused += seen.frames
+        return seen.features.T
 
     def _claim(self, base: _Seen | None, shared: int) -> bool:
         """Whether this fill may grow `base`'s storage in place: it shares all of the base's stable frames, and no
@@ -189,7 +204,7 @@ class LogMelFrames:
     def stable_frames(self, old: np.ndarray, new: np.ndarray) -> int:
         """How many leading frames `old` and `new` share: frame i spans samples [i*hop - n_fft/2, i*hop + n_fft/2)
         (frame 0 reflects samples 1 .. n_fft/2), which must all lie before the first differing sample, hence before
-        `old`'s end too."""
+        `old`'s end too; all of them if the two are equal (their reflected ends too)."""
         m = min(len(old), len(new))
         if _same_memory(old, new):
             # The same memory, so equal: a stream's warm-ups and its decode view one buffer (`PcmStream`). A kept
@@ -199,6 +214,8 @@ class LogMelFrames:
         else:
             differ = np.flatnonzero(old[:m] != new[:m])
             same = int(differ[0]) if differ.size else m
+        if same == len(old) == len(new):
+            return len(new) // self.hop
         half = self.n_fft // 2
         return (same - half) // self.hop + 1 if same > half else 0
 

@@ -160,7 +160,8 @@ def test_a_streams_frames_and_features_are_reused_without_comparing_its_samples(
     copy = decoded.copy()  # equal samples elsewhere in memory: compared, and reused as well
     assert np.array_equal(features(cached, copy), features(plain, copy)) and compared
     louder = decoded.copy()
-    louder[-1600:] *= 4.0  # a louder last 0.1 s raises the clamp of every frame: no features are copied
+    louder[-16000:] *= 4.0  # a louder last second raises the clamp of every frame: no features are copied
+    assert not np.array_equal(louder, decoded)  # (its last 0.1 s is digital silence)
     reused, scaled = frames.frames_reused, frames.features_reused
     assert np.array_equal(features(cached, louder), features(plain, louder))
     assert frames.frames_reused - reused > 800 and frames.features_reused == scaled
@@ -189,12 +190,19 @@ def test_a_streams_end_grows_the_storage_of_its_warm_ups_and_what_a_caller_holds
                 held.append((out, out.copy()))
     decoded = stream.decode(got).samples
     grown, copied = frames.grown_in_place, frames.features_reused
-    assert np.array_equal(features(cached, decoded), features(plain, decoded))
+    end = features(cached, decoded)
+    assert np.array_equal(end, features(plain, decoded))
+    held.append((end, end.copy()))
     assert frames.grown_in_place == grown + 1 and frames.features_reused > copied
     for out, before in held:
         assert np.array_equal(out, before)
-    ours = features(cached, decoded)  # the same audio again: its features are read, not written
-    assert np.array_equal(ours, features(plain, decoded))
+    # The same audio again (a session's history, rendered every turn; here also a copy elsewhere in memory): its
+    # features as they are, nothing computed or copied.
+    computed = frames.frames_computed
+    for again in (decoded, decoded.copy()):
+        ours = features(cached, again)
+        assert np.shares_memory(ours, end) and np.array_equal(ours, features(plain, again))
+    assert frames.frames_computed == computed
     for out, before in held:
         assert np.array_equal(out, before)
 
