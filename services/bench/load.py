@@ -75,7 +75,9 @@ def in_process(model_dir: Path) -> Turns:
     from services.stages import Stages
     from services.turn_parts import text_part
 
-    conductor = Conductor(Stages.local(Engines.load(model_dir)))
+    engines = Engines.load(model_dir)
+    engines.warm()  # as replicas do at startup: the first turns that run together wait for no trace
+    conductor = Conductor(Stages.local(engines))
 
     async def run_turn(args) -> tuple[float | None, float, float]:
         req = TurnRequest(parts=[text_part(TEXT)], max_new_tokens=args.tokens, max_audio_frames=args.frames,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from services.checkpoint.loading import Checkpoint
 from services.checkpoint.variant import Variant, detect_variant
-from services.config import EngineConfig
+from services.config import WARM_BATCH, EngineConfig
 from services.engines.audio_encoder import AudioEncoderEngine
 from services.engines.code2wav import Code2WavEngine
 from services.engines.mtp import MTPEngine
@@ -56,6 +56,13 @@ class Engines:
         log.info("loaded %s, %s, in %.1f s (%s)", ckpt.path, variant.title, time.perf_counter() - t,
                  engines.describe())
         return engines
+
+    def warm(self, max_batch: int = WARM_BATCH) -> None:
+        """Trace MTP's and Code2Wav's steps of every batch size up to `max_batch`, as their replicas do at startup
+        (`services.config.WARM_BATCH`): where turns will run together (a benchmark, a server)."""
+        for engine in (self.mtp, self.code2wav):
+            if engine is not None:
+                engine.warm(max_batch)
 
     def describe(self) -> str:
         parts = [(n, getattr(self, n)) for n in ("audio", "vision", "thinker", "talker", "mtp", "code2wav")]

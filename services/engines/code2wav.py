@@ -96,12 +96,14 @@ class Code2WavEngine:
     def stream(self) -> "Code2WavStream":
         return Code2WavStream(self)
 
-    def warm(self) -> None:
-        """Trace one stream's steady frame now, not on a request's second frame (~0.1 s at the tiny checkpoint's
-        widths); other batch sizes are traced at their first steady frame."""
-        stream = self.stream()
-        for _ in range(2):  # the first frame runs eagerly (it trims), the second is steady
-            stream.push(torch.zeros(1, self.num_quantizers, dtype=torch.long, device=self.config.device))
+    def warm(self, max_batch: int = 1) -> None:
+        """Trace the steady frame of each batch size up to `max_batch` streams now, not on the first frame of that
+        size (75 ms each at the tiny checkpoint's widths); larger sizes are traced at their first steady frame."""
+        for size in range(1, max(1, max_batch) + 1):
+            streams = [self.stream() for _ in range(size)]
+            codes = torch.zeros(size, self.num_quantizers, dtype=torch.long, device=self.config.device)
+            for _ in range(2):  # the first frame runs eagerly (it trims), the second is steady
+                push_batch(streams, codes)
 
     def check_codes(self, codes: Tensor) -> Tensor:
         """Validate [n, num_quantizers] integer codes in [0, codebook_size); return them as int64 on the device."""

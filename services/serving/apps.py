@@ -37,7 +37,13 @@ from ray import serve
 from ray.serve import Application
 
 from services.auth import AuthConfig
-from services.config import CODE2WAV_BATCH_WAIT_MS, TALKER_BATCH_WAIT_MS, THINKER_BATCH_WAIT_MS, KVConfig
+from services.config import (
+    CODE2WAV_BATCH_WAIT_MS,
+    TALKER_BATCH_WAIT_MS,
+    THINKER_BATCH_WAIT_MS,
+    WARM_BATCH,
+    KVConfig,
+)
 from services.errors import CheckpointError
 from services.hooks.registry import HooksConfig
 from services.metrics import STAGE_ONGOING
@@ -86,7 +92,15 @@ class StepArgs(StageArgs):
     batch_wait_ms: float = _batch_wait_ms(0.0)
 
 
-class MTPArgs(StepArgs):
+class ReplayedArgs(StepArgs):
+    """MTP's and Code2Wav's: their steps replay a trace per batch size (`services.engines.replay`)."""
+
+    warm_batch: int = Field(WARM_BATCH, ge=1, le=1024, description="batch sizes up to this (and max_batch) are "
+                                                                  "traced at startup; a larger one's first step "
+                                                                  "waits for its trace (services/config.py)")
+
+
+class MTPArgs(ReplayedArgs):
     max_batch: int = Field(32, ge=1, le=1024, description="most frames (of any requests, from any Talker) in one "
                                                          "engine step")
 
@@ -107,7 +121,7 @@ class TalkerArgs(DecoderArgs):
     batch_wait_ms: float = _batch_wait_ms(TALKER_BATCH_WAIT_MS)
 
 
-class Code2WavArgs(StepArgs):
+class Code2WavArgs(ReplayedArgs):
     batch_wait_ms: float = _batch_wait_ms(CODE2WAV_BATCH_WAIT_MS)
 
 
@@ -329,7 +343,8 @@ class MTPReplica(_StageReplica):
         from services.stages import LocalMTP
 
         engine = await asyncio.to_thread(MTPEngine.from_checkpoint, args.model, args.engine_config())
-        await asyncio.to_thread(engine.warm)  # its first frames' traces: not on the first request's path
+        # its frames' traces: not on the path of the first frames of each batch size
+        await asyncio.to_thread(engine.warm, min(args.warm_batch, args.max_batch))
         await self._serve(LocalMTP(engine, args.max_batch, args.batch_wait_ms / 1000), MTPServicer)
 
 
@@ -341,7 +356,8 @@ class Code2WavReplica(_StageReplica):
         from services.stages import LocalCode2Wav
 
         engine = await asyncio.to_thread(Code2WavEngine.from_checkpoint, args.model, args.engine_config())
-        await asyncio.to_thread(engine.warm)  # a steady frame's trace: not on the first request's path
+        # its steady frames' traces: not on the path of the first frames of each batch size
+        await asyncio.to_thread(engine.warm, min(args.warm_batch, args.max_batch))
         await self._serve(LocalCode2Wav(engine, args.max_batch, args.batch_wait_ms / 1000), Code2WavServicer,
                           engine.sample_rate)
 
