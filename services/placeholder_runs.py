@@ -10,6 +10,10 @@ The result equals the tokenizer's own (tests/test_placeholder_runs.py compares t
 (one text, `padding_side` and `return_tensors` at most) is the tokenizer's own.
 
     RunLengthPlaceholders.adopt(processor.tokenizer, [processor.audio_token, ...])   # `preprocess.load_processor`
+    processor._check_special_mm_tokens = MethodType(check_placeholder_counts, processor)
+
+The processor then checks that the ids hold as many placeholders as the text (no truncation): with a regex's list of
+every match, 3 ms of the end of a 10-minute turn; `check_placeholder_counts` counts them with `str.count`.
 """
 
 from __future__ import annotations
@@ -77,3 +81,24 @@ class RunLengthPlaceholders:
         repeats = torch.ones(len(ids), dtype=torch.long)
         repeats[at] = torch.tensor([n for _, n in runs])
         return {k: torch.tensor(v).repeat_interleave(repeats) for k, v in short.items()}
+
+
+def check_placeholder_counts(processor, text: list[str], text_inputs, modalities: list[str]) -> None:
+    """`ProcessorMixin._check_special_mm_tokens`, the same result and error: each modality's placeholder id as many
+    times in each row of ids as its token in the text, not counting a token transformers marked as control text
+    (its `_CONTROL_TOKEN_START` just before it), which the parent's regex skips with a lookbehind."""
+    input_ids = text_inputs["input_ids"]
+    if hasattr(input_ids, "tolist"):
+        input_ids = input_ids.tolist()
+    for modality in modalities:
+        token_str = getattr(processor, f"{modality}_token", None)
+        token_id = getattr(processor, f"{modality}_token_id", None)
+        if token_str is None or token_id is None:
+            continue
+        ids_count = [list(ids).count(token_id) for ids in input_ids]
+        text_count = [sample.count(token_str) - sample.count(_MARKER + token_str) for sample in text]
+        if ids_count != text_count:
+            raise ValueError(
+                f"Mismatch in `{modality}` token count between text and `input_ids`. Got ids={ids_count} and "
+                f"text={text_count}. Likely due to `truncation='max_length'`. Please disable truncation or increase "
+                "`max_length`.")

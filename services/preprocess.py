@@ -44,6 +44,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MethodType
 
 import numpy as np
 import PIL.Image
@@ -55,7 +56,7 @@ import torch
 from services.errors import CheckpointError, InvalidInput, ResourceExhausted
 from services.log_mel import LogMelExtractor
 from services.media_cache import HISTORY
-from services.placeholder_runs import RunLengthPlaceholders
+from services.placeholder_runs import RunLengthPlaceholders, check_placeholder_counts
 from services.turn_parts import is_blank
 
 log = logging.getLogger(__name__)
@@ -511,6 +512,7 @@ def load_processor(path: str | Path):
     processor.feature_extractor = LogMelExtractor.of(processor.feature_extractor)
     RunLengthPlaceholders.adopt(processor.tokenizer, [getattr(processor, f"{kind}_token", None)
                                                       for kind in ("audio", "image", "video")])
+    processor._check_special_mm_tokens = MethodType(check_placeholder_counts, processor)
     return processor
 
 

@@ -71,3 +71,24 @@ def test_direct_calls_equal_the_tokenizers_own(served, processor):
     ours = served.tokenizer(text, truncation=True, max_length=10, return_tensors="np")
     assert np.array_equal(ours["input_ids"], processor.tokenizer(text, truncation=True, max_length=10,
                                                                  return_tensors="np")["input_ids"])
+
+
+def test_the_placeholder_count_check_is_the_processors_own(served, processor):
+    """The served processor's check that the ids hold every placeholder of the text (no truncation) counts them with
+    `str.count`, not a regex's list of matches: the parent's result, a placeholder marked as control text (the
+    marker just before it) not counted, and the parent's error on a mismatch."""
+    from services.placeholder_runs import _MARKER, check_placeholder_counts
+
+    assert served._check_special_mm_tokens.__func__ is check_placeholder_counts
+    pad, modalities = served.audio_token, ["audio", "image", "video"]
+    text = ["a" + pad * 5 + _MARKER + pad + "b" + pad]  # 6 placeholders, one of them marked
+    for count, fits in ((6, True), (7, False), (5, False)):
+        ids = {"input_ids": torch.tensor([[served.audio_token_id] * count + [1, 2]])}
+        errors = []
+        for p in (served, processor):
+            try:
+                p._check_special_mm_tokens(text, ids, modalities)
+                errors.append(None)
+            except ValueError as e:
+                errors.append(str(e))
+        assert errors[0] == errors[1] and (errors[0] is None) == fits, count
