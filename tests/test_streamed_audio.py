@@ -5,6 +5,7 @@ whole-audio computation it replaces (the reference's inputs must not change)."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -205,6 +206,40 @@ def test_a_streams_end_grows_the_storage_of_its_warm_ups_and_what_a_caller_holds
     assert frames.frames_computed == computed
     for out, before in held:
         assert np.array_equal(out, before)
+
+
+def test_fills_that_race_over_one_stream_give_the_parents_features_and_never_change_them(extractors):
+    """Warm-ups, live prefills' copies and the end of one stream, each on its own thread and racing for the storage
+    they extend (`LogMelFrames._claim`): every output is the parent's, and stays so after all of them are done."""
+    plain, cached = extractors
+    pcm = speechlike(12.0, 16000, seed=9).tobytes()
+    stream, got, held, threads = PcmStream(16000, 1), bytearray(), [], []
+
+    def live(audio):
+        out = features(cached, audio)
+        held.append((out, out.copy(), audio))
+
+    def start(target, *args):
+        threads.append(threading.Thread(target=target, args=args))
+        threads[-1].start()
+
+    for at in range(0, len(pcm), 3200):
+        got += pcm[at:at + 3200]
+        stream.feed(got)
+        if at % 16000 == 0 and len(stream.so_far()) > 16000:  # a warm-up every half second, a live prefill often
+            start(cached.warm, stream.so_far())
+            if at % 48000 == 0:
+                copy = stream.so_far().copy()
+                copy.flags.writeable = False
+                start(live, copy)
+    decoded = stream.decode(got).samples
+    start(live, decoded)
+    start(live, decoded.copy())
+    for thread in threads:
+        thread.join()
+    assert len(held) >= 8 and cached.frames.grown_in_place > 0
+    for out, before, audio in held:
+        assert np.array_equal(out, before) and np.array_equal(out, features(plain, audio))
 
 
 def test_log_mel_of_a_batch_of_audios_equals_the_whole_computation(extractors):
