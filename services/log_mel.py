@@ -135,8 +135,7 @@ class LogMelFrames:
         torch.amax(computed, dim=0, out=rows.peaks[first:frames])
         self.frames_reused += first
         self.frames_computed += frames - first
-        half = self.n_fft // 2
-        kept = _Seen(samples, rows, frames, min(frames, (len(samples) - half) // self.hop + 1), given=give)
+        kept = _Seen(samples, rows, frames, min(frames, self._within(len(samples))), given=give)
         self._scale(kept, base, first, in_place)
         features = kept.features.T
         if not keep_views:
@@ -216,8 +215,12 @@ class LogMelFrames:
             same = int(differ[0]) if differ.size else m
         if same == len(old) == len(new):
             return len(new) // self.hop
+        return self._within(same)
+
+    def _within(self, samples: int) -> int:
+        """The leading frames whose n_fft samples all lie in an audio's first `samples` (none reflected at its end)."""
         half = self.n_fft // 2
-        return (same - half) // self.hop + 1 if same > half else 0
+        return (samples - half) // self.hop + 1 if samples > half else 0
 
     def __deepcopy__(self, memo) -> "LogMelFrames":
         return self  # one cache however its extractor is copied (`to_dict` deep-copies)

@@ -132,8 +132,8 @@ class MTPEngine:
         """Trace the frames (greedy and sampled) of each bucket up to `max_batch` rows now, not on the first frame of
         that size (0.13 s each at the tiny checkpoint's widths, about 1 s up to 8 rows); larger buckets are traced at
         their first frame."""
-        for size in range(_bucket(max(1, max_batch)).bit_length()):
-            rows = 1 << size
+        for power in range(_bucket(max(1, max_batch)).bit_length()):
+            rows = 1 << power
             hidden = self.c0_embedding.weight.new_zeros(rows, self.c0_embedding.embedding_dim)
             c0 = torch.zeros(rows, dtype=torch.long, device=self.device)
             self.predict(hidden, c0, True)
