@@ -73,3 +73,58 @@ def test_engines_warmed_up_to_a_batch_size_trace_nothing_on_a_frames_path_and_gi
                                                            for i, g in enumerate(flags)]) for engine in (warm, cold))
         assert torch.equal(ours.codes, theirs.codes) and torch.equal(ours.embed_sum, theirs.embed_sum)
     assert warm._greedy.traced() == {1, 2, 4}
+
+
+def _ids(filler: int) -> torch.Tensor:
+    """A one-turn prompt ending with '<|im_start|>assistant\\n', `filler` text tokens long in its user part."""
+    return torch.tensor([151644, 872, 198, *range(9707, 9707 + filler), 151645, 198, 151644, 77091, 198])
+
+
+def test_decode_steps_replay_warm_traces_at_every_cache_length_with_the_eager_steps_bits(tiny_ckpt):
+    """The Thinker's and the Talker's decode steps replay one trace per batch size (`KVPool.step`), made from dummy
+    inputs at startup (`warm`): requests of different lengths and rope deltas, their caches crossing many pages, one
+    reading its pages in place and one whose pages lie scattered, give the eager steps' bits, and no step traces."""
+    from services.config import KVConfig
+    from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt, default_talker_sampling
+    from services.engines.thinker import ThinkerEngine, ThinkerPrompt
+
+    kv = KVConfig(kv_tokens=4096, page_size=4)
+    traced = {(1, True), (1, False), (2, False), (3, False)}
+    warm, cold = (ThinkerEngine.from_checkpoint(tiny_ckpt, kv=kv, replay=replay) for replay in (True, False))
+    warm.warm(3)
+    assert warm.kv.traced() == traced and not cold.kv.traced()
+    gen = torch.Generator().manual_seed(5)
+    rows = []
+    for filler in (1, 9, 22):
+        for engine in (warm, cold):  # the last one's first page is a one-page hole: its pages lie scattered
+            if filler == 22:
+                hole, _ = engine.kv.reserve(4), engine.kv.reserve(4)
+                hole.close()
+        rows.append([engine.prefill(ThinkerPrompt(input_ids=_ids(filler)), 60)[0] for engine in (warm, cold)])
+    pages = rows[2][0].kv.pages
+    assert pages != list(range(pages[0], pages[0] + len(pages)))
+    for step in range(50):  # 3 rows, then 2, then the scattered one alone
+        live = rows if step < 20 else rows[:2] if step < 35 else rows[2:]
+        tokens = torch.randint(0, 1000, (len(live),), generator=gen).tolist()
+        ours, theirs = (engine.decode_batch([r[i] for r in live], tokens) for i, engine in enumerate((warm, cold)))
+        assert torch.equal(ours, theirs), step
+    alone = [engine.prefill(ThinkerPrompt(input_ids=_ids(3)), 30)[0] for engine in (warm, cold)]
+    for _ in range(20):  # one request's run of pages, read in place
+        token = int(torch.randint(0, 1000, (), generator=gen))
+        assert torch.equal(warm.decode(alone[0], token), cold.decode(alone[1], token))
+    assert warm.kv.traced() == traced
+
+    warm, cold = (TalkerEngine.from_checkpoint(tiny_ckpt, kv=kv, replay=replay) for replay in (True, False))
+    warm.warm(3)
+    assert warm.kv.traced() == traced
+    greedy = default_talker_sampling(greedy=True)
+    sessions = [[engine.prefill(TalkerPrompt(input_ids=_ids(filler)), 100, greedy, max_new_tokens=60)[0]
+                 for engine in (warm, cold)] for filler in (2, 13, 30)]
+    for step in range(40):
+        live = sessions if step < 25 else sessions[1:2]
+        codec = torch.randn(len(live), warm.model.config.hidden_size, generator=gen)
+        tokens = [t if step < 10 else TEXT_END for t in torch.randint(0, 1000, (len(live),), generator=gen).tolist()]
+        ours, theirs = (engine.step_batch([s[i] for s in live], codec, tokens) for i, engine in enumerate((warm, cold)))
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.c0 == b.c0 and torch.equal(a.hidden, b.hidden), step
+    assert warm.kv.traced() == traced

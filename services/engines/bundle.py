@@ -58,9 +58,9 @@ class Engines:
         return engines
 
     def warm(self, max_batch: int = WARM_BATCH) -> None:
-        """Trace MTP's and Code2Wav's steps of every batch size up to `max_batch`, as their replicas do at startup
+        """Trace the decoding stages' steps of every batch size up to `max_batch`, as their replicas do at startup
         (`services.config.WARM_BATCH`): where turns will run together (a benchmark, a server)."""
-        for engine in (self.mtp, self.code2wav):
+        for engine in (self.thinker, self.talker, self.mtp, self.code2wav):
             if engine is not None:
                 engine.warm(max_batch)
 

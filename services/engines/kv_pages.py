@@ -6,12 +6,13 @@ new tokens) when it starts, so a running request never runs out, and one that ca
 RESOURCE_EXHAUSTED. `forward` runs rows of any requests through the model in one call (one request's prefill
 chunk, or the next token of many requests whose caches hold different lengths): each row writes its new positions
 into its own pages and attends only to its own positions, through a `[rows, 1, new, keys]` mask, so what a row
-computes does not depend on the rows beside it (up to the float rounding of a wider matmul).
+computes does not depend on the rows beside it (up to the float rounding of a wider matmul). `step` is `forward`
+for one new position per row (a decode step), replayed from a trace per batch size (`services.engines.replay`).
 
     pool = KVPool(model.config, tokens=65536, page_size=16, device="cpu", dtype=torch.float32, stage="thinker")
     kv = pool.reserve(prompt_len + max_new_tokens)        # KVSlot
     out = pool.forward(model, [kv], embeds[None], position_ids)   # prefill (or a chunk of it)
-    out = pool.forward(model, [kv_a, kv_b], next_embeds, next_positions)  # one decode step of two requests
+    hidden = pool.step(model, [kv_a, kv_b], next_embeds, next_positions)  # one decode step of two requests
     kv.close()                                             # its pages go back to the pool
 
 A finished request's pages may instead be parked under its session's cache key (`park`), for that session's next
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from services.engines.replay import Replays
 from services.errors import InvalidInput, ResourceExhausted
 
 # What becomes of a request's KV when it ends, if it has a cache key (`ThinkerPrompt.keep`, `TalkerPrompt.keep`):
@@ -126,8 +128,9 @@ def prefill_chunks(jobs: Sequence, prefill_step, prefill_padded, alone, closed: 
 
 class KVPool:
     def __init__(self, config, tokens: int, page_size: int, device: str | torch.device, dtype: torch.dtype,
-                 stage: str):
-        """`config`: a decoder's text config (layers, KV heads, head size)."""
+                 stage: str, replay: bool = True):
+        """`config`: a decoder's text config (layers, KV heads, head size); `replay`: False runs every `step`
+        eagerly (the tests compare the two)."""
         if tokens < 1 or page_size < 1:
             raise ValueError(f"kv_tokens and page_size must be positive, got {tokens} and {page_size}")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -145,6 +148,8 @@ class KVPool:
         self._lock = threading.Lock()  # reserve/release come from the event loop, steps run on the worker thread
         self._parked: OrderedDict[str, object] = OrderedDict()  # cache key -> what `park` kept, first to go first
         self._sdpa = getattr(config, "_attn_implementation", "sdpa") == "sdpa"
+        self._replay = replay
+        self._steps: Replays | None = None  # `step`'s traces, for the model of its first call
 
     @property
     def free_positions(self) -> int:
@@ -217,6 +222,53 @@ class KVPool:
         With `lengths`, row b's first lengths[b] positions are its own and the rest padding (prompt chunks of
         different lengths in one forward): the padding's keys go to a scratch page, and its outputs mean nothing.
         Returns the model's output; every slot's length grows by n (lengths[b]). The caller checks capacity."""
+        cache, mask = self._layout(slots, embeds, lengths)
+        out = model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
+                    use_cache=True, **kwargs)
+        self._grow(slots, lengths or [embeds.shape[1]] * len(slots))
+        return out
+
+    def step(self, model: torch.nn.Module, slots: Sequence[KVSlot], embeds: Tensor, position_ids: Tensor) -> Tensor:
+        """`forward` of one new position per slot (embeds [B, 1, H], a decode step): the model's last hidden state
+        [B, 1, H]. A pool serves one model: the first call's, whose steps are replayed from a trace per batch size
+        (the same ops on the same tensors, so the same bits, without the GIL between them: at the tiny checkpoint's
+        widths a Talker step of 6 rows took 1.4 ms eagerly and 0.6 ms replayed, alone). A trace holds no length: the
+        tables, the mask and the run of pages are its inputs, so one trace serves every cache length."""
+        cache, mask = self._layout(slots, embeds, None)
+        inputs = (embeds, position_ids, mask, cache.table, cache.write_pages, cache.write_offsets)
+        run = () if cache.run is None else (cache.run,)
+        hidden = self._replays(model)((len(slots), bool(run)), *inputs, *run)
+        self._grow(slots, [1] * len(slots))
+        return hidden
+
+    def traced(self) -> set[tuple[int, bool]]:
+        """The steps traced so far: (rows, whether one request's pages are read in place)."""
+        return set() if self._steps is None else self._steps.traced()
+
+    def warm(self, model: torch.nn.Module, max_batch: int = 1) -> None:
+        """Trace `step` for each batch size up to `max_batch` (and one request's pages read in place) now, not at
+        the first step of that size. The steps write to the scratch page only."""
+        replays = self._replays(model)
+        page = torch.tensor([self._scratch], device=self.device)
+        for rows in range(1, max_batch + 1):
+            embeds = self.keys.new_zeros(rows, 1, model.config.hidden_size)
+            positions = torch.zeros(4, rows, 1, dtype=torch.long, device=self.device)
+            mask = torch.ones(rows, 1, 1, self.page_size, dtype=torch.bool, device=self.device)
+            if not self._sdpa:
+                mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=self.device)
+            table = page.expand(rows, 1).contiguous()
+            inputs = (embeds, positions, mask, table, table, torch.zeros_like(table))
+            replays((rows, False), *inputs)
+            if rows == 1:
+                replays((1, True), *inputs, torch.tensor([self._scratch, self._scratch + 1]))
+
+    def _replays(self, model: torch.nn.Module) -> Replays:
+        if self._steps is None:
+            self._steps = Replays(f"{self.stage} steps", _step_function(self, model), self._replay)
+        return self._steps
+
+    def _layout(self, slots: Sequence[KVSlot], embeds: Tensor, lengths: Sequence[int] | None):
+        """Where each row's new keys go and which it reads (`_StepCache`), and the attention mask."""
         n = embeds.shape[1]
         starts = torch.tensor([s.length for s in slots], device=self.device)
         positions = starts[:, None] + torch.arange(n, device=self.device)  # [B, n]
@@ -233,13 +285,27 @@ class KVPool:
             padding = torch.arange(n, device=self.device) >= torch.tensor(lengths, device=self.device)[:, None]
             write_pages = write_pages.masked_fill(padding, self._scratch)
         # One request whose pages are consecutive (a fresh pool hands out runs) reads them in place: no gather.
-        run = slots[0].pages[0] if len(slots) == 1 and _consecutive(slots[0].pages[:n_pages]) else None
-        cache = _StepCache(self, table, write_pages, write_offsets, run)
-        out = model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
-                    use_cache=True, **kwargs)
-        for slot, grown in zip(slots, lengths or [n] * len(slots), strict=True):
-            slot.length += grown
-        return out
+        run = None
+        if len(slots) == 1 and _consecutive(slots[0].pages[:n_pages]):
+            first = slots[0].pages[0]
+            run = torch.tensor([first, first + n_pages])  # on the CPU: its bounds are read back, per layer
+        return _StepCache(self, table, write_pages, write_offsets, run), mask
+
+    @staticmethod
+    def _grow(slots: Sequence[KVSlot], grown: Sequence[int]) -> None:
+        for slot, n in zip(slots, grown, strict=True):
+            slot.length += n
+
+
+def _step_function(pool: KVPool, model: torch.nn.Module):
+    """`KVPool.step`'s model call, with the step's layout as tensors (what a trace takes as inputs)."""
+    # A named function, not a lambda: torch.jit.trace names its trace after what it traces.
+    def decode_step(embeds, position_ids, mask, table, write_pages, write_offsets, run=None):
+        cache = _StepCache(pool, table, write_pages, write_offsets, run)
+        return model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
+                     use_cache=True).last_hidden_state
+
+    return decode_step
 
 
 class _StepCache:
@@ -248,7 +314,8 @@ class _StepCache:
 
     is_compileable = False
 
-    def __init__(self, pool: KVPool, table: Tensor, write_pages: Tensor, write_offsets: Tensor, run: int | None):
+    def __init__(self, pool: KVPool, table: Tensor, write_pages: Tensor, write_offsets: Tensor, run: Tensor | None):
+        """`run`: [first, end) pages, where one request's pages lie in one run (read in place), else None."""
         self.pool, self.table, self.run = pool, table, run
         self.write_pages, self.write_offsets = write_pages, write_offsets  # [B, n]
 
@@ -256,9 +323,8 @@ class _StepCache:
         out = []
         for store, new in ((self.pool.keys[layer_idx], key), (self.pool.values[layer_idx], value)):
             store[self.write_pages, self.write_offsets] = new.transpose(1, 2).to(store.dtype)  # [B, n, h, d]
-            pages = self.table.shape[1]
             # [B, pages, page_size, h, d]: the run's view, else a gather (one copy)
-            rows = store[None, self.run:self.run + pages] if self.run is not None else store[self.table]
+            rows = _pages_in_run(store, self.run)[None] if self.run is not None else store[self.table]
             rows = rows.flatten(1, 2).transpose(1, 2)  # [B, h, pages * page_size, d], a view
             # A prompt chunk's many queries read each key: laid out for them (one copy), a 64-token chunk is no
             # slower than before, where the strided view was about 5% slower.
@@ -267,6 +333,14 @@ class _StepCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always given; nothing should ask
+
+
+@torch.jit.script
+def _pages_in_run(store: Tensor, run: Tensor) -> Tensor:
+    """`store[run[0]:run[1]]`, a view. Scripted, so that a trace of a step that calls it (`KVPool.step`) slices
+    the run of each call it replays, not the run of the call it was traced from (a traced slice's bounds are
+    constants)."""
+    return store[int(run[0]):int(run[1])]
 
 
 def _consecutive(pages: list[int]) -> bool:

@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 # Set once for the process, not around each trace: `warnings.catch_warnings` is not thread-safe, and stages trace on
 # their own worker threads. A trace turns shapes into constants, which is the point (one per shape): TracerWarning
-# says so at each, and only tracing raises it. TorchScript's deprecation is answered above.
+# says so at each, and only tracing raises it. TorchScript's deprecation is answered above (a decode step's trace
+# calls one scripted function: `services.engines.kv_pages`).
 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-warnings.filterwarnings("ignore", message="`torch.jit.trace` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="`torch.jit.(trace|script)` is deprecated", category=FutureWarning)
 
 
 class Replays:

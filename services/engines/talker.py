@@ -138,13 +138,16 @@ class TalkerPrefillJob:
 class TalkerEngine:
     def __init__(self, omni_config, model: Qwen3OmniMoeTalkerModel, codec_head: nn.Linear,
                  text_projection: nn.Module, hidden_projection: nn.Module, text_embedding: nn.Embedding,
-                 device: torch.device, kv: KVConfig = KVConfig()):
-        self.model, self.codec_head, self.text_embedding = model, codec_head, text_embedding
+                 device: torch.device, kv: KVConfig = KVConfig(), replay: bool = True):
+        """`replay`: False runs every step eagerly (`KVPool.step`; the tests compare the two)."""
+        # Inference only; and a trace keeps the weights as constants, which must not need grad.
+        self.model = model.requires_grad_(False)
+        self.codec_head, self.text_embedding = codec_head, text_embedding
         self.text_projection, self.hidden_projection = text_projection, hidden_projection
         self.device = device
         self.dtype = codec_head.weight.dtype
         self.parameter_bytes = parameter_bytes(model, codec_head, text_projection, hidden_projection, text_embedding)
-        self.kv = KVPool(model.config, kv.kv_tokens, kv.page_size, device, self.dtype, "talker")
+        self.kv = KVPool(model.config, kv.kv_tokens, kv.page_size, device, self.dtype, "talker", replay)
         self.prefill_chunk = kv.prefill_chunk
 
         c = omni_config
@@ -178,7 +181,7 @@ class TalkerEngine:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig(),
-                        kv: KVConfig = KVConfig()) -> "TalkerEngine":
+                        kv: KVConfig = KVConfig(), replay: bool = True) -> "TalkerEngine":
         if not isinstance(ckpt, Checkpoint):
             ckpt = Checkpoint.open(ckpt)
         talker = ckpt.config.talker_config
@@ -199,7 +202,7 @@ class TalkerEngine:
         weight = ckpt.read_one("thinker.model.embed_tokens.weight")
         text_embedding = nn.Embedding.from_pretrained(weight.to(device, dtype), freeze=True)
         return cls(ckpt.config, model, codec_head, text_projection, hidden_projection, text_embedding,
-                   torch.device(device), kv)
+                   torch.device(device), kv, replay)
 
     def speaker_id(self, name: str) -> int:
         sid = self.speakers.get(name.lower())
@@ -323,6 +326,12 @@ class TalkerEngine:
             return None
         return self._frames([job.session], out.last_hidden_state)[0]
 
+    @torch.inference_mode()
+    def warm(self, max_batch: int = 1) -> None:
+        """Trace the step of each batch size up to `max_batch` now (`KVPool.warm`): 0.04 s each at the tiny
+        checkpoint's widths, not on the first step of that size."""
+        self.kv.warm(self.model, max_batch)
+
     def check_step(self, session: TalkerSession, text_token: int) -> None:
         """What `step` would refuse, checked before a step joins a batch: one request's error never fails a step
         shared with others."""
@@ -360,8 +369,8 @@ class TalkerEngine:
                 texts[i] = embedded
         embeds = codec_embed_sums.to(self.device, self.dtype) + torch.stack(texts)
         positions = torch.cat([step_positions(s.length, 1, s.rope_delta) for s in sessions], dim=1)
-        out = self.kv.forward(self.model, [s.kv for s in sessions], embeds[:, None], positions.to(self.device))
-        return self._frames(sessions, out.last_hidden_state)
+        hidden = self.kv.step(self.model, [s.kv for s in sessions], embeds[:, None], positions.to(self.device))
+        return self._frames(sessions, hidden)
 
     def _frames(self, sessions: list[TalkerSession], last_hidden_state: Tensor) -> list[TalkerFrame]:
         """Each row's c0, drawn by its own sampler from the codec head over its last position."""

@@ -102,9 +102,11 @@ class Reuse:
 class ThinkerEngine:
     def __init__(
         self, model: torch.nn.Module, lm_head: torch.nn.Linear, ckpt_config, config: EngineConfig, max_seq_len: int,
-        kv: KVConfig = KVConfig(),
+        kv: KVConfig = KVConfig(), replay: bool = True,
     ):
-        self.model = model
+        """`replay`: False runs every decode step eagerly (`KVPool.step`; the tests compare the two)."""
+        # Inference only; and a trace keeps the weights as constants, which must not need grad.
+        self.model = model.requires_grad_(False)
         self.lm_head = lm_head
         self.config = config
         self.max_seq_len = max_seq_len
@@ -119,12 +121,13 @@ class ThinkerEngine:
         self.rope = TMRoPE(tc, self.spatial_merge_size)
         self.markers = MarkerIds.from_config(tc)
         self.parameter_bytes = parameter_bytes(model, lm_head)
-        self.kv = KVPool(model.config, kv.kv_tokens, kv.page_size, config.device, config.torch_dtype, "thinker")
+        self.kv = KVPool(model.config, kv.kv_tokens, kv.page_size, config.device, config.torch_dtype, "thinker",
+                         replay)
 
     @classmethod
     def from_checkpoint(
         cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig(), max_seq_len: int | None = None,
-        kv: KVConfig = KVConfig(),
+        kv: KVConfig = KVConfig(), replay: bool = True,
     ) -> "ThinkerEngine":
         """`max_seq_len`: longest prompt + generation a session may hold (default: the model's position limit)."""
         ckpt = ckpt if isinstance(ckpt, Checkpoint) else Checkpoint.open(ckpt)
@@ -135,7 +138,7 @@ class ThinkerEngine:
         lm_head = torch.nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         lm_head.load_state_dict(ckpt.read(LM_HEAD_PREFIX))
         lm_head = lm_head.to(config.device, config.torch_dtype).eval()
-        return cls(model, lm_head, ckpt.config, config, max_seq_len or text_config.max_position_embeddings, kv)
+        return cls(model, lm_head, ckpt.config, config, max_seq_len or text_config.max_position_embeddings, kv, replay)
 
     @torch.inference_mode()
     def prefill(
@@ -280,6 +283,12 @@ class ThinkerEngine:
         self.check_decode(session, token_id)
         return self.decode_batch([session], [token_id])[0]
 
+    @torch.inference_mode()
+    def warm(self, max_batch: int = 1) -> None:
+        """Trace the decode step of each batch size up to `max_batch` now (`KVPool.warm`): 0.04 s each at the tiny
+        checkpoint's widths, not on the first step of that size."""
+        self.kv.warm(self.model, max_batch)
+
     def check_decode(self, session: ThinkerSession, token_id: int) -> None:
         """What `decode` would refuse, checked before a step joins a batch: one request's error never fails a step
         shared with others."""
@@ -298,9 +307,9 @@ class ThinkerEngine:
         token after `token_ids[b]` in `sessions[b]`, whatever the others' lengths and rope deltas."""
         ids = torch.tensor(token_ids, device=self.config.device)[:, None]
         positions = torch.cat([step_positions(s.length, 1, s.rope_delta) for s in sessions], dim=1)
-        out = self.kv.forward(self.model, [s.kv for s in sessions], self.model.embed_tokens(ids),
+        hidden = self.kv.step(self.model, [s.kv for s in sessions], self.model.embed_tokens(ids),
                               positions.to(self.config.device))
-        return self._logits(out.last_hidden_state)
+        return self._logits(hidden)
 
     def _logits(self, last_hidden_state: Tensor) -> Tensor:
         """[B, V] float32 logits after each row's last position."""

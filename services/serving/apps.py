@@ -85,22 +85,18 @@ def _batch_wait_ms(default: float):
 
 
 class StepArgs(StageArgs):
-    """A stage that batches its requests' steps (`services.batching`): Thinker, Talker, MTP, Code2Wav."""
+    """A stage that batches its requests' steps (`services.batching`) and replays each batch size's from a trace
+    (`services.engines.replay`): Thinker, Talker, MTP, Code2Wav."""
 
     max_batch: int = Field(64, ge=1, le=1024, description="most requests' steps (MTP: frames, of any requests from "
                                                          "any Talker) in one engine call")
     batch_wait_ms: float = _batch_wait_ms(0.0)
-
-
-class ReplayedArgs(StepArgs):
-    """MTP's and Code2Wav's: their steps replay a trace per batch size (`services.engines.replay`)."""
-
     warm_batch: int = Field(WARM_BATCH, ge=1, le=1024, description="batch sizes up to this (and max_batch) are "
                                                                   "traced at startup; a larger one's first step "
                                                                   "waits for its trace (services/config.py)")
 
 
-class MTPArgs(ReplayedArgs):
+class MTPArgs(StepArgs):
     max_batch: int = Field(32, ge=1, le=1024, description="most frames (of any requests, from any Talker) in one "
                                                          "engine step")
 
@@ -121,7 +117,7 @@ class TalkerArgs(DecoderArgs):
     batch_wait_ms: float = _batch_wait_ms(TALKER_BATCH_WAIT_MS)
 
 
-class Code2WavArgs(ReplayedArgs):
+class Code2WavArgs(StepArgs):
     batch_wait_ms: float = _batch_wait_ms(CODE2WAV_BATCH_WAIT_MS)
 
 
@@ -314,6 +310,7 @@ class ThinkerReplica(_StageReplica):
         ckpt = Checkpoint.open(args.model)
         engine = await asyncio.to_thread(ThinkerEngine.from_checkpoint, ckpt, args.engine_config(),
                                          kv=args.kv_config())
+        await asyncio.to_thread(engine.warm, min(args.warm_batch, args.max_batch))  # as MTP's, below
         await self._serve(LocalThinker(engine, args.max_batch, args.batch_wait_ms / 1000), ThinkerServicer,
                           thinker_stop_ids(ckpt))
 
@@ -329,6 +326,7 @@ class TalkerReplica(_StageReplica):
 
         engine = await asyncio.to_thread(TalkerEngine.from_checkpoint, args.model, args.engine_config(),
                                          kv=args.kv_config())
+        await asyncio.to_thread(engine.warm, min(args.warm_batch, args.max_batch))  # as MTP's, below
         mtp = ReplicaSet(args.mtp_app, RemoteMTP)  # one stream per MTP replica, shared by this replica's requests
         self.peers = (mtp,)
         await self._serve(LocalTalker(engine, RoutedMTP(mtp), args.max_batch, args.batch_wait_ms / 1000),
