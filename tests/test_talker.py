@@ -16,7 +16,7 @@ from transformers import GenerationConfig
 
 from services.checkpoint.loading import Checkpoint
 from services.engines.mtp import MTPEngine
-from services.engines.sampling import Sampler, SamplingParams, greedy_ids
+from services.engines.sampling import Sampler, SamplingParams, greedy_ids, process_rows, sample_rows
 from services.engines.talker import TEXT_END, TalkerEngine, TalkerPrompt, default_talker_sampling
 from services.errors import CheckpointError, InvalidInput, ResourceExhausted
 
@@ -305,6 +305,31 @@ def test_sampler_matches_generate_processors(reference, talker, greedy):
         history = torch.cat((history, expected.view(1, 1)), dim=1)
     assert len(set(history[0].tolist())) < 30  # the penalty was exercised
     assert all(t not in talker.suppress_tokens for t in sampler.history)
+
+
+def test_rows_sampled_together_draw_what_each_sampler_draws_alone(talker):
+    """`sample_rows` (a Talker step's rows, processed in one call per set of processors) gives each row the scores
+    and the token its sampler alone gives: greedy and sampled rows, with and without a repetition penalty, histories
+    of different lengths (one empty at first), for longer than the history's first buffer."""
+    params = [default_talker_sampling(greedy=True), default_talker_sampling(greedy=True),
+              default_talker_sampling(seed=7), default_talker_sampling(seed=8), SamplingParams(greedy=True),
+              default_talker_sampling(greedy=True)]
+
+    def samplers():
+        return [Sampler(p, talker.suppress_tokens) for p in params]
+
+    together, alone = samplers(), samplers()
+    logits_rng = torch.Generator().manual_seed(11)
+    for step in range(100):
+        rows = [0, 2, 4] if step < 5 else list(range(len(params)))  # the others join later: shorter histories
+        logits = torch.randn(len(rows), 3072, generator=logits_rng) + 6 * (torch.arange(3072) % 89 == 0)
+        scores = process_rows([together[r] for r in rows], logits)
+        for i, r in enumerate(rows):
+            assert torch.equal(scores[i:i + 1], alone[r].process(logits[i])), (step, r)
+        got = sample_rows([together[r] for r in rows], logits)
+        assert got == [alone[r](logits[i]) for i, r in enumerate(rows)], step
+    assert [s.history for s in together] == [s.history for s in alone]
+    assert len(set(together[0].history)) < 50  # repeats: the penalty was exercised
 
 
 @settings(max_examples=200, deadline=None)

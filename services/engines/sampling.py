@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -104,13 +105,20 @@ class Sampler:
     def __init__(self, params: SamplingParams, suppress_tokens: Sequence[int] = (), device: str | torch.device = "cpu"):
         self.params = params
         self.device = torch.device(device)
+        self.suppress_tokens = tuple(suppress_tokens)
         self.history: list[int] = []
+        # The history as a tensor too, grown in place: a list made into a tensor at every step cost 0.7 us an id,
+        # 4 ms a Talker step of 6 rows 1,000 frames into their speech.
+        self._ids = torch.empty(64, dtype=torch.long, device=self.device)
         self.processors = LogitsProcessorList()
         if params.repetition_penalty != 1.0:
             self.processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
         if suppress_tokens:
             self.processors.append(_SuppressTokens(suppress_tokens, device=self.device))
         self.processors.extend(warpers(params))
+        # Samplers with equal keys have the same processors (`process_rows`)
+        self.processors_key = (params.repetition_penalty, self.suppress_tokens, params.greedy, params.temperature,
+                               params.top_k, params.top_p, self.device)
         self.generator = torch.Generator(self.device)
         if params.seed is None:
             self.generator.seed()
@@ -122,10 +130,58 @@ class Sampler:
         scores = logits.reshape(1, -1).to(device=self.device, dtype=torch.float32)
         if not self.processors:
             return scores
-        history = torch.tensor([self.history], dtype=torch.long, device=self.device)
-        return apply_processors(self.processors, history, scores)
+        return apply_processors(self.processors, self.ids()[None], scores)
+
+    def ids(self) -> Tensor:
+        """[T] the history's ids."""
+        return self._ids[:len(self.history)]
+
+    def record(self, token: int) -> None:
+        """The next token drawn: into the history."""
+        if len(self.history) == len(self._ids):
+            self._ids = torch.cat((self._ids, torch.empty_like(self._ids)))
+        self._ids[len(self.history)] = token
+        self.history.append(token)
 
     def __call__(self, logits: Tensor) -> int:
         token = int(draw(self.process(logits), self.params.greedy, self.generator)[0])
-        self.history.append(token)
+        self.record(token)
         return token
+
+
+def process_rows(samplers: Sequence[Sampler], logits: Tensor) -> Tensor:
+    """logits [B, V] -> [B, V] float32 scores, row b `samplers[b].process(logits[b])`'s. The rows whose samplers have
+    the same processors go through them in one call: they work on each row alone (the repetition penalty's gather and
+    scatter, elementwise `where`s, per-row top-k and top-p), so a row's scores are its bits alone. A history shorter
+    than the others' is padded with its own first id, which the penalty's gather and scatter then read and write once
+    more, with the same value; a row with no history yet goes alone."""
+    scores = logits.to(device=samplers[0].device, dtype=torch.float32, copy=True)  # a Talker's samplers share one
+    groups: dict[tuple, list[int]] = {}
+    for row, sampler in enumerate(samplers):
+        if not sampler.processors:
+            continue
+        if sampler.history:
+            groups.setdefault(sampler.processors_key, []).append(row)
+        else:
+            scores[row] = sampler.process(logits[row])[0]
+    for rows in groups.values():
+        padded = pad_sequence([samplers[row].ids() for row in rows], batch_first=True, padding_value=-1)
+        padded = torch.where(padded < 0, padded[:, :1], padded)  # each row's own first id
+        scores[rows] = apply_processors(samplers[rows[0]].processors, padded, scores[rows])
+    return scores
+
+
+def sample_rows(samplers: Sequence[Sampler], logits: Tensor) -> list[int]:
+    """logits [B, V] -> each row's token, as `samplers[b](logits[b])` draws it (and each history grows by it):
+    `process_rows`, then one `greedy_ids` for the greedy rows, and a draw with its own generator for each sampled row.
+    A Talker step of 6 rows: about 0.2 ms, against 0.3 to 0.5 ms row by row."""
+    scores = process_rows(samplers, logits)
+    greedy = [row for row, sampler in enumerate(samplers) if sampler.params.greedy]
+    tokens: list[int] = [0] * len(samplers)
+    for row, token in zip(greedy, greedy_ids(scores[greedy]).tolist() if greedy else [], strict=True):
+        tokens[row] = token
+    for row, sampler in enumerate(samplers):
+        if not sampler.params.greedy:
+            tokens[row] = int(draw(scores[row:row + 1], False, sampler.generator)[0])
+        sampler.record(tokens[row])
+    return tokens

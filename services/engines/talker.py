@@ -55,7 +55,7 @@ from services.engines.kv_pages import (
     prefill_whole,
 )
 from services.engines.positions import PromptLayout, TMRoPE, step_positions
-from services.engines.sampling import Sampler, SamplingParams
+from services.engines.sampling import Sampler, SamplingParams, sample_rows
 from services.errors import InvalidInput, PrefixGone, ResourceExhausted
 
 TEXT_END = -1  # pass as the released text token to say "the Thinker's text has ended"
@@ -375,12 +375,10 @@ class TalkerEngine:
     def _frames(self, sessions: list[TalkerSession], last_hidden_state: Tensor) -> list[TalkerFrame]:
         """Each row's c0, drawn by its own sampler from the codec head over its last position."""
         hidden = last_hidden_state[:, -1]
-        logits = self.codec_head(hidden)
-        frames = []
-        for row, session in enumerate(sessions):
-            frames.append(TalkerFrame(c0=session.sampler(logits[row]), hidden=hidden[row]))
+        c0s = sample_rows([session.sampler for session in sessions], self.codec_head(hidden))
+        for session in sessions:
             session.steps += 1
-        return frames
+        return [TalkerFrame(c0=c0, hidden=hidden[row]) for row, c0 in enumerate(c0s)]
 
     def _embed_text(self, ids) -> Tensor:
         ids = torch.as_tensor(ids, device=self.device)
