@@ -176,7 +176,7 @@ def test_mtp_batch_equals_one_by_one(mtp, talker):
     assert (sampled[0][:, 1:] < mtp.predictor.config.vocab_size).all()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6, 11])
 def test_mtp_codes_equal_the_code_predictors_generate(mtp, talker, rows):
     """The engine's steps (the reference layers' arithmetic without their wrappers) against the code predictor's
     own `generate`, greedy, called as the reference Talker calls it: the same codes for every row, whatever the
@@ -219,10 +219,10 @@ def test_mtp_rows_sample_on_their_own(mtp, talker):
     for i, (g, gen) in enumerate(zip(greedy, gens())):
         one = mtp.predict(hidden[i:i + 1], c0[i:i + 1], g, gen)
         torch.testing.assert_close(batch.codes[i:i + 1], one.codes, rtol=0, atol=0)
-    # Reordered, and padded to another size bucket (5 rows -> 8): the same rows, the same codes.
+    # Reordered, beside 5 more rows, and padded to a size bucket (9 rows -> 16): the same rows, the same codes.
     order = [3, 1, 0, 2]
-    again = mtp.predict(torch.cat([hidden[order], hidden[:1]]), torch.cat([c0[order], c0[:1]]),
-                        [greedy[i] for i in order] + [True], [gens()[i] for i in order] + [None])
+    again = mtp.predict(torch.cat([hidden[order], hidden[:1].expand(5, -1)]), torch.cat([c0[order], c0[:1].expand(5)]),
+                        [greedy[i] for i in order] + [True] * 5, [gens()[i] for i in order] + [None] * 5)
     torch.testing.assert_close(again.codes[:4], batch.codes[order], rtol=0, atol=0)
     with pytest.raises(InvalidInput, match="one greedy flag and generator per row"):
         mtp.predict(hidden, c0, [True])
@@ -364,7 +364,7 @@ def test_sampling_params_validation():
         SamplingParams(temperature=0)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
 def test_mtp_replayed_frames_give_the_eager_steps_bits(mtp, talker, rows):
     """A frame replayed from traces (`services.engines.replay`: a batch of greedy rows as one whole frame, one with
     sampled rows step by step) gives the codes and embedding sums of the same steps run eagerly, bit for bit, at
@@ -382,7 +382,7 @@ def test_mtp_replayed_frames_give_the_eager_steps_bits(mtp, talker, rows):
         for flags in ([True] * rows, mixed):
             got, want = (engine.predict(hidden, c0, flags, gens(flags)) for engine in (mtp, eager))
             assert torch.equal(got.codes, want.codes) and torch.equal(got.embed_sum, want.embed_sum)
-    bucket = 1 << (rows - 1).bit_length()
+    bucket = rows if rows <= 8 else 16  # sizes up to 8 as they are, then powers of two
     assert bucket in mtp._greedy.traced() and all(bucket in step.traced() for step in mtp._steps)
     assert not eager._greedy.traced() and not any(step.traced() for step in eager._steps)
 
