@@ -85,8 +85,8 @@ def _batch_wait_ms(default: float):
 
 
 class StepArgs(StageArgs):
-    """A stage that batches its requests' steps (`services.batching`) and replays each batch size's from a trace
-    (`services.engines.replay`): Thinker, Talker, MTP, Code2Wav."""
+    """A stage that batches its requests' steps (`services.batching`) and replays the steps of each batch size from
+    a trace (`services.engines.replay`): Thinker, Talker, MTP, Code2Wav."""
 
     max_batch: int = Field(64, ge=1, le=1024, description="most requests' steps (MTP: frames, of any requests from "
                                                          "any Talker) in one engine call")
