@@ -431,13 +431,13 @@ class _Audio:
     def bytes_per_s(self) -> int:
         return 2 * max(self.channels, 1) * self.sample_rate
 
-    def warm(self, extractor) -> None:
+    def warm(self, extractor) -> float | None:
         """Resample a PCM audio still arriving, and compute its log-mel frames, up to what has come (on a worker
         thread, while the turn streams in: `services.live_input`), so that its decode at the end of the turn, and
-        the processor's call, compute only what came after."""
+        the processor's call, compute only what came after. Its features' level so far (`LogMelExtractor.warm`),
+        or None."""
         self.stream.feed(self.data)
-        if isinstance(extractor, LogMelExtractor):
-            extractor.warm(self.stream.so_far())
+        return extractor.warm(self.stream.so_far()) if isinstance(extractor, LogMelExtractor) else None
 
     def charge(self, where: str, budget: MediaBudget) -> None:
         """Count the samples this audio decodes to against the turn's budget, from its header or byte count."""
@@ -509,11 +509,12 @@ class _TurnInput:
                 if a.kind == "pcm16":
                     _at(f"audio {audio_id!r}", a.charge, "it", probe)
 
-    def live_progress(self, window_s: float, margin_s: float) -> tuple[tuple[int, int], list, int]:
+    def live_progress(self, window_s: float, margin_s: float,
+                      whole: bool = False) -> tuple[tuple[int, int], list, int]:
         """What of the turn so far can be prefilled while it streams in (`services.live_input`): every part but the
         last, whose chunks may still come, and the last if it is text, or PCM audio: its whole windows of `window_s`
-        and `margin_s` more. Its progress (complete media, the last audio's whole windows), its parts and the bytes
-        kept of that audio."""
+        and `margin_s` more (`whole`: all of it that has come, once it has a whole window). Its progress (complete
+        media, the last audio's whole windows), its parts and the bytes kept of that audio."""
         order, windows, cut = list(self.order), 0, 0
         if order and order[-1][0] != "text":
             kind, key = order.pop()
@@ -522,7 +523,8 @@ class _TurnInput:
                 frame = 2 * audio.channels
                 windows = int((len(audio.data) // frame / audio.sample_rate - margin_s) // window_s)
                 if windows > 0:
-                    cut = int((windows * window_s + margin_s) * audio.sample_rate) * frame
+                    cut = len(audio.data) // frame * frame if whole else \
+                        int((windows * window_s + margin_s) * audio.sample_rate) * frame
                     order.append((kind, key))
         media = sum(kind != "text" for kind, _ in order)
         return (media - (windows > 0), windows), order, cut
@@ -534,10 +536,11 @@ class _TurnInput:
             return audio if audio.stream is not None else None
         return None
 
-    def live_view(self, window_s: float, margin_s: float) -> tuple[_TurnInput, tuple[int, int]] | None:
+    def live_view(self, window_s: float, margin_s: float,
+                  whole: bool = False) -> tuple[_TurnInput, tuple[int, int]] | None:
         """A copy of `live_progress`'s parts, to decode while more input arrives, and their progress; None without
         any medium (text alone is cheap to prefill at end_of_turn)."""
-        progress, order, cut = self.live_progress(window_s, margin_s)
+        progress, order, cut = self.live_progress(window_s, margin_s, whole)
         media = {key for kind, key in order if kind != "text"}
         if not media:
             return None

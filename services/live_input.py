@@ -17,6 +17,13 @@ one: `omni_thinker_prefix_redos_total` counts those.
 
 Between prefills, a PCM audio still arriving is resampled and its log-mel frames computed every `WARM_S` of it
 (`_Audio.warm`, on a worker thread), so that `end_of_turn` does that for its last second, not its last window.
+A warm-up also sees the loudest moment so far. When it is past the windows prefilled (in the audio's last, partial
+window) it raises the clamp of every prefilled window, and the next window's prefill would redo them, but if the turn
+ends first, its end would: all of a long audio, after the user stopped (for 120 s of speech here, 0.28 s rather than
+0.07). So a rise starts a prefill of all the audio so far, its partial window too ("catching up"): the windows are
+redone now, at their final clamp if no louder moment follows, and `end_of_turn` prefills only the last window.
+Catch-ups are `CATCH_UP_S` of audio apart at least (a later rise waits for that), so an audio whose level keeps
+rising costs a few more redos per window, not one per second.
 
 At most one prefill of a turn runs at a time, started `debounce_s` after the input that made it worth one (a new
 complete medium, or a new whole window of audio), so a turn uploaded at once (all parts, then `end_of_turn`)
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.05
 WARM_S = 1.0  # seconds of a streaming audio that arrive between its warm-ups
 MARGIN_S = 0.1  # audio kept past a window's end: its last frames' STFT (and resampler) see real samples
+CATCH_UP_S = 2.0  # seconds of audio between catch-ups (prefills of all of it after a louder moment), at least
 
 
 class LivePrefill:
@@ -56,6 +64,10 @@ class LivePrefill:
         self._task: asyncio.Task | None = None
         self._warming: asyncio.Task | None = None
         self._working = False  # the task is past its debounce: waiting for it costs less than redoing its work
+        self._level = float("-inf")  # the arriving audio's level (`_Audio.warm`), the highest seen
+        self._risen = False  # past a whole window, since the last catch-up
+        self._caught_up_at = float("-inf")  # seconds of the audio at the last catch-up
+        self._catch_up = False  # prefill all of the audio so far, next
         self._stopped = False
         self.error: ResourceExhausted | None = None  # a limit the turn passed: the gateway ends it with this
 
@@ -67,7 +79,7 @@ class LivePrefill:
         if self._task is not None and not self._task.done():
             return
         progress, _, _ = self.parts.live_progress(self.window_s, MARGIN_S)
-        if progress != self._done and progress != (0, 0):
+        if (progress != self._done or self._catch_up) and progress != (0, 0):
             self._task = asyncio.create_task(self._prefills(), name="omni-live-prefill")
 
     def _warm(self) -> None:
@@ -80,9 +92,18 @@ class LivePrefill:
 
     async def _warm_up(self, audio) -> None:
         try:
-            await asyncio.to_thread(audio.warm, self.conductor.stages.processor.feature_extractor)
+            level = await asyncio.to_thread(audio.warm, self.conductor.stages.processor.feature_extractor)
         except Exception as e:  # the turn's own decode at its end does it all, and reports a real error
             log.info("turn %s: warming its audio stopped: %s", self.options.request_id, e)
+            return
+        if level is not None and level > self._level:
+            self._level = level
+            # Before the first whole window the rise is its prefill's: it clamps at that window's own level.
+            self._risen = self._risen or self.parts.live_progress(self.window_s, MARGIN_S)[0][1] > 0
+        seconds = len(audio.data) / audio.bytes_per_s
+        if self._risen and seconds - self._caught_up_at >= CATCH_UP_S and not self._stopped:
+            self._risen, self._caught_up_at, self._catch_up = False, seconds, True
+            self.update()
 
     async def settle(self) -> None:
         """`end_of_turn`: no more prefills; wait for the one running, drop one not started; wait for a warm-up
@@ -110,10 +131,13 @@ class LivePrefill:
     async def _prefills(self) -> None:
         while not self._stopped:
             await asyncio.sleep(self.debounce_s)
-            seen = self.parts.live_view(self.window_s, MARGIN_S)
-            if self._stopped or seen is None or seen[1] == self._done:
+            catch_up, self._catch_up = self._catch_up, False
+            seen = self.parts.live_view(self.window_s, MARGIN_S, whole=catch_up)
+            if self._stopped or seen is None or (seen[1] == self._done and not catch_up):
                 return
             snapshot, progress = seen
+            if catch_up:
+                metrics.LIVE_CATCH_UPS.inc()
             self._working = True
             try:
                 t = time.perf_counter()

@@ -135,7 +135,7 @@ class LogMelFrames:
         torch.amax(computed, dim=0, out=rows.peaks[first:frames])
         self.frames_reused += first
         self.frames_computed += frames - first
-        kept = _Seen(samples, rows, frames, min(frames, self._within(len(samples))), given=give)
+        kept = _Seen(samples, rows, frames, min(frames, self.whole_frames(len(samples))), given=give)
         self._scale(kept, base, first, in_place)
         features = kept.features.T
         if not keep_views:
@@ -176,6 +176,10 @@ class LogMelFrames:
             self.n_mels * base.features.element_size())
         if first and in_place and not base.given and room >= seen.frames:
             features = base.features.as_strided((seen.frames, self.n_mels), (self.n_mels, 1))
+            # Its rows up to the base's stable frames hold these values already (the same frames and peak), and a
+            # fill on another thread may be copying them: rewritten in place (three ops) they would pass through
+            # other values. Past them, the base's reflected end, no other fill reads.
+            first = max(first, min(base.stable, seen.frames))
         else:
             features = torch.empty(_room(seen.frames), self.n_mels)[:seen.frames]
             if first:
@@ -215,9 +219,9 @@ class LogMelFrames:
             same = int(differ[0]) if differ.size else m
         if same == len(old) == len(new):
             return len(new) // self.hop
-        return self._within(same)
+        return self.whole_frames(same)
 
-    def _within(self, samples: int) -> int:
+    def whole_frames(self, samples: int) -> int:
         """The leading frames whose n_fft samples all lie in an audio's first `samples` (none reflected at its end)."""
         half = self.n_fft // 2
         return (samples - half) // self.hop + 1 if samples > half else 0
@@ -296,13 +300,17 @@ class LogMelExtractor(WhisperFeatureExtractor):
             row[:-(-length // self.hop_length)] = 1
         return BatchFeature({"input_features": features, "attention_mask": mask}, tensor_type=return_tensors)
 
-    def warm(self, samples: np.ndarray) -> None:
+    def warm(self, samples: np.ndarray) -> float | None:
         """Compute and keep the frames of an audio still arriving: `samples`, what is decoded of it so far, never
         written after (`PcmStream.so_far`). The call with the whole audio then computes only the frames past it
-        (`services.live_input`)."""
+        (`services.live_input`). Its level: the largest feature of the frames that more audio leaves as they are
+        (not its reflected end), which rises with the clamp; the same arithmetic as every call's, so levels compare
+        exactly. None: too short to warm."""
         frames = len(samples) // self.hop_length
-        if frames > MIN_WIDTH:
-            self.frames.fill(samples, keep_views=True, give=False)
+        if frames <= MIN_WIDTH:
+            return None
+        features = self.frames.fill(samples, keep_views=True, give=False)
+        return float(features[:, :self.frames.whole_frames(len(samples))].max())
 
     def _torch_extract_fbank_features(self, waveform: np.ndarray, device: str = "cpu") -> np.ndarray:
         if self.dither != 0.0 or device != "cpu" or waveform.ndim != 2:

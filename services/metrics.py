@@ -156,6 +156,9 @@ PREFIX_REDOS = _Counter("omni_thinker_prefix_redos_total", "Prompts whose kept K
                         "prefilled again from there", ())
 LIVE_PREFILLS = _Counter("omni_live_prefills_total", "Prefills of a turn's input while it still streamed in "
                          "(services.live_input)", ())
+LIVE_CATCH_UPS = _Counter("omni_live_catch_ups_total", "Live prefills of all of a streaming audio so far, its "
+                          "partial window too, after a louder moment raised the clamp of the windows prefilled "
+                          "(services.live_input)", ())
 STAGE_ERRORS = _Counter("omni_stage_errors_total", "Requests a stage ended with an error, by gRPC status name",
                         ("stage", "code"))
 STAGE_ONGOING = _Gauge("omni_stage_ongoing", "Stage calls in progress on a replica", ("stage",))

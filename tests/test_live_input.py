@@ -138,6 +138,39 @@ async def test_a_louder_moment_redoes_the_earlier_windows_and_still_equals_the_w
     assert done["prefills"] >= 1 and done["redos"] >= 1, done
 
 
+async def test_a_louder_moment_in_the_partial_window_is_caught_up_before_the_end_of_turn(gateways, speech):
+    """9 s whispered (a whole window prefilled while quiet), then 1.5 s loud and 4.5 s softer, past the last whole
+    window: the warm-up that sees the loud moment starts a prefill of all the audio so far, so the first window is
+    redone while the audio still streams, and `end_of_turn` reuses it (without the catch-up it would redo it then)."""
+    quiet = (speech[:int(9 * RATE)] * 0.0005).astype(np.int16)
+    softer = (speech[int(10.5 * RATE):int(15 * RATE)] * 0.3).astype(np.int16)
+    pcm = np.concatenate([quiet, speech[int(9 * RATE):int(10.5 * RATE)], softer])
+    msgs = turn(pcm, 0.1)
+    names = {"catch-ups": "omni_live_catch_ups_total", "redos": "omni_thinker_prefix_redos_total"}
+    before = {k: counter(n) for k, n in names.items()}
+    reused = {}
+
+    async def send():
+        for msg in msgs:
+            if msg.WhichOneof("kind") == "text":  # the audio is all in: its warm-ups and their prefills are done
+                await asyncio.sleep(1.0)
+                reused["before"] = counter("omni_stage_prompt_tokens_total", stage="thinker", kind="reused")
+            yield msg
+            if msg.WhichOneof("kind") == "audio":
+                await asyncio.sleep(0.1 / 20)
+
+    async with grpc.aio.insecure_channel(gateways.live) as channel:
+        replies = [msg async for msg in omni_pb2_grpc.OmniStub(channel).Converse(send())]
+    at_eot = counter("omni_stage_prompt_tokens_total", stage="thinker", kind="reused") - reused["before"]
+    done = {k: counter(n) - before[k] for k, n in names.items()}
+    assert done["catch-ups"] >= 1 and done["redos"] >= 1, done
+    assert at_eot >= 104, at_eot  # the first window's 104 audio positions at least (13 per second of audio)
+    live = replies[-1].summary
+    whole, _ = await converse(gateways.whole, msgs)
+    assert list(live.thinker_token_ids) == list(whole.thinker_token_ids)
+    assert [list(f.codes) for f in live.codes] == [list(f.codes) for f in whole.codes]
+
+
 async def test_an_image_before_streamed_audio_is_prefilled_early(gateways, speech, media):
     image = open(media["image"], "rb").read()
     done = await assert_live_equals_whole(gateways, turn(speech[:int(4 * RATE)], 0.1, image), speed=20.0)

@@ -12,7 +12,8 @@ each in a new session), taken in turn with the other rows of its group, both pat
 alike: a group prints when its last turn is done), timed at the client over gRPC; "live" is the gateway prefilling
 while the input streams in (`services.live_input`), "whole" the same gateway with it off (in process only: a
 deployment's gateway is configured one way). Columns: end of turn to first audio (ms), the ratio to its path's first
-row in its group, then per turn the live prefills, the prefills redone from a changed window (the log-mel clamp),
+row in its group, then per turn the live prefills, those of them that caught up with a louder moment in an audio's
+partial window (all of it so far), the prefills redone from a changed window (the log-mel clamp),
 the prompt positions the Thinker reused and prefilled, the Talker's (t.), and where the median turn's time went (ms,
 from its summary: preprocessing the whole turn, the Thinker's first token after its prompt was ready, the Talker's
 first frame after its first text). Goals (issue 9): 120 s within 1.2x of 2 s; 20 turns within 1.2x of 1 turn.
@@ -44,7 +45,8 @@ from services.bench.load import ray_sum
 SPEECH = ("The lighthouse keeper climbed the stairs every evening at dusk. He lit the lamp, wound the clock, and "
           "wrote in his log what ships had passed and how the wind had turned. On stormy nights he stayed awake "
           "until the morning, listening to the waves against the rocks below.")
-COUNTERS = {"prefills": ("omni_live_prefills_total", {}), "redos": ("omni_thinker_prefix_redos_total", {}),
+COUNTERS = {"prefills": ("omni_live_prefills_total", {}), "catch-ups": ("omni_live_catch_ups_total", {}),
+            "redos": ("omni_thinker_prefix_redos_total", {}),
             "reused": ("omni_stage_prompt_tokens_total", {"stage": "thinker", "kind": "reused"}),
             "prefilled": ("omni_stage_prompt_tokens_total", {"stage": "thinker", "kind": "prefilled"}),
             "t.reused": ("omni_stage_prompt_tokens_total", {"stage": "talker", "kind": "reused"}),
@@ -163,7 +165,8 @@ def text_turn(args, text: str, **config) -> list:
             omni_pb2.ConverseRequest(end_of_turn=omni_pb2.EndOfTurn())]
 
 
-HEADER = f"{'where':<6} {'path':<6} {'input':<22} {'eot->audio':>10} {'ratio':>6} {'prefills':>8} {'redos':>5} " \
+HEADER = f"{'where':<6} {'path':<6} {'input':<22} {'eot->audio':>10} {'ratio':>6} {'prefills':>8} {'catch':>5} " \
+         f"{'redos':>5} " \
          f"{'reused':>7} {'prefilled':>9} {'t.reused':>8} {'t.prefilled':>11} {'prep':>6} {'thinker':>7} {'talker':>6}"
 
 
@@ -191,7 +194,7 @@ async def group(where: str, rows: list[tuple[str, Target, str, Callable, float]]
                           for key, width in (("preprocess_s", 6), ("thinker_ttft_s", 7), ("talker_ttft_s", 6)))
         d = delta[i]
         print(f"{where:<6} {path:<6} {what:<22} {wait * 1e3:>8.0f}ms {wait / base[path]:>6.2f} "
-              f"{d['prefills']:>8.0f} {d['redos']:>5.0f} {d['reused']:>7.0f} {d['prefilled']:>9.0f} "
+              f"{d['prefills']:>8.0f} {d['catch-ups']:>5.0f} {d['redos']:>5.0f} {d['reused']:>7.0f} {d['prefilled']:>9.0f} "
               f"{d['t.reused']:>8.0f} {d['t.prefilled']:>11.0f} {stages}", flush=True)
 
 
