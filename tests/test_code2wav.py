@@ -210,10 +210,10 @@ def test_a_kept_stack_gives_what_restacking_gives(loud):
         torch.testing.assert_close(torch.cat(outs[i]), loud.decode(c[:kept[i].frames]), rtol=0, atol=1e-4)
 
 
-def test_replayed_steady_frames_give_the_eager_bits(loud):
-    """Steady frames replayed from a trace per batch size (`services.engines.replay`) give the samples of the same
-    frames run eagerly, bit for bit, with streams that join, sit out and come back (other batch sizes); and the
-    traces are what ran."""
+def test_replayed_frames_give_the_eager_bits(loud):
+    """First and steady frames replayed from a trace per batch size (`services.engines.replay`) give the samples of
+    the same frames run eagerly, bit for bit, with streams that join, sit out and come back (other batch sizes); and
+    the traces are what ran."""
     eager = Code2WavEngine(loud.model, replay=False)
     codes = [random_codes(30, seed=60 + i) for i in range(3)]
     replayed, plain = ([engine.stream() for _ in codes] for engine in (loud, eager))
@@ -226,7 +226,8 @@ def test_replayed_steady_frames_give_the_eager_bits(loud):
         want = push_batch([plain[i] for i in rows], frames)
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
-    assert loud._steady.replays.traced() >= {2, 3} and not eager._steady.replays.traced()
+    assert loud._frames.steady.traced() >= {2, 3} and loud._frames.first.traced() >= {3}
+    assert not eager._frames.steady.traced() and not eager._frames.first.traced()
 
 
 def test_loads_only_code2wav_tensors(tiny_ckpt_sharded):

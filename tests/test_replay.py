@@ -53,7 +53,7 @@ def test_engines_warmed_up_to_a_batch_size_trace_nothing_on_a_frames_path_and_gi
 
     warm, cold = (Code2WavEngine.from_checkpoint(tiny_ckpt) for _ in range(2))
     warm.warm(3)
-    assert warm._steady.replays.traced() == {1, 2, 3}
+    assert warm._frames.steady.traced() == warm._frames.first.traced() == {1, 2, 3}
     gen = torch.Generator().manual_seed(4)
     for size in (3, 2):
         streams = [[engine.stream() for _ in range(size)] for engine in (warm, cold)]
@@ -61,7 +61,7 @@ def test_engines_warmed_up_to_a_batch_size_trace_nothing_on_a_frames_path_and_gi
             codes = torch.randint(0, 64, (size, warm.num_quantizers), generator=gen)
             ours, theirs = (push_batch(s, codes) for s in streams)
             assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
-    assert warm._steady.replays.traced() == {1, 2, 3}
+    assert warm._frames.steady.traced() == warm._frames.first.traced() == {1, 2, 3}
 
     warm, cold = (MTPEngine.from_checkpoint(tiny_ckpt) for _ in range(2))
     warm.warm(3)  # frames of 1, 2 and 3 rows (sizes up to 8 run as they are)

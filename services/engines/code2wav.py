@@ -30,8 +30,8 @@ after frame: splitting and stacking it at each was 7% of a step of 6); a stream 
 its row back as its own state. Streams in one batch are all at their first frame or all past it: the first frame is
 the one whose transposed convs still trim their output, the same trim for every new stream, so new streams (turns
 that start together) share a forward too, but never one with older streams, whose rows would not line up. A push
-of one steady frame per stream (all but a stream's first) runs its convolutions from a trace per batch size
-(`_SteadyDecoder`, `services.engines.replay`): the same ops, without the GIL.
+of one frame per stream runs its convolutions from a trace per batch size, one for first frames and one for steady
+frames (`_FrameDecoder`, `services.engines.replay`): the same ops, without the GIL.
 """
 
 from __future__ import annotations
@@ -57,9 +57,9 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 class Code2WavEngine:
     def __init__(self, module: nn.Module, config: EngineConfig = EngineConfig(), replay: bool = True):
         """module: a `Qwen3OmniMoeCode2Wav` (loaded, or with random weights for benchmarks), its weights fixed from
-        the first steady frame on (traces keep what they read); `replay`: False runs every frame eagerly (the tests
+        the first frame on (traces keep what they read); `replay`: False runs every frame eagerly (the tests
         compare the two)."""
-        # Inference only; and a trace keeps the weights as constants (`_SteadyDecoder`), which must not need grad.
+        # Inference only; and a trace keeps the weights as constants (`_FrameDecoder`), which must not need grad.
         self.model = module.to(device=config.device, dtype=config.torch_dtype).eval().requires_grad_(False)
         self.config = config
         c = module.config
@@ -70,7 +70,7 @@ class Code2WavEngine:
         self.held_samples = _held_samples(module)
         self.parameter_bytes = parameter_bytes(module)
         self.stateful = _stateful(self.model)  # the modules with streaming state: every state dict's order
-        self._steady = _SteadyDecoder(self.model, self.stateful, replay)
+        self._frames = _FrameDecoder(self.model, self.stateful, replay)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint | str | Path, config: EngineConfig = EngineConfig()) -> "Code2WavEngine":
@@ -97,12 +97,12 @@ class Code2WavEngine:
         return Code2WavStream(self)
 
     def warm(self, max_batch: int = 1) -> None:
-        """Trace the steady frame of each batch size up to `max_batch` streams now, not on the first frame of that
-        size (75 ms each at the tiny checkpoint's widths); larger sizes are traced at their first steady frame."""
+        """Trace the first and the steady frame of each batch size up to `max_batch` streams now, not on a turn's
+        path (75 ms each at the tiny checkpoint's widths); larger sizes are traced at their first frame."""
         for size in range(1, max(1, max_batch) + 1):
             streams = [self.stream() for _ in range(size)]
             codes = torch.zeros(size, self.num_quantizers, dtype=torch.long, device=self.config.device)
-            for _ in range(2):  # the first frame runs eagerly (it trims), the second is steady
+            for _ in range(2):  # the first frame (it trims), then a steady one
                 push_batch(streams, codes)
 
     def check_codes(self, codes: Tensor) -> Tensor:
@@ -241,8 +241,10 @@ def _push(streams: list[Code2WavStream], codes: Tensor) -> list[Tensor]:
         streams, codes = [streams[i] for i in order], codes[order]
     hidden = model.code_embedding(codes.transpose(1, 2) + model.code_offset).mean(1)  # [B, n, hidden]
     hidden = _pre_transformer(model, streams, hidden).permute(0, 2, 1)  # [B, hidden, n]
-    if n == 1 and streams[0].steady:  # one steady frame each: the same ops at every push of this batch size
-        wav = streams[0].engine._steady(hidden, states)
+    frames = streams[0].engine._frames
+    first = streams[0].frames == 0
+    if n == 1 and (streams[0].steady or first and frames.first_is_whole):  # the same ops at every such push
+        wav = frames(hidden, states, first)
     else:
         wav = _decoder(model, hidden, states)
     for stream in streams:
@@ -329,25 +331,41 @@ def _decoder(model: nn.Module, hidden: Tensor, states: dict) -> Tensor:
     return hidden.clamp(min=-1, max=1)[:, 0].float()
 
 
-class _SteadyDecoder:
-    """`_decoder` for one steady frame per stream, replayed from a trace per batch size (`services.engines.replay`:
-    the same ops, without the GIL). Code2Wav's ops are many and small (about 800 a step at the tiny checkpoint's
-    widths), and in process the Talker and MTP, on every frame's path, waited for its Python between theirs. The
-    states go in and come back as tensors, so the trace keeps none; a steady frame trims nothing (`to_drop` 0)."""
+class _FrameDecoder:
+    """`_decoder` for one frame per stream, replayed from a trace per batch size (`services.engines.replay`: the same
+    ops, without the GIL): `steady` frames trim nothing (`to_drop` 0), a stream's `first` frame trims what every new
+    stream's does. Code2Wav's ops are many and small (about 800 a step at the tiny checkpoint's widths), and in process
+    the Talker and MTP, on every frame's path, waited for its Python between theirs. A first frame is on the path to
+    a turn's first audio: 2.7 ms eagerly and 2.3 ms replayed alone, 7.0 and 4.0 ms beside a thread of eager Code2Wav
+    steps (batch 1, tiny; 6 streams: 12.3 and 6.7 ms). The states go in and come back as tensors, so the trace keeps
+    none."""
 
     def __init__(self, model: nn.Module, stateful: list[nn.Module], replay: bool):
         self.model, self.stateful = model, stateful
-        self.replays = Replays("Code2Wav", self._run, replay)  # by batch size
+        self.trims = {m: m.left_pad for m in stateful if isinstance(m, ref.Qwen3OmniMoeCausalTransConvNet)}
+        # Each transposed conv trims its first `left_pad` samples; when one frame's output covers them (Code2Wav's
+        # k = 2s: left_pad = s), a stream is steady after its first frame, and a first frame has one trace.
+        self.first_is_whole = all(pad <= m.conv.stride[0] for m, pad in self.trims.items())
+        self.steady = Replays("Code2Wav", self._steady, replay)  # by batch size
+        self.first = Replays("Code2Wav", self._first, replay)
 
-    def __call__(self, hidden: Tensor, states: dict) -> Tensor:
-        wav, *after = self.replays(int(hidden.shape[0]), hidden, *(states[m].tail for m in self.stateful))
+    def __call__(self, hidden: Tensor, states: dict, first: bool) -> Tensor:
+        replays = self.first if first else self.steady
+        wav, *after = replays(int(hidden.shape[0]), hidden, *(states[m].tail for m in self.stateful))
         for m, tail in zip(self.stateful, after, strict=True):
-            states[m].tail = tail
+            states[m].tail, states[m].to_drop = tail, 0
         return wav
 
-    def _run(self, hidden: Tensor, *tails: Tensor) -> tuple[Tensor, ...]:
-        """`_decoder` over states made of `tails` (it writes none of them): the waveform, then the new tails."""
-        states = {m: _State(t) for m, t in zip(self.stateful, tails, strict=True)}
+    def _steady(self, hidden: Tensor, *tails: Tensor) -> tuple[Tensor, ...]:
+        return self._run(hidden, tails, {})
+
+    def _first(self, hidden: Tensor, *tails: Tensor) -> tuple[Tensor, ...]:
+        return self._run(hidden, tails, self.trims)
+
+    def _run(self, hidden: Tensor, tails: tuple[Tensor, ...], trims: dict) -> tuple[Tensor, ...]:
+        """`_decoder` over states made of `tails` (it writes none of them) and `trims` (to_drop): the waveform,
+        then the new tails."""
+        states = {m: _State(t, trims.get(m, 0)) for m, t in zip(self.stateful, tails, strict=True)}
         wav = _decoder(self.model, hidden, states)
         return (wav, *(states[m].tail for m in self.stateful))
 
