@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 from services import metrics
 from services.conductor import Conductor, MediaRows, TurnRequest
@@ -50,6 +51,16 @@ DEBOUNCE_S = 0.05
 WARM_S = 1.0  # seconds of a streaming audio that arrive between its warm-ups
 MARGIN_S = 0.1  # audio kept past a window's end: its last frames' STFT (and resampler) see real samples
 CATCH_UP_S = 2.0  # seconds of audio between catch-ups (prefills of all of it after a louder moment), at least
+
+
+@dataclass
+class _Loudness:
+    """An arriving audio's level as its warm-ups see it (`_Audio.warm`), and whether a rise waits for a catch-up."""
+
+    audio: object
+    level: float = float("-inf")  # the highest seen
+    risen: bool = False  # past a whole window, since the last catch-up
+    caught_up_at: float = float("-inf")  # seconds of the audio at the last catch-up
 
 
 class LivePrefill:
@@ -64,9 +75,7 @@ class LivePrefill:
         self._task: asyncio.Task | None = None
         self._warming: asyncio.Task | None = None
         self._working = False  # the task is past its debounce: waiting for it costs less than redoing its work
-        self._level = float("-inf")  # the arriving audio's level (`_Audio.warm`), the highest seen
-        self._risen = False  # past a whole window, since the last catch-up
-        self._caught_up_at = float("-inf")  # seconds of the audio at the last catch-up
+        self._loudness: _Loudness | None = None  # the arriving audio's
         self._catch_up = False  # prefill all of the audio so far, next
         self._stopped = False
         self.error: ResourceExhausted | None = None  # a limit the turn passed: the gateway ends it with this
@@ -96,13 +105,16 @@ class LivePrefill:
         except Exception as e:  # the turn's own decode at its end does it all, and reports a real error
             log.info("turn %s: warming its audio stopped: %s", self.options.request_id, e)
             return
-        if level is not None and level > self._level:
-            self._level = level
+        if self._loudness is None or self._loudness.audio is not audio:  # each audio is clamped at its own level
+            self._loudness = _Loudness(audio)
+        loud = self._loudness
+        if level is not None and level > loud.level:
+            loud.level = level
             # Before the first whole window the rise is its prefill's: it clamps at that window's own level.
-            self._risen = self._risen or self.parts.live_progress(self.window_s, MARGIN_S)[0][1] > 0
+            loud.risen = loud.risen or self.parts.live_progress(self.window_s, MARGIN_S)[0][1] > 0
         seconds = len(audio.data) / audio.bytes_per_s
-        if self._risen and seconds - self._caught_up_at >= CATCH_UP_S and not self._stopped:
-            self._risen, self._caught_up_at, self._catch_up = False, seconds, True
+        if loud.risen and seconds - loud.caught_up_at >= CATCH_UP_S and not self._stopped:
+            loud.risen, loud.caught_up_at, self._catch_up = False, seconds, True
             self.update()
 
     async def settle(self) -> None:
