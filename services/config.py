@@ -20,10 +20,10 @@ THINKER_BATCH_WAIT_MS = 5.0
 TALKER_BATCH_WAIT_MS = 20.0
 CODE2WAV_BATCH_WAIT_MS = 8.0
 # Every step stage replays a trace per batch size (`services.engines.replay`), made at that size's first step: 0.13
-# s for MTP, 0.08 s for Code2Wav, 0.04 s for a Thinker or Talker decode step at the tiny checkpoint's widths. A
-# replica traces the sizes up to this at startup (2.5 s for MTP, 0.8 s for Code2Wav, 0.3 s for the Thinker and the
-# Talker), so that the first turns that run together wait for none: 6 turns at once in process, first audio p95
-# 313-384 -> 111 ms (`omni bench load`).
+# s for MTP, 0.07 s each for Code2Wav's first and steady frames, 0.04 s for a Thinker or Talker decode step at the
+# tiny checkpoint's widths. A replica traces the sizes up to this at startup (2.5 s for MTP, 1.4 s for Code2Wav,
+# 0.3 s for the Thinker and the Talker), so that the first turns that run together wait for none: 6 turns at once
+# in process, first audio p95 313-384 -> 111 ms (`omni bench load`).
 WARM_BATCH = 8
 
 
