@@ -83,6 +83,7 @@ class MediaRows:
 
     rows: torch.Tensor | None = None  # [N, D] of placeholders 0..N-1 of the latest prompt
     talker_has: int = 0  # rows whose inputs the Talker replica kept (the turn's last prefill), under `tag`
+    thinker_ids: torch.Tensor | None = None  # the prompt the Thinker replica kept (the turn's last prefill)
     tag: str = field(default_factory=lambda: secrets.token_hex(8))
 
     @property
@@ -209,13 +210,15 @@ class Conductor:
         tracing.REQUEST_ID.set(req.request_id)
         # A session's key keeps the session's place (its next turn may be this one); a turn's own, the first to go.
         keep = KEEP_SESSION if req.session_id else KEEP_TURN
-        media, _ = await self._prepare(req, _Turn(t0=time.perf_counter()), keep=keep)
+        media, _ = await self._prepare(req, _Turn(t0=time.perf_counter(), rows=rows), keep=keep)
         media.prompt.hidden_from = rows.held
+        rows.thinker_ids = None  # until it has kept this prompt
         tokens = self.stages.thinker.generate(media.prompt, req.thinker_sampling, 0, self.stages.stop_ids,
-                                              embed=media.embed)
+                                              embed=media.embedder)
         async for item in self._deadline(tokens, "thinker"):
             if item.mm_hidden is not None:
                 rows.update(item.mm_from, item.mm_hidden)
+        rows.thinker_ids = media.prompt.input_ids
         if req.audio_output and self.stages.talker is not None:  # the Talker: its user parts, from mm_hidden
             prompt = _talker_prompt(req, media.prompt, rows, keep)
             rows.talker_has = 0  # until it has kept them again
@@ -235,9 +238,11 @@ class Conductor:
         )
         turn.mark("preprocess")
         # The Thinker replica keeps a session's KV between its turns, and the turn's media are encoded when the
-        # Thinker asks for those past what it holds.
+        # Thinker asks for those past what it holds, or before, where the turn's live prefill says which.
         keep = keep or (KEEP_SESSION if req.session_id else KEEP_NONE)
-        return PromptMedia(st, inputs.processor_outputs, cache_key=cache_key(req), keep=keep, mark=turn.mark), inputs
+        media = await PromptMedia.of(st, inputs.processor_outputs, held=turn.rows.thinker_ids,
+                                     cache_key=cache_key(req), keep=keep, mark=turn.mark)
+        return media, inputs
 
     async def _think(self, req: TurnRequest, turn: _Turn, media: PromptMedia, inputs: TurnInputs,
                      released: asyncio.Queue, out: asyncio.Queue) -> None:
@@ -270,7 +275,7 @@ class Conductor:
         t_start = time.perf_counter()
         media.prompt.hidden_from = turn.rows.held
         tokens = self.stages.thinker.generate(media.prompt, req.thinker_sampling, req.max_new_tokens, stop_ids,
-                                              embed=media.embed)
+                                              embed=media.embedder)
         async for item in self._deadline(tokens, "thinker"):
             if item.mm_hidden is not None:  # the Talker's multimodal input, with the first token
                 turn.rows.update(item.mm_from, item.mm_hidden)

@@ -35,6 +35,7 @@ class Gateways:
     live: str
     whole: str
     engines: Engines
+    stages: Stages
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ async def gateways(tiny_ckpt):
         server, port = await start_gateway(OmniServicer(stages, InProcessSessions(), live_prefill=live))
         servers.append(server)
         ports.append(f"127.0.0.1:{port}")
-    yield Gateways(*ports, engines)
+    yield Gateways(*ports, engines, stages)
     for server in servers:
         await server.stop(None)
 
@@ -169,6 +170,37 @@ async def test_a_louder_moment_in_the_partial_window_is_caught_up_before_the_end
     whole, _ = await converse(gateways.whole, msgs)
     assert list(live.thinker_token_ids) == list(whole.thinker_token_ids)
     assert [list(f.codes) for f in live.codes] == [list(f.codes) for f in whole.codes]
+
+
+async def test_the_end_of_turn_encodes_its_last_window_before_the_thinker_asks_for_it(gateways, speech, monkeypatch):
+    """The Thinker replica holds the live prefill's windows: at end_of_turn the gateway knows which it will ask for
+    (`prefix.expected_reuse`) and has them encoded beside the digests that prove the rest equal, not after its
+    claim."""
+    events, recording = [], [True]
+    encode, claim = gateways.stages.audio.encode, gateways.engines.thinker.claim
+
+    async def encode_spy(*args):
+        if recording[0]:
+            events.append("encode")
+        return await encode(*args)
+
+    def claim_spy(prompt):
+        if recording[0]:
+            events.append("claim")
+        return claim(prompt)
+
+    monkeypatch.setattr(gateways.stages.audio, "encode", encode_spy)
+    monkeypatch.setattr(gateways.engines.thinker, "claim", claim_spy)
+    msgs = turn(speech[:int(20 * RATE)], 0.1)
+    live = await converse(gateways.live, msgs, 20.0)
+    recording[0] = False
+    answer = len(events) - 1 - events[::-1].index("claim")  # the answer's claim, after the live prefills'
+    assert events.count("claim") >= 2 and events[answer - 1] == "encode", events
+    assert "encode" not in events[answer:], events  # the replica asked for the windows already under way
+    whole = await converse(gateways.whole, msgs)
+    assert list(live[0].thinker_token_ids) == list(whole[0].thinker_token_ids)
+    assert [list(f.codes) for f in live[0].codes] == [list(f.codes) for f in whole[0].codes]
+    assert live[1] == whole[1]
 
 
 async def test_an_image_before_streamed_audio_is_prefilled_early(gateways, speech, media):

@@ -19,14 +19,15 @@ from services.config import KVConfig
 from services.engines.bundle import Engines
 from services.engines.kv_pages import KEEP_NONE, KEEP_TURN, prefill_whole
 from services.engines.positions import layout_of
-from services.engines.prefix import MarkerIds, media_segments
+from services.engines.prefix import MarkerIds, ParkedPrefix, expected_reuse, media_bounds, media_segments, \
+    reusable_tokens
 from services.engines.talker import TEXT_END, TalkerPrompt, default_talker_sampling
 from services.engines.thinker import ThinkerEngine, ThinkerPrompt
 from services.errors import PrefixGone
 from services.events import TurnSummary
 from services.preprocess import build_turn
 from services.stages import LocalThinker, Stages
-from services.turn_parts import audio_part, image_part, text_part
+from services.turn_parts import audio_part, image_part, text_part, video_part
 from tests.test_conductor import GREEDY, assert_parity, tone
 
 
@@ -128,6 +129,34 @@ def test_equal_ids_with_other_media_reuse_only_up_to_that_medium(engines, proces
     session.close()
     whole_session.close()
     assert thinker.kv.free_positions + thinker.kv.parked_positions == thinker.kv.capacity  # every page back
+
+
+def test_media_bounds_and_expected_reuse_agree_with_the_segments(processor, media):
+    """`media_bounds` are `media_segments`' ranges without digests (an audio's windows, an image, a video with its
+    sound track); `expected_reuse` is where `reusable_tokens` ends for a replica holding the turn's live prefill (its
+    audio's whole windows and a margin so far), known before the digests are."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    markers = MarkerIds.of(processor.tokenizer)
+    frames = [Image.open(f).convert("RGB") for f in sorted(Path(media["video"]).iterdir())]
+    track = tone(1.0, 250.0)["audio"]
+    video = video_part({"frames": frames, "timestamps": [0.0, 0.5], "audio": track, "audio_sample_rate": 16000})
+    speech = tone(20.0, 300.0)["audio"]
+    so_far, whole = ([image_part(media["image"]), video, text_part("Then: "), audio_part(pcm, sample_rate=16000)]
+                     for pcm in (speech[:int(16.1 * 16000)], speech))
+    held, new = (build_turn(processor, parts=parts).processor_outputs for parts in (so_far, whole + [text_part("?")]))
+    segments = {}
+    for name, po in (("held", held), ("new", new)):
+        segments[name] = media_segments(po["input_ids"][0], po, markers)
+        assert media_bounds(po["input_ids"][0], po, markers) == tuple((s.start, s.end) for s in segments[name])
+    assert len(segments["new"]) == 2 + 3  # the image, the video, the audio's three windows
+    parked = ParkedPrefix(None, held["input_ids"][0], held["input_ids"].shape[1], segments["held"], torch.zeros(0))
+    tokens, redone = reusable_tokens(parked, new["input_ids"][0], segments["new"], markers.placeholders)
+    assert redone == 0 and tokens == segments["new"][-1].start  # the audio's last window on
+    bounds = media_bounds(new["input_ids"][0], new, markers)
+    assert expected_reuse(held["input_ids"][0], new["input_ids"][0], bounds) == tokens
 
 
 def test_the_talker_prefills_a_turns_user_parts_before_its_first_token(engines, processor):

@@ -109,18 +109,37 @@ def media_segments(input_ids: Tensor, outputs: Mapping, markers: MarkerIds,
     return tuple(segments)
 
 
+def media_bounds(input_ids: Tensor, outputs: Mapping, markers: MarkerIds,
+                 window: AudioWindow = AudioWindow()) -> tuple[tuple[int, int], ...]:
+    """The token ranges [start, end) of the prompt's `media_segments`, without their digests (which read every
+    medium's tensors)."""
+    lengths = outputs["feature_attention_mask"].sum(-1).tolist() if "feature_attention_mask" in outputs else []
+    bounds, audios = [], 0
+    for start, end, kinds in media_spans(input_ids, markers):
+        bounds += _audio_bounds(start, end, lengths[audios], window) if kinds == ("audio",) else [(start, end)]
+        audios += "audio" in kinds  # a video's sound track is one of the processor's audios too
+    return tuple(bounds)
+
+
 def _audio_segments(start: int, end: int, features: Tensor, window: AudioWindow) -> list[Segment]:
-    """One audio's windows: tokens start+1 on are its embeddings, `window.tokens(window.frames)` per whole window."""
-    per_window = window.tokens(window.frames)
     segments = []
-    for w, first in enumerate(range(0, features.shape[-1], window.frames)):
+    for w, (a, b) in enumerate(_audio_bounds(start, end, features.shape[-1], window)):
         # Frame-major, as the extractor keeps a stream's features (`services.log_mel`): a window is then a view.
-        frames = features[:, first:first + window.frames].T
-        digest = hashlib.sha256(b"audio" + TENSOR_DIGESTS.digest(frames))
+        frames = features[:, w * window.frames:(w + 1) * window.frames].T
+        segments.append(Segment(a, b, hashlib.sha256(b"audio" + TENSOR_DIGESTS.digest(frames)).digest()[:16]))
+    return segments
+
+
+def _audio_bounds(start: int, end: int, frames: int, window: AudioWindow) -> list[tuple[int, int]]:
+    """One audio's windows: tokens start+1 on are its embeddings, `window.tokens(window.frames)` per whole window;
+    the first window holds the start marker, the last the end marker."""
+    per_window = window.tokens(window.frames)
+    bounds = []
+    for w in range(-(-frames // window.frames)):
         a = start if w == 0 else start + 1 + w * per_window
         b = min(start + 1 + (w + 1) * per_window, end - 1)
-        segments.append(Segment(a, end if b == end - 1 else b, digest.digest()[:16]))
-    return segments
+        bounds.append((a, end if b == end - 1 else b))
+    return bounds
 
 
 def media_spans(input_ids: Tensor, markers: MarkerIds) -> list[tuple[int, int, tuple[str, ...]]]:
@@ -196,10 +215,7 @@ def reusable_tokens(parked: ParkedPrefix, input_ids: Tensor, segments: Sequence[
     ids, every medium in them whole and with an equal digest, and at least the prompt's last token left to run (its
     logits are the first answer's); and whether (1) or not (0) that stopped at a segment the parked KV holds with
     other content (a redo). `placeholders`: the media placeholder ids, which only a prompt's media may hold."""
-    ids = input_ids.view(-1).to(parked.ids.device)
-    n = min(parked.ids.numel(), ids.numel() - 1)
-    differ = (parked.ids[:n] != ids[:n]).nonzero()
-    tokens = int(differ[0]) if differ.numel() else n
+    tokens = _equal_ids(parked.ids, input_ids)
     # A placeholder id the model generated was fed as text: a prompt holding that id there wants an embedding.
     answer = parked.ids[parked.prompt_length:tokens]
     generated_placeholder = torch.isin(answer, torch.tensor(list(placeholders), device=answer.device)).nonzero()
@@ -213,3 +229,24 @@ def reusable_tokens(parked: ParkedPrefix, input_ids: Tensor, segments: Sequence[
         if segment.end > tokens or digest != segment.digest:
             return segment.start, int(digest is not None and digest != segment.digest)
     return tokens, 0
+
+
+def expected_reuse(held_ids: Tensor, input_ids: Tensor, bounds: Sequence[tuple[int, int]]) -> int:
+    """Where `reusable_tokens` will end for a replica that holds the prompt `held_ids` (a turn's live prefill),
+    if the new prompt (`input_ids`, its `media_bounds`) has its media unchanged: where the media the replica asks
+    for start. Known before the digests are, so their encoding can start beside them (`PromptMedia.of`)."""
+    tokens = _equal_ids(held_ids, input_ids)
+    for start, end in bounds:
+        if start >= tokens:
+            break
+        if end > tokens:
+            return start
+    return tokens
+
+
+def _equal_ids(held: Tensor, input_ids: Tensor) -> int:
+    """The leading ids of `input_ids` equal to `held`'s, leaving at least its last one to run."""
+    ids = input_ids.view(-1).to(held.device)
+    n = min(held.numel(), ids.numel() - 1)
+    differ = (held[:n] != ids[:n]).nonzero()
+    return int(differ[0]) if differ.numel() else n
