@@ -206,7 +206,7 @@ class OmniServicer(omni_pb2_grpc.OmniServicer):
                                                             self.max_decoded_samples))
         rows = MediaRows()  # the Thinker's output for the Talker, from the live prefills to the answer
         live = LivePrefill(self.conductor, options, conversation, parts, self.window_s, rows) \
-            if self.live_prefill else None
+            if self.live_prefill and not config.defer_prefill else None
         try:
             try:
                 complete = await self._read_parts(context, parts, live)

@@ -130,6 +130,15 @@ async def test_streamed_audio_equals_the_whole_turn(gateways, speech, seconds, c
         assert done["prefills"] == 0, done
 
 
+async def test_a_turn_that_defers_its_prefill_is_prefilled_at_its_end(gateways, speech):
+    """`ConverseConfig.defer_prefill`: the live gateway prefills nothing before end_of_turn (what `omni bench input`
+    compares against a deployment's live path), and the answer is the same."""
+    msgs = turn(speech[:int(20 * RATE)], 0.1)
+    msgs[0].config.defer_prefill = True
+    done = await assert_live_equals_whole(gateways, msgs, speed=20.0)
+    assert done["prefills"] == 0 and done["reused"] == 0, done
+
+
 async def test_a_louder_moment_redoes_the_earlier_windows_and_still_equals_the_whole_turn(gateways, speech):
     """10 s whispered, then 10 s at full volume: the log-mel clamp (maximum - 8) rises, so the first window's
     features, prefilled while quiet, change; it is prefilled again, and the answer is the whole turn's."""

@@ -10,14 +10,14 @@ another point of the text, so no cache holds it from an earlier turn, as none wo
 history sent without a session (prefilled whole). Each row is the median of `--repeats` turns (the session row's
 each in a new session), taken in turn with the other rows of its group, both paths' (so that drift weighs on each
 alike: a group prints when its last turn is done), timed at the client over gRPC; "live" is the gateway prefilling
-while the input streams in (`services.live_input`), "whole" the same gateway with it off (in process only: a
-deployment's gateway is configured one way). Columns: end of turn to first audio (ms), the ratio to its path's first
-row in its group, the slowest of its turns (a redo at a turn's end shows there), then per turn the live prefills,
-those of them that caught up with a louder moment in an audio's partial window (all of it so far), the prefills
-redone from a changed window (the log-mel clamp), the prompt positions the Thinker reused and prefilled, the
-Talker's (t.), and where the median turn's time went (ms, from its summary: preprocessing the whole turn, the
-Thinker's first token after its prompt was ready, the Talker's first frame after its first text). Goals (issue 9):
-120 s within 1.2x of 2 s; 20 turns within 1.2x of 1 turn.
+while the input streams in (`services.live_input`), "whole" the same gateway with it off (in process, a gateway
+started so; a deployment's, turns that ask for it: `ConverseConfig.defer_prefill`). Columns: end of turn to first
+audio (ms), the ratio to its path's first row in its group, the slowest of its turns (a redo at a turn's end shows
+there), then per turn the live prefills, those of them that caught up with a louder moment in an audio's partial
+window (all of it so far), the prefills redone from a changed window (the log-mel clamp), the prompt positions the
+Thinker reused and prefilled, the Talker's (t.), and where the median turn's time went (ms, from its summary:
+preprocessing the whole turn, the Thinker's first token after its prompt was ready, the Talker's first frame after
+its first text). Goals (issue 9): 120 s within 1.2x of 2 s; 20 turns within 1.2x of 1 turn.
 
 The slice has the real Thinker and audio-encoder widths (2 layers, 8 experts, top 8) and random weights: prefill
 costs what it costs per layer in the real model, which the tiny checkpoint does not show.
@@ -107,9 +107,11 @@ def new_speech(args, seconds: float, tmp: Path, turns: Iterator[int]) -> Callabl
 class Target:
     """A gateway to time turns against, and the counters that say what it did."""
 
-    def __init__(self, address: str, counters, metadata=(), lag_s: float = 0.0):
-        """`lag_s`: how long the counters take to show a turn (Ray exports a deployment's every few seconds)."""
+    def __init__(self, address: str, counters, metadata=(), lag_s: float = 0.0, defer_prefill: bool = False):
+        """`lag_s`: how long the counters take to show a turn (Ray exports a deployment's every few seconds);
+        `defer_prefill`: each turn asks the gateway to prefill nothing before its end (the whole-turn path)."""
         self.address, self.counters, self.metadata, self.lag_s = address, counters, metadata, lag_s
+        self.defer_prefill = defer_prefill
 
     async def turn(self, requests: list, pace_s: float = 0.0) -> tuple[float, object]:
         """Send `requests` (config ... end_of_turn), `pace_s` apart for audio: (end of turn to first audio s,
@@ -119,6 +121,9 @@ class Target:
         from services.wire.gen.omni.v1 import omni_pb2_grpc
 
         sent = {}
+        if self.defer_prefill:
+            requests = [copy.deepcopy(requests[0]), *requests[1:]]
+            requests[0].config.defer_prefill = True
 
         async def send():
             for msg in requests:
@@ -315,9 +320,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.address:
             from services.client import OmniClient
 
-            target = Target(args.address, counters_of(args.metrics_port), OmniClient("").metadata,
-                            lag_s=6.0 if args.metrics_port else 0.0)
-            asyncio.run(bench("served", {"live": target}, args, tmp))
+            targets = {path: Target(args.address, counters_of(args.metrics_port), OmniClient("").metadata,
+                                    lag_s=6.0 if args.metrics_port else 0.0, defer_prefill=path == "whole")
+                       for path in ("live", "whole")}
+            asyncio.run(bench("served", targets, args, tmp))
             return
         from services.checkpoint.tiny import tiny_config, write_random_checkpoint
 

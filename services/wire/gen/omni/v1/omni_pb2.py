@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.wire.gen.omni.v1 import common_pb2 as omni_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12omni/v1/omni.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\"\xae\x02\n\x0f\x43onverseRequest\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.omni.v1.ConverseConfigH\x00\x12\"\n\x04text\x18\x02 \x01(\x0b\x32\x12.omni.v1.TextInputH\x00\x12$\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x13.omni.v1.AudioInputH\x00\x12$\n\x05image\x18\x04 \x01(\x0b\x32\x13.omni.v1.ImageInputH\x00\x12*\n\x0bvideo_frame\x18\x05 \x01(\x0b\x32\x13.omni.v1.VideoFrameH\x00\x12)\n\x0b\x65nd_of_turn\x18\x06 \x01(\x0b\x32\x12.omni.v1.EndOfTurnH\x00\x12!\n\x06\x63\x61ncel\x18\x07 \x01(\x0b\x32\x0f.omni.v1.CancelH\x00\x42\x06\n\x04kind\"\xe3\x03\n\x0e\x43onverseConfig\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07speaker\x18\x03 \x01(\t\x12,\n\x11output_modalities\x18\x04 \x03(\x0e\x32\x11.omni.v1.Modality\x12\x1a\n\rsystem_prompt\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x0ctalker_style\x18\x06 \x01(\t\x12\x31\n\x10thinker_sampling\x18\x07 \x01(\x0b\x32\x17.omni.v1.SamplingParams\x12\x30\n\x0ftalker_sampling\x18\x08 \x01(\x0b\x32\x17.omni.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\t \x01(\x05\x12\x18\n\x10max_audio_frames\x18\n \x01(\x05\x12\x37\n\x08metadata\x18\x0b \x03(\x0b\x32%.omni.v1.ConverseConfig.MetadataEntry\x12%\n\x07history\x18\x0c \x03(\x0b\x32\x14.omni.v1.ChatMessage\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_system_prompt\")\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x19\n\tTextInput\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x83\x01\n\nAudioInput\x12\x10\n\x08\x61udio_id\x18\x01 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05pcm16\x18\x03 \x01(\x0cH\x00\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x05 \x01(\x05\x12\x10\n\x08video_id\x18\x06 \x01(\tB\x06\n\x04\x64\x61ta\",\n\nImageInput\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"B\n\nVideoFrame\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\x13\n\x0btimestamp_s\x18\x02 \x01(\x01\x12\r\n\x05image\x18\x03 \x01(\x0c\"\x0b\n\tEndOfTurn\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8e\x02\n\x10\x43onverseResponse\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.omni.v1.TurnStartedH\x00\x12\"\n\x04text\x18\x02 \x01(\x0b\x32\x12.omni.v1.TextDeltaH\x00\x12$\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x13.omni.v1.AudioChunkH\x00\x12(\n\nhook_event\x18\x04 \x01(\x0b\x32\x12.omni.v1.HookEventH\x00\x12\'\n\x07summary\x18\x05 \x01(\x0b\x32\x14.omni.v1.TurnSummaryH\x00\x12,\n\treasoning\x18\x06 \x01(\x0b\x32\x17.omni.v1.ReasoningDeltaH\x00\x42\x06\n\x04kind\"5\n\x0bTurnStarted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\"1\n\x0eReasoningDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\"=\n\nAudioChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\r\n\x05pcm16\x18\x02 \x01(\x0c\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x05\"\xba\x02\n\x0bTurnSummary\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x19\n\x11thinker_token_ids\x18\x02 \x03(\x03\x12\"\n\x05\x63odes\x18\x03 \x03(\x0b\x32\x13.omni.v1.CodecFrame\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x0f\n\x07speaker\x18\x06 \x01(\t\x12,\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x15.omni.v1.FinishReason\x12\x32\n\x07timings\x18\x08 \x03(\x0b\x32!.omni.v1.TurnSummary.TimingsEntry\x12\x11\n\treasoning\x18\t \x01(\t\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1b\n\x19\x44\x65scribeDeploymentRequest\"\xb2\x01\n\x0e\x44\x65ploymentInfo\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10input_modalities\x18\x03 \x03(\t\x12,\n\x11output_modalities\x18\x04 \x03(\x0e\x32\x11.omni.v1.Modality\x12\x10\n\x08speakers\x18\x05 \x03(\t\x12\x11\n\treasoning\x18\x06 \x01(\x08\x12\x13\n\x0binput_rules\x18\x07 \x01(\t*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_TEXT\x10\x01\x12\x12\n\x0eMODALITY_AUDIO\x10\x02\x32\x94\x01\n\x04Omni\x12\x43\n\x08\x43onverse\x12\x18.omni.v1.ConverseRequest\x1a\x19.omni.v1.ConverseResponse(\x01\x30\x01\x12G\n\x08\x44\x65scribe\x12\".omni.v1.DescribeDeploymentRequest\x1a\x17.omni.v1.DeploymentInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12omni/v1/omni.proto\x12\x07omni.v1\x1a\x14omni/v1/common.proto\"\xae\x02\n\x0f\x43onverseRequest\x12)\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.omni.v1.ConverseConfigH\x00\x12\"\n\x04text\x18\x02 \x01(\x0b\x32\x12.omni.v1.TextInputH\x00\x12$\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x13.omni.v1.AudioInputH\x00\x12$\n\x05image\x18\x04 \x01(\x0b\x32\x13.omni.v1.ImageInputH\x00\x12*\n\x0bvideo_frame\x18\x05 \x01(\x0b\x32\x13.omni.v1.VideoFrameH\x00\x12)\n\x0b\x65nd_of_turn\x18\x06 \x01(\x0b\x32\x12.omni.v1.EndOfTurnH\x00\x12!\n\x06\x63\x61ncel\x18\x07 \x01(\x0b\x32\x0f.omni.v1.CancelH\x00\x42\x06\n\x04kind\"\xfa\x03\n\x0e\x43onverseConfig\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07speaker\x18\x03 \x01(\t\x12,\n\x11output_modalities\x18\x04 \x03(\x0e\x32\x11.omni.v1.Modality\x12\x1a\n\rsystem_prompt\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x14\n\x0ctalker_style\x18\x06 \x01(\t\x12\x31\n\x10thinker_sampling\x18\x07 \x01(\x0b\x32\x17.omni.v1.SamplingParams\x12\x30\n\x0ftalker_sampling\x18\x08 \x01(\x0b\x32\x17.omni.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\t \x01(\x05\x12\x18\n\x10max_audio_frames\x18\n \x01(\x05\x12\x37\n\x08metadata\x18\x0b \x03(\x0b\x32%.omni.v1.ConverseConfig.MetadataEntry\x12%\n\x07history\x18\x0c \x03(\x0b\x32\x14.omni.v1.ChatMessage\x12\x15\n\rdefer_prefill\x18\r \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_system_prompt\")\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x19\n\tTextInput\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x83\x01\n\nAudioInput\x12\x10\n\x08\x61udio_id\x18\x01 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x02 \x01(\x0cH\x00\x12\x0f\n\x05pcm16\x18\x03 \x01(\x0cH\x00\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x05 \x01(\x05\x12\x10\n\x08video_id\x18\x06 \x01(\tB\x06\n\x04\x64\x61ta\",\n\nImageInput\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"B\n\nVideoFrame\x12\x10\n\x08video_id\x18\x01 \x01(\t\x12\x13\n\x0btimestamp_s\x18\x02 \x01(\x01\x12\r\n\x05image\x18\x03 \x01(\x0c\"\x0b\n\tEndOfTurn\"\x18\n\x06\x43\x61ncel\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x8e\x02\n\x10\x43onverseResponse\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.omni.v1.TurnStartedH\x00\x12\"\n\x04text\x18\x02 \x01(\x0b\x32\x12.omni.v1.TextDeltaH\x00\x12$\n\x05\x61udio\x18\x03 \x01(\x0b\x32\x13.omni.v1.AudioChunkH\x00\x12(\n\nhook_event\x18\x04 \x01(\x0b\x32\x12.omni.v1.HookEventH\x00\x12\'\n\x07summary\x18\x05 \x01(\x0b\x32\x14.omni.v1.TurnSummaryH\x00\x12,\n\treasoning\x18\x06 \x01(\x0b\x32\x17.omni.v1.ReasoningDeltaH\x00\x42\x06\n\x04kind\"5\n\x0bTurnStarted\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\"1\n\x0eReasoningDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\"=\n\nAudioChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\r\n\x05pcm16\x18\x02 \x01(\x0c\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x05\"\xba\x02\n\x0bTurnSummary\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x19\n\x11thinker_token_ids\x18\x02 \x03(\x03\x12\"\n\x05\x63odes\x18\x03 \x03(\x0b\x32\x13.omni.v1.CodecFrame\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x0f\n\x07speaker\x18\x06 \x01(\t\x12,\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x15.omni.v1.FinishReason\x12\x32\n\x07timings\x18\x08 \x03(\x0b\x32!.omni.v1.TurnSummary.TimingsEntry\x12\x11\n\treasoning\x18\t \x01(\t\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1b\n\x19\x44\x65scribeDeploymentRequest\"\xb2\x01\n\x0e\x44\x65ploymentInfo\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10input_modalities\x18\x03 \x03(\t\x12,\n\x11output_modalities\x18\x04 \x03(\x0e\x32\x11.omni.v1.Modality\x12\x10\n\x08speakers\x18\x05 \x03(\t\x12\x11\n\treasoning\x18\x06 \x01(\x08\x12\x13\n\x0binput_rules\x18\x07 \x01(\t*K\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_TEXT\x10\x01\x12\x12\n\x0eMODALITY_AUDIO\x10\x02\x32\x94\x01\n\x04Omni\x12\x43\n\x08\x43onverse\x12\x18.omni.v1.ConverseRequest\x1a\x19.omni.v1.ConverseResponse(\x01\x30\x01\x12G\n\x08\x44\x65scribe\x12\".omni.v1.DescribeDeploymentRequest\x1a\x17.omni.v1.DeploymentInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,46 +36,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONVERSECONFIG_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_TURNSUMMARY_TIMINGSENTRY']._loaded_options = None
   _globals['_TURNSUMMARY_TIMINGSENTRY']._serialized_options = b'8\001'
-  _globals['_MODALITY']._serialized_start=2216
-  _globals['_MODALITY']._serialized_end=2291
+  _globals['_MODALITY']._serialized_start=2239
+  _globals['_MODALITY']._serialized_end=2314
   _globals['_CONVERSEREQUEST']._serialized_start=54
   _globals['_CONVERSEREQUEST']._serialized_end=356
   _globals['_CONVERSECONFIG']._serialized_start=359
-  _globals['_CONVERSECONFIG']._serialized_end=842
-  _globals['_CONVERSECONFIG_METADATAENTRY']._serialized_start=777
-  _globals['_CONVERSECONFIG_METADATAENTRY']._serialized_end=824
-  _globals['_CHATMESSAGE']._serialized_start=844
-  _globals['_CHATMESSAGE']._serialized_end=885
-  _globals['_TEXTINPUT']._serialized_start=887
-  _globals['_TEXTINPUT']._serialized_end=912
-  _globals['_AUDIOINPUT']._serialized_start=915
-  _globals['_AUDIOINPUT']._serialized_end=1046
-  _globals['_IMAGEINPUT']._serialized_start=1048
-  _globals['_IMAGEINPUT']._serialized_end=1092
-  _globals['_VIDEOFRAME']._serialized_start=1094
-  _globals['_VIDEOFRAME']._serialized_end=1160
-  _globals['_ENDOFTURN']._serialized_start=1162
-  _globals['_ENDOFTURN']._serialized_end=1173
-  _globals['_CANCEL']._serialized_start=1175
-  _globals['_CANCEL']._serialized_end=1199
-  _globals['_CONVERSERESPONSE']._serialized_start=1202
-  _globals['_CONVERSERESPONSE']._serialized_end=1472
-  _globals['_TURNSTARTED']._serialized_start=1474
-  _globals['_TURNSTARTED']._serialized_end=1527
-  _globals['_TEXTDELTA']._serialized_start=1529
-  _globals['_TEXTDELTA']._serialized_end=1573
-  _globals['_REASONINGDELTA']._serialized_start=1575
-  _globals['_REASONINGDELTA']._serialized_end=1624
-  _globals['_AUDIOCHUNK']._serialized_start=1626
-  _globals['_AUDIOCHUNK']._serialized_end=1687
-  _globals['_TURNSUMMARY']._serialized_start=1690
-  _globals['_TURNSUMMARY']._serialized_end=2004
-  _globals['_TURNSUMMARY_TIMINGSENTRY']._serialized_start=1958
-  _globals['_TURNSUMMARY_TIMINGSENTRY']._serialized_end=2004
-  _globals['_DESCRIBEDEPLOYMENTREQUEST']._serialized_start=2006
-  _globals['_DESCRIBEDEPLOYMENTREQUEST']._serialized_end=2033
-  _globals['_DEPLOYMENTINFO']._serialized_start=2036
-  _globals['_DEPLOYMENTINFO']._serialized_end=2214
-  _globals['_OMNI']._serialized_start=2294
-  _globals['_OMNI']._serialized_end=2442
+  _globals['_CONVERSECONFIG']._serialized_end=865
+  _globals['_CONVERSECONFIG_METADATAENTRY']._serialized_start=800
+  _globals['_CONVERSECONFIG_METADATAENTRY']._serialized_end=847
+  _globals['_CHATMESSAGE']._serialized_start=867
+  _globals['_CHATMESSAGE']._serialized_end=908
+  _globals['_TEXTINPUT']._serialized_start=910
+  _globals['_TEXTINPUT']._serialized_end=935
+  _globals['_AUDIOINPUT']._serialized_start=938
+  _globals['_AUDIOINPUT']._serialized_end=1069
+  _globals['_IMAGEINPUT']._serialized_start=1071
+  _globals['_IMAGEINPUT']._serialized_end=1115
+  _globals['_VIDEOFRAME']._serialized_start=1117
+  _globals['_VIDEOFRAME']._serialized_end=1183
+  _globals['_ENDOFTURN']._serialized_start=1185
+  _globals['_ENDOFTURN']._serialized_end=1196
+  _globals['_CANCEL']._serialized_start=1198
+  _globals['_CANCEL']._serialized_end=1222
+  _globals['_CONVERSERESPONSE']._serialized_start=1225
+  _globals['_CONVERSERESPONSE']._serialized_end=1495
+  _globals['_TURNSTARTED']._serialized_start=1497
+  _globals['_TURNSTARTED']._serialized_end=1550
+  _globals['_TEXTDELTA']._serialized_start=1552
+  _globals['_TEXTDELTA']._serialized_end=1596
+  _globals['_REASONINGDELTA']._serialized_start=1598
+  _globals['_REASONINGDELTA']._serialized_end=1647
+  _globals['_AUDIOCHUNK']._serialized_start=1649
+  _globals['_AUDIOCHUNK']._serialized_end=1710
+  _globals['_TURNSUMMARY']._serialized_start=1713
+  _globals['_TURNSUMMARY']._serialized_end=2027
+  _globals['_TURNSUMMARY_TIMINGSENTRY']._serialized_start=1981
+  _globals['_TURNSUMMARY_TIMINGSENTRY']._serialized_end=2027
+  _globals['_DESCRIBEDEPLOYMENTREQUEST']._serialized_start=2029
+  _globals['_DESCRIBEDEPLOYMENTREQUEST']._serialized_end=2056
+  _globals['_DEPLOYMENTINFO']._serialized_start=2059
+  _globals['_DEPLOYMENTINFO']._serialized_end=2237
+  _globals['_OMNI']._serialized_start=2317
+  _globals['_OMNI']._serialized_end=2465
 # @@protoc_insertion_point(module_scope)

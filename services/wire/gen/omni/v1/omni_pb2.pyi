@@ -36,7 +36,7 @@ class ConverseRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[ConverseConfig, _Mapping]] = ..., text: _Optional[_Union[TextInput, _Mapping]] = ..., audio: _Optional[_Union[AudioInput, _Mapping]] = ..., image: _Optional[_Union[ImageInput, _Mapping]] = ..., video_frame: _Optional[_Union[VideoFrame, _Mapping]] = ..., end_of_turn: _Optional[_Union[EndOfTurn, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ...) -> None: ...
 
 class ConverseConfig(_message.Message):
-    __slots__ = ("session_id", "request_id", "speaker", "output_modalities", "system_prompt", "talker_style", "thinker_sampling", "talker_sampling", "max_new_tokens", "max_audio_frames", "metadata", "history")
+    __slots__ = ("session_id", "request_id", "speaker", "output_modalities", "system_prompt", "talker_style", "thinker_sampling", "talker_sampling", "max_new_tokens", "max_audio_frames", "metadata", "history", "defer_prefill")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class ConverseConfig(_message.Message):
     MAX_AUDIO_FRAMES_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    DEFER_PREFILL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     request_id: str
     speaker: str
@@ -68,7 +69,8 @@ class ConverseConfig(_message.Message):
     max_audio_frames: int
     metadata: _containers.ScalarMap[str, str]
     history: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., speaker: _Optional[str] = ..., output_modalities: _Optional[_Iterable[_Union[Modality, str]]] = ..., system_prompt: _Optional[str] = ..., talker_style: _Optional[str] = ..., thinker_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., talker_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., max_audio_frames: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., history: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    defer_prefill: bool
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[str] = ..., speaker: _Optional[str] = ..., output_modalities: _Optional[_Iterable[_Union[Modality, str]]] = ..., system_prompt: _Optional[str] = ..., talker_style: _Optional[str] = ..., thinker_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., talker_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., max_audio_frames: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., history: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., defer_prefill: _Optional[bool] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "text")
