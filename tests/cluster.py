@@ -35,18 +35,30 @@ def ray_head(metrics_port: int, timeout_s: float = 120.0, env: dict[str, str] | 
     import ray
 
     serve_cmd.set_cluster_env()  # inherited by `ray start` and every Ray process; a cluster credential included
-    gcs_port = free_port()
     env = {**os.environ, "RAY_metrics_report_interval_ms": "1000", **(env or {})}  # a RayConfig entry: RAY_<name>
     env.update(serve_cmd.cluster_env(env))
     # Its own temp dir (short: Ray's unix sockets live there), so that the address `ray start` records for a
     # later bare `ray.init()` on this machine goes away with it.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={gcs_port}",
-         "--num-cpus=2", "--include-dashboard=false", f"--metrics-export-port={metrics_port}",
-         "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL)
+    head = None
     try:
         deadline = time.monotonic() + timeout_s
+        # `ray start` has once exited at once here, silently, and `ray.init` then waited for its GCS for good (CI
+        # hung): so the GCS port is waited for first, and a head that exits is started again on another port.
+        for attempt in range(3):
+            gcs_port = free_port()
+            log = os.path.join(temp_dir, f"ray-start-{attempt}.log")
+            with open(log, "w") as out:
+                head = subprocess.Popen(
+                    [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={gcs_port}",
+                     "--num-cpus=2", "--include-dashboard=false", f"--metrics-export-port={metrics_port}",
+                     "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, stdout=out, stderr=subprocess.STDOUT)
+            if _listening(head, gcs_port, deadline):
+                break
+            with open(log) as out:
+                print(f"ray start exited with {head.returncode}, trying again:\n{out.read()[-2000:]}", file=sys.stderr)
+        else:
+            raise RuntimeError("ray start exited three times; its output is above")
         while True:
             try:
                 ray.init(address=f"127.0.0.1:{gcs_port}")
@@ -58,9 +70,22 @@ def ray_head(metrics_port: int, timeout_s: float = 120.0, env: dict[str, str] | 
         yield
     finally:
         ray.shutdown()
-        head.terminate()  # Ray's processes share its fate (the kernel's parent-death signal)
-        head.wait(60)
+        if head is not None:
+            head.terminate()  # Ray's processes share its fate (the kernel's parent-death signal)
+            head.wait(60)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _listening(process: subprocess.Popen, port: int, deadline: float) -> bool:
+    """Whether something accepts connections on `port` before `process` exits (False once it has)."""
+    while process.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ray start has not opened the GCS port {port}")
+        time.sleep(0.5)
+    return False
 
 
 @contextmanager
