@@ -112,11 +112,15 @@ async def assert_live_equals_whole(gateways: Gateways, msgs: list, speed: float)
     before = {k: counter(n, **labels) for k, (n, labels) in names.items()}
     live = await converse(gateways.live, msgs, speed)
     done = {k: counter(n, **labels) - before[k] for k, (n, labels) in names.items()}
-    whole = await converse(gateways.whole, msgs)
+    assert_same_answer(live, await converse(gateways.whole, msgs))
+    return done
+
+
+def assert_same_answer(live: tuple[omni_pb2.TurnSummary, bytes], whole: tuple[omni_pb2.TurnSummary, bytes]) -> None:
+    """Two `converse` results: the same ids, codes and samples."""
     assert list(live[0].thinker_token_ids) == list(whole[0].thinker_token_ids)
     assert [list(f.codes) for f in live[0].codes] == [list(f.codes) for f in whole[0].codes]
     assert live[1] == whole[1] and len(live[1]) > 0
-    return done
 
 
 @pytest.mark.parametrize("seconds, chunk_s", [(2.0, 0.1), (8.0, 0.1), (20.0, 0.02), (20.0, 0.1), (20.0, 1.0)],
@@ -206,10 +210,7 @@ async def test_the_end_of_turn_encodes_its_last_window_before_the_thinker_asks_f
     answer = len(events) - 1 - events[::-1].index("claim")  # the answer's claim, after the live prefills'
     assert events.count("claim") >= 2 and events[answer - 1] == "encode", events
     assert "encode" not in events[answer:], events  # the replica asked for the windows already under way
-    whole = await converse(gateways.whole, msgs)
-    assert list(live[0].thinker_token_ids) == list(whole[0].thinker_token_ids)
-    assert [list(f.codes) for f in live[0].codes] == [list(f.codes) for f in whole[0].codes]
-    assert live[1] == whole[1]
+    assert_same_answer(live, await converse(gateways.whole, msgs))
 
 
 async def test_an_image_before_streamed_audio_is_prefilled_early(gateways, speech, media):
